@@ -1,0 +1,59 @@
+"""The seed's model and layout: tensor parallel 4 x pipeline parallel 4, 64 experts, top-1.
+
+  python main.py --config=configs/tp4pp4.py --workdir=/tmp/tp4pp4        # full size, 16 accelerators
+  python main.py --config=configs/tp4pp4.py:tiny --workdir=/tmp/tiny      # same topology, CPU-sized
+
+Any key can be overridden, e.g. --config.mesh.tp=2 --config.mesh.pp=8.
+"""
+import ml_collections
+
+from configs import defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or 'full'
+  if variant not in ('full', 'tiny'):
+    raise ValueError(f'Unknown variant {arg!r} of configs/tp4pp4.py; use "tiny" or nothing.')
+  tiny = variant == 'tiny'
+  c = ml_collections.ConfigDict()
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      tp=4,  # tensor + expert parallel axis (devices that talk most)
+      pp=4,  # pipeline stages
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=256 if tiny else 50257,  # real vocabulary (padded to a multiple of 128 inside)
+      d_model=64 if tiny else 1024,
+      num_heads=4 if tiny else 16,
+      head_dim=16 if tiny else 64,
+      num_blocks=8,                       # blocks of attention + MoE
+      max_len=64 if tiny else 1024,       # learned position table
+      dtype='float32' if tiny else 'bfloat16',  # compute dtype; params are float32
+      init_std=0.02,                      # normal init std (output projections scaled by depth)
+  ))
+  c.moe = ml_collections.ConfigDict(dict(
+      num_experts=16 if tiny else 64,
+      top_k=1,
+      d_ff=128 if tiny else 2048,          # expert hidden width
+      capacity_factor=1.1,                # slots = ceil(cf * group_size * top_k / num_experts)
+      eval_capacity_factor=2.0,
+      group_size=16 if tiny else 256,     # tokens per routing group (a chunk of one sequence)
+      dropout=0.0 if tiny else 0.1,       # dropout on expert hidden activations
+      aux_loss_weight=0.01,               # Switch load-balancing loss weight (per layer)
+      z_loss_weight=0.0,                  # router z-loss weight (ST-MoE); 0 disables
+  ))
+  c.pipeline = ml_collections.ConfigDict(dict(
+      repeats=1,                          # circular repeats: each device holds r block groups
+      remat_policy='nothing_saveable',    # jax.checkpoint_policies name for each stage
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      source='learnable' if tiny else 'random',  # 'random' tokens (the seed) or 'learnable'
+      seq_len=64 if tiny else 1024,
+      micro_batch_size=2 if tiny else 8,  # sequences per micro-batch
+      num_micro_batches=16,               # micro-batches per step (gradient accumulation)
+  ))
+  c.optim = defaults.adamw(3e-3 if tiny else 1e-4, warmup_steps=20 if tiny else 2000,
+                           decay_steps=1000 if tiny else 100_000)
+  defaults.run_keys(c, num_steps=300 if tiny else 100_000, log_every=10 if tiny else 50,
+                    checkpoint_every=100 if tiny else 1000)
+  return c

@@ -1,0 +1,181 @@
+"""Typed views of the ml_collections config, and the one validation function.
+
+The model and the train loop read the frozen dataclasses below, never the ConfigDict itself.
+`validate` runs before anything is compiled and names the keys (and a fix) for every inconsistency.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+VOCAB_MULTIPLE = 128  # Megatron-style vocab padding: mesh-independent, divides every tp up to 128.
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the keys and a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the model's numbers depend on (nothing about the mesh except the stage split)."""
+  vocab_size: int          # real vocabulary; logits of padded ids are masked
+  d_model: int             # D
+  num_heads: int           # N
+  head_dim: int            # H
+  d_ff: int                # F, expert hidden width
+  num_blocks: int          # attention + MoE blocks
+  max_len: int             # learned position table rows
+  num_experts: int         # E
+  top_k: int               # K
+  capacity_factor: float   # training capacity factor
+  eval_capacity_factor: float
+  group_size: int          # tokens per routing group (a contiguous chunk of one sequence)
+  expert_dropout: float
+  aux_loss_weight: float
+  z_loss_weight: float
+  dtype: str               # compute dtype ('float32' or 'bfloat16'); params are float32
+  init_std: float
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  def capacity(self, train: bool = True) -> int:
+    """Slots per expert per routing group: ceil(cf * group_size * k / E)."""
+    cf = self.capacity_factor if train else self.eval_capacity_factor
+    return max(1, math.ceil(cf * self.group_size * self.top_k / self.num_experts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How blocks and batches are laid over the mesh and the pipeline schedule."""
+  tp: int
+  pp: int
+  repeats: int             # circular pipeline repeats (r)
+  num_micro_batches: int   # M
+  micro_batch_size: int    # sequences per micro-batch
+  seq_len: int
+  remat_policy: str
+
+  @property
+  def global_batch(self) -> int:
+    return self.num_micro_batches * self.micro_batch_size
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.global_batch * self.seq_len
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  m, moe = config.model, config.moe
+  return ModelConfig(
+      vocab_size=m.vocab_size, d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim,
+      d_ff=moe.d_ff, num_blocks=m.num_blocks, max_len=m.max_len, num_experts=moe.num_experts,
+      top_k=moe.top_k, capacity_factor=moe.capacity_factor,
+      eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
+      expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
+      z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std)
+
+
+def layout(config: ml_collections.ConfigDict) -> Layout:
+  return Layout(
+      tp=config.mesh.tp, pp=config.mesh.pp, repeats=config.pipeline.repeats,
+      num_micro_batches=config.data.num_micro_batches,
+      micro_batch_size=config.data.micro_batch_size, seq_len=config.data.seq_len,
+      remat_policy=config.pipeline.remat_policy)
+
+
+def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
+  return model.num_blocks // (lay.pp * lay.repeats)
+
+
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'everything_saveable')
+DTYPES = ('float32', 'bfloat16')
+DATA_SOURCES = ('random', 'learnable')
+
+
+def _check(errors: list[str], ok: bool, message: str) -> None:
+  if not ok:
+    errors.append(message)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError listing every inconsistent setting (with the keys and a fix)."""
+  errors: list[str] = []
+  m, lay = model_config(config), layout(config)
+  tp, pp, r = lay.tp, lay.pp, lay.repeats
+  positive = {'mesh.tp': tp, 'mesh.pp': pp, 'pipeline.repeats': r, 'model.d_model': m.d_model,
+              'model.num_heads': m.num_heads, 'model.head_dim': m.head_dim,
+              'moe.d_ff': m.d_ff, 'model.num_blocks': m.num_blocks,
+              'moe.num_experts': m.num_experts, 'moe.top_k': m.top_k,
+              'moe.group_size': m.group_size, 'data.seq_len': lay.seq_len,
+              'data.micro_batch_size': lay.micro_batch_size,
+              'data.num_micro_batches': lay.num_micro_batches, 'num_steps': config.num_steps,
+              'model.vocab_size': m.vocab_size, 'model.max_len': m.max_len}
+  bad = [k for k, v in positive.items() if not (isinstance(v, int) and v >= 1)]
+  if bad:
+    raise ConfigError('These keys must be positive integers: ' + ', '.join(
+        f'{k}={positive[k]!r}' for k in bad))
+  _check(errors, m.num_heads % tp == 0,
+         f'model.num_heads={m.num_heads} is not divisible by mesh.tp={tp}: attention heads are '
+         f'split over tp; choose num_heads as a multiple of tp or a tp dividing it.')
+  _check(errors, m.num_experts % tp == 0,
+         f'moe.num_experts={m.num_experts} is not divisible by mesh.tp={tp}: experts are split '
+         f'over tp; choose num_experts as a multiple of tp.')
+  _check(errors, m.num_blocks % (pp * r) == 0,
+         f'model.num_blocks={m.num_blocks} is not divisible by mesh.pp * pipeline.repeats = '
+         f'{pp}*{r}: every stage needs the same number of blocks per repeat.')
+  _check(errors, lay.num_micro_batches >= pp,
+         f'data.num_micro_batches={lay.num_micro_batches} < mesh.pp={pp}: with fewer micro-batches '
+         f'than stages some stages never work (bubble (pp-1)/(M+pp-1) above 50%); use at least '
+         f'pp micro-batches.')
+  _check(errors, lay.seq_len <= m.max_len,
+         f'data.seq_len={lay.seq_len} is longer than the position table model.max_len='
+         f'{m.max_len}; raise model.max_len or shorten data.seq_len.')
+  _check(errors, lay.seq_len % m.group_size == 0,
+         f'data.seq_len={lay.seq_len} is not divisible by moe.group_size={m.group_size}: routing '
+         f'groups are contiguous chunks of one sequence.')
+  if lay.seq_len % m.group_size == 0:
+    groups = lay.seq_len // m.group_size
+    _check(errors, groups % tp == 0,
+           f'data.seq_len / moe.group_size = {groups} routing groups per sequence is not '
+           f'divisible by mesh.tp={tp}: each tp shard of the sequence holds whole groups; '
+           f'use a smaller moe.group_size or a tp dividing {groups}.')
+  _check(errors, m.top_k <= m.num_experts,
+         f'moe.top_k={m.top_k} > moe.num_experts={m.num_experts}; top_k must not exceed the '
+         f'number of experts.')
+  _check(errors, m.capacity_factor > 0 and m.eval_capacity_factor > 0,
+         'moe.capacity_factor and moe.eval_capacity_factor must be > 0.')
+  _check(errors, 0.0 <= m.expert_dropout < 1.0, f'moe.dropout={m.expert_dropout} not in [0, 1).')
+  _check(errors, m.dtype in DTYPES, f'model.dtype={m.dtype!r} not one of {DTYPES}.')
+  _check(errors, lay.remat_policy in REMAT_POLICIES,
+         f'pipeline.remat_policy={lay.remat_policy!r} not one of {REMAT_POLICIES}.')
+  _check(errors, config.data.source in DATA_SOURCES,
+         f'data.source={config.data.source!r} not one of {DATA_SOURCES}.')
+  _check(errors, config.log_every >= 1, f'log_every={config.log_every} must be >= 1.')
+  _check(errors, config.checkpoint_every >= 0,
+         f'checkpoint_every={config.checkpoint_every} must be >= 0 (0 saves only at the end).')
+  if num_devices is not None:
+    _check(errors, tp * pp <= num_devices,
+           f'mesh.tp * mesh.pp = {tp}*{pp} = {tp * pp} devices, but only {num_devices} are '
+           f'available; shrink the mesh (--config.mesh.tp / --config.mesh.pp) or run on more '
+           f'devices.')
+  if errors:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors))
+
+
+def describe(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Derived numbers of a config (computed, never typed into config files)."""
+  m, lay = model_config(config), layout(config)
+  return {
+      'global_batch': lay.global_batch,
+      'tokens_per_step': lay.tokens_per_step,
+      'local_experts_per_device': m.num_experts // lay.tp,
+      'layers_per_stage': layers_per_stage(m, lay),
+      'capacity_per_group': m.capacity(True),
+      'padded_vocab': m.padded_vocab,
+      'devices': lay.tp * lay.pp,
+  }

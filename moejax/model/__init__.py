@@ -1,0 +1,1 @@
+"""The Flax MoE transformer."""

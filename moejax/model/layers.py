@@ -1,0 +1,139 @@
+"""Flax Linen layers of the transformer: embedding, attention, MoE feed-forward, block, LM head.
+
+Legend: B batch, T sequence, D d_model, N heads, H head_dim, V padded vocabulary, E experts,
+F expert hidden. Every parameter is declared once here with its shape, logical axes and
+initializer; shardings are derived from those axes (moejax.parallel.mesh.RULES).
+The residual stream [B, T, D] is split over tp along T (sequence parallelism).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.config import ModelConfig
+from moejax.model import routing
+from moejax.parallel import experts
+from moejax.parallel.mesh import constrain
+
+RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           init) -> jax.Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over D in float32, on the local sequence slice."""
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = _param(self, 'scale', (d,), ('embed',), nn.initializers.ones)
+    bias = _param(self, 'bias', (d,), ('embed',), nn.initializers.zeros)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Embedder(nn.Module):
+  """Token + learned position embedding; the token table is vocab-parallel."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:  # [..., T] int -> [..., T, D]
+    c = self.cfg
+    tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
+                 _normal(c.init_std))
+    pos = _param(self, 'pos', (c.max_len, c.d_model), ('pos', 'embed'), _normal(c.init_std))
+    t = ids.shape[-1]
+    return (jnp.take(tok, ids, axis=0) + pos[:t]).astype(c.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention: q/k/v split by heads over tp, output row-split."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    c = self.cfg
+    in_axes, out_axes = ('embed', 'heads', 'head_dim'), ('heads', 'head_dim', 'embed')
+    shape_in, shape_out = (c.d_model, c.num_heads, c.head_dim), (c.num_heads, c.head_dim, c.d_model)
+    out_std = c.init_std / (2 * c.num_blocks) ** 0.5
+    wq, wk, wv = (_param(self, n, shape_in, in_axes, _normal(c.init_std)) for n in ('wq', 'wk', 'wv'))
+    wo = _param(self, 'wo', shape_out, out_axes, _normal(out_std))
+    heads = ('act_batch', None, 'act_heads', None)
+    x = x.astype(c.dtype)
+    q, k, v = (constrain(jnp.einsum('BTD,DNH->BTNH', x, w.astype(c.dtype)), heads)
+               for w in (wq, wk, wv))                                   # [B, T, N, H]
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
+    o = constrain(o, heads)
+    y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T
+    return constrain(y, RESIDUAL)
+
+
+class MoE(nn.Module):
+  """Top-k Mixture-of-Experts feed-forward, expert-parallel over tp.
+
+  Returns (y [B, T, D], per-group stats with leading axes [B, T/group_size]).
+  """
+  cfg: ModelConfig
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, routing.GroupStats]:
+    c = self.cfg
+    e, d, f = c.num_experts, c.d_model, c.d_ff
+    ax = experts.WEIGHT_AXES
+    w = experts.ExpertWeights(
+        router=_param(self, 'router', (d, e), ax.router, _normal(c.init_std)),
+        w1=_param(self, 'w1', (e, d, f), ax.w1, _normal(c.init_std)),
+        b1=_param(self, 'b1', (e, f), ax.b1, nn.initializers.zeros),
+        w2=_param(self, 'w2', (e, f, d), ax.w2, _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
+        b2=_param(self, 'b2', (e, d), ax.b2, nn.initializers.zeros))
+    if self.is_initializing():
+      # init only declares parameters (outputs are discarded); skipping the expert shard_map
+      # keeps init independent of how the example input divides over the mesh.
+      return jnp.zeros_like(x), None
+    rate = c.expert_dropout if self.train else 0.0
+    rng = self.make_rng('dropout') if rate > 0.0 else jax.random.key(0)
+    return experts.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
+                       capacity=c.capacity(self.train), dropout_rate=rate,
+                       compute_dtype=jnp.dtype(c.dtype))
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block: x += attn(ln(x)); x += moe(ln(x))."""
+  cfg: ModelConfig
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, routing.GroupStats]:
+    c = self.cfg
+    with jax.named_scope('attention'):
+      x = x + Attention(c, name='attn')(LayerNorm(c.dtype, name='ln1')(x))
+    with jax.named_scope('moe'):
+      y, stats = MoE(c, self.train, name='moe')(LayerNorm(c.dtype, name='ln2')(x))
+    return constrain(x + y, RESIDUAL), stats
+
+
+class Head(nn.Module):
+  """Final LayerNorm and the vocab-parallel LM head; padded vocab entries get -inf logits."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [..., T, D] -> [..., T, V] float32
+    c = self.cfg
+    x = LayerNorm(c.dtype, name='ln_f')(x)
+    w = _param(self, 'w', (c.d_model, c.padded_vocab), ('embed', 'vocab'), _normal(c.init_std))
+    logits = jnp.einsum('...D,DV->...V', x, w.astype(c.dtype)).astype(jnp.float32)
+    vocab_ids = jnp.arange(c.padded_vocab)
+    return jnp.where(vocab_ids < c.vocab_size, logits, -1e30)

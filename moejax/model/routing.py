@@ -1,0 +1,84 @@
+"""Top-k routing with per-group capacity, and the dispatch / combine steps around the experts.
+
+Legend: G routing groups, S tokens per group, D d_model, E experts, K top-k, C capacity.
+Priority at capacity: every token's first choice before any second choice (GShard); within one
+choice rank, earlier tokens first. Dropped assignments contribute zero (the residual carries them).
+Nothing here scales as tokens x experts x capacity.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  expert: jax.Array  # [G, K, S] int32 chosen expert
+  slot: jax.Array    # [G, K, S] int32 position in that expert's buffer (>= C when dropped)
+  keep: jax.Array    # [G, K, S] bool, within capacity
+  gate: jax.Array    # [G, K, S] float32 softmax probability of the chosen expert
+
+
+class GroupStats(NamedTuple):
+  aux: jax.Array       # [G] Switch load-balancing loss E * sum_i f_i P_i (unweighted)
+  z: jax.Array         # [G] router z-loss mean_s logsumexp(logits)^2 (unweighted)
+  assigned: jax.Array  # [G, E] assignments per expert before capacity
+  kept: jax.Array      # [G, E] assignments per expert within capacity
+
+
+def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int
+          ) -> tuple[Routing, GroupStats]:
+  """Routes x [G, S, D] with router weights [D, E] (softmax in float32)."""
+  num_experts = w_router.shape[-1]
+  logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
+                      w_router.astype(jnp.float32))                   # [G, S, E]
+  probs = jax.nn.softmax(logits, axis=-1)                              # [G, S, E]
+  gate, expert = jax.lax.top_k(probs, top_k)                           # [G, S, K]
+  gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
+  onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [G, K, S, E]
+  g, k, s, e = onehot.shape
+  flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
+  position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
+  slot = jnp.sum(position * flat, axis=-1).reshape(g, k, s)            # [G, K, S]
+  keep = slot < capacity
+  assigned = jnp.sum(flat, axis=1)                                     # [G, E]
+  kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
+  frac = assigned.astype(jnp.float32) / (k * s)                        # f_i
+  mean_prob = jnp.mean(probs, axis=1)                                  # P_i [G, E]
+  aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
+  z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2, axis=-1)        # [G]
+  return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
+          GroupStats(aux, z, assigned, kept))
+
+
+def dispatch(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Array:
+  """Packs tokens x [G, S, D] into expert buffers [G, E, C, D]; empty slots are zero."""
+  g, s, d = x.shape
+  k = r.expert.shape[1]
+  groups = jnp.arange(g)[:, None, None]                                # [G, 1, 1]
+  slot = jnp.where(r.keep, r.slot, capacity)                           # dropped -> out of range
+  tokens = jnp.broadcast_to(x[:, None], (g, k, s, d))                  # [G, K, S, D]
+  buf = jnp.zeros((g, num_experts, capacity, d), x.dtype)
+  return buf.at[groups, r.expert, slot].add(tokens, mode='drop')       # [G, E, C, D]
+
+
+def combine(y: jax.Array, r: Routing) -> jax.Array:
+  """Gathers expert outputs y [G, E, C, D] back to tokens [G, S, D], weighted by their gates."""
+  g = y.shape[0]
+  groups = jnp.arange(g)[:, None, None]                                # [G, 1, 1]
+  slot = jnp.where(r.keep, r.slot, 0)
+  out = y[groups, r.expert, slot]                                      # [G, K, S, D]
+  weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)              # [G, K, S]
+  return jnp.einsum('GKSD,GKS->GSD', out, weight)
+
+
+def expert_ffn(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
+               dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """Applies each expert's GELU MLP to its rows: x [E, C, D], w1 [E, D, F], w2 [E, F, D]."""
+  h = jnp.einsum('ECD,EDF->ECF', x, w1) + b1[:, None, :]               # [E, C, F]
+  h = jax.nn.gelu(h)
+  if dropout_rate > 0.0 and rng is not None:
+    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, h.shape)
+    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  return jnp.einsum('ECF,EFD->ECD', h, w2) + b2[:, None, :]            # [E, C, D]

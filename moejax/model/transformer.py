@@ -1,0 +1,139 @@
+"""The whole language model: embedding, pipelined blocks, vocab-parallel head and loss.
+
+Parameters: {'embed': Embedder, 'blocks': stage-stacked Block params [S, R, L, ...],
+'head': Head}. The same code runs on every mesh; the mesh only changes where things live.
+Legend: M micro-batches, B micro-batch size, T seq, D d_model, V padded vocab, E experts,
+NB blocks, S stages, R repeats, L layers per stage.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax.config import Layout, ModelConfig, layers_per_stage
+from moejax.model.layers import Block, Embedder, Head
+from moejax.parallel import pipeline as pipeline_lib
+from moejax.parallel.mesh import constrain
+
+STAGE_AXES = ('stage', 'repeat', 'layers')
+MICRO_RESIDUAL = ('act_micro', 'act_batch', 'act_seq', 'act_embed')
+_TAGS = {'embed': 0, 'blocks': 1, 'head': 2}
+
+
+def _examples(cfg: ModelConfig):
+  ids = jnp.zeros((1, 1), jnp.int32)
+  x = jnp.zeros((1, cfg.group_size, cfg.d_model), jnp.float32)
+  return ids, x
+
+
+def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+  """One block's, the embedder's and the head's params, boxed with logical axes."""
+  ids, x = _examples(cfg)
+  return {
+      'embed': Embedder(cfg).init(jax.random.fold_in(key, _TAGS['embed']), ids)['params'],
+      'block': Block(cfg, train=False).init(jax.random.fold_in(key, _TAGS['blocks']), x)['params'],
+      'head': Head(cfg).init(jax.random.fold_in(key, _TAGS['head']), x)['params'],
+  }
+
+
+def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
+  """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
+  is given (the training layout), else with ('layers',) (the canonical [NB, ...] layout)."""
+  boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  lead = STAGE_AXES if lay is not None else ('layers',)
+  blocks = jax.tree.map(lambda s: P(*lead, *s), specs.pop('block'),
+                        is_leaf=lambda s: isinstance(s, P))
+  return {'embed': specs['embed'], 'blocks': blocks, 'head': specs['head']}
+
+
+def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+  """Params with blocks stacked [NB, ...] in block order; a function of `key` and cfg only."""
+  block_keys = jax.random.split(jax.random.fold_in(key, 1000), cfg.num_blocks)
+  one = lambda k: nn.unbox(_boxed(cfg, k))
+  blocks = jax.vmap(lambda k: one(k)['block'])(block_keys)
+  rest = one(key)
+  return {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
+
+
+def init(cfg: ModelConfig, lay: Layout, key: jax.Array) -> dict[str, Any]:
+  """Params in the training layout (blocks [S, R, L, ...]); identical on every mesh."""
+  params = init_canonical(cfg, key)
+  params['blocks'] = pipeline_lib.to_stages(params['blocks'], lay.pp, lay.repeats)
+  return params
+
+
+def _layer_stats(stats) -> dict[str, jax.Array]:
+  """Per-group stats of one block on one micro-batch -> per-layer sums/means."""
+  return {
+      'aux': jnp.mean(stats.aux),                                       # mean over groups
+      'z': jnp.mean(stats.z),
+      'assigned': jnp.sum(stats.assigned, axis=(0, 1)).astype(jnp.float32),  # [E]
+      'kept': jnp.sum(stats.kept, axis=(0, 1)).astype(jnp.float32),          # [E]
+  }
+
+
+def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
+  per_stage = layers_per_stage(cfg, lay)
+  block = Block(cfg, train)
+
+  def stage_fn(params, x, micro, repeat, stage, rng):  # params [L, ...], x [B, T, D]
+    first = (repeat * lay.pp + stage) * per_stage   # global index of this stage's first block
+    key = jax.random.fold_in(rng, micro)
+
+    def layer(x, inputs):
+      p, l = inputs
+      y, stats = block.apply({'params': p}, x,
+                             rngs={'dropout': jax.random.fold_in(key, first + l)})
+      return y, _layer_stats(stats)
+
+    return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)))
+  return stage_fn
+
+
+def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
+                       cfg: ModelConfig) -> jax.Array:
+  """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T]."""
+  hidden = constrain(hidden, ('act_micro', 'act_batch', None, 'act_embed'))
+  logits = Head(cfg).apply({'params': head_params}, hidden)             # [S, B, T, V]
+  logits = constrain(logits, ('act_micro', 'act_batch', None, 'act_vocab'))
+  lse = jax.nn.logsumexp(logits, axis=-1)                               # [S, B, T]
+  label_logit = jnp.sum(logits * jax.nn.one_hot(labels, cfg.padded_vocab, dtype=logits.dtype),
+                        axis=-1)                                        # [S, B, T]
+  return jnp.sum(lse - label_logit)
+
+
+def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
+            lay: Layout, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token CE + MoE aux losses over a batch tokens [M, B, T+1].
+
+  Returns (loss, metrics) with per-block expert loads `kept` / `assigned` [NB, E].
+  """
+  inputs, labels = tokens[..., :-1], tokens[..., 1:]                   # [M, B, T]
+  m, b, t = inputs.shape
+  with jax.named_scope('embed'):
+    x = Embedder(cfg).apply({'params': params['embed']}, inputs)      # [M, B, T, D]
+    x = constrain(x, MICRO_RESIDUAL)
+  hidden, stats = pipeline_lib.pipeline(
+      _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
+      repeats=lay.repeats, remat_policy=lay.remat_policy)
+  stats = pipeline_lib.from_stages(stats)                               # [NB, ...]
+  with jax.named_scope('head_loss'):
+    s = lay.pp
+    chunks = lambda a: jnp.swapaxes(a.reshape((s, m // s) + a.shape[1:]), 0, 1)  # [M/S, S, ...]
+    ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg))
+    ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
+    ce = jnp.sum(ce_sums) / (m * b * t)
+  aux = cfg.aux_loss_weight * jnp.sum(stats['aux']) / m                # sum over blocks
+  z = cfg.z_loss_weight * jnp.sum(stats['z']) / m
+  kept, assigned = stats['kept'], stats['assigned']                     # [NB, E]
+  metrics = {
+      'ce': ce, 'aux_loss': aux, 'z_loss': z,
+      'dropped_frac': 1.0 - jnp.sum(kept) / jnp.sum(assigned),
+      'expert_load': kept, 'expert_assigned': assigned,
+  }
+  return ce + aux + z, metrics

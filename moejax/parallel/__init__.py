@@ -1,0 +1,1 @@
+"""Parallel layout: the mesh, the logical-axis rules, expert and pipeline parallelism."""

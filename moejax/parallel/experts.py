@@ -1,0 +1,79 @@
+"""Expert parallelism: a shard_map over tp that moves tokens to their experts with all_to_all.
+
+Each tp shard holds whole routing groups of tokens and E/tp experts. It routes its groups,
+packs [G_, E, C, D], sends every expert its rows (all_to_all over tp), runs its local experts as
+one batched matmul over [E/tp, tp*G_*C, D], returns the rows home (all_to_all) and combines.
+Names ending in `_` are shard-local.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax.model import routing
+from moejax.parallel import mesh as mesh_lib
+
+
+class ExpertWeights(NamedTuple):
+  router: jax.Array  # [D, E]
+  w1: jax.Array      # [E, D, F]
+  b1: jax.Array      # [E, F]
+  w2: jax.Array      # [E, F, D]
+  b2: jax.Array      # [E, D]
+
+
+WEIGHT_AXES = ExpertWeights(
+    router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
+    w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'))
+GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B, nG, S, D] token groups
+
+
+def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, top_k: int, capacity: int,
+               dropout_rate: float, compute_dtype) -> tuple[jax.Array, routing.GroupStats]:
+  """Shard-local MoE: x_ [B, nG_, S, D] -> ([B, nG_, S, D], per-group stats)."""
+  b, ng_, s, d = x_.shape
+  num_experts = w_.router.shape[-1]
+  tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
+  r, stats = routing.route(tokens_, w_.router, top_k, capacity)
+  buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
+  buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
+  with jax.named_scope('moe_all_to_all_dispatch'):
+    buf_ = jax.lax.all_to_all(buf_, mesh_lib.TP, 0, 1, tiled=True)       # [E/tp, tp*G_*C, D]
+  if dropout_rate > 0.0:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(mesh_lib.TP))
+  cast = lambda a: a.astype(compute_dtype)
+  out_ = routing.expert_ffn(buf_, cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2),
+                            dropout_rate, rng if dropout_rate > 0.0 else None)
+  with jax.named_scope('moe_all_to_all_combine'):
+    out_ = jax.lax.all_to_all(out_, mesh_lib.TP, 1, 0, tiled=True)       # [E, G_*C, D]
+  out_ = out_.reshape(num_experts, b * ng_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
+  y_ = routing.combine(out_, r)                                         # [G_, S, D]
+  stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
+  return y_.reshape(b, ng_, s, d), stats
+
+
+def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
+        capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32
+        ) -> tuple[jax.Array, routing.GroupStats]:
+  """Expert-parallel MoE over the current mesh's tp axis.
+
+  x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and per-group stats with leading
+  axes [B, T/group_size].
+  """
+  b, t, d = x.shape
+  groups = x.reshape(b, t // group_size, group_size, d)                 # [B, T, D] -> [B, nG, S, D]
+  groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
+  spec = mesh_lib.spec
+  w_specs = ExpertWeights(*(spec(a) for a in WEIGHT_AXES))
+  g_spec = spec(GROUP_AXES)
+  stats_specs = routing.GroupStats(g_spec, g_spec, g_spec, g_spec)
+  fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity,
+                         dropout_rate=dropout_rate, compute_dtype=compute_dtype)
+  y, stats = jax.shard_map(
+      fn, in_specs=(w_specs, g_spec, P()), out_specs=(g_spec, stats_specs),
+      axis_names={mesh_lib.TP}, check_vma=False)(weights, groups, rng)
+  return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]

@@ -1,0 +1,112 @@
+"""Pipeline parallelism: one lax.scan over ticks inside a shard_map that is manual over pp.
+
+Stage-stacked block parameters have leading axes [S, R, L] (stage, circular repeat, layer in
+stage); block b = r*S*L + s*L + l. At tick t, stage s works on iteration i = t - s, i.e.
+micro-batch i % M of repeat i // M; then activations move one stage on (collective-permute over
+pp). Stage 0 reads micro-batch m from `buf`, which holds the embedded inputs and, for r > 0, what
+came back around the ring from the last stage. M + ... ticks: R*M + S - 1; bubble (S-1)/(R*M+S-1).
+Legend: S stages, R repeats, L layers per stage, M micro-batches, B batch, T seq, D d_model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax.parallel import mesh as mesh_lib
+
+StageFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def to_stages(blocks: Any, stages: int, repeats: int) -> Any:
+  """Canonical [NB, ...] block params -> stage-stacked [S, R, L, ...]."""
+  def one(a):
+    a = a.reshape((repeats, stages, -1) + a.shape[1:])                  # [NB] -> [R, S, L]
+    return jnp.swapaxes(a, 0, 1)                                        # [S, R, L, ...]
+  return jax.tree.map(one, blocks)
+
+
+def from_stages(blocks: Any) -> Any:
+  """Stage-stacked [S, R, L, ...] block params -> canonical [NB, ...] (block order)."""
+  def one(a):
+    a = jnp.swapaxes(a, 0, 1)                                           # [R, S, L, ...]
+    return a.reshape((-1,) + a.shape[3:])                               # [NB, ...]
+  return jax.tree.map(one, blocks)
+
+
+def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
+  return (stages - 1) / (repeats * micro_batches + stages - 1)
+
+
+def _index(tree: Any, i: jax.Array) -> Any:
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, stages: int,
+                    repeats: int):
+  """Per-stage program. params_ [1, R, L, ...], xs [M, B, T, D] (all micro-batches)."""
+  params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
+  m_count = xs.shape[0]
+  total = repeats * m_count
+  stage = jax.lax.axis_index(mesh_lib.PP)
+  ring = [(s, (s + 1) % stages) for s in range(stages)]
+
+  def tick(carry, t):
+    state, buf, outs, acc = carry
+    i = t - stage                                                       # iteration at this stage
+    valid = (i >= 0) & (i < total)
+    i = jnp.clip(i, 0, total - 1)
+    m, r = i % m_count, i // m_count
+    state = jnp.where(stage == 0, jax.lax.dynamic_index_in_dim(buf, m, 0, False), state)
+    y, stats = stage_fn(_index(params_, r), state, m, r, stage, rng)   # y [B, T, D]
+    # Bubble ticks contribute nothing to the per-layer stats [R, L, ...].
+    acc = jax.tree.map(
+        lambda a, v: jax.lax.dynamic_update_index_in_dim(
+            a, jax.lax.dynamic_index_in_dim(a, r, 0, False) + jnp.where(valid, v, 0), r, 0),
+        acc, stats)
+    done = valid & (stage == stages - 1) & (r == repeats - 1)
+    outs = jax.lax.dynamic_update_index_in_dim(
+        outs, jnp.where(done, y, jax.lax.dynamic_index_in_dim(outs, m, 0, False)), m, 0)
+    with jax.named_scope('pipeline_shift'):
+      nxt = jax.lax.ppermute(y, mesh_lib.PP, ring)                      # stage s -> s+1
+    if repeats > 1:
+      # What stage 0 just received is iteration t - (S-1) of the last stage: keep it for its
+      # next repeat.
+      j = t - (stages - 1)
+      back = (stage == 0) & (j >= 0) & (j // m_count < repeats - 1)
+      jm = jnp.clip(j, 0, total - 1) % m_count
+      buf = jax.lax.dynamic_update_index_in_dim(
+          buf, jnp.where(back, nxt, jax.lax.dynamic_index_in_dim(buf, jm, 0, False)), jm, 0)
+    return (nxt, buf, outs, acc), None
+
+  acc0 = jax.tree.map(lambda s: jnp.zeros((repeats,) + s.shape, s.dtype), stats_like)
+  carry0 = (jnp.zeros_like(xs[0]), xs, jnp.zeros_like(xs), acc0)
+  (_, _, outs, acc), _ = jax.lax.scan(tick, carry0, jnp.arange(total + stages - 1))
+  # Only the last stage holds outputs: a reduce-scatter leaves M split over pp.
+  outs = jax.lax.psum_scatter(outs, mesh_lib.PP, scatter_dimension=0, tiled=True)
+  return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]
+
+
+def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array, *,
+             stages: int, repeats: int, remat_policy: str) -> tuple[jax.Array, Any]:
+  """Runs all micro-batches through all stages.
+
+  stage_fn(params [L, ...], x [B, T, D], micro, repeat, stage, rng) -> (y [B, T, D], stats)
+  with per-layer stats of leading axis L. xs: [M, B, T, D]. Returns outputs [M, B, T, D] (M split
+  over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
+  """
+  policy = getattr(jax.checkpoint_policies, remat_policy)
+  fn = jax.checkpoint(stage_fn, policy=policy)
+  stats_like = jax.eval_shape(
+      lambda p, x: fn(p, x, 0, 0, 0, rng)[1],
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0])
+  params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
+  run = jax.shard_map(
+      lambda p, x, k: _pipeline_local(p, x, k, stage_fn=fn, stats_like=stats_like,
+                                      stages=stages, repeats=repeats),
+      in_specs=(params_spec, P(), P()), out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)),
+      axis_names={mesh_lib.PP}, check_vma=False)
+  return run(stage_params, xs, rng)
