@@ -1,0 +1,1 @@
+"""Batch sources: deterministic functions of (seed, step)."""

@@ -1,0 +1,1 @@
+"""Optimizer, train state, the jitted train/eval steps and the training loop."""

@@ -1,0 +1,43 @@
+"""The train state and its shardings, created directly sharded (never whole on one device)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax.config import Layout, ModelConfig
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array      # int32 scalar: optimizer steps taken
+  params: Any          # blocks in the stage-stacked training layout
+  opt_state: Any
+
+
+def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
+              mesh: Mesh) -> TrainState:
+  """NamedShardings of every leaf of the train state."""
+  with mesh_lib.activate(mesh):
+    param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
+    abstract_params = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def create(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
+           seed: int) -> TrainState:
+  """Fresh state from `seed`, materialised shard by shard on `mesh`."""
+  def init(key):
+    params = transformer.init(cfg, lay, key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  with mesh_lib.activate(mesh):
+    return jax.jit(init, out_shardings=shardings(cfg, lay, tx, mesh))(jax.random.key(seed))

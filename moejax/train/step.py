@@ -1,0 +1,70 @@
+"""One jitted, state-donating train step and an eval step; both pure functions of their inputs."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax.config import Layout, ModelConfig
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib
+from moejax.train.state import TrainState
+
+DROPOUT_TAG = 7
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Token batches [M, B, T+1]: micro-batches split over pp."""
+  return NamedSharding(mesh, mesh_lib.spec(('act_micro', None, None)))
+
+
+def step_rng(seed: int, step: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_TAG), step)
+
+
+def make_train_step(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState,
+                    seed: int) -> Callable:
+  """jit(train_step)(state, tokens [M, B, T+1]) -> (state, metrics); state is donated."""
+  def train_step(state: TrainState, tokens: jax.Array):
+    grad_fn = jax.value_and_grad(transformer.loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, tokens, step_rng(seed, state.step),
+                                     cfg=cfg, lay=lay, train=True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding(mesh)),
+                   out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
+  return _under_mesh(jitted, mesh)
+
+
+def make_eval_step(cfg: ModelConfig, lay: Layout, mesh: Mesh, param_sharding) -> Callable:
+  """jit(eval_step)(params, tokens) -> metrics, with the eval capacity factor and no dropout."""
+  def eval_step(params, tokens):
+    loss, metrics = transformer.loss_fn(params, tokens, jax.random.key(0), cfg=cfg, lay=lay,
+                                        train=False)
+    return dict(metrics, loss=loss)
+  jitted = jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
+  return _under_mesh(jitted, mesh)
+
+
+class _under_mesh:
+  """Calls (and lowers) a jitted function with the mesh and logical rules active."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with mesh_lib.activate(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with mesh_lib.activate(self.mesh):
+      return self.jitted.lower(*args)
