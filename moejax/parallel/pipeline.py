@@ -51,7 +51,9 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
   params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
   m_count = xs.shape[0]
   total = repeats * m_count
-  stage = jax.lax.axis_index(mesh_lib.PP)
+  # With one stage there is no pp axis to be manual over (XLA rejects collectives over a
+  # size-1 manual axis in the backward pass): the same schedule runs unpartitioned.
+  stage = jax.lax.axis_index(mesh_lib.PP) if stages > 1 else 0
   ring = [(s, (s + 1) % stages) for s in range(stages)]
 
   def tick(carry, t):
@@ -71,7 +73,7 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
     outs = jax.lax.dynamic_update_index_in_dim(
         outs, jnp.where(done, y, jax.lax.dynamic_index_in_dim(outs, m, 0, False)), m, 0)
     with jax.named_scope('pipeline_shift'):
-      nxt = jax.lax.ppermute(y, mesh_lib.PP, ring)                      # stage s -> s+1
+      nxt = jax.lax.ppermute(y, mesh_lib.PP, ring) if stages > 1 else y  # stage s -> s+1
     if repeats > 1:
       # What stage 0 just received is iteration t - (S-1) of the last stage: keep it for its
       # next repeat.
@@ -86,7 +88,8 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
   carry0 = (jnp.zeros_like(xs[0]), xs, jnp.zeros_like(xs), acc0)
   (_, _, outs, acc), _ = jax.lax.scan(tick, carry0, jnp.arange(total + stages - 1))
   # Only the last stage holds outputs: a reduce-scatter leaves M split over pp.
-  outs = jax.lax.psum_scatter(outs, mesh_lib.PP, scatter_dimension=0, tiled=True)
+  if stages > 1:
+    outs = jax.lax.psum_scatter(outs, mesh_lib.PP, scatter_dimension=0, tiled=True)
   return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]
 
 
@@ -104,9 +107,11 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
       lambda p, x: fn(p, x, 0, 0, 0, rng)[1],
       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0])
   params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
+  local = lambda p, x, k: _pipeline_local(p, x, k, stage_fn=fn, stats_like=stats_like,
+                                         stages=stages, repeats=repeats)
+  if stages == 1:
+    return local(stage_params, xs, rng)
   run = jax.shard_map(
-      lambda p, x, k: _pipeline_local(p, x, k, stage_fn=fn, stats_like=stats_like,
-                                      stages=stages, repeats=repeats),
-      in_specs=(params_spec, P(), P()), out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)),
+      local, in_specs=(params_spec, P(), P()), out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)),
       axis_names={mesh_lib.PP}, check_vma=False)
   return run(stage_params, xs, rng)

@@ -1,0 +1,59 @@
+"""Shared test helpers: small configs and the 1x1-reference comparison."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from configs import tp4pp4
+from moejax import config as config_lib
+from moejax.data.synthetic import SyntheticSource
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+
+
+def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, **overrides):
+  """A model small enough to compile in seconds; keys as in configs/tp4pp4.py."""
+  c = tp4pp4.get_config('tiny')
+  c.mesh.tp, c.mesh.pp, c.pipeline.repeats = tp, pp, repeats
+  c.model.update(d_model=32, num_heads=4, head_dim=8, num_blocks=max(8, pp * repeats),
+                 max_len=32)
+  c.moe.update(num_experts=8, d_ff=48, group_size=8, z_loss_weight=1e-3)
+  c.data.update(seq_len=32, micro_batch_size=1, num_micro_batches=16, source='random')
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  return c
+
+
+def loss_and_grads(config, seed: int = 0):
+  """(loss, metrics, canonical grads) as numpy for a config's mesh, same params and batch."""
+  config_lib.validate(config, jax.device_count())
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  with mesh_lib.activate(mesh):
+    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
+    params = jax.jit(lambda k: transformer.init(cfg, lay, k), out_shardings=shard)(
+        jax.random.key(seed))
+    tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
+                             lay.micro_batch_size, lay.seq_len, seed).batch(0)
+    fn = jax.jit(jax.value_and_grad(functools.partial(
+        transformer.loss_fn, cfg=cfg, lay=lay, train=True), has_aux=True))
+    (loss, metrics), grads = fn(params, tokens, jax.random.key(1))
+  grads = jax.device_get(grads)
+  grads['blocks'] = pipeline_lib.from_stages(grads['blocks'])
+  return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, grads)
+
+
+def assert_trees_close(actual, expected, rtol: float = 1e-5):
+  """Per leaf: max |a - e| <= rtol * max |e| (relative to the leaf's scale)."""
+  flat_a = jax.tree_util.tree_leaves_with_path(actual)
+  flat_e = jax.tree.leaves(expected)
+  assert len(flat_a) == len(flat_e)
+  for (path, a), e in zip(flat_a, flat_e):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    assert a.shape == e.shape, (jax.tree_util.keystr(path), a.shape, e.shape)
+    scale = max(np.abs(e).max(), 1e-30)
+    err = np.abs(a - e).max() / scale
+    assert err <= rtol, f'{jax.tree_util.keystr(path)}: relative error {err:.2e} > {rtol}'

@@ -1,0 +1,44 @@
+"""Every mesh gives the 1x1 mesh's loss, aux losses and gradients (float32, dropout off)."""
+import functools
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_trees_close, loss_and_grads, small_config
+
+
+@functools.lru_cache(maxsize=None)
+def reference(num_blocks: int, top_k: int, capacity_factor: float):
+  return loss_and_grads(small_config(1, 1, **{
+      'model.num_blocks': num_blocks, 'moe.top_k': top_k, 'moe.capacity_factor': capacity_factor}))
+
+
+def check(tp, pp, repeats=1, top_k=1, capacity_factor=1.1):
+  config = small_config(tp, pp, repeats, **{'moe.top_k': top_k,
+                                            'moe.capacity_factor': capacity_factor})
+  loss, metrics, grads = loss_and_grads(config)
+  ref_loss, ref_metrics, ref_grads = reference(config.model.num_blocks, top_k, capacity_factor)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
+  return metrics
+
+
+@pytest.mark.parametrize('tp', [2, 4])
+@pytest.mark.parametrize('top_k', [1, 2])
+@pytest.mark.parametrize('capacity_factor', [1.1, 8.0])
+def test_tensor_and_expert_parallel_match_1x1(tp, top_k, capacity_factor):
+  metrics = check(tp, 1, top_k=top_k, capacity_factor=capacity_factor)
+  if capacity_factor == 1.1:
+    assert metrics['dropped_frac'] > 0.02   # the case with dropped tokens really drops some
+  else:
+    assert metrics['dropped_frac'] == 0.0
+
+
+@pytest.mark.parametrize('tp,pp,repeats', [
+    (1, 2, 1), (1, 4, 1), (2, 2, 1), (4, 4, 1), (2, 8, 1), (1, 16, 1),
+    (1, 2, 2), (2, 2, 2), (4, 4, 2), (2, 8, 2)])
+def test_pipeline_meshes_match_1x1(tp, pp, repeats):
+  check(tp, pp, repeats)
