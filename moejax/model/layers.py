@@ -45,17 +45,25 @@ class LayerNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token + learned position embedding; the token table is vocab-parallel."""
+  """Token + learned position embedding; the token table is vocab-parallel.
+
+  The lookup is a one-hot matmul so that XLA partitions it like any vocab-parallel matmul
+  (local rows, then a reduce-scatter into the sequence-parallel residual) instead of gathering
+  the whole table.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, ids: jax.Array) -> jax.Array:  # [..., T] int -> [..., T, D]
+  def __call__(self, ids: jax.Array) -> jax.Array:  # [M, B, T] int -> [M, B, T, D]
     c = self.cfg
     tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
                  _normal(c.init_std))
     pos = _param(self, 'pos', (c.max_len, c.d_model), ('pos', 'embed'), _normal(c.init_std))
-    t = ids.shape[-1]
-    return (jnp.take(tok, ids, axis=0) + pos[:t]).astype(c.dtype)
+    onehot = jax.nn.one_hot(ids, c.padded_vocab, dtype=c.dtype)          # [M, B, T, V]
+    onehot = constrain(onehot, ('act_micro', 'act_batch', None, 'act_vocab'))
+    x = jnp.einsum('MBTV,VD->MBTD', onehot, tok.astype(c.dtype))
+    x = x + pos[:ids.shape[-1]].astype(c.dtype)
+    return constrain(x, ('act_micro',) + RESIDUAL)
 
 
 class Attention(nn.Module):

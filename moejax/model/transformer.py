@@ -20,12 +20,11 @@ from moejax.parallel import pipeline as pipeline_lib
 from moejax.parallel.mesh import constrain
 
 STAGE_AXES = ('stage', 'repeat', 'layers')
-MICRO_RESIDUAL = ('act_micro', 'act_batch', 'act_seq', 'act_embed')
 _TAGS = {'embed': 0, 'blocks': 1, 'head': 2}
 
 
 def _examples(cfg: ModelConfig):
-  ids = jnp.zeros((1, 1), jnp.int32)
+  ids = jnp.zeros((1, 1, 1), jnp.int32)
   x = jnp.zeros((1, cfg.group_size, cfg.d_model), jnp.float32)
   return ids, x
 
@@ -117,7 +116,6 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   m, b, t = inputs.shape
   with jax.named_scope('embed'):
     x = Embedder(cfg).apply({'params': params['embed']}, inputs)      # [M, B, T, D]
-    x = constrain(x, MICRO_RESIDUAL)
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy)

@@ -84,5 +84,7 @@ def tree_shardings(mesh: Mesh, logical_tree) -> object:
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint from logical axes (inside `activate`)."""
+  """Sharding constraint from logical axes; a no-op when no mesh is active (shape-only tracing)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
   return jax.lax.with_sharding_constraint(x, spec(logical))

@@ -33,11 +33,24 @@ def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
 
-def create(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
-           seed: int) -> TrainState:
-  """Fresh state from `seed`, materialised shard by shard on `mesh`."""
+def _init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
   def init(key):
     params = transformer.init(cfg, lay, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def abstract(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
+             mesh: Mesh) -> TrainState:
+  """The train state as ShapeDtypeStructs with shardings (nothing allocated)."""
+  sh = shardings(cfg, lay, tx, mesh)
   with mesh_lib.activate(mesh):
-    return jax.jit(init, out_shardings=shardings(cfg, lay, tx, mesh))(jax.random.key(seed))
+    shapes = jax.eval_shape(_init_fn(cfg, lay, tx), jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh)
+
+
+def create(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
+           seed: int) -> TrainState:
+  """Fresh state from `seed`, materialised shard by shard on `mesh`."""
+  with mesh_lib.activate(mesh):
+    return jax.jit(_init_fn(cfg, lay, tx), out_shardings=shardings(cfg, lay, tx, mesh))(jax.random.key(seed))

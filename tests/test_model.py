@@ -1,0 +1,55 @@
+"""Shapes, parameter shardings (golden table), and the router's gradient from the LM loss."""
+import json
+import os
+
+import jax
+import numpy as np
+
+from moejax import config as config_lib
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib
+from tests.helpers import loss_and_grads, small_config
+from configs import tp4pp4
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden_param_specs_tp4pp4.json')
+
+
+def _specs_and_shapes(config):
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  with mesh_lib.activate(mesh):
+    shardings = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
+    shapes = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
+  flat = {}
+  for (path, sh), shape in zip(jax.tree_util.tree_leaves_with_path(shardings),
+                               jax.tree.leaves(shapes)):
+    flat[jax.tree_util.keystr(path)] = f'{sh.spec} {list(shape.shape)}'
+  return flat
+
+
+def test_param_shardings_match_golden_table():
+  """Every parameter's PartitionSpec on the full tp4pp4 config; update the JSON deliberately."""
+  actual = _specs_and_shapes(tp4pp4.get_config())
+  with open(GOLDEN) as f:
+    golden = json.load(f)
+  assert actual == golden
+
+
+def test_param_count_matches_design():
+  shapes = jax.eval_shape(lambda k: transformer.init_canonical(
+      config_lib.model_config(tp4pp4.get_config()), k), jax.random.key(0))
+  total = sum(np.prod(a.shape) for a in jax.tree.leaves(shapes))
+  assert 2.2e9 < total < 2.4e9     # DESIGN.md: about 2.29 B parameters
+
+
+def test_output_shapes_and_router_gradient_from_lm_loss():
+  config = small_config(1, 1)
+  loss, metrics, grads = loss_and_grads(config)
+  nb, e = config.model.num_blocks, config.moe.num_experts
+  assert np.isfinite(loss)
+  assert metrics['expert_load'].shape == (nb, e)
+  assert grads['blocks']['moe']['w1'].shape == (nb, e, 32, 48)
+  # The gate is the softmax probability, so the router learns from the LM loss.
+  router = grads['blocks']['moe']['router']
+  assert router.shape == (nb, 32, e)
+  assert np.all(np.abs(router).max(axis=(1, 2)) > 0)
