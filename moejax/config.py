@@ -97,6 +97,42 @@ DTYPES = ('float32', 'bfloat16')
 DATA_SOURCES = ('random', 'learnable')
 
 
+SCHEMA: dict[str, tuple[str, ...]] = {
+    'mesh': ('tp', 'pp'),
+    'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
+              'init_std'),
+    'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
+            'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight'),
+    'pipeline': ('repeats', 'remat_policy'),
+    'data': ('source', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
+    'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
+              'grad_clip'),
+    '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
+         'eval_batches', 'init_from'),
+}
+
+
+def known_keys() -> list[str]:
+  return sorted(f'{s}.{k}' if s else k for s, keys in SCHEMA.items() for k in keys)
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Unknown or missing keys (a typo in a config file) are an error naming them."""
+  have = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      have.update(f'{key}.{k}' for k in value.keys())
+    else:
+      have.add(key)
+  known = set(known_keys())
+  unknown, missing = sorted(have - known), sorted(known - have)
+  if unknown or missing:
+    raise ConfigError(
+        (f'Unknown config keys: {unknown}. ' if unknown else '') +
+        (f'Missing config keys: {missing}. ' if missing else '') +
+        f'Known keys: {", ".join(sorted(known))}.')
+
+
 def _check(errors: list[str], ok: bool, message: str) -> None:
   if not ok:
     errors.append(message)
@@ -104,6 +140,7 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError listing every inconsistent setting (with the keys and a fix)."""
+  check_keys(config)
   errors: list[str] = []
   m, lay = model_config(config), layout(config)
   tp, pp, r = lay.tp, lay.pp, lay.repeats
@@ -128,6 +165,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(errors, m.num_blocks % (pp * r) == 0,
          f'model.num_blocks={m.num_blocks} is not divisible by mesh.pp * pipeline.repeats = '
          f'{pp}*{r}: every stage needs the same number of blocks per repeat.')
+  _check(errors, lay.num_micro_batches % pp == 0,
+         f'data.num_micro_batches={lay.num_micro_batches} is not divisible by mesh.pp={pp}: '
+         f'embedding, head and loss split the micro-batches over pp.')
   _check(errors, lay.num_micro_batches >= pp,
          f'data.num_micro_batches={lay.num_micro_batches} < mesh.pp={pp}: with fewer micro-batches '
          f'than stages some stages never work (bubble (pp-1)/(M+pp-1) above 50%); use at least '

@@ -1,0 +1,80 @@
+"""Every shipped config loads and validates; every validation error fires with its message."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from moejax import config as config_lib
+from tests.helpers import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                      if not os.path.basename(f).startswith(('_', 'defaults')))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_config_files_load_and_validate(path):
+  full = load(path)
+  config_lib.validate(full, num_devices=full.mesh.tp * full.mesh.pp)
+  tiny = load(path, 'tiny')
+  for tp, pp in ((4, 4), (2, 8), (1, 1)):
+    tiny.mesh.tp, tiny.mesh.pp = tp, pp
+    config_lib.validate(tiny, num_devices=16)
+
+
+def test_full_config_is_the_seed_model():
+  c = load(os.path.join(ROOT, 'configs', 'tp4pp4.py'))
+  d = config_lib.describe(c)
+  assert (c.mesh.tp, c.mesh.pp) == (4, 4)
+  assert d['global_batch'] == 128 and d['tokens_per_step'] == 131072
+  assert d['local_experts_per_device'] == 16 and d['layers_per_stage'] == 2
+  assert (c.model.vocab_size, c.model.d_model, c.moe.num_experts, c.moe.top_k) == (50257, 1024, 64, 1)
+  assert c.moe.capacity_factor == 1.1 and c.optim.lr == 1e-4
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.num_heads': 6}, 'model.num_heads=6 is not divisible by mesh.tp=4'),
+    ({'moe.num_experts': 6}, 'moe.num_experts=6 is not divisible by mesh.tp=4'),
+    ({'model.num_blocks': 6}, 'model.num_blocks=6 is not divisible by mesh.pp * pipeline.repeats'),
+    ({'data.num_micro_batches': 6}, 'data.num_micro_batches=6 is not divisible by mesh.pp=4'),
+    ({'data.num_micro_batches': 2}, 'data.num_micro_batches=2 < mesh.pp=4'),
+    ({'data.seq_len': 64, 'model.max_len': 32}, 'is longer than the position table'),
+    ({'moe.group_size': 12}, 'is not divisible by moe.group_size=12'),
+    ({'moe.group_size': 16, 'data.seq_len': 32}, 'routing groups per sequence is not divisible'),
+    ({'moe.top_k': 9}, 'moe.top_k=9 > moe.num_experts=8'),
+    ({'moe.capacity_factor': 0.0}, 'capacity_factor'),
+    ({'model.dtype': 'float8'}, "model.dtype='float8'"),
+    ({'pipeline.remat_policy': 'bogus'}, "pipeline.remat_policy='bogus'"),
+    ({'data.source': 'nope'}, "data.source='nope'"),
+    ({'model.d_model': 0}, 'model.d_model=0'),
+])
+def test_validation_errors_name_the_keys(overrides, message):
+  config = small_config(4, 4, **overrides)
+  with pytest.raises(config_lib.ConfigError, match=message.replace('*', r'\*').replace('(', r'\(')):
+    config_lib.validate(config, num_devices=16)
+
+
+def test_too_few_devices():
+  with pytest.raises(config_lib.ConfigError, match='only 8 are available'):
+    config_lib.validate(small_config(4, 4), num_devices=8)
+
+
+def test_unknown_and_missing_keys():
+  config = small_config(1, 1)
+  config.moe.capacity = 2
+  with pytest.raises(config_lib.ConfigError, match=r"Unknown config keys: \['moe.capacity'\]"):
+    config_lib.validate(config, num_devices=16)
+
+
+def test_derived_numbers_are_computed():
+  d = config_lib.describe(small_config(2, 4))
+  assert d['tokens_per_step'] == 16 * 1 * 32 and d['local_experts_per_device'] == 4
+  assert d['padded_vocab'] % 128 == 0
