@@ -41,10 +41,11 @@ def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
 
 def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
-  is given (the training layout), else with ('layers',) (the canonical [NB, ...] layout)."""
+  is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
+  axis split over pp in contiguous chunks (the training layout's placement when repeats=1)."""
   boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
-  lead = STAGE_AXES if lay is not None else ('layers',)
+  lead = STAGE_AXES if lay is not None else ('stage',)
   blocks = jax.tree.map(lambda s: P(*lead, *s), specs.pop('block'),
                         is_leaf=lambda s: isinstance(s, P))
   return {'embed': specs['embed'], 'blocks': blocks, 'head': specs['head']}

@@ -1,0 +1,134 @@
+"""Orbax checkpoints in one canonical, mesh-independent layout; exact resume on any mesh.
+
+On disk: <workdir>/checkpoints/<step>/{state, config}. `state` holds the whole train state with
+block params (and their optimizer moments) stacked [NB, ...] in block order, not the
+stage-stacked training layout, so a checkpoint written on 4x4 restores on 2x8, 1x1 or with other
+pipeline repeats; restore reads each device's shards straight onto the current mesh.
+`config` is the run's config as JSON. Orbax writes into a temporary directory and renames it when
+complete, so a killed save never hides the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moejax.config import ConfigError, Layout, ModelConfig
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+from moejax.train.state import TrainState, abstract as abstract_state
+
+# Config sections that change parameter shapes or meaning; a checkpoint must match them.
+MODEL_SECTIONS = ('model', 'moe')
+_BLOCKS = jax.tree_util.DictKey('blocks')
+
+
+def _map_blocks(fn, tree):
+  """Applies fn to every leaf under a 'blocks' key (params and their optimizer moments)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: fn(a) if _BLOCKS in path else a, tree)
+
+
+def _canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
+                         mesh: Mesh) -> TrainState:
+  param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg))
+  abstract = abstract_state(cfg, lay, tx, mesh)
+  opt_shapes = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s.opt_state), abstract)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+class Checkpointer:
+  """Saves and restores the train state of one run directory."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig,
+               lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
+               state_sharding: TrainState):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.config, self.lay, self.mesh = config, lay, mesh
+    self.state_sharding = state_sharding
+    self.canonical_sharding = _canonical_shardings(cfg, lay, tx, mesh)
+    with mesh_lib.activate(mesh):
+      self._to_canonical = jax.jit(lambda s: _map_blocks(pipeline_lib.from_stages, s),
+                                   out_shardings=self.canonical_sharding)
+      self._to_stages = jax.jit(
+          lambda s: _map_blocks(lambda a: pipeline_lib.to_stages(a, lay.pp, lay.repeats), s),
+          out_shardings=state_sharding)
+      self.canonical_abstract = jax.eval_shape(self._to_canonical, abstract_state(cfg, lay, tx, mesh))
+    self.canonical_abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.canonical_abstract, self.canonical_sharding)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, item_names=('state', 'config'),
+          options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_keep, create=True,
+                                               enable_async_checkpointing=True))
+    except OSError as e:
+      raise ConfigError(f'Cannot use checkpoint directory {self.directory}: {e}') from e
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: TrainState, *, force: bool = False) -> None:
+    """Starts an asynchronous save of `state` at its step (training continues meanwhile)."""
+    step = int(state.step)
+    if self.manager.latest_step() == step:
+      return
+    with mesh_lib.activate(self.mesh):
+      canonical = self._to_canonical(state)
+    config_json = json.loads(self.config.to_json_best_effort())
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json)),
+        force=force)
+
+  def check_compatible(self, step: int, directory: str | None = None) -> None:
+    """Raises ConfigError naming the keys if the checkpoint is of another model."""
+    directory = directory or self.directory
+    path = os.path.join(directory, str(step), 'config')
+    try:
+      with open(os.path.join(path, 'metadata')) as f:
+        saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} has no readable '
+                        f'config ({e}); it is corrupt or not a moejax checkpoint. Use another '
+                        f'--workdir or remove that step directory yourself.') from e
+    diffs = [f'{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs config {v!r}'
+             for s in MODEL_SECTIONS for k, v in self.config[s].items()
+             if saved.get(s, {}).get(k) != v]
+    if diffs:
+      raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} is of a different '
+                        f'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
+                        f'checkpoint\'s model settings.')
+
+  def restore(self, step: int | None = None, directory: str | None = None) -> TrainState:
+    """The newest (or given) complete checkpoint, re-sharded onto the current mesh."""
+    manager = self.manager
+    if directory is not None:
+      manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'config'),
+                                      options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f'No complete checkpoint in {directory or self.directory}.')
+    self.check_compatible(step, manager.directory)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(self.canonical_abstract)))['state']
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ConfigError(f'Cannot restore checkpoint {manager.directory}/{step}: {e}') from e
+    with mesh_lib.activate(self.mesh):
+      return self._to_stages(restored)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
