@@ -1,0 +1,26 @@
+"""The benchmark runs on the tiny config and emits every field (no timing assertions)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ('step_time_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
+          'memory_per_device_bytes', 'collective_bytes', 'dropped_frac', 'balance',
+          'bubble_measured', 'bubble_formula', 'ratio_vs_1x1')
+
+
+def test_bench_emits_every_field(tmp_path):
+  out_file = tmp_path / 'bench.json'
+  cmd = [sys.executable, '-m', 'moejax.bench', '--config=configs/tp4pp4.py:tiny',
+         '--config.mesh.pp=2', '--config.mesh.tp=2', '--config.data.num_micro_batches=4',
+         '--steps=1', '--rounds=1', f'--out={out_file}']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out_file.read_text())
+  for field in FIELDS:
+    assert field in result, field
+  assert result['collective_bytes']['all-to-all'] > 0
+  assert result['collective_bytes']['collective-permute'] > 0
+  assert 0 < result['bubble_formula'] < 1
