@@ -32,12 +32,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = mesh_lib.mesh_for(lay)
   tx, sched = optimizer.make(config.optim), optimizer.schedule(config.optim)
   state_sh = state_lib.shardings(cfg, lay, tx, mesh)
+  data_sharding = step_lib.batch_sharding(mesh)
+  # Compile ahead of time from abstract inputs, and check memory before allocating anything.
+  batch_abstract = jax.ShapeDtypeStruct(
+      (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
+      sharding=data_sharding)
+  train_step = step_lib.make_train_step(cfg, lay, tx, sched, mesh, state_sh, config.seed).lower(
+      state_lib.abstract(cfg, lay, tx, mesh), batch_abstract).compile()
+  check_memory(train_step, mesh)
   ckpt = Checkpointer(workdir, config, cfg, lay, tx, mesh, state_sh)
   state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
   start = int(state.step)
-  train_step = step_lib.make_train_step(cfg, lay, tx, sched, mesh, state_sh, config.seed)
   source = make_source(config)
-  data_sharding = step_lib.batch_sharding(mesh)
+  evaluate = _make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   derived = config_lib.describe(config)
   logging.info('mesh tp=%d pp=%d on %d %s devices; %s', lay.tp, lay.pp, lay.tp * lay.pp,
@@ -67,10 +74,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if jax.process_index() == 0:
         print(metrics_lib.format_line(record), flush=True)
       writer.write(record)
+    if config.eval_every and done % config.eval_every == 0:
+      eval_record = dict(evaluate(state.params), step=done)
+      if jax.process_index() == 0:
+        print(metrics_lib.format_line(eval_record, prefix='eval'), flush=True)
+      writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
+                                     if k != 'step'}})
   ckpt.save(state)
   ckpt.close()
   preempted.restore()
   return record
+
+
+def check_memory(compiled, mesh) -> None:
+  """Stops before allocation when the step's per-device need exceeds what the device has."""
+  analysis = compiled.memory_analysis()
+  device = mesh.devices.flat[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if analysis is None or not stats or 'bytes_limit' not in stats:
+    return                                              # e.g. CPU: no per-device limit
+  need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes -
+          analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  have = stats['bytes_limit']
+  if need > have:
+    raise config_lib.ConfigError(
+        f'The train step needs {need / 2**30:.2f} GiB per device (arguments '
+        f'{analysis.argument_size_in_bytes / 2**30:.2f}, temporaries '
+        f'{analysis.temp_size_in_bytes / 2**30:.2f}) but {device.device_kind} has '
+        f'{have / 2**30:.2f} GiB: use more devices (mesh.tp/mesh.pp), fewer micro-batch '
+        f'sequences (data.micro_batch_size), model.dtype=bfloat16, or a stricter '
+        f'pipeline.remat_policy.')
+
+
+def _make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
+  """Mean metrics over config.eval_batches fixed batches (steps -1, -2, ...)."""
+  eval_step = step_lib.make_eval_step(cfg, lay, mesh, param_sharding)
+  batches = [source.batch(-1 - i) for i in range(config.eval_batches)]
+
+  def evaluate(params) -> dict:
+    results = [jax.device_get(eval_step(params, jax.device_put(b, data_sharding)))
+               for b in batches]
+    loss = float(np.mean([r['loss'] for r in results]))
+    ce = float(np.mean([r['ce'] for r in results]))
+    kept = np.sum([r['expert_load'] for r in results], axis=0)
+    return {'loss': loss, 'ce': ce, 'ppl': float(np.exp(ce)),
+            'dropped_frac': float(np.mean([r['dropped_frac'] for r in results])),
+            'balance': metrics_lib.expert_balance(kept)}
+  return evaluate
 
 
 def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.TrainState:
