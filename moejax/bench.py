@@ -2,9 +2,12 @@
 
   python -m moejax.bench --config=configs/tp4pp4.py:tiny --out=/tmp/bench.json
   python -m moejax.bench --config=configs/tp4pp4.py:tiny --micro_batches=4,8,16,32 --out=sweep.json
+  python -m moejax.bench --config=configs/tp4pp4.py --aot --out=full_aot.json   # nothing allocated
 
 Times the configured mesh and the same model and global batch on a 1x1 mesh, interleaved in one
-process; MFU is model FLOP/s over the matmul rate measured here on the same devices.
+process; MFU is model FLOP/s over the matmul rate measured here on the same devices. --aot only
+lowers and compiles the train step from abstract inputs and reports per-device memory and
+collective bytes (against the layout's analytic minimum) of the compiled program.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 flags.DEFINE_integer('steps', 5, 'Timed steps per round.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds (configured mesh, then 1x1).')
 flags.DEFINE_string('micro_batches', '', 'Comma-separated M values to sweep (same micro-batch).')
+flags.DEFINE_bool('aot', False, 'Compile only (abstract inputs): memory and collectives.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -48,29 +52,76 @@ def matmul_flops_per_s(devices) -> float:
   return 2 * n ** 3 * reps * len(devices) / (time.perf_counter() - start)
 
 
+def compiled_analysis(config) -> dict:
+  """Per-device memory and collective bytes of the train step compiled from abstract inputs."""
+  import jax
+  import numpy as np
+  from moejax import config as config_lib
+  from moejax.parallel import comm, hlo, mesh as mesh_lib
+  from moejax.train import optimizer, state as state_lib, step as step_lib
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  tx = optimizer.make(config.optim)
+  sh = state_lib.shardings(cfg, lay, tx, mesh)
+  abstract_state = state_lib.abstract(cfg, lay, tx, mesh)
+  batch = jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1),
+                               np.int32, sharding=step_lib.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
+                                      config.seed).lower(abstract_state, batch).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  memory = {k: int(getattr(mem, k + '_size_in_bytes', 0)) for k in
+            ('argument', 'output', 'alias', 'temp', 'generated_code')} if mem else {}
+
+  def local_bytes(tree) -> int:   # bytes of one device's shard of every leaf
+    return int(sum(np.prod(l.sharding.shard_shape(l.shape)) * l.dtype.itemsize
+                   for l in jax.tree.leaves(tree)))
+  memory['params'] = local_bytes(abstract_state.params)
+  memory['optimizer_state'] = local_bytes(abstract_state.opt_state)
+  memory['gradients (in temp)'] = memory['params']
+  memory['activations and workspace (rest of temp)'] = memory.get('temp', 0) - memory['params']
+  memory['peak'] = (memory.get('argument', 0) + memory.get('output', 0) -
+                    memory.get('alias', 0) + memory.get('temp', 0))
+  minimum = comm.minimum_bytes(cfg, lay)
+  collective = hlo.bytes_by_kind(compiled.as_text())
+  return {'compile_s': compile_s, 'memory_per_device_bytes': memory,
+          'collective_bytes': collective, 'collective_bytes_min': comm.totals(minimum),
+          'collective_bytes_min_terms': minimum,
+          'collective_ratio_vs_min': sum(collective.values()) / max(
+              sum(comm.totals(minimum).values()), 1),
+          'compiled': compiled}
+
+
 class _Runner:
-  """A compiled train step of one config, with its own state and a fixed batch."""
+  """A compiled train step (and forward pass) of one config, with its own state and batch."""
 
   def __init__(self, config):
     import jax
     from moejax import config as config_lib
-    from moejax.parallel import hlo, mesh as mesh_lib
+    from moejax.parallel import mesh as mesh_lib
     from moejax.train import loop, optimizer, state as state_lib, step as step_lib
     cfg, lay = config_lib.model_config(config), config_lib.layout(config)
     self.lay = lay
     mesh = mesh_lib.mesh_for(lay)
     tx = optimizer.make(config.optim)
     sh = state_lib.shardings(cfg, lay, tx, mesh)
+    self.analysis = compiled_analysis(config)
+    self.step_fn = self.analysis.pop('compiled')
     self.state = state_lib.create(cfg, lay, tx, mesh, config.seed)
-    self.step_fn = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh,
-                                            sh, config.seed)
     self.batch = jax.device_put(loop.make_source(config).batch(0), step_lib.batch_sharding(mesh))
-    compiled = self.step_fn.lower(self.state, self.batch).compile()
-    self.collective_bytes = hlo.bytes_by_kind(compiled.as_text())
-    mem = compiled.memory_analysis()
-    self.memory = {k: int(getattr(mem, k + '_size_in_bytes', 0)) for k in
-                   ('argument', 'output', 'temp', 'generated_code')} if mem else {}
+    self.forward_fn = step_lib.make_eval_step(cfg, lay, mesh, sh.params)
     self.metrics = None
+
+  def time_forward(self, steps: int) -> float:
+    """Seconds per forward pass (no backward) of the whole batch through the whole model."""
+    import jax
+    jax.block_until_ready(self.forward_fn(self.state.params, self.batch))
+    start = time.perf_counter()
+    for _ in range(steps):
+      out = self.forward_fn(self.state.params, self.batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
 
   def time(self, steps: int) -> float:
     import jax
@@ -91,12 +142,17 @@ def measure(config, steps: int, rounds: int) -> dict:
   ref_config = config.copy_and_resolve_references()
   ref_config.mesh.tp = ref_config.mesh.pp = 1
   ref_config.pipeline.repeats = 1
-  main, ref = _Runner(config), _Runner(ref_config)
+  # Forward latency of one micro-batch per stage: the smallest batch the schedule takes.
+  lat_config = config.copy_and_resolve_references()
+  lat_config.data.num_micro_batches = config.mesh.pp
+  main, ref, lat = _Runner(config), _Runner(ref_config), _Runner(lat_config)
   times, ref_times = [], []
   for _ in range(rounds):
     times.append(main.time(steps))
     ref_times.append(ref.time(steps))
   step_time, ref_time = float(np.median(times)), float(np.median(ref_times))
+  forward_step = main.time_forward(steps)
+  forward_latency = lat.time_forward(steps)
   lay = main.lay
   m = jax.device_get(main.metrics)
   kept = np.asarray(m['expert_load'])
@@ -109,12 +165,13 @@ def measure(config, steps: int, rounds: int) -> dict:
       'mesh': f'{lay.tp}x{lay.pp}', 'repeats': lay.repeats, 'micro_batches': lay.num_micro_batches,
       'devices': devices, 'platform': jax.devices()[0].platform,
       'step_time_s': step_time, 'step_time_1x1_s': ref_time,
+      'forward_latency_s': forward_latency, 'forward_step_s': forward_step,
       'ratio_vs_1x1': step_time / ref_time,
       'tokens_per_sec': tps, 'flops_per_token': fpt,
       'mfu': fpt * tps / peak, 'peak_flops': peak,
       'peak_flops_source': f'float32 {512}x{512} matmul measured now on the same {devices} '
                            f'{jax.devices()[0].platform} devices',
-      'memory_per_device_bytes': main.memory, 'collective_bytes': main.collective_bytes,
+      **main.analysis,
       'dropped_frac': float(m['dropped_frac']),
       'tokens_per_expert': {'min': float(kept.min()), 'mean': float(kept.mean()),
                             'max': float(kept.max())},
@@ -130,6 +187,9 @@ def main(argv):
   from moejax import runtime
   config = flags.FLAGS.config
   runtime.setup_devices(config)
+  if flags.FLAGS.aot:
+    _aot(config)
+    return
   sweep = [int(x) for x in flags.FLAGS.micro_batches.split(',') if x]
   results = []
   for m in sweep or [config.data.num_micro_batches]:
@@ -146,6 +206,29 @@ def main(argv):
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, 'w') as f:
       json.dump(results if sweep else results[0], f, indent=1)
+
+
+def _aot(config) -> None:
+  import jax
+  result = compiled_analysis(config)
+  result.pop('compiled')
+  result.update(mesh=f'{config.mesh.tp}x{config.mesh.pp}', dtype=config.model.dtype,
+                platform=jax.devices()[0].platform)
+  gib = lambda n: f'{n / 2**30:8.3f} GiB'
+  print(f"compiled {result['mesh']} train step ({result['dtype']}) for {result['platform']} in "
+        f"{result['compile_s']:.1f}s; per device:")
+  for k, v in result['memory_per_device_bytes'].items():
+    print(f'  memory {k:42s} {gib(v)}')
+  for k, v in result['collective_bytes'].items():
+    print(f"  {k:20s} compiled {gib(v)}   analytic minimum "
+          f"{gib(result['collective_bytes_min'].get(k, 0))}")
+  print(f"  collective bytes vs analytic minimum: {result['collective_ratio_vs_min']:.2f}x")
+  if result['platform'] == 'cpu' and config.model.dtype != 'float32':
+    print('  note: XLA:CPU computes reduced-precision matmuls and reductions in float32, so '
+          'collectives may be counted at 4 bytes where a GPU moves 2.')
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, 'w') as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == '__main__':

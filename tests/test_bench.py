@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ('step_time_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
-          'memory_per_device_bytes', 'collective_bytes', 'dropped_frac', 'balance',
+FIELDS = ('step_time_s', 'forward_latency_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
+          'memory_per_device_bytes', 'collective_bytes', 'collective_bytes_min', 'dropped_frac', 'balance',
           'bubble_measured', 'bubble_formula', 'ratio_vs_1x1')
 
 
@@ -24,3 +24,18 @@ def test_bench_emits_every_field(tmp_path):
   assert result['collective_bytes']['all-to-all'] > 0
   assert result['collective_bytes']['collective-permute'] > 0
   assert 0 < result['bubble_formula'] < 1
+
+
+def test_bench_aot_compiles_without_allocating(tmp_path):
+  out_file = tmp_path / 'aot.json'
+  cmd = [sys.executable, '-m', 'moejax.bench', '--config=configs/tp4pp4.py:tiny', '--aot',
+         f'--out={out_file}']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out_file.read_text())
+  memory = result['memory_per_device_bytes']
+  assert memory['params'] > 0
+  assert 0 <= memory['optimizer_state'] - 2 * memory['params'] < 1024   # Adam mu, nu + counts
+  assert result['collective_bytes']['all-to-all'] >= result['collective_bytes_min']['all-to-all']
+  assert result['collective_ratio_vs_min'] >= 1.0

@@ -61,3 +61,19 @@ def test_logits_never_whole_on_one_device():
   for op in hlo.collectives(text):
     for shape in op.shapes:
       assert not (len(shape) >= 2 and shape[-1] == vocab and np.prod(shape) > vocab * 64), op
+
+
+def test_collectives_in_loops_are_counted_per_iteration():
+  text = '''
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[4]{0} all-reduce(f32[4]{0} %x), replica_groups={}, to_apply=%add
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while((s32[], f32[4]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"19"}}
+  %ag = f32[8]{0} all-gather(f32[4]{0} %a), dimensions={0}
+}
+'''
+  by_kind = hlo.bytes_by_kind(text)
+  assert by_kind['all-reduce'] == 19 * 16
+  assert by_kind['all-gather'] == 32

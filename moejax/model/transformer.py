@@ -115,15 +115,19 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   """
   inputs, labels = tokens[..., :-1], tokens[..., 1:]                   # [M, B, T]
   m, b, t = inputs.shape
+  s = lay.pp
+  chunks = lambda a: jnp.swapaxes(a.reshape((s, m // s) + a.shape[1:]), 0, 1)  # [M/S, S, ...]
+  unchunk = lambda a: jnp.swapaxes(a, 0, 1).reshape((m,) + a.shape[2:])       # [M, ...]
+  # Embedding and head run in checkpointed chunks of one micro-batch per stage, so the
+  # vocab-sized one-hot and logits exist for one chunk at a time.
   with jax.named_scope('embed'):
-    x = Embedder(cfg).apply({'params': params['embed']}, inputs)      # [M, B, T, D]
+    embed = jax.checkpoint(lambda ids: Embedder(cfg).apply({'params': params['embed']}, ids))
+    x = unchunk(jax.lax.map(embed, chunks(inputs)))                     # [M, B, T, D]
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy)
   stats = pipeline_lib.from_stages(stats)                               # [NB, ...]
   with jax.named_scope('head_loss'):
-    s = lay.pp
-    chunks = lambda a: jnp.swapaxes(a.reshape((s, m // s) + a.shape[1:]), 0, 1)  # [M/S, S, ...]
     ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg))
     ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
     ce = jnp.sum(ce_sums) / (m * b * t)

@@ -45,9 +45,32 @@ def _index(tree: Any, i: jax.Array) -> Any:
   return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
 
+def _gather_to_first(local: jax.Array, stages: int) -> jax.Array:
+  """[M/S, ...] per stage -> all [M, ...] on stage 0 (other stages hold zeros there)."""
+  pieces = [local] + [jax.lax.ppermute(local, mesh_lib.PP, [(j, 0)]) for j in range(1, stages)]
+  return jnp.concatenate(pieces, axis=0)
+
+
+def _scatter_from_last(outs: jax.Array, stages: int) -> jax.Array:
+  """[M, ...] valid on the last stage -> stage j holds micro-batches j*M/S ... (j+1)*M/S - 1.
+
+  Point-to-point sends of one chunk each: a reduce-scatter over pp would first gather the
+  tp-sharded buffer (a collective in a partially manual region replicates its auto axes).
+  """
+  chunks = outs.reshape((stages, -1) + outs.shape[1:])                  # [S, M/S, ...]
+  last = stages - 1
+  stage = jax.lax.axis_index(mesh_lib.PP)
+  mine = jnp.where(stage == last, chunks[last], jnp.zeros_like(chunks[last]))
+  for j in range(last):
+    mine = mine + jax.lax.ppermute(chunks[j], mesh_lib.PP, [(last, j)])  # zeros off stage j
+  return mine
+
+
 def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, stages: int,
                     repeats: int):
-  """Per-stage program. params_ [1, R, L, ...], xs [M, B, T, D] (all micro-batches)."""
+  """Per-stage program. params_ [1, R, L, ...], xs [M/S, B, T, D] (this stage's share)."""
+  if stages > 1:
+    xs = _gather_to_first(xs, stages)                                   # [M, B, T, D] on stage 0
   params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
   m_count = xs.shape[0]
   total = repeats * m_count
@@ -63,7 +86,7 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
     i = jnp.clip(i, 0, total - 1)
     m, r = i % m_count, i // m_count
     state = jnp.where(stage == 0, jax.lax.dynamic_index_in_dim(buf, m, 0, False), state)
-    y, stats = stage_fn(_index(params_, r), state, m, r, stage, rng)   # y [B, T, D]
+    y, stats = stage_fn(params_, state, m, r, stage, rng)               # y [B, T, D]
     # Bubble ticks contribute nothing to the per-layer stats [R, L, ...].
     acc = jax.tree.map(
         lambda a, v: jax.lax.dynamic_update_index_in_dim(
@@ -87,9 +110,8 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
   acc0 = jax.tree.map(lambda s: jnp.zeros((repeats,) + s.shape, s.dtype), stats_like)
   carry0 = (jnp.zeros_like(xs[0]), xs, jnp.zeros_like(xs), acc0)
   (_, _, outs, acc), _ = jax.lax.scan(tick, carry0, jnp.arange(total + stages - 1))
-  # Only the last stage holds outputs: a reduce-scatter leaves M split over pp.
   if stages > 1:
-    outs = jax.lax.psum_scatter(outs, mesh_lib.PP, scatter_dimension=0, tiled=True)
+    outs = _scatter_from_last(outs, stages)                             # [M/S, B, T, D]
   return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]
 
 
@@ -102,9 +124,13 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
   """
   policy = getattr(jax.checkpoint_policies, remat_policy)
-  fn = jax.checkpoint(stage_fn, policy=policy)
+  # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
+  # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
+  # stack for the backward pass (a copy of the stage's weights per tick).
+  fn = jax.checkpoint(lambda p, x, m, r, s, k: stage_fn(_index(p, r), x, m, r, s, k),
+                      policy=policy)
   stats_like = jax.eval_shape(
-      lambda p, x: fn(p, x, 0, 0, 0, rng)[1],
+      lambda p, x: stage_fn(p, x, 0, 0, 0, rng)[1],
       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0])
   params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
   local = lambda p, x, k: _pipeline_local(p, x, k, stage_fn=fn, stats_like=stats_like,
@@ -112,6 +138,6 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   if stages == 1:
     return local(stage_params, xs, rng)
   run = jax.shard_map(
-      local, in_specs=(params_spec, P(), P()), out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)),
-      axis_names={mesh_lib.PP}, check_vma=False)
+      local, in_specs=(params_spec, P(mesh_lib.PP), P()),
+      out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
   return run(stage_params, xs, rng)
