@@ -1,4 +1,10 @@
-"""moejax command line: python main.py --config=configs/tp4pp4.py:tiny --workdir=/tmp/run."""
+"""moejax command line: python main.py --config=configs/tp4pp4.py:tiny --workdir=/tmp/run.
+
+Multi-process (one process per host, or several per host on CPU):
+  python main.py --config=... --workdir=... --coordinator_address=HOST:PORT \
+      --num_processes=N --process_id=I
+Under SLURM or Open MPI with several tasks, the flags can be left out.
+"""
 import sys
 
 from absl import app, flags
@@ -7,6 +13,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
+flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-process runs).')
+flags.DEFINE_integer('num_processes', 1, 'Processes in the run (multi-process runs).')
+flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes-1.')
+flags.DEFINE_integer('coordinator_timeout', 120, 'Seconds to wait for the coordinator and peers.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -24,10 +34,14 @@ def main(argv):
   del argv
   from moejax import runtime   # sets up devices before JAX's first use
   from moejax.config import ConfigError
+  f = flags.FLAGS
   try:
-    runtime.setup_devices(flags.FLAGS.config)
+    cluster = runtime.detect(f.coordinator_address, f.num_processes, f.process_id,
+                             f.coordinator_timeout)
+    runtime.setup_devices(f.config, cluster)
+    runtime.check_same_config(f.config)
     from moejax.train import loop
-    loop.train(flags.FLAGS.config, flags.FLAGS.workdir)
+    loop.train(f.config, f.workdir)
   except ConfigError as e:
     sys.exit(f'error: {e}')
 

@@ -18,8 +18,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.mesh = ml_collections.ConfigDict(dict(
+      dp=1,  # data parallel: each micro-batch's sequences split over dp (outermost axis)
       tp=4,  # tensor + expert parallel axis (devices that talk most)
       pp=4,  # pipeline stages
+      experts_over_dp=False,  # split experts over dp x tp ("parallel folding"); needs dp > 1
+      shard_optimizer=False,  # ZeRO-1: Adam moments also split over dp
   ))
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=256 if tiny else 50257,  # real vocabulary (padded to a multiple of 128 inside)

@@ -100,6 +100,7 @@ class _Runner:
     import jax
     from moejax import config as config_lib
     from moejax.parallel import mesh as mesh_lib
+    from moejax.data.source import global_batch
     from moejax.train import loop, optimizer, state as state_lib, step as step_lib
     cfg, lay = config_lib.model_config(config), config_lib.layout(config)
     self.lay = lay
@@ -109,7 +110,7 @@ class _Runner:
     self.analysis = compiled_analysis(config)
     self.step_fn = self.analysis.pop('compiled')
     self.state = state_lib.create(cfg, lay, tx, mesh, config.seed)
-    self.batch = jax.device_put(loop.make_source(config).batch(0), step_lib.batch_sharding(mesh))
+    self.batch = global_batch(loop.make_source(config), 0, step_lib.batch_sharding(mesh))
     self.forward_fn = step_lib.make_eval_step(cfg, lay, mesh, sh.params)
     self.metrics = None
 
@@ -140,7 +141,7 @@ def measure(config, steps: int, rounds: int) -> dict:
   from moejax.parallel import pipeline as pipeline_lib
   from moejax.train import metrics as metrics_lib
   ref_config = config.copy_and_resolve_references()
-  ref_config.mesh.tp = ref_config.mesh.pp = 1
+  ref_config.mesh.tp = ref_config.mesh.pp = ref_config.mesh.dp = 1
   ref_config.pipeline.repeats = 1
   # Forward latency of one micro-batch per stage: the smallest batch the schedule takes.
   lat_config = config.copy_and_resolve_references()
@@ -156,13 +157,13 @@ def measure(config, steps: int, rounds: int) -> dict:
   lay = main.lay
   m = jax.device_get(main.metrics)
   kept = np.asarray(m['expert_load'])
-  devices = lay.tp * lay.pp
+  devices = lay.devices
   peak = matmul_flops_per_s(jax.devices()[:devices])
   fpt = flops_per_token(config)
   tps = lay.tokens_per_step / step_time
   formula = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
   return {
-      'mesh': f'{lay.tp}x{lay.pp}', 'repeats': lay.repeats, 'micro_batches': lay.num_micro_batches,
+      'mesh': f'{lay.tp}x{lay.pp}' + (f' dp={lay.dp}' if lay.dp > 1 else ''), 'repeats': lay.repeats, 'micro_batches': lay.num_micro_batches,
       'devices': devices, 'platform': jax.devices()[0].platform,
       'step_time_s': step_time, 'step_time_1x1_s': ref_time,
       'forward_latency_s': forward_latency, 'forward_step_s': forward_step,

@@ -53,6 +53,9 @@ class Layout:
   """How blocks and batches are laid over the mesh and the pipeline schedule."""
   tp: int
   pp: int
+  dp: int                  # data parallel: micro-batch sequences split over dp
+  experts_over_dp: bool    # experts split over dp x tp ("parallel folding") instead of tp
+  shard_optimizer: bool    # Adam moments sharded over dp as well (ZeRO-1)
   repeats: int             # circular pipeline repeats (r)
   num_micro_batches: int   # M
   micro_batch_size: int    # sequences per micro-batch
@@ -66,6 +69,15 @@ class Layout:
   @property
   def tokens_per_step(self) -> int:
     return self.global_batch * self.seq_len
+
+  @property
+  def devices(self) -> int:
+    return self.dp * self.tp * self.pp
+
+  @property
+  def expert_shards(self) -> int:
+    """Devices one MoE layer's experts are split over."""
+    return self.tp * (self.dp if self.experts_over_dp else 1)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -81,7 +93,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
   return Layout(
-      tp=config.mesh.tp, pp=config.mesh.pp, repeats=config.pipeline.repeats,
+      tp=config.mesh.tp, pp=config.mesh.pp, dp=config.mesh.dp,
+      experts_over_dp=bool(config.mesh.experts_over_dp) and config.mesh.dp > 1,
+      shard_optimizer=bool(config.mesh.shard_optimizer), repeats=config.pipeline.repeats,
       num_micro_batches=config.data.num_micro_batches,
       micro_batch_size=config.data.micro_batch_size, seq_len=config.data.seq_len,
       remat_policy=config.pipeline.remat_policy)
@@ -98,7 +112,7 @@ DATA_SOURCES = ('random', 'learnable')
 
 
 SCHEMA: dict[str, tuple[str, ...]] = {
-    'mesh': ('tp', 'pp'),
+    'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
     'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
               'init_std'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
@@ -143,8 +157,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   check_keys(config)
   errors: list[str] = []
   m, lay = model_config(config), layout(config)
-  tp, pp, r = lay.tp, lay.pp, lay.repeats
-  positive = {'mesh.tp': tp, 'mesh.pp': pp, 'pipeline.repeats': r, 'model.d_model': m.d_model,
+  tp, pp, dp, r = lay.tp, lay.pp, lay.dp, lay.repeats
+  positive = {'mesh.tp': tp, 'mesh.pp': pp, 'mesh.dp': dp, 'pipeline.repeats': r, 'model.d_model': m.d_model,
               'model.num_heads': m.num_heads, 'model.head_dim': m.head_dim,
               'moe.d_ff': m.d_ff, 'model.num_blocks': m.num_blocks,
               'moe.num_experts': m.num_experts, 'moe.top_k': m.top_k,
@@ -159,9 +173,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(errors, m.num_heads % tp == 0,
          f'model.num_heads={m.num_heads} is not divisible by mesh.tp={tp}: attention heads are '
          f'split over tp; choose num_heads as a multiple of tp or a tp dividing it.')
-  _check(errors, m.num_experts % tp == 0,
-         f'moe.num_experts={m.num_experts} is not divisible by mesh.tp={tp}: experts are split '
-         f'over tp; choose num_experts as a multiple of tp.')
+  if lay.experts_over_dp:
+    _check(errors, m.num_experts % (dp * tp) == 0,
+           f'moe.num_experts={m.num_experts} is not divisible by mesh.dp * mesh.tp = {dp}*{tp}: '
+           f'with mesh.experts_over_dp experts are split over dp x tp; choose num_experts as a '
+           f'multiple of {dp * tp} or set mesh.experts_over_dp=False.')
+  else:
+    _check(errors, m.num_experts % tp == 0,
+           f'moe.num_experts={m.num_experts} is not divisible by mesh.tp={tp}: experts are '
+           f'split over tp; choose num_experts as a multiple of tp.')
+  _check(errors, lay.micro_batch_size % dp == 0,
+         f'data.micro_batch_size={lay.micro_batch_size} is not divisible by mesh.dp={dp}: each '
+         f'micro-batch\'s sequences are split over dp; use a multiple of dp.')
   _check(errors, m.num_blocks % (pp * r) == 0,
          f'model.num_blocks={m.num_blocks} is not divisible by mesh.pp * pipeline.repeats = '
          f'{pp}*{r}: every stage needs the same number of blocks per repeat.')
@@ -199,10 +222,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(errors, config.checkpoint_every >= 0,
          f'checkpoint_every={config.checkpoint_every} must be >= 0 (0 saves only at the end).')
   if num_devices is not None:
-    _check(errors, tp * pp <= num_devices,
-           f'mesh.tp * mesh.pp = {tp}*{pp} = {tp * pp} devices, but only {num_devices} are '
-           f'available; shrink the mesh (--config.mesh.tp / --config.mesh.pp) or run on more '
-           f'devices.')
+    _check(errors, lay.devices <= num_devices,
+           f'mesh.dp * mesh.tp * mesh.pp = {dp}*{tp}*{pp} = {lay.devices} devices, but only '
+           f'{num_devices} are available; shrink the mesh (--config.mesh.dp / .tp / .pp) or run '
+           f'on more devices.')
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors))
 
@@ -213,9 +236,9 @@ def describe(config: ml_collections.ConfigDict) -> dict[str, int]:
   return {
       'global_batch': lay.global_batch,
       'tokens_per_step': lay.tokens_per_step,
-      'local_experts_per_device': m.num_experts // lay.tp,
+      'local_experts_per_device': m.num_experts // lay.expert_shards,
       'layers_per_stage': layers_per_stage(m, lay),
       'capacity_per_group': m.capacity(True),
       'padded_vocab': m.padded_vocab,
-      'devices': lay.tp * lay.pp,
+      'devices': lay.devices,
   }

@@ -1,15 +1,114 @@
-"""Process setup that must happen before JAX's first operation."""
+"""Process setup that must happen before JAX's first operation: devices and jax.distributed."""
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import socket
+import time
 
 import jax
 import ml_collections
+import numpy as np
+
+from moejax.config import ConfigError
 
 
-def setup_devices(config: ml_collections.ConfigDict) -> None:
-  """On a CPU-only host, simulates as many devices as the mesh needs (and says so once)."""
-  need = config.mesh.tp * config.mesh.pp
-  jax.config.update('jax_num_cpu_devices', max(need, 1))  # affects the CPU backend only
-  if jax.default_backend() == 'cpu' and need > 1:
-    print(f'No accelerator found: simulating {need} CPU devices for the '
-          f'{config.mesh.tp}x{config.mesh.pp} mesh (numbers are real, speed is not).',
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """How this process joins a multi-process run (num_processes=1: a single process)."""
+  coordinator_address: str = ''
+  num_processes: int = 1
+  process_id: int = 0
+  timeout_s: int = 120
+  auto: bool = False          # let jax.distributed detect SLURM / Open MPI
+
+
+def detect(coordinator_address: str, num_processes: int, process_id: int,
+           timeout_s: int) -> Cluster:
+  """The cluster from flags, else from a SLURM or Open MPI launch of several tasks."""
+  if coordinator_address or num_processes > 1:
+    if not coordinator_address or num_processes < 2 or not 0 <= process_id < num_processes:
+      raise ConfigError(
+          f'--coordinator_address={coordinator_address!r} --num_processes={num_processes} '
+          f'--process_id={process_id}: a multi-process run needs all three, with '
+          f'num_processes >= 2 and 0 <= process_id < num_processes.')
+    return Cluster(coordinator_address, num_processes, process_id, timeout_s)
+  for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    if int(os.environ.get(var, '1')) > 1:
+      return Cluster(num_processes=int(os.environ[var]), timeout_s=timeout_s, auto=True)
+  return Cluster()
+
+
+def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster()) -> None:
+  """Joins the cluster (if any); on CPU-only hosts simulates this process's share of devices."""
+  m = config.mesh
+  need = m.dp * m.tp * m.pp
+  if need % cluster.num_processes:
+    raise ConfigError(
+        f'mesh.dp * mesh.tp * mesh.pp = {need} devices cannot be split evenly over '
+        f'{cluster.num_processes} processes; use a mesh that {cluster.num_processes} divides.')
+  local = max(need // cluster.num_processes, 1)
+  jax.config.update('jax_num_cpu_devices', local)     # affects the CPU backend only
+  if cluster.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    _initialize(cluster)
+  if jax.default_backend() == 'cpu' and need > 1 and jax.process_index() == 0:
+    print(f'No accelerator found: simulating {need} CPU devices ({local} per process) for the '
+          f'{m.dp}x{m.tp}x{m.pp} (dp x tp x pp) mesh (numbers are real, speed is not).',
           flush=True)
+
+
+def _initialize(cluster: Cluster) -> None:
+  if cluster.auto:
+    jax.distributed.initialize(initialization_timeout=cluster.timeout_s)
+    return
+  if cluster.process_id != 0:
+    _wait_for_coordinator(cluster.coordinator_address, cluster.timeout_s)
+  print(f'process {cluster.process_id}/{cluster.num_processes}: joining coordinator '
+        f'{cluster.coordinator_address} (waiting up to {cluster.timeout_s}s for all '
+        f'processes)', flush=True)
+  jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes,
+                             cluster.process_id, initialization_timeout=cluster.timeout_s)
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+  """Polls the coordinator's TCP port, so an unreachable one is an error rather than a hang."""
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit():
+    raise ConfigError(f'--coordinator_address={address!r}: expected HOST:PORT.')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ConfigError(
+            f'Cannot reach the coordinator at {address} after {timeout_s}s ({e}). Start process '
+            f'0 with the same --coordinator_address, check host, port and firewall, or raise '
+            f'--coordinator_timeout.') from e
+      time.sleep(0.5)
+
+
+def check_same_config(config: ml_collections.ConfigDict) -> None:
+  """Every process must run the same config; a mismatch is an error on all of them."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).digest()
+  mine = np.frombuffer(digest[:8], np.int64)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+  if len(set(every.tolist())) > 1:
+    differ = [i for i, h in enumerate(every.tolist()) if h != every[0]]
+    raise ConfigError(
+        f'Processes disagree on the config: processes {differ} differ from process 0. Start '
+        f'every process with the same --config file and overrides.')
+
+
+def agree(value: int) -> int:
+  """Process 0's value of an integer, on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))

@@ -13,10 +13,10 @@ from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
 
 
-def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, **overrides):
+def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **overrides):
   """A model small enough to compile in seconds; keys as in configs/tp4pp4.py."""
   c = tp4pp4.get_config('tiny')
-  c.mesh.tp, c.mesh.pp, c.pipeline.repeats = tp, pp, repeats
+  c.mesh.tp, c.mesh.pp, c.mesh.dp, c.pipeline.repeats = tp, pp, dp, repeats
   c.model.update(d_model=32, num_heads=4, head_dim=8, num_blocks=max(8, pp * repeats),
                  max_len=32)
   c.moe.update(num_experts=8, d_ff=48, group_size=8, z_loss_weight=1e-3)
@@ -32,7 +32,7 @@ def loss_and_grads(config, seed: int = 0):
   config_lib.validate(config, jax.device_count())
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
   mesh = mesh_lib.mesh_for(lay)
-  with mesh_lib.activate(mesh):
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
     shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
     params = jax.jit(lambda k: transformer.init(cfg, lay, k), out_shardings=shard)(
         jax.random.key(seed))

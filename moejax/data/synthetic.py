@@ -1,4 +1,4 @@
-"""Synthetic token sources; batch(step) is a pure function of (seed, step).
+"""Synthetic token sources; every sequence is a pure function of (seed, step, micro, row).
 
 - 'random': uniform random tokens (the seed's source; nothing to learn, loss stays ~ln V).
 - 'learnable': each sequence is an arithmetic progression mod V with a random start and a
@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from moejax.data.source import Source
+
 MAX_STRIDE = 8
 
 
-class SyntheticSource:
+class SyntheticSource(Source):
   """Batches [M, B, T+1] int32 of the chosen kind."""
 
   def __init__(self, kind: str, vocab_size: int, num_micro_batches: int, micro_batch_size: int,
                seq_len: int, seed: int):
     if kind not in ('random', 'learnable'):
       raise ValueError(f"data.source={kind!r}: expected 'random' or 'learnable'.")
-    self.kind, self.vocab = kind, vocab_size
-    self.shape = (num_micro_batches, micro_batch_size, seq_len + 1)
-    self.seed = seed
+    super().__init__(num_micro_batches, micro_batch_size, seq_len)
+    self.kind, self.vocab, self.seed = kind, vocab_size, seed
 
-  def batch(self, step: int) -> np.ndarray:
-    """Tokens for `step` (negative steps are reserved for evaluation batches)."""
-    rng = np.random.default_rng([self.seed, 0 if step >= 0 else 1, abs(step)])
-    m, b, t = self.shape
+  def sequence(self, step: int, micro: int, row: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, 0 if step >= 0 else 1, abs(step), micro, row])
+    t = self.shape[-1]
     if self.kind == 'random':
-      return rng.integers(0, self.vocab, self.shape, dtype=np.int64).astype(np.int32)
-    start = rng.integers(0, self.vocab, (m, b, 1))
-    stride = rng.integers(1, MAX_STRIDE + 1, (m, b, 1))
+      return rng.integers(0, self.vocab, t, dtype=np.int64).astype(np.int32)
+    start, stride = rng.integers(0, self.vocab), rng.integers(1, MAX_STRIDE + 1)
     return ((start + stride * np.arange(t)) % self.vocab).astype(np.int32)
 
   def floor_loss(self) -> float:

@@ -32,8 +32,9 @@ WEIGHT_AXES = ExpertWeights(
 GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B, nG, S, D] token groups
 
 
-def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, top_k: int, capacity: int,
-               dropout_rate: float, compute_dtype) -> tuple[jax.Array, routing.GroupStats]:
+def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[str, ...],
+               top_k: int, capacity: int, dropout_rate: float,
+               compute_dtype) -> tuple[jax.Array, routing.GroupStats]:
   """Shard-local MoE: x_ [B, nG_, S, D] -> ([B, nG_, S, D], per-group stats)."""
   b, ng_, s, d = x_.shape
   num_experts = w_.router.shape[-1]
@@ -42,14 +43,14 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, top_k: int, 
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   with jax.named_scope('moe_all_to_all_dispatch'):
-    buf_ = jax.lax.all_to_all(buf_, mesh_lib.TP, 0, 1, tiled=True)       # [E/tp, tp*G_*C, D]
+    buf_ = jax.lax.all_to_all(buf_, axes, 0, 1, tiled=True)   # [E/ep, ep*G_*C, D]
   if dropout_rate > 0.0:
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(mesh_lib.TP))
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
   cast = lambda a: a.astype(compute_dtype)
   out_ = routing.expert_ffn(buf_, cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2),
                             dropout_rate, rng if dropout_rate > 0.0 else None)
   with jax.named_scope('moe_all_to_all_combine'):
-    out_ = jax.lax.all_to_all(out_, mesh_lib.TP, 1, 0, tiled=True)       # [E, G_*C, D]
+    out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)   # [E, G_*C, D]
   out_ = out_.reshape(num_experts, b * ng_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
   y_ = routing.combine(out_, r)                                         # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
@@ -59,7 +60,7 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, top_k: int, 
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
         capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32
         ) -> tuple[jax.Array, routing.GroupStats]:
-  """Expert-parallel MoE over the current mesh's tp axis.
+  """Expert-parallel MoE over the mesh axes the experts are split over (tp, or dp x tp).
 
   x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and per-group stats with leading
   axes [B, T/group_size].
@@ -67,13 +68,31 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
   b, t, d = x.shape
   groups = x.reshape(b, t // group_size, group_size, d)                 # [B, T, D] -> [B, nG, S, D]
   groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
-  spec = mesh_lib.spec
-  w_specs = ExpertWeights(*(spec(a) for a in WEIGHT_AXES))
-  g_spec = spec(GROUP_AXES)
+  w_specs = ExpertWeights(*(mesh_lib.spec(a) for a in WEIGHT_AXES))
+  # Expert-parallel axes: those the experts are split over (tp, or dp x tp when folded). The
+  # shard_map is manual over them only; specs drop every other (auto) axis, such as dp
+  # splitting the batch when experts are not folded.
+  axes = _flat(mesh_lib.spec(('experts',))[0])
+  manual = lambda p: P(*(_keep(entry, axes) for entry in p))
+  g_spec = manual(mesh_lib.spec(GROUP_AXES))
   stats_specs = routing.GroupStats(g_spec, g_spec, g_spec, g_spec)
-  fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity,
+  fn = functools.partial(_moe_local, axes=axes, top_k=top_k, capacity=capacity,
                          dropout_rate=dropout_rate, compute_dtype=compute_dtype)
   y, stats = jax.shard_map(
-      fn, in_specs=(w_specs, g_spec, P()), out_specs=(g_spec, stats_specs),
-      axis_names={mesh_lib.TP}, check_vma=False)(weights, groups, rng)
+      fn, in_specs=(jax.tree.map(manual, w_specs, is_leaf=lambda x: isinstance(x, P)), g_spec,
+                    P()),
+      out_specs=(g_spec, stats_specs), axis_names=set(axes), check_vma=False)(
+          weights, groups, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
+
+
+def _flat(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _keep(entry, axes: tuple[str, ...]):
+  """A PartitionSpec entry restricted to `axes` (None if nothing is left)."""
+  kept = tuple(a for a in _flat(entry) if a in axes)
+  return None if not kept else kept[0] if len(kept) == 1 else kept

@@ -15,11 +15,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import ConfigError, Layout
 
+DP = 'dp'
 TP = 'tp'
 PP = 'pp'
 # Mesh axes from outermost to innermost in device order; tp is innermost so that tensor-parallel
-# neighbours are adjacent device ids (same NVLink island).
-AXES_BY_DISTANCE = (PP, TP)
+# neighbours are adjacent device ids (same NVLink island), dp outermost (across hosts first).
+AXES_BY_DISTANCE = (DP, PP, TP)
+AXES = (DP, TP, PP)   # the Mesh's axis order
 
 # Logical axis -> mesh axis. One table for params and activations; no fallbacks.
 RULES: tuple[tuple[str, str | None], ...] = (
@@ -36,7 +38,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('layers', None),
     # activations
     ('act_micro', PP),    # micro-batch axis outside the pipeline
-    ('act_batch', None),
+    ('act_batch', DP),    # sequences of a micro-batch: data parallel
     ('act_seq', TP),      # sequence parallelism for the residual stream
     ('act_embed', None),
     ('act_heads', TP),
@@ -45,32 +47,44 @@ RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(tp: int, pp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes ('tp', 'pp') of shape (tp, pp); tp neighbours are adjacent devices."""
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+def rules_for(lay: Layout | None) -> Rules:
+  """RULES, with experts over (dp, tp) when the layout folds expert parallelism over dp."""
+  if lay is None or not lay.experts_over_dp:
+    return RULES
+  return tuple((name, (DP, TP)) if name == 'experts' else (name, axis) for name, axis in RULES)
+
+
+def make_mesh(tp: int, pp: int, dp: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes ('dp', 'tp', 'pp'); tp neighbours are adjacent devices, dp outermost."""
   devices = list(jax.devices() if devices is None else devices)
-  need = tp * pp
+  need = dp * tp * pp
   if need > len(devices):
     raise ConfigError(
-        f'mesh.tp * mesh.pp = {tp}*{pp} = {need} devices, but only {len(devices)} are available '
-        f'({devices[0].platform}); shrink the mesh or run on more devices.')
-  grid = np.array(devices[:need]).reshape(pp, tp).T  # [tp, pp]
-  return Mesh(grid, (TP, PP), axis_types=(AxisType.Auto,) * 2)
+        f'mesh.dp * mesh.tp * mesh.pp = {dp}*{tp}*{pp} = {need} devices, but only '
+        f'{len(devices)} are available ({devices[0].platform}); shrink the mesh or run on more '
+        f'devices.')
+  grid = np.array(devices[:need]).reshape(dp, pp, tp).transpose(0, 2, 1)  # [dp, tp, pp]
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def mesh_for(lay: Layout) -> Mesh:
-  return make_mesh(lay.tp, lay.pp)
+  return make_mesh(lay.tp, lay.pp, lay.dp)
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh) -> Iterator[Mesh]:
-  """Makes `mesh` and the logical-axis RULES current for tracing model code."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+def activate(mesh: Mesh, rules: Rules = RULES) -> Iterator[Mesh]:
+  """Makes `mesh` and the logical-axis `rules` current for tracing model code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 
 
 def spec(logical: Sequence[str | None]) -> P:
-  """PartitionSpec of mesh axes for a tuple of logical axis names."""
-  return nn.logical_to_mesh_axes(tuple(logical), RULES)
+  """PartitionSpec of mesh axes for logical axis names, under the active rules (or RULES)."""
+  return nn.logical_to_mesh_axes(tuple(logical), nn.get_logical_axis_rules() or RULES)
 
 
 def sharding(mesh: Mesh, logical: Sequence[str | None]) -> NamedSharding:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax.config import ConfigError, Layout, ModelConfig
 from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
-from moejax.train.state import TrainState, abstract as abstract_state
+from moejax.train.state import TrainState, abstract as abstract_state, over_dp
 
 # Config sections that change parameter shapes or meaning; a checkpoint must match them.
 MODEL_SECTIONS = ('model', 'moe')
@@ -37,11 +37,17 @@ def _map_blocks(fn, tree):
 
 def _canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
                          mesh: Mesh) -> TrainState:
-  param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg))
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
+    param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg))
   abstract = abstract_state(cfg, lay, tx, mesh)
   opt_shapes = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s.opt_state), abstract)
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_sh,
+  moment_sh = param_sh
+  if lay.shard_optimizer and lay.dp > 1:
+    param_shapes = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s.params),
+                                  abstract)
+    moment_sh = jax.tree.map(lambda sh, a: over_dp(sh, a.shape), param_sh, param_shapes)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, moment_sh,
                                  transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
@@ -56,7 +62,7 @@ class Checkpointer:
     self.config, self.lay, self.mesh = config, lay, mesh
     self.state_sharding = state_sharding
     self.canonical_sharding = _canonical_shardings(cfg, lay, tx, mesh)
-    with mesh_lib.activate(mesh):
+    with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
       self._to_canonical = jax.jit(lambda s: _map_blocks(pipeline_lib.from_stages, s),
                                    out_shardings=self.canonical_sharding)
       self._to_stages = jax.jit(
@@ -82,7 +88,7 @@ class Checkpointer:
     step = int(state.step)
     if self.manager.latest_step() == step:
       return
-    with mesh_lib.activate(self.mesh):
+    with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
       canonical = self._to_canonical(state)
     config_json = json.loads(self.config.to_json_best_effort())
     self.manager.save(step, args=ocp.args.Composite(
@@ -123,7 +129,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(self.canonical_abstract)))['state']
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'Cannot restore checkpoint {manager.directory}/{step}: {e}') from e
-    with mesh_lib.activate(self.mesh):
+    with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
       return self._to_stages(restored)
 
   def wait(self) -> None:

@@ -10,7 +10,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from moejax import config as config_lib
+from moejax import config as config_lib, runtime
+from moejax.data.source import global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import metrics as metrics_lib
@@ -28,6 +29,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.num_steps; returns the last logged record."""
   config_lib.validate(config, jax.device_count())
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  if jax.process_count() > 1 and lay.devices != jax.device_count():
+    raise config_lib.ConfigError(
+        f'mesh.dp * mesh.tp * mesh.pp = {lay.devices} but the {jax.process_count()} processes '
+        f'have {jax.device_count()} devices together: a multi-process mesh must use every '
+        f'device; change the mesh or the number of processes.')
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.mesh_for(lay)
   tx, sched = optimizer.make(config.optim), optimizer.schedule(config.optim)
@@ -47,14 +53,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluate = _make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   derived = config_lib.describe(config)
-  logging.info('mesh tp=%d pp=%d on %d %s devices; %s', lay.tp, lay.pp, lay.tp * lay.pp,
-               jax.devices()[0].platform, derived)
+  logging.info('mesh dp=%d tp=%d pp=%d on %d %s devices in %d processes; %s', lay.dp, lay.tp,
+               lay.pp, lay.devices, jax.devices()[0].platform, jax.process_count(), derived)
 
   preempted = _PreemptionFlag()
   record: dict = {}
   last_time, last_step = time.perf_counter(), start
   for step in range(start, config.num_steps):
-    batch = jax.device_put(source.batch(step), data_sharding)
+    batch = global_batch(source, step, data_sharding)
     state, metrics = train_step(state, batch)
     done = step + 1
     if config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -89,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def check_memory(compiled, mesh) -> None:
   """Stops before allocation when the step's per-device need exceeds what the device has."""
   analysis = compiled.memory_analysis()
-  device = mesh.devices.flat[0]
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if analysis is None or not stats or 'bytes_limit' not in stats:
     return                                              # e.g. CPU: no per-device limit
@@ -109,11 +115,10 @@ def check_memory(compiled, mesh) -> None:
 def _make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
   """Mean metrics over config.eval_batches fixed batches (steps -1, -2, ...)."""
   eval_step = step_lib.make_eval_step(cfg, lay, mesh, param_sharding)
-  batches = [source.batch(-1 - i) for i in range(config.eval_batches)]
+  batches = [global_batch(source, -1 - i, data_sharding) for i in range(config.eval_batches)]
 
   def evaluate(params) -> dict:
-    results = [jax.device_get(eval_step(params, jax.device_put(b, data_sharding)))
-               for b in batches]
+    results = [jax.device_get(eval_step(params, b)) for b in batches]
     loss = float(np.mean([r['loss'] for r in results]))
     ce = float(np.mean([r['ce'] for r in results]))
     kept = np.sum([r['expert_load'] for r in results], axis=0)
@@ -125,10 +130,11 @@ def _make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
 
 def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.TrainState:
   """Resume from the newest complete checkpoint; else init (optionally params from init_from)."""
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore()
-    print(f'Resumed from {ckpt.directory}/{ckpt.latest_step()} (step {int(state.step)}).',
-          flush=True)
+  latest = runtime.agree(-1 if ckpt.latest_step() is None else ckpt.latest_step())
+  if latest >= 0:
+    state = ckpt.restore(latest)
+    if jax.process_index() == 0:
+      print(f'Resumed from {ckpt.directory}/{latest} (step {int(state.step)}).', flush=True)
     return state
   state = state_lib.create(cfg, lay, tx, mesh, config.seed)
   if config.init_from:

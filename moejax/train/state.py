@@ -6,6 +6,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -23,14 +24,36 @@ class TrainState(flax.struct.PyTreeNode):
 def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
               mesh: Mesh) -> TrainState:
   """NamedShardings of every leaf of the train state."""
-  with mesh_lib.activate(mesh):
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
     param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
     abstract_params = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+  moment_sh = param_sh
+  if lay.shard_optimizer and lay.dp > 1:
+    moment_sh = jax.tree.map(lambda s, a: over_dp(s, a.shape), param_sh, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
                                  transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def over_dp(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """`sharding` further split over dp on the first free dimension dp divides (ZeRO-1).
+
+  Leaves already split over dp, or with no such dimension (small vectors), keep `sharding`.
+  """
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  used = {a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))}
+  if mesh_lib.DP in used:
+    return sharding
+  for i, (entry, size) in enumerate(zip(spec, shape)):
+    split = 1 if entry is None else int(np.prod(
+        [mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,))]))
+    if size % (split * mesh.shape[mesh_lib.DP]) == 0:
+      new = mesh_lib.DP if entry is None else (
+          (mesh_lib.DP,) + (entry if isinstance(entry, tuple) else (entry,)))
+      return NamedSharding(mesh, P(*spec[:i], new, *spec[i + 1:]))
+  return sharding
 
 
 def _init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
@@ -44,7 +67,7 @@ def abstract(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
              mesh: Mesh) -> TrainState:
   """The train state as ShapeDtypeStructs with shardings (nothing allocated)."""
   sh = shardings(cfg, lay, tx, mesh)
-  with mesh_lib.activate(mesh):
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
     shapes = jax.eval_shape(_init_fn(cfg, lay, tx), jax.random.key(0))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh)
 
@@ -52,5 +75,5 @@ def abstract(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
 def create(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
            seed: int) -> TrainState:
   """Fresh state from `seed`, materialised shard by shard on `mesh`."""
-  with mesh_lib.activate(mesh):
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
     return jax.jit(_init_fn(cfg, lay, tx), out_shardings=shardings(cfg, lay, tx, mesh))(jax.random.key(seed))

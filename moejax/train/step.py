@@ -17,8 +17,8 @@ DROPOUT_TAG = 7
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Token batches [M, B, T+1]: micro-batches split over pp."""
-  return NamedSharding(mesh, mesh_lib.spec(('act_micro', None, None)))
+  """Token batches [M, B, T+1]: micro-batches split over pp, sequences over dp."""
+  return NamedSharding(mesh, mesh_lib.spec(('act_micro', 'act_batch', None)))
 
 
 def step_rng(seed: int, step: jax.Array) -> jax.Array:
@@ -41,7 +41,7 @@ def make_train_step(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformat
 
   jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding(mesh)),
                    out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=0)
-  return _under_mesh(jitted, mesh)
+  return _under_mesh(jitted, mesh, mesh_lib.rules_for(lay))
 
 
 def make_eval_step(cfg: ModelConfig, lay: Layout, mesh: Mesh, param_sharding) -> Callable:
@@ -52,19 +52,19 @@ def make_eval_step(cfg: ModelConfig, lay: Layout, mesh: Mesh, param_sharding) ->
     return dict(metrics, loss=loss)
   jitted = jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, P()))
-  return _under_mesh(jitted, mesh)
+  return _under_mesh(jitted, mesh, mesh_lib.rules_for(lay))
 
 
 class _under_mesh:
   """Calls (and lowers) a jitted function with the mesh and logical rules active."""
 
-  def __init__(self, jitted, mesh: Mesh):
-    self.jitted, self.mesh = jitted, mesh
+  def __init__(self, jitted, mesh: Mesh, rules: mesh_lib.Rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
 
   def __call__(self, *args):
-    with mesh_lib.activate(self.mesh):
+    with mesh_lib.activate(self.mesh, self.rules):
       return self.jitted(*args)
 
   def lower(self, *args):
-    with mesh_lib.activate(self.mesh):
+    with mesh_lib.activate(self.mesh, self.rules):
       return self.jitted.lower(*args)

@@ -1,0 +1,70 @@
+"""Data parallelism: dp x tp x pp meshes give the 1x1 losses and gradients; ZeRO-1 trains alike."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import config as config_lib
+from moejax.data.source import global_batch
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import loop, optimizer, state as state_lib, step as step_lib
+from moejax.train.checkpoint import _map_blocks
+from moejax.parallel import pipeline as pipeline_lib
+from tests.helpers import assert_trees_close, loss_and_grads, small_config
+
+BATCH = {'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+  return loss_and_grads(small_config(1, 1, **BATCH))
+
+
+@pytest.mark.parametrize('dp,tp,pp,folded', [
+    (2, 2, 4, False), (4, 4, 1, False), (2, 2, 4, True), (4, 2, 2, True)])
+def test_data_parallel_meshes_match_1x1(dp, tp, pp, folded):
+  config = small_config(tp, pp, dp=dp, **BATCH, **{'mesh.experts_over_dp': folded})
+  loss, metrics, grads = loss_and_grads(config)
+  ref_loss, ref_metrics, ref_grads = reference()
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+def test_folded_experts_are_split_over_dp_and_tp():
+  config = small_config(2, 4, dp=2, **BATCH, **{'mesh.experts_over_dp': True})
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  tx = optimizer.make(config.optim)
+  w1 = state_lib.shardings(cfg, lay, tx, mesh).params['blocks']['moe']['w1']
+  w1_shape = state_lib.abstract(cfg, lay, tx, mesh).params['blocks']['moe']['w1'].shape
+  assert w1.shard_shape(w1_shape)[3] == cfg.num_experts // 4   # [S, R, L, E, D, F]
+
+
+def _train(config, steps: int):
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  tx = optimizer.make(config.optim)
+  sh = state_lib.shardings(cfg, lay, tx, mesh)
+  state = state_lib.create(cfg, lay, tx, mesh, config.seed)
+  fn = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
+                                config.seed)
+  source = loop.make_source(config)
+  for step in range(steps):
+    state, metrics = fn(state, global_batch(source, step, step_lib.batch_sharding(mesh)))
+  return state, float(metrics['loss'])
+
+
+def test_zero1_sharded_optimizer_trains_like_1x1():
+  config = small_config(2, 4, dp=2, **BATCH, **{'mesh.shard_optimizer': True})
+  state, loss = _train(config, 3)
+  ref_state, ref_loss = _train(small_config(1, 1, **BATCH), 3)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  canonical = lambda s: jax.device_get(_map_blocks(pipeline_lib.from_stages, s.params))
+  assert_trees_close(canonical(state), canonical(ref_state), rtol=1e-5)
+  # The Adam moments of the attention weights really are split over dp as well.
+  mu = state.opt_state[1][0].mu['blocks']['attn']['wq']     # [S, R, L, D, N, H]
+  assert 'dp' in str(mu.sharding.spec), mu.sharding.spec

@@ -1,0 +1,100 @@
+"""Two processes x 8 CPU devices on loopback form one 16-device tp4pp4 mesh (jax.distributed)."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_checkpoint import command, losses, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_two(workdir, *extra, expect_ok: bool = True):
+  """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
+  address = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen(
+      command(workdir, *extra, f'--coordinator_address={address}', '--num_processes=2',
+              f'--process_id={i}', '--coordinator_timeout=60'),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outs.append((p.returncode, out, err))
+  if expect_ok:
+    for rc, out, err in outs:
+      assert rc == 0, err[-3000:]
+  return outs
+
+
+def same_5_digits(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  for step in a:
+    np.testing.assert_allclose(a[step], b[step], rtol=5e-6, err_msg=f'step {step}')
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one'))
+  run(workdir, '--config.num_steps=5')
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('two'))
+  outs = run_two(workdir, '--config.num_steps=5')
+  assert 'step      5 | loss' in outs[0][1]           # process 0 prints and writes metrics
+  assert 'step      5 | loss' not in outs[1][1]
+  return workdir
+
+
+def test_two_processes_log_the_single_process_losses(one_process, two_processes):
+  same_5_digits(losses(two_processes), losses(one_process))
+
+
+def test_checkpoints_move_between_one_and_two_processes(one_process, two_processes):
+  # Two-process checkpoint resumed by one process, one-process checkpoint by two processes.
+  out = run(two_processes, '--config.num_steps=7')
+  assert 'Resumed from' in out.stdout and '(step 5)' in out.stdout
+  outs = run_two(one_process, '--config.num_steps=7')
+  assert 'Resumed from' in outs[0][1] and '(step 5)' in outs[0][1]
+  a, b = losses(two_processes), losses(one_process)
+  assert set(a) == set(b) == set(range(1, 8))
+  same_5_digits(a, b)
+
+
+def test_processes_with_different_configs_refuse(tmp_path):
+  address = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen(
+      command(tmp_path, '--config.num_steps=1', f'--config.seed={i}',
+              f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0 and 'Processes disagree on the config' in err, err[-2000:]
+
+
+def test_unreachable_coordinator_is_an_error_naming_it(tmp_path):
+  address = f'127.0.0.1:{free_port()}'
+  out = subprocess.run(
+      command(tmp_path, f'--coordinator_address={address}', '--num_processes=2',
+              '--process_id=1', '--coordinator_timeout=3'),
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+  assert out.returncode != 0
+  assert f'Cannot reach the coordinator at {address}' in out.stderr, out.stderr[-2000:]
