@@ -13,6 +13,7 @@ def run_keys(config: ml_collections.ConfigDict, *, num_steps: int, log_every: in
   config.eval_every = 0                     # evaluate every N steps (0: never)
   config.eval_batches = 2                   # fixed evaluation batches (steps -1, -2, ... of the source)
   config.init_from = ''                     # checkpoint dir to load params from (fine-tuning)
+  config.profile_steps = ''                 # 'N' or 'FIRST-LAST': jax.profiler trace of those steps
 
 
 def adamw(lr: float, *, warmup_steps: int, decay_steps: int) -> ml_collections.ConfigDict:

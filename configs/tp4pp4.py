@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       remat_policy='nothing_saveable',    # jax.checkpoint_policies name for each stage
   ))
   c.data = ml_collections.ConfigDict(dict(
-      source='learnable' if tiny else 'random',  # 'random' tokens (the seed) or 'learnable'
+      source='learnable' if tiny else 'random',  # 'random' (the seed), 'learnable' or 'tokens'
+      path='',                            # token dataset dir for source='tokens' (moejax.cli.prepare)
       seq_len=64 if tiny else 1024,
       micro_batch_size=2 if tiny else 8,  # sequences per micro-batch
       num_micro_batches=16,               # micro-batches per step (gradient accumulation)

@@ -108,7 +108,7 @@ def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'everything_saveable')
 DTYPES = ('float32', 'bfloat16')
-DATA_SOURCES = ('random', 'learnable')
+DATA_SOURCES = ('random', 'learnable', 'tokens')
 
 
 SCHEMA: dict[str, tuple[str, ...]] = {
@@ -118,11 +118,11 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight'),
     'pipeline': ('repeats', 'remat_policy'),
-    'data': ('source', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
+    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
               'grad_clip'),
     '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
-         'eval_batches', 'init_from'),
+         'eval_batches', 'init_from', 'profile_steps'),
 }
 
 
@@ -219,6 +219,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check(errors, config.data.source in DATA_SOURCES,
          f'data.source={config.data.source!r} not one of {DATA_SOURCES}.')
   _check(errors, config.log_every >= 1, f'log_every={config.log_every} must be >= 1.')
+  try:
+    profile_steps(config)
+  except ConfigError as e:
+    errors.append(str(e))
   _check(errors, config.checkpoint_every >= 0,
          f'checkpoint_every={config.checkpoint_every} must be >= 0 (0 saves only at the end).')
   if num_devices is not None:
@@ -228,6 +232,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f'on more devices.')
   if errors:
     raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors))
+  if config.data.source == 'tokens':
+    from moejax.data import tokens   # reads only the dataset's metadata and file sizes
+    tokens.check(config.data.path, m.vocab_size, lay.seq_len)
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> range:
+  """Steps to trace from config.profile_steps: '' (none), 'N' or 'FIRST-LAST'."""
+  text = str(config.profile_steps).strip()
+  if not text:
+    return range(0)
+  first, _, last = text.partition('-')
+  try:
+    lo, hi = int(first), int(last or first)
+  except ValueError:
+    lo, hi = -1, -1
+  if not 1 <= lo <= hi:
+    raise ConfigError(f'profile_steps={text!r}: expected a step N or a range FIRST-LAST of steps '
+                      f'>= 1, e.g. --config.profile_steps=10-12.')
+  return range(lo, hi + 1)
 
 
 def describe(config: ml_collections.ConfigDict) -> dict[str, int]:

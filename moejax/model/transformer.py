@@ -107,17 +107,17 @@ def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
   return jnp.sum(lse - label_logit)
 
 
-def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
-            lay: Layout, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token CE + MoE aux losses over a batch tokens [M, B, T+1].
+def _chunking(m: int, stages: int):
+  """[M, ...] <-> [M/S, S, ...]: one micro-batch per stage in each chunk."""
+  chunks = lambda a: jnp.swapaxes(a.reshape((stages, m // stages) + a.shape[1:]), 0, 1)
+  unchunk = lambda a: jnp.swapaxes(a, 0, 1).reshape((m,) + a.shape[2:])
+  return chunks, unchunk
 
-  Returns (loss, metrics) with per-block expert loads `kept` / `assigned` [NB, E].
-  """
-  inputs, labels = tokens[..., :-1], tokens[..., 1:]                   # [M, B, T]
-  m, b, t = inputs.shape
-  s = lay.pp
-  chunks = lambda a: jnp.swapaxes(a.reshape((s, m // s) + a.shape[1:]), 0, 1)  # [M/S, S, ...]
-  unchunk = lambda a: jnp.swapaxes(a, 0, 1).reshape((m,) + a.shape[2:])       # [M, ...]
+
+def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
+                  cfg: ModelConfig, lay: Layout, train: bool) -> tuple[jax.Array, Any]:
+  """Token ids [M, B, T] -> final hidden states [M, B, T, D] and per-layer stats [NB, ...]."""
+  chunks, unchunk = _chunking(inputs.shape[0], lay.pp)
   # Embedding and head run in checkpointed chunks of one micro-batch per stage, so the
   # vocab-sized one-hot and logits exist for one chunk at a time.
   with jax.named_scope('embed'):
@@ -126,7 +126,27 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy)
-  stats = pipeline_lib.from_stages(stats)                               # [NB, ...]
+  return hidden, pipeline_lib.from_stages(stats)
+
+
+def next_token_logits(params: dict[str, Any], inputs: jax.Array, position: jax.Array, *,
+                      cfg: ModelConfig, lay: Layout) -> jax.Array:
+  """Logits [M, B, V] (float32, padded ids masked) of the token after `position` of inputs."""
+  hidden, _ = hidden_states(params, inputs, jax.random.key(0), cfg=cfg, lay=lay, train=False)
+  h = jax.lax.dynamic_index_in_dim(hidden, position, axis=2, keepdims=False)  # [M, B, D]
+  return Head(cfg).apply({'params': params['head']}, h)
+
+
+def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
+            lay: Layout, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean next-token CE + MoE aux losses over a batch tokens [M, B, T+1].
+
+  Returns (loss, metrics) with per-block expert loads `kept` / `assigned` [NB, E].
+  """
+  inputs, labels = tokens[..., :-1], tokens[..., 1:]                   # [M, B, T]
+  m, b, t = inputs.shape
+  hidden, stats = hidden_states(params, inputs, rng, cfg=cfg, lay=lay, train=train)
+  chunks, _ = _chunking(m, lay.pp)
   with jax.named_scope('head_loss'):
     ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg))
     ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))

@@ -52,6 +52,27 @@ def _canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransf
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
 
+def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, config) of a run's newest (or given) complete checkpoint, read without JAX.
+
+  Orbax writes a step under a temporary name and renames it to the bare number when complete,
+  so the all-digit directories are the complete checkpoints.
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory):
+    raise ConfigError(f'{directory} does not exist: train first, or pass the run\'s --workdir.')
+  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  if not steps or (step >= 0 and step not in steps):
+    raise ConfigError(f'No complete checkpoint{"" if step < 0 else f" at step {step}"} in '
+                      f'{directory} (complete steps: {steps or "none"}).')
+  step = steps[-1] if step < 0 else step
+  try:
+    with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
+      return step, ml_collections.ConfigDict(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f'Checkpoint {directory}/{step} has no readable config ({e}).') from e
+
+
 class Checkpointer:
   """Saves and restores the train state of one run directory."""
 

@@ -11,16 +11,21 @@ import ml_collections
 import numpy as np
 
 from moejax import config as config_lib, runtime
-from moejax.data.source import global_batch
+from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
+from moejax.data.tokens import TokenSource
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optimizer, state as state_lib, step as step_lib
 from moejax.train.checkpoint import Checkpointer
 
 
-def make_source(config: ml_collections.ConfigDict) -> SyntheticSource:
+def make_source(config: ml_collections.ConfigDict) -> Source:
+  """The configured token source (negative steps are its evaluation batches)."""
   d = config.data
+  if d.source == 'tokens':
+    return TokenSource(d.path, d.num_micro_batches, d.micro_batch_size, d.seq_len, config.seed,
+                       config.model.vocab_size)
   return SyntheticSource(d.source, config.model.vocab_size, d.num_micro_batches,
                          d.micro_batch_size, d.seq_len, config.seed)
 
@@ -50,35 +55,47 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
   start = int(state.step)
   source = make_source(config)
-  evaluate = _make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
+  evaluate = make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   derived = config_lib.describe(config)
   logging.info('mesh dp=%d tp=%d pp=%d on %d %s devices in %d processes; %s', lay.dp, lay.tp,
                lay.pp, lay.devices, jax.devices()[0].platform, jax.process_count(), derived)
 
   preempted = _PreemptionFlag()
+  profile = config_lib.profile_steps(config)
   record: dict = {}
   last_time, last_step = time.perf_counter(), start
   for step in range(start, config.num_steps):
+    done = step + 1
+    if profile and done == profile.start:
+      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
     batch = global_batch(source, step, data_sharding)
     state, metrics = train_step(state, batch)
-    done = step + 1
+    if profile and done == profile[-1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      if jax.process_index() == 0:
+        print(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile '
+              f'(open with TensorBoard\'s profile plugin or Perfetto).', flush=True)
     if config.checkpoint_every and done % config.checkpoint_every == 0:
       ckpt.save(state)
     if preempted.set:
       ckpt.save(state, force=True)
       ckpt.close()
+      writer.close()
       print(f'SIGTERM: saved checkpoint at step {done} and stopped.', flush=True)
       return record
     if done % config.log_every == 0 or done == config.num_steps:
       metrics = jax.device_get(metrics)       # the only host sync: at log time
       now = time.perf_counter()
-      tps = (done - last_step) * lay.tokens_per_step / max(now - last_time, 1e-9)
+      seconds_per_step = max(now - last_time, 1e-9) / (done - last_step)
+      tps = lay.tokens_per_step / seconds_per_step
       last_time, last_step = now, done
       record = metrics_lib.summarise(metrics, step=done, tokens_per_sec=tps)
+      record['seconds_left'] = seconds_per_step * (config.num_steps - done)
       metrics_lib.check_finite(record)
       if jax.process_index() == 0:
-        print(metrics_lib.format_line(record), flush=True)
+        print(metrics_lib.format_line(record, total=config.num_steps), flush=True)
       writer.write(record)
     if config.eval_every and done % config.eval_every == 0:
       eval_record = dict(evaluate(state.params), step=done)
@@ -88,6 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      if k != 'step'}})
   ckpt.save(state)
   ckpt.close()
+  writer.close()
   preempted.restore()
   return record
 
@@ -112,7 +130,7 @@ def check_memory(compiled, mesh) -> None:
         f'pipeline.remat_policy.')
 
 
-def _make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
+def make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
   """Mean metrics over config.eval_batches fixed batches (steps -1, -2, ...)."""
   eval_step = step_lib.make_eval_step(cfg, lay, mesh, param_sharding)
   batches = [global_batch(source, -1 - i, data_sharding) for i in range(config.eval_batches)]
@@ -122,9 +140,11 @@ def _make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
     loss = float(np.mean([r['loss'] for r in results]))
     ce = float(np.mean([r['ce'] for r in results]))
     kept = np.sum([r['expert_load'] for r in results], axis=0)
+    share = kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-9)
     return {'loss': loss, 'ce': ce, 'ppl': float(np.exp(ce)),
             'dropped_frac': float(np.mean([r['dropped_frac'] for r in results])),
-            'balance': metrics_lib.expert_balance(kept)}
+            'balance': metrics_lib.expert_balance(kept),
+            'expert_share': np.round(share, 5).tolist()}
   return evaluate
 
 

@@ -1,9 +1,10 @@
-"""Turning step metrics into log lines and metrics.jsonl records."""
+"""Turning step metrics into log lines, metrics.jsonl records and TensorBoard scalars."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -28,15 +29,21 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
   out['expert_load_min'] = float(kept.min())
   out['expert_load_mean'] = float(kept.mean())
   out['expert_load_max'] = float(kept.max())
+  # Share of each layer's routed tokens per expert [layers][experts] (for plots).
+  share = kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-9)
+  out['expert_share'] = np.round(share, 5).tolist()
   return out
 
 
-def format_line(record: dict[str, Any], prefix: str = 'step') -> str:
-  parts = [f"{prefix} {record['step']:>6d}", f"loss {record['loss']:.4f}"]
+def format_line(record: dict[str, Any], prefix: str = 'step', total: int | None = None) -> str:
+  step = f"{prefix} {record['step']:>6d}" + (f'/{total}' if total else '')
+  parts = [step, f"loss {record['loss']:.4f}"]
   if 'aux_loss' in record:
     parts.append(f"aux {record['aux_loss']:.4f}")
   if 'tokens_per_sec' in record:
     parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+  if 'seconds_left' in record:
+    parts.append(f"{_duration(record['seconds_left'])} left")
   parts.append(f"dropped {100 * record['dropped_frac']:.2f}%")
   parts.append(f"balance {record['balance']:.2f}")
   if 'ppl' in record:
@@ -44,18 +51,49 @@ def format_line(record: dict[str, Any], prefix: str = 'step') -> str:
   return ' | '.join(parts)
 
 
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  return f'{h}h{rest // 60:02d}m' if h else f'{rest // 60}m{rest % 60:02d}s'
+
+
 class MetricsWriter:
-  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+  """Appends records to <workdir>/metrics.jsonl and writes their scalars as TensorBoard events
+  under <workdir>/tensorboard (loss, eval loss, lr, grad norm, aux/z losses, dropped fraction,
+  and per layer the max/mean expert load)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    self._events = None
+    if enabled:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+    self._scalars(record)
+
+  def _scalars(self, record: dict[str, Any]) -> None:
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    values = {k: v for k, v in record.items()
+              if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v)}
+    for layer, share in enumerate(record.get('expert_share', ())):
+      values[f'expert_load_max_over_mean/layer_{layer}'] = max(share) * len(share)
+    for layer, share in enumerate(record.get('eval_expert_share', ())):
+      values[f'eval_expert_load_max_over_mean/layer_{layer}'] = max(share) * len(share)
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(record['step']),
+                                           summary=summary))
+    self._events.flush()
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
 
 
 def check_finite(record: dict[str, Any]) -> None:

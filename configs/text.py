@@ -1,0 +1,30 @@
+"""The tiny tp4pp4 model trained on a prepared text dataset (byte-level by default).
+
+On one device by default, the quickest way to train on a CPU; the seed's layout is
+--config.mesh.tp=4 --config.mesh.pp=4 (simulated on CPU, same numbers, slower).
+
+  python -m moejax.cli.prepare --input=book.txt --out=/tmp/moejax_data
+  python main.py --config=configs/text.py:/tmp/moejax_data --workdir=/tmp/moejax_text
+
+The argument is the dataset directory. For a BPE dataset also set --config.model.vocab_size to
+the tokenizer's vocabulary (prepare prints it).
+"""
+import ml_collections
+
+from configs import tp4pp4
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = tp4pp4.get_config('tiny')
+  c.mesh.tp = c.mesh.pp = 1
+  c.model.vocab_size = 257            # byte-level tokenizer: 256 bytes + <eos>
+  c.data.source = 'tokens'
+  c.data.path = arg or '/tmp/moejax_data'
+  c.data.update(seq_len=64, micro_batch_size=4, num_micro_batches=8)   # 2,048 tokens per step
+  c.optim.update(lr=3e-3, warmup_steps=30, decay_steps=300)
+  c.num_steps = 200                   # about a minute on 2 CPU cores; raise to train longer
+  c.log_every = 20
+  c.eval_every = 100                  # validation loss and perplexity
+  c.eval_batches = 4
+  c.checkpoint_every = 100
+  return c

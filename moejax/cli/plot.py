@@ -1,0 +1,84 @@
+"""Draws a run's curves from <workdir>/metrics.jsonl to PNG files.
+
+  python -m moejax.cli.plot --workdir=/tmp/run [--out=/tmp/run/plots]
+
+loss.png: training loss (and validation loss when evaluated) against step.
+expert_load.png: share of routed tokens per layer x expert at the last logged step (a perfectly
+balanced layer is one colour at 1/E).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string('workdir', None, 'Run directory (holds metrics.jsonl).')
+flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/plots).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def read_records(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a moejax run directory?')
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(workdir: str, out: str | None = None) -> list[str]:
+  """Writes loss.png and expert_load.png; returns their paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+  records = read_records(workdir)
+  train = [r for r in records if 'loss' in r]
+  evals = [r for r in records if 'eval_loss' in r]
+  if not train:
+    raise ValueError(f'{workdir}/metrics.jsonl has no training records yet.')
+  out = out or os.path.join(workdir, 'plots')
+  os.makedirs(out, exist_ok=True)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([r['step'] for r in train], [r['loss'] for r in train], label='train loss')
+  if evals:
+    ax.plot([r['step'] for r in evals], [r['eval_loss'] for r in evals], 'o-',
+            label='validation loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss (nats/token)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  loss_png = os.path.join(out, 'loss.png')
+  fig.tight_layout()
+  fig.savefig(loss_png, dpi=120)
+  plt.close(fig)
+
+  last = train[-1]
+  share = np.asarray(last['expert_share'])                 # [layers, experts]
+  fig, ax = plt.subplots(figsize=(max(5, share.shape[1] * 0.25 + 2), share.shape[0] * 0.4 + 1.5))
+  im = ax.imshow(share, aspect='auto', cmap='viridis')
+  ax.set_xlabel('expert')
+  ax.set_ylabel('layer')
+  ax.set_title(f"share of routed tokens per expert, step {last['step']} "
+               f'(balanced = {1 / share.shape[1]:.3f})')
+  fig.colorbar(im, ax=ax)
+  load_png = os.path.join(out, 'expert_load.png')
+  fig.tight_layout()
+  fig.savefig(load_png, dpi=120)
+  plt.close(fig)
+  return [loss_png, load_png]
+
+
+def main(argv):
+  del argv
+  try:
+    paths = plot(flags.FLAGS.workdir, flags.FLAGS.out)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  print('wrote ' + ', '.join(paths), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

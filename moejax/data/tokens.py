@@ -1,0 +1,101 @@
+"""Token datasets on disk, and the memory-mapped source that trains from them.
+
+A dataset directory holds `train.bin` and `val.bin` (flat token ids, uint16 or uint32) and
+`meta.json` (tokenizer, vocab size, dtype, token counts, largest id). Training samples windows of
+seq_len + 1 tokens starting at multiples of seq_len; within each epoch the windows are a
+permutation drawn from (seed, epoch), and the n-th sequence of the run is window
+perm[n mod windows], n = (step * M + micro) * B + row: a pure function of (seed, step, micro,
+row), so every process reads its own rows and a resumed run continues at the same window.
+Evaluation (negative steps) reads the validation split in order, the same windows every time.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from moejax.config import ConfigError
+from moejax.data.source import Source
+
+META = 'meta.json'
+SPLITS = ('train', 'val')
+
+
+def read_meta(path: str) -> dict:
+  """The dataset's metadata, after checking that its files exist and match it."""
+  meta_file = os.path.join(path, META)
+  if not os.path.isdir(path) or not os.path.isfile(meta_file):
+    raise ConfigError(f'data.path={path!r} is not a token dataset (no {META}); create one with '
+                      f'python -m moejax.cli.prepare --input=FILE.txt --out={path or "DIR"}.')
+  with open(meta_file) as f:
+    meta = json.load(f)
+  for split in SPLITS:
+    file = os.path.join(path, f'{split}.bin')
+    if not os.path.isfile(file):
+      raise ConfigError(f'{file} is missing; re-run python -m moejax.cli.prepare.')
+    size = os.path.getsize(file)
+    expect = meta[f'{split}_tokens'] * np.dtype(meta['dtype']).itemsize
+    if size == 0:
+      raise ConfigError(f'{file} is empty; prepare the dataset from a non-empty text.')
+    if size != expect:
+      raise ConfigError(f'{file} has {size} bytes but {META} says {expect}; the dataset is '
+                        f'truncated or mixed up: re-run python -m moejax.cli.prepare.')
+  return meta
+
+
+def check(path: str, vocab_size: int, seq_len: int) -> dict:
+  """Errors before training for a dataset the model cannot train on."""
+  meta = read_meta(path)
+  if meta['vocab_size'] > vocab_size:
+    raise ConfigError(
+        f'The dataset {path} was prepared with tokenizer {meta["tokenizer"]!r} of '
+        f'{meta["vocab_size"]} ids but model.vocab_size={vocab_size}; set '
+        f'--config.model.vocab_size={meta["vocab_size"]} or prepare it with the model\'s '
+        f'tokenizer.')
+  if meta['max_id'] >= vocab_size:
+    raise ConfigError(
+        f'The dataset {path} holds token id {meta["max_id"]} but model.vocab_size={vocab_size} '
+        f'(its tokenizer {meta["tokenizer"]!r} has {meta["vocab_size"]} ids); set '
+        f'--config.model.vocab_size={meta["vocab_size"]} or prepare it with the model\'s '
+        f'tokenizer.')
+  for split in SPLITS:
+    if meta[f'{split}_tokens'] < seq_len + 1:
+      raise ConfigError(
+          f'The {split} split of {path} has {meta[f"{split}_tokens"]} tokens, fewer than one '
+          f'window of data.seq_len + 1 = {seq_len + 1}; use a longer text, a smaller '
+          f'--val_fraction when preparing, or a shorter data.seq_len.')
+  return meta
+
+
+class TokenSource(Source):
+  """Windows of a prepared token dataset, read through np.memmap."""
+
+  def __init__(self, path: str, num_micro_batches: int, micro_batch_size: int, seq_len: int,
+               seed: int, vocab_size: int):
+    super().__init__(num_micro_batches, micro_batch_size, seq_len)
+    self.meta = check(path, vocab_size, seq_len)
+    self.seed, self.seq_len = seed, seq_len
+    self.data = {s: np.memmap(os.path.join(path, f'{s}.bin'), dtype=self.meta['dtype'], mode='r')
+                 for s in SPLITS}
+    self.windows = {s: (len(a) - 1) // seq_len for s, a in self.data.items()}
+
+  @functools.lru_cache(maxsize=2)
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.windows['train'])
+
+  def window(self, step: int, micro: int, row: int) -> tuple[str, int]:
+    """(split, window index) of one sequence of a step."""
+    m, b, _ = self.shape
+    if step < 0:
+      n = ((-step - 1) * m + micro) * b + row
+      return 'val', n % self.windows['val']
+    n = (step * m + micro) * b + row
+    epoch, k = divmod(n, self.windows['train'])
+    return 'train', int(self._order(epoch)[k])
+
+  def sequence(self, step: int, micro: int, row: int) -> np.ndarray:
+    split, w = self.window(step, micro, row)
+    start = w * self.seq_len
+    return np.asarray(self.data[split][start:start + self.seq_len + 1], dtype=np.int32)

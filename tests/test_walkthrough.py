@@ -1,0 +1,98 @@
+"""The README walkthrough, command by command: prepare, train, TensorBoard, evaluate, plot, sample.
+
+The commands are read from README.md, so the README cannot drift from what is tested; /tmp paths
+are moved into the test's directory.
+"""
+import collections
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def walkthrough_commands() -> list[str]:
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  section = readme.split('## Train on your own text (walkthrough)')[1]
+  block = re.search(r'```bash\n(.*?)```', section, re.S).group(1)
+  return [line for line in block.splitlines() if line and not line.startswith('#')]
+
+
+@pytest.fixture(scope='module')
+def walkthrough(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp('walk'))
+  env = dict(os.environ, XLA_FLAGS='',
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  outputs = {}
+  for command in walkthrough_commands():
+    command = command.replace('/tmp/moejax', f'{tmp}/moejax')
+    out = subprocess.run(['bash', '-c', command], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f'{command}\n{out.stderr[-3000:]}'
+    outputs[command.split()[0] + ' ' + command.split()[2 if command.startswith('python -m')
+                                                       else 1]] = out.stdout
+  return tmp, outputs
+
+
+def unigram_entropy(path: str) -> float:
+  counts = collections.Counter(open(path, 'rb').read())
+  n = sum(counts.values())
+  return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def test_walkthrough_has_every_step():
+  tools = ' '.join(walkthrough_commands())
+  for part in ('moejax.cli.prepare', 'main.py', 'tensorboard', 'moejax.cli.evaluate',
+               'moejax.cli.plot', 'moejax.cli.sample'):
+    assert part in tools
+
+
+def test_training_on_text_beats_the_unigram_entropy(walkthrough):
+  tmp, outputs = walkthrough
+  records = [json.loads(l) for l in open(f'{tmp}/moejax_text/metrics.jsonl')]
+  evals = [r for r in records if 'eval_loss' in r]
+  assert [r['step'] for r in evals] == [100, 200]
+  entropy = unigram_entropy(f'{tmp}/moejax_corpus.txt')         # ~3.26 nats per byte
+  assert evals[-1]['eval_ce'] < entropy - 0.6, (evals[-1]['eval_ce'], entropy)
+  assert evals[-1]['eval_ppl'] == pytest.approx(math.exp(evals[-1]['eval_ce']), rel=1e-5)
+  assert 'left' in outputs['python main.py'] and 'eval    200' in outputs['python main.py']
+
+
+def test_evaluate_reproduces_the_last_evaluation(walkthrough):
+  tmp, outputs = walkthrough
+  last = [json.loads(l) for l in open(f'{tmp}/moejax_text/metrics.jsonl')][-1]
+  result = json.loads(outputs['python moejax.cli.evaluate'].strip().splitlines()[-1])
+  assert result['step'] == 200
+  np.testing.assert_allclose(result['loss'], last['eval_loss'], rtol=1e-5)
+
+
+def test_tensorboard_has_the_promised_scalars(walkthrough):
+  tmp, outputs = walkthrough
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(f'{tmp}/moejax_text/tensorboard')
+  events.Reload()
+  tags = set(events.Tags()['scalars'])
+  for tag in ('loss', 'eval_loss', 'eval_ppl', 'lr', 'grad_norm', 'aux_loss', 'z_loss',
+              'dropped_frac', 'expert_load_max_over_mean/layer_7'):
+    assert tag in tags, tag
+  assert [e.step for e in events.Scalars('eval_loss')] == [100, 200]
+  assert 'eval_loss' in outputs['tensorboard --inspect']
+
+
+def test_plot_writes_pngs(walkthrough):
+  tmp, _ = walkthrough
+  for name in ('loss.png', 'expert_load.png'):
+    with open(f'{tmp}/moejax_text/plots/{name}', 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_sample_continues_the_prompt(walkthrough):
+  _, outputs = walkthrough
+  text = outputs['python moejax.cli.sample']
+  assert text.startswith('The assert statement') and len(text.strip()) > len('The assert statement')
