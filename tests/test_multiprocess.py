@@ -58,8 +58,8 @@ def one_process(tmp_path_factory):
 def two_processes(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('two'))
   outs = run_two(workdir, '--config.num_steps=5')
-  assert 'step      5 | loss' in outs[0][1]           # process 0 prints and writes metrics
-  assert 'step      5 | loss' not in outs[1][1]
+  assert 'step      5/5 | loss' in outs[0][1]         # process 0 prints and writes metrics
+  assert 'step      5/5 | loss' not in outs[1][1]
   return workdir
 
 

@@ -47,7 +47,7 @@ def test_main_logs_console_and_metrics_jsonl(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'simulating 16 CPU devices' in out.stdout
-  assert 'step      4 | loss' in out.stdout
+  assert 'step      4/4 | loss' in out.stdout and 'left' in out.stdout
   records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [2, 4]
   for key in ('step', 'loss', 'aux_loss', 'tokens_per_sec', 'dropped_frac', 'balance'):
