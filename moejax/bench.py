@@ -97,7 +97,6 @@ class _Runner:
   """A compiled train step (and forward pass) of one config, with its own state and batch."""
 
   def __init__(self, config):
-    import jax
     from moejax import config as config_lib
     from moejax.parallel import mesh as mesh_lib
     from moejax.data.source import global_batch

@@ -66,5 +66,5 @@ def test_zero1_sharded_optimizer_trains_like_1x1():
   canonical = lambda s: jax.device_get(_map_blocks(pipeline_lib.from_stages, s.params))
   assert_trees_close(canonical(state), canonical(ref_state), rtol=1e-5)
   # The Adam moments of the attention weights really are split over dp as well.
-  mu = state.opt_state[1][0].mu['blocks']['attn']['wq']     # [S, R, L, D, N, H]
+  mu = state.opt_state[1][0].mu['blocks']['attn']['wqkv']   # [S, R, L, 3, D, N, H]
   assert 'dp' in str(mu.sharding.spec), mu.sharding.spec

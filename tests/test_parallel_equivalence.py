@@ -26,7 +26,7 @@ def check(tp, pp, repeats=1, top_k=1, capacity_factor=1.1):
   return metrics
 
 
-@pytest.mark.parametrize('tp', [2, 4])
+@pytest.mark.parametrize('tp', [4])     # tp=2 is covered by the pipeline meshes below
 @pytest.mark.parametrize('top_k', [1, 2])
 @pytest.mark.parametrize('capacity_factor', [1.1, 8.0])
 def test_tensor_and_expert_parallel_match_1x1(tp, top_k, capacity_factor):

@@ -73,15 +73,19 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
     c = self.cfg
-    in_axes, out_axes = ('embed', 'heads', 'head_dim'), ('heads', 'head_dim', 'embed')
-    shape_in, shape_out = (c.d_model, c.num_heads, c.head_dim), (c.num_heads, c.head_dim, c.d_model)
     out_std = c.init_std / (2 * c.num_blocks) ** 0.5
-    wq, wk, wv = (_param(self, n, shape_in, in_axes, _normal(c.init_std)) for n in ('wq', 'wk', 'wv'))
-    wo = _param(self, 'wo', shape_out, out_axes, _normal(out_std))
+    # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
+    # input gradient to reduce over tp instead of three.
+    wqkv = _param(self, 'wqkv', (3, c.d_model, c.num_heads, c.head_dim),
+                  (None, 'embed', 'heads', 'head_dim'), _normal(c.init_std))
+    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
+                _normal(out_std))
     heads = ('act_batch', None, 'act_heads', None)
-    x = x.astype(c.dtype)
-    q, k, v = (constrain(jnp.einsum('BTD,DNH->BTNH', x, w.astype(c.dtype)), heads)
-               for w in (wq, wk, wv))                                   # [B, T, N, H]
+    # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
+    x = constrain(x.astype(c.dtype), ('act_batch', None, 'act_embed'))  # [B, T, D]
+    qkv = constrain(jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype)),
+                    (None,) + heads)                                    # [3, B, T, N, H]
+    q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
     o = constrain(o, heads)
     y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import ml_collections
@@ -132,8 +131,8 @@ class Checkpointer:
              if saved.get(s, {}).get(k) != v]
     if diffs:
       raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} is of a different '
-                        f'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
-                        f'checkpoint\'s model settings.')
+                        'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
+                        'checkpoint\'s model settings.')
 
   def restore(self, step: int | None = None, directory: str | None = None) -> TrainState:
     """The newest (or given) complete checkpoint, re-sharded onto the current mesh."""
