@@ -42,3 +42,11 @@ def test_tensor_and_expert_parallel_match_1x1(tp, top_k, capacity_factor):
     (1, 2, 2), (2, 2, 2), (4, 4, 2), (2, 8, 2)])
 def test_pipeline_meshes_match_1x1(tp, pp, repeats):
   check(tp, pp, repeats)
+
+
+def test_save_collectives_remat_policy_matches_1x1():
+  config = small_config(2, 2, **{'pipeline.remat_policy': 'save_collectives'})
+  loss, _, grads = loss_and_grads(config)
+  ref_loss, _, ref_grads = reference(config.model.num_blocks, 1, 1.1)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert_trees_close(grads, ref_grads, rtol=1e-5)

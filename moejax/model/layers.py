@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
 from moejax.model import routing
@@ -83,13 +84,14 @@ class Attention(nn.Module):
     heads = ('act_batch', None, 'act_heads', None)
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
     x = constrain(x.astype(c.dtype), ('act_batch', None, 'act_embed'))  # [B, T, D]
+    x = checkpoint_name(x, 'attn_gathered')
     qkv = constrain(jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype)),
                     (None,) + heads)                                    # [3, B, T, N, H]
     q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
     o = constrain(o, heads)
     y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T
-    return constrain(y, RESIDUAL)
+    return checkpoint_name(constrain(y, RESIDUAL), 'attn_reduced')
 
 
 class MoE(nn.Module):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from moejax.model import routing
@@ -44,6 +45,7 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   with jax.named_scope('moe_all_to_all_dispatch'):
     buf_ = jax.lax.all_to_all(buf_, axes, 0, 1, tiled=True)   # [E/ep, ep*G_*C, D]
+  buf_ = checkpoint_name(buf_, 'moe_dispatched')
   if dropout_rate > 0.0:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
   cast = lambda a: a.astype(compute_dtype)
@@ -51,6 +53,7 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[
                             dropout_rate, rng if dropout_rate > 0.0 else None)
   with jax.named_scope('moe_all_to_all_combine'):
     out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)   # [E, G_*C, D]
+  out_ = checkpoint_name(out_, 'moe_returned')
   out_ = out_.reshape(num_experts, b * ng_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
   y_ = routing.combine(out_, r)                                         # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)

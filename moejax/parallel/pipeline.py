@@ -37,6 +37,20 @@ def from_stages(blocks: Any) -> Any:
   return jax.tree.map(one, blocks)
 
 
+# Activations named with jax.ad_checkpoint.checkpoint_name right after a collective produced them
+# (the sequence all-gather before attention, its output's reduce-scatter, both expert
+# all-to-alls).
+COLLECTIVE_OUTPUTS = ('attn_gathered', 'attn_reduced', 'moe_dispatched', 'moe_returned')
+
+
+def remat_policy_fn(name: str) -> Callable:
+  """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
+  the backward pass recomputes the stage without repeating its all-gathers and all-to-alls."""
+  if name == 'save_collectives':
+    return jax.checkpoint_policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
+  return getattr(jax.checkpoint_policies, name)
+
+
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
   return (stages - 1) / (repeats * micro_batches + stages - 1)
 
@@ -123,7 +137,7 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   with per-layer stats of leading axis L. xs: [M, B, T, D]. Returns outputs [M, B, T, D] (M split
   over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
   """
-  policy = getattr(jax.checkpoint_policies, remat_policy)
+  policy = remat_policy_fn(remat_policy)
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).
