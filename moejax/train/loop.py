@@ -68,7 +68,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start, config.num_steps):
     done = step + 1
     if profile and done == profile.start:
-      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
     batch = global_batch(source, step, data_sharding)
     state, metrics = train_step(state, batch)
     if profile and done == profile[-1]:
