@@ -20,41 +20,28 @@ flags.DEFINE_integer('pp', 1, 'Mesh pp.')
 flags.mark_flags_as_required(['workdir'])
 
 
-def evaluate(workdir: str, step: int, mesh_shape: tuple[int, int], eval_batches: int) -> dict:
-  import jax
-  from moejax import config as config_lib
-  from moejax.parallel import mesh as mesh_lib
-  from moejax.train import loop, optimizer, state as state_lib, step as step_lib
-  from moejax.train.checkpoint import Checkpointer, saved_config
-  step, c = saved_config(workdir, step)
-  c.mesh.tp, c.mesh.pp, c.mesh.dp = mesh_shape[0], mesh_shape[1], 1
-  c.pipeline.repeats = 1
+def evaluate(workdir: str, config, step: int, eval_batches: int) -> dict:
+  """Mean validation metrics of the checkpoint at `step` (config from `run_dir.open_config`)."""
+  from moejax.cli import run_dir
+  from moejax.train import loop, step as step_lib
   if eval_batches:
-    c.eval_batches = eval_batches
-  config_lib.validate(c, jax.device_count())
-  cfg, lay = config_lib.model_config(c), config_lib.layout(c)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(c.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  state = Checkpointer(workdir, c, cfg, lay, tx, mesh, sh).restore(step)
-  run = loop.make_eval(c, cfg, lay, mesh, sh.params, loop.make_source(c),
-                       step_lib.batch_sharding(mesh))
-  result = run(state.params)
+    config.eval_batches = eval_batches
+  run = run_dir.restore(workdir, config, step)
+  evaluate_fn = loop.make_eval(config, run.cfg, run.lay, run.mesh, run.param_sharding,
+                               loop.make_source(config), step_lib.batch_sharding(run.mesh))
+  result = evaluate_fn(run.params)
   result.pop('expert_share')
-  return dict(step=step, batches=c.eval_batches, **result)
+  return dict(step=step, batches=config.eval_batches, **result)
 
 
 def main(argv):
   del argv
-  from moejax import runtime
+  from moejax.cli import run_dir
   from moejax.config import ConfigError
-  from moejax.train.checkpoint import saved_config
   f = flags.FLAGS
   try:
-    _, config = saved_config(f.workdir, f.step)
-    config.mesh.tp, config.mesh.pp, config.mesh.dp = f.tp, f.pp, 1
-    runtime.setup_devices(config)
-    result = evaluate(f.workdir, f.step, (f.tp, f.pp), f.eval_batches)
+    step, config = run_dir.open_config(f.workdir, f.step, f.tp, f.pp)
+    result = evaluate(f.workdir, config, step, f.eval_batches)
   except ConfigError as e:
     sys.exit(f'error: {e}')
   print(f"step {result['step']}: validation loss {result['loss']:.4f} (ce {result['ce']:.4f}), "

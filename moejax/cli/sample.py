@@ -29,40 +29,34 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_tokens: int,
-             temperature: float, top_k: int, seed: int, mesh_shape: tuple[int, int]):
-  """Token ids [pp, prompt + new] sampled from the checkpoint at `step`."""
+             temperature: float, top_k: int, seed: int):
+  """Token ids [pp, prompt + new] sampled from the checkpoint at `step` (config from
+  `run_dir.open_config`, which picks the mesh)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from moejax import config as config_lib
+  from moejax.cli import run_dir
   from moejax.config import ConfigError
   from moejax.model import transformer
   from moejax.parallel import mesh as mesh_lib
-  from moejax.train import optimizer, state as state_lib, step as step_lib
-  from moejax.train.checkpoint import Checkpointer
+  from moejax.train import step as step_lib
   c = config.copy_and_resolve_references()
-  c.mesh.tp, c.mesh.pp, c.mesh.dp = mesh_shape[0], mesh_shape[1], 1
-  c.pipeline.repeats = 1
-  c.data.update(num_micro_batches=mesh_shape[1], micro_batch_size=1)
+  c.data.update(num_micro_batches=c.mesh.pp, micro_batch_size=1)
   if c.data.source == 'tokens' and not os.path.isdir(c.data.path):
     c.data.source = 'random'          # the dataset is not needed to sample
-  config_lib.validate(c, jax.device_count())
-  cfg, lay = config_lib.model_config(c), config_lib.layout(c)
-  window = lay.seq_len
+  window = c.data.seq_len
   if not prompt_ids:
     raise ConfigError('The prompt is empty; pass --prompt="some text".')
   if len(prompt_ids) + max_new_tokens > window:
     raise ConfigError(f'prompt ({len(prompt_ids)} tokens) + --max_new_tokens={max_new_tokens} '
                       f'exceeds the context window data.seq_len={window}; shorten them.')
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(c.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  state = Checkpointer(workdir, c, cfg, lay, tx, mesh, sh).restore(step)
+  run = run_dir.restore(workdir, c, step)
+  cfg, lay, mesh = run.cfg, run.lay, run.mesh
   m = lay.num_micro_batches
   buf = np.zeros((m, 1, window), np.int32)
   buf[:, 0, :len(prompt_ids)] = prompt_ids
 
-  def run(params, tokens, key):
+  def sample(params, tokens, key):
     def body(i, carry):
       tokens, key = carry
       pos = len(prompt_ids) - 1 + i
@@ -81,7 +75,7 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, key))[0]
 
   with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    out = jax.jit(run)(state.params, jax.device_put(buf, step_lib.batch_sharding(mesh)),
+    out = jax.jit(sample)(run.params, jax.device_put(buf, step_lib.batch_sharding(mesh)),
                        jax.random.key(seed))
   return np.asarray(jax.device_get(out))[:, 0, :len(prompt_ids) + max_new_tokens]
 
@@ -89,18 +83,14 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
 def main(argv):
   del argv
   f = flags.FLAGS
-  from moejax import runtime
+  from moejax.cli import run_dir
   from moejax.config import ConfigError
   from moejax.data import tokenizer as tokenizer_lib
-  from moejax.train.checkpoint import saved_config
   try:
-    step, config = saved_config(f.workdir, f.step)
-    config.mesh.tp, config.mesh.pp, config.mesh.dp = f.tp, f.pp, 1
-    runtime.setup_devices(config)
+    step, config = run_dir.open_config(f.workdir, f.step, f.tp, f.pp)
     tok = tokenizer_lib.for_model(config, f.tokenizer)
     ids = generate(f.workdir, config, step, tok.encode(f.prompt), max_new_tokens=f.max_new_tokens,
-                   temperature=f.temperature, top_k=f.top_k, seed=f.seed,
-                   mesh_shape=(f.tp, f.pp))
+                   temperature=f.temperature, top_k=f.top_k, seed=f.seed)
   except ConfigError as e:
     sys.exit(f'error: {e}')
   for row in ids:
