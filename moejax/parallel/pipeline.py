@@ -5,6 +5,8 @@ stage); block b = r*S*L + s*L + l. At tick t, stage s works on iteration i = t -
 micro-batch i % M of repeat i // M; then activations move one stage on (collective-permute over
 pp). Stage 0 reads micro-batch m from `buf`, which holds the embedded inputs and, for r > 0, what
 came back around the ring from the last stage. M + ... ticks: R*M + S - 1; bubble (S-1)/(R*M+S-1).
+Micro-batches arrive split over pp and reach stage 0, and outputs leave the last stage, by
+point-to-point permutes.
 Legend: S stages, R repeats, L layers per stage, M micro-batches, B batch, T seq, D d_model.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _index(tree: Any, i: jax.Array) -> Any:
 
 
 def _gather_to_first(local: jax.Array, stages: int) -> jax.Array:
-  """[M/S, ...] per stage -> all [M, ...] on stage 0 (other stages hold zeros there)."""
+  """[M/S, ...] per stage -> all [M, ...] on stage 0 (only stage 0 reads the result)."""
   pieces = [local] + [jax.lax.ppermute(local, mesh_lib.PP, [(j, 0)]) for j in range(1, stages)]
   return jnp.concatenate(pieces, axis=0)
 
