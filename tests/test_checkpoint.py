@@ -11,6 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from moejax.config import ConfigError
+from moejax.train import loop
+from moejax.train.checkpoint import saved_config
+from tests.helpers import small_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ['--config=configs/tp4pp4.py:tiny', '--config.log_every=1',
         '--config.data.num_micro_batches=8', '--config.checkpoint_every=0']
@@ -104,8 +109,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0
   assert 'SIGTERM: saved checkpoint at step' in out
   step = int(out.split('SIGTERM: saved checkpoint at step ')[1].split()[0])
-  assert (tmp_path / 'checkpoints' / str(step) / 'commit_success.txt').exists() or \
-      (tmp_path / 'checkpoints' / str(step) / 'state').exists()
+  # The step is complete: Orbax renamed it from its temporary name, and its config reads back.
+  assert saved_config(str(tmp_path))[0] == step
 
 
 def test_checkpoint_of_another_model_is_a_clear_error_and_kept(tmp_path):
@@ -116,3 +121,34 @@ def test_checkpoint_of_another_model_is_a_clear_error_and_kept(tmp_path):
   assert out.returncode != 0
   assert 'is of a different model' in out.stderr and 'model.d_model' in out.stderr
   assert (tmp_path / 'checkpoints' / '1' / 'state').exists()     # nothing deleted
+
+
+def _quick(**kw):
+  return small_config(1, 1, **{'data.num_micro_batches': 2}, **kw)
+
+
+def _set(c, **kw):
+  c.update(kw)
+  return c
+
+
+def test_init_from_loads_params_with_a_fresh_optimizer(tmp_path):
+  loop.train(_set(_quick(), num_steps=2, checkpoint_every=0), str(tmp_path / 'a'))
+  # lr 0: the fine-tuning run's one step leaves the loaded params as they were.
+  tuned = _set(_quick(**{'optim.lr': 0.0}), num_steps=1, checkpoint_every=0,
+               init_from=str(tmp_path / 'a'))
+  loop.train(tuned, str(tmp_path / 'b'))
+  a, b = saved_params(tmp_path / 'a', 2), saved_params(tmp_path / 'b', 1)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(ConfigError, match='no such directory'):
+    loop.train(_set(_quick(), num_steps=1, init_from=str(tmp_path / 'none')), str(tmp_path / 'c'))
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_kept(tmp_path):
+  loop.train(_set(_quick(), num_steps=1, checkpoint_every=0), str(tmp_path))
+  metadata = tmp_path / 'checkpoints' / '1' / 'config' / 'metadata'
+  metadata.write_text('{not json')
+  with pytest.raises(ConfigError, match='corrupt or not a moejax checkpoint'):
+    loop.train(_set(_quick(), num_steps=2, checkpoint_every=0), str(tmp_path))
+  assert metadata.exists() and (tmp_path / 'checkpoints' / '1' / 'state').exists()
