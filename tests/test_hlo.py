@@ -10,9 +10,9 @@ from moejax.parallel import hlo, mesh as mesh_lib
 from moejax.train import optimizer, state as state_lib, step as step_lib
 
 
-def compiled_text(tp, pp):
+def compiled_text(tp, pp, dp=1, experts_over_dp=False):
   c = tp4pp4.get_config('tiny')
-  c.mesh.tp, c.mesh.pp = tp, pp
+  c.mesh.tp, c.mesh.pp, c.mesh.dp, c.mesh.experts_over_dp = tp, pp, dp, experts_over_dp
   cfg, lay = config_lib.model_config(c), config_lib.layout(c)
   mesh = mesh_lib.mesh_for(lay)
   tx = optimizer.make(c.optim)
@@ -39,9 +39,10 @@ def weight_shapes(params):
   return shapes
 
 
-@pytest.mark.parametrize('tp,pp', [(4, 1), (4, 4)])
-def test_compiled_step_collectives(tp, pp):
-  text, params = compiled_text(tp, pp)
+@pytest.mark.parametrize('tp,pp,dp,folded', [(4, 1, 1, False), (4, 4, 1, False),
+                                             (2, 4, 2, True)])
+def test_compiled_step_collectives(tp, pp, dp, folded):
+  text, params = compiled_text(tp, pp, dp, folded)
   ops = hlo.collectives(text)
   kinds = {op.kind for op in ops}
   assert 'all-to-all' in kinds                      # expert dispatch and combine
