@@ -1,5 +1,6 @@
 """Data parallelism: dp x tp x pp meshes give the 1x1 losses and gradients; ZeRO-1 trains alike."""
 import functools
+import json
 
 import jax
 import numpy as np
@@ -68,3 +69,15 @@ def test_zero1_sharded_optimizer_trains_like_1x1():
   # The Adam moments of the attention weights really are split over dp as well.
   mu = state.opt_state[1][0].mu['blocks']['attn']['wqkv']   # [S, R, L, 3, D, N, H]
   assert 'dp' in str(mu.sharding.spec), mu.sharding.spec
+
+
+def test_zero1_checkpoint_resumes_exactly(tmp_path):
+  def config(steps):
+    c = small_config(2, 4, dp=2, **BATCH, **{'mesh.shard_optimizer': True})
+    c.update(num_steps=steps, log_every=1, checkpoint_every=0)
+    return c
+  loop.train(config(3), str(tmp_path / 'straight'))
+  loop.train(config(2), str(tmp_path / 'resumed'))
+  loop.train(config(3), str(tmp_path / 'resumed'))
+  read = lambda d: [json.loads(l)['loss'] for l in open(tmp_path / d / 'metrics.jsonl')]
+  assert read('resumed') == read('straight')

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax.config import ConfigError, Layout, ModelConfig
 from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
-from moejax.train.state import TrainState, abstract as abstract_state, over_dp
+from moejax.train.state import TrainState, abstract as abstract_state, opt_shardings
 
 # Config sections that change parameter shapes or meaning; a checkpoint must match them.
 MODEL_SECTIONS = ('model', 'moe')
@@ -39,15 +39,9 @@ def _canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransf
   with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
     param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg))
   abstract = abstract_state(cfg, lay, tx, mesh)
-  opt_shapes = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s.opt_state), abstract)
+  canonical = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s), abstract)
   replicated = NamedSharding(mesh, P())
-  moment_sh = param_sh
-  if lay.shard_optimizer and lay.dp > 1:
-    param_shapes = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s.params),
-                                  abstract)
-    moment_sh = jax.tree.map(lambda sh, a: over_dp(sh, a.shape), param_sh, param_shapes)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, moment_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = opt_shardings(lay, tx, param_sh, canonical.params, canonical.opt_state)
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
 
 

@@ -140,11 +140,10 @@ def make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
     loss = float(np.mean([r['loss'] for r in results]))
     ce = float(np.mean([r['ce'] for r in results]))
     kept = np.sum([r['expert_load'] for r in results], axis=0)
-    share = kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-9)
     return {'loss': loss, 'ce': ce, 'ppl': float(np.exp(ce)),
             'dropped_frac': float(np.mean([r['dropped_frac'] for r in results])),
             'balance': metrics_lib.expert_balance(kept),
-            'expert_share': np.round(share, 5).tolist()}
+            'expert_share': metrics_lib.expert_share(kept)}
   return evaluate
 
 

@@ -29,10 +29,14 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
   out['expert_load_min'] = float(kept.min())
   out['expert_load_mean'] = float(kept.mean())
   out['expert_load_max'] = float(kept.max())
-  # Share of each layer's routed tokens per expert [layers][experts] (for plots).
-  share = kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-9)
-  out['expert_share'] = np.round(share, 5).tolist()
+  out['expert_share'] = expert_share(kept)
   return out
+
+
+def expert_share(kept: np.ndarray) -> list[list[float]]:
+  """Share of each layer's kept tokens per expert, [layers][experts] (for plots)."""
+  kept = np.asarray(kept, np.float64)
+  return np.round(kept / np.maximum(kept.sum(axis=-1, keepdims=True), 1e-9), 5).tolist()
 
 
 def format_line(record: dict[str, Any], prefix: str = 'step', total: int | None = None) -> str:

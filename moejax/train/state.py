@@ -28,13 +28,20 @@ def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
     param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
     abstract_params = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  replicated = NamedSharding(mesh, P())
+  return TrainState(step=NamedSharding(mesh, P()), params=param_sh,
+                    opt_state=opt_shardings(lay, tx, param_sh, abstract_params, abstract_opt))
+
+
+def opt_shardings(lay: Layout, tx: optax.GradientTransformation, param_sh: Any,
+                  param_shapes: Any, opt_shapes: Any) -> Any:
+  """Optimizer-state shardings: moments like their params (split over dp as well with
+  mesh.shard_optimizer), everything else (counts) replicated."""
   moment_sh = param_sh
   if lay.shard_optimizer and lay.dp > 1:
-    moment_sh = jax.tree.map(lambda s, a: over_dp(s, a.shape), param_sh, abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, moment_sh,
-                                 transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+    moment_sh = jax.tree.map(lambda s, a: over_dp(s, a.shape), param_sh, param_shapes)
+  replicated = NamedSharding(jax.tree.leaves(param_sh)[0].mesh, P())
+  return optax.tree_map_params(tx, lambda _, s: s, opt_shapes, moment_sh,
+                               transform_non_params=lambda _: replicated)
 
 
 def over_dp(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
