@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_len=64 if tiny else 1024,       # learned position table
       dtype='float32' if tiny else 'bfloat16',  # compute dtype; params are float32
       init_std=0.02,                      # normal init std (output projections scaled by depth)
+      attn_bias=True,                     # q/k/v and output-projection biases (the seed's Megatron layers)
   ))
   c.moe = ml_collections.ConfigDict(dict(
       num_experts=16 if tiny else 64,
@@ -44,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dropout=0.0 if tiny else 0.1,       # dropout on expert hidden activations
       aux_loss_weight=0.01,               # Switch load-balancing loss weight (per layer)
       z_loss_weight=0.0,                  # router z-loss weight (ST-MoE); 0 disables
+      gelu='exact',                       # expert GELU: 'exact' (erf, the seed's nn.GELU()) or 'tanh'
+      normalize_gates=False,              # top-k>1: renormalise a token's kept gates to sum to 1
   ))
   c.pipeline = ml_collections.ConfigDict(dict(
       repeats=1,                          # circular repeats: each device holds r block groups

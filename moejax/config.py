@@ -37,6 +37,9 @@ class ModelConfig:
   z_loss_weight: float
   dtype: str               # compute dtype ('float32' or 'bfloat16'); params are float32
   init_std: float
+  attn_bias: bool = True   # biases on q/k/v and the output projection (Megatron's default)
+  gelu: str = 'exact'      # expert activation: 'exact' (erf, torch nn.GELU()) or 'tanh'
+  normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
 
   @property
   def padded_vocab(self) -> int:
@@ -88,7 +91,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       top_k=moe.top_k, capacity_factor=moe.capacity_factor,
       eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
       expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
-      z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std)
+      z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
+      attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates))
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
@@ -108,15 +112,17 @@ def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
 REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16')
+GELUS = ('exact', 'tanh')
 DATA_SOURCES = ('random', 'learnable', 'tokens')
 
 
 SCHEMA: dict[str, tuple[str, ...]] = {
     'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
     'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
-              'init_std'),
+              'init_std', 'attn_bias'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
-            'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight'),
+            'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
+            'normalize_gates'),
     'pipeline': ('repeats', 'remat_policy'),
     'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
@@ -214,6 +220,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
          'moe.capacity_factor and moe.eval_capacity_factor must be > 0.')
   _check(errors, 0.0 <= m.expert_dropout < 1.0, f'moe.dropout={m.expert_dropout} not in [0, 1).')
   _check(errors, m.dtype in DTYPES, f'model.dtype={m.dtype!r} not one of {DTYPES}.')
+  _check(errors, m.gelu in GELUS, f'moe.gelu={m.gelu!r} not one of {GELUS}.')
   _check(errors, lay.remat_policy in REMAT_POLICIES,
          f'pipeline.remat_policy={lay.remat_policy!r} not one of {REMAT_POLICIES}.')
   _check(errors, config.data.source in DATA_SOURCES,

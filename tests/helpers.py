@@ -57,3 +57,36 @@ def assert_trees_close(actual, expected, rtol: float = 1e-5):
     scale = max(np.abs(e).max(), 1e-30)
     err = np.abs(a - e).max() / scale
     assert err <= rtol, f'{jax.tree_util.keystr(path)}: relative error {err:.2e} > {rtol}'
+
+
+def perturbed_params(config, seed: int = 0, scale: float = 0.1, router_scale: float = 1.0):
+  """Canonical params (blocks [NB, ...]) with every leaf moved off its init: biases and norms
+  non-trivial, router weights large enough that no two experts nearly tie."""
+  cfg = config_lib.model_config(config)
+  params = jax.device_get(transformer.init_canonical(cfg, jax.random.key(seed)))
+  rng = np.random.default_rng(seed)
+  def move(path, a):
+    name = jax.tree_util.keystr(path)
+    s = router_scale if 'router' in name else scale
+    return (np.asarray(a) + s * rng.standard_normal(a.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(move, params)
+
+
+def model_forward(config, params, tokens, train: bool = True):
+  """(loss, metrics, logits [M, B, T, V]) of the model on a config's mesh for canonical params."""
+  from moejax.model.layers import Head
+  config_lib.validate(config, jax.device_count())
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
+    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
+    staged = dict(params, blocks=pipeline_lib.to_stages(params['blocks'], lay.pp, lay.repeats))
+    staged = jax.device_put(staged, shard)
+
+    def fn(p, tokens, rng):
+      loss, metrics = transformer.loss_fn(p, tokens, rng, cfg=cfg, lay=lay, train=train)
+      hidden, _ = transformer.hidden_states(p, tokens[..., :-1], rng, cfg=cfg, lay=lay,
+                                            train=train)
+      return loss, metrics, Head(cfg).apply({'params': p['head']}, hidden)
+    loss, metrics, logits = jax.jit(fn)(staged, tokens, jax.random.key(1))
+  return float(loss), jax.device_get(metrics), np.asarray(logits)

@@ -14,7 +14,7 @@ import pytest
 from moejax.config import ConfigError
 from moejax.train import loop
 from moejax.train.checkpoint import saved_config
-from tests.helpers import small_config
+from tests.helpers import assert_trees_close, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ['--config=configs/tp4pp4.py:tiny', '--config.log_every=1',
@@ -37,10 +37,13 @@ def losses(workdir):
     return {r['step']: r['loss'] for r in map(json.loads, f)}
 
 
-def saved_params(workdir, step):
+def saved_state(workdir, step):
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  tree = ocp.StandardCheckpointer().restore(path)
-  return tree['params']
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def saved_params(workdir, step):
+  return saved_state(workdir, step)['params']
 
 
 @pytest.fixture(scope='module')
@@ -72,8 +75,10 @@ def test_resume_is_exact_on_1x1(tmp_path):
 @pytest.mark.parametrize('mesh', [('2', '8'), ('1', '1')])
 def test_checkpoint_from_4x4_resumes_on_other_mesh(straight, tmp_path, mesh):
   run(tmp_path, '--config.num_steps=3')
-  run(tmp_path, '--config.num_steps=4', f'--config.mesh.tp={mesh[0]}', f'--config.mesh.pp={mesh[1]}')
+  run(tmp_path, '--config.num_steps=6', f'--config.mesh.tp={mesh[0]}', f'--config.mesh.pp={mesh[1]}')
   np.testing.assert_allclose(losses(tmp_path)[4], losses(straight)[4], rtol=1e-5)
+  # Every leaf of the state, Adam moments and step counts included, continues the straight run.
+  assert_trees_close(saved_state(tmp_path, 6), saved_state(straight, 6), rtol=1e-4)
 
 
 def test_sigkill_during_save_then_restart_finishes_like_undisturbed(straight, tmp_path):
@@ -138,9 +143,17 @@ def test_init_from_loads_params_with_a_fresh_optimizer(tmp_path):
   tuned = _set(_quick(**{'optim.lr': 0.0}), num_steps=1, checkpoint_every=0,
                init_from=str(tmp_path / 'a'))
   loop.train(tuned, str(tmp_path / 'b'))
-  a, b = saved_params(tmp_path / 'a', 2), saved_params(tmp_path / 'b', 1)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  a, b = saved_state(tmp_path / 'a', 2), saved_state(tmp_path / 'b', 1)
+  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
     np.testing.assert_array_equal(x, y)
+  # The optimizer is fresh: after one step from zero moments, mu^2 / nu = (1-b1)^2 / (1-b2)
+  # for every element; moments carried over from run a would break it.
+  adam_a, adam_b = a['opt_state'][1][0], b['opt_state'][1][0]
+  assert int(np.asarray(adam_a['count'])) == 2 and int(np.asarray(adam_b['count'])) == 1
+  mu, nu = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(adam_b[k])]) for k in ('mu', 'nu'))
+  b1, b2 = tuned.optim.b1, tuned.optim.b2
+  live = nu > 1e-20
+  np.testing.assert_allclose(mu[live] ** 2 / nu[live], (1 - b1) ** 2 / (1 - b2), rtol=1e-3)
   with pytest.raises(ConfigError, match='no such directory'):
     loop.train(_set(_quick(), num_steps=1, init_from=str(tmp_path / 'none')), str(tmp_path / 'c'))
 

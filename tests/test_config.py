@@ -78,6 +78,10 @@ def test_unknown_and_missing_keys():
   config.moe.capacity = 2
   with pytest.raises(config_lib.ConfigError, match=r"Unknown config keys: \['moe.capacity'\]"):
     config_lib.validate(config, num_devices=16)
+  config = small_config(1, 1)
+  del config.moe['gelu']
+  with pytest.raises(config_lib.ConfigError, match=r"Missing config keys: \['moe.gelu'\]"):
+    config_lib.validate(config, num_devices=16)
 
 
 def test_derived_numbers_are_computed():

@@ -39,6 +39,11 @@ def test_param_count_matches_design():
   shapes = jax.eval_shape(lambda k: transformer.init_canonical(
       config_lib.model_config(tp4pp4.get_config()), k), jax.random.key(0))
   total = sum(np.prod(a.shape) for a in jax.tree.leaves(shapes))
+  v, d, e, f, nb, pos = 50304, 1024, 64, 2048, 8, 1024        # padded vocab; N*H = d_model
+  attn = 3 * d * d + 3 * d + d * d + d                        # wqkv, bqkv, wo, bo
+  moe = d * e + e * d * f + e * f + e * f * d + e * d        # router, w1, b1, w2, b2
+  block = attn + moe + 2 * 2 * d                              # + two LayerNorms
+  assert total == v * d + pos * d + nb * block + 2 * d + d * v
   assert 2.2e9 < total < 2.4e9     # DESIGN.md: about 2.29 B parameters
 
 

@@ -1,4 +1,6 @@
 """The MoE layer against a naive per-token reference, on every tp of the expert all_to_all."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,18 +10,24 @@ from moejax.model import routing
 from moejax.parallel import experts, mesh as mesh_lib
 
 
+_erf = np.vectorize(math.erf)
+
+
 def _gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + _erf(x / math.sqrt(2)))   # exact GELU (torch nn.GELU())
 
 
-def naive_moe(x, w, top_k, capacity):
-  """Each group in token order; all first choices claim slots before any second choice."""
+def naive_moe(x, w, top_k, capacity, normalize_gates=False):
+  """Each group in token order; all first choices claim slots before any second choice.
+
+  Returns (y, kept mask [B, T, K], kept count per expert [B, T/GROUP, E])."""
   x = np.asarray(x, np.float64)
   w = experts.ExpertWeights(*(np.asarray(a, np.float64) for a in w))
   b, t, d = x.shape
   group = GROUP
   out = np.zeros_like(x)
   kept_mask = np.zeros((b, t, top_k), bool)
+  kept_count = np.zeros((b, t // group, w.router.shape[1]), int)
   for bi in range(b):
     for g0 in range(0, t, group):
       tokens = x[bi, g0:g0 + group]
@@ -34,9 +42,15 @@ def naive_moe(x, w, top_k, capacity):
           if used[e] < capacity:
             used[e] += 1
             kept_mask[bi, g0 + s, k] = True
-            h = _gelu(tokens[s] @ w.w1[e] + w.b1[e])
-            out[bi, g0 + s] += probs[s, e] * (h @ w.w2[e] + w.b2[e])
-  return out, kept_mask
+      kept_count[bi, g0 // group] = used
+      for s in range(group):
+        chosen = [choices[s, k] for k in range(top_k) if kept_mask[bi, g0 + s, k]]
+        total = sum(probs[s, e] for e in chosen)
+        for e in chosen:
+          gate = probs[s, e] / total if normalize_gates else probs[s, e]
+          h = _gelu(tokens[s] @ w.w1[e] + w.b1[e])
+          out[bi, g0 + s] += gate * (h @ w.w2[e] + w.b2[e])
+  return out, kept_mask, kept_count
 
 
 GROUP, D, E, F = 8, 16, 8, 24
@@ -54,11 +68,11 @@ def _inputs(seed=0, b=2, t=32):
   return x, w
 
 
-def run_moe(x, w, tp, top_k, capacity):
+def run_moe(x, w, tp, top_k, capacity, **kwargs):
   mesh = mesh_lib.make_mesh(tp, 1)
   with mesh_lib.activate(mesh):
     fn = jax.jit(lambda w, x: experts.moe(w, x, jax.random.key(0), group_size=GROUP,
-                                          top_k=top_k, capacity=capacity))
+                                          top_k=top_k, capacity=capacity, **kwargs))
     return jax.device_get(fn(w, x))
 
 
@@ -67,12 +81,32 @@ def run_moe(x, w, tp, top_k, capacity):
 def test_expert_parallel_moe_equals_naive_reference(tp, top_k, capacity):
   x, w = _inputs(t=64)
   y, stats = run_moe(x, w, tp, top_k, capacity)
-  ref, kept = naive_moe(x, w, top_k, capacity)
+  ref, kept, kept_count = naive_moe(x, w, top_k, capacity)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-  # Exactly the same assignments were kept: per-expert kept counts equal the reference's.
-  assert int(stats.kept.sum()) == int(kept.sum())
+  # Exactly the same assignments were kept: every group's per-expert count is the reference's.
+  np.testing.assert_array_equal(stats.kept, kept_count)
   if capacity * E < GROUP * top_k:
     assert kept.sum() < kept.size   # this case really drops tokens
+
+
+@pytest.mark.parametrize('tp', [1, 4])
+def test_normalized_gates_equal_naive_reference(tp):
+  x, w = _inputs(t=64)
+  y, _ = run_moe(x, w, tp, 2, 2, normalize_gates=True)
+  ref, kept, _ = naive_moe(x, w, 2, 2, normalize_gates=True)
+  assert 0 < kept[..., 1].sum() and not kept.all()   # some tokens keep one choice, some two
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  raw, _, _ = naive_moe(x, w, 2, 2)
+  assert np.abs(raw - ref).max() > 1e-2             # renormalising changes the output
+
+
+def test_gelu_forms_differ_and_the_default_is_exact():
+  x, w = _inputs(t=32)
+  ref, _, _ = naive_moe(x, w, 1, 8)
+  exact, _ = run_moe(x, w, 1, 1, 8)
+  tanh, _ = run_moe(x, w, 1, 1, 8, gelu='tanh')
+  np.testing.assert_allclose(exact, ref, rtol=1e-6, atol=1e-6)
+  assert np.abs(tanh - ref).max() > 1e-5            # the tanh form is visible to the reference
 
 
 def test_route_drops_by_priority_first_choices_before_second():

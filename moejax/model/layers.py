@@ -68,7 +68,11 @@ class Embedder(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention: q/k/v split by heads over tp, output row-split."""
+  """Causal multi-head self-attention: q/k/v split by heads over tp, output row-split.
+
+  With cfg.attn_bias, q/k/v carry biases [3, N, H] (split like their heads) and the output
+  projection a bias [D] (replicated), as Megatron's Column/RowParallelLinear do by default.
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -85,13 +89,21 @@ class Attention(nn.Module):
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
     x = constrain(x.astype(c.dtype), ('act_batch', None, 'act_embed'))  # [B, T, D]
     x = checkpoint_name(x, 'attn_gathered')
-    qkv = constrain(jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype)),
-                    (None,) + heads)                                    # [3, B, T, N, H]
+    qkv = jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype))       # [3, B, T, N, H]
+    if c.attn_bias:
+      bqkv = _param(self, 'bqkv', (3, c.num_heads, c.head_dim), (None, 'heads', 'head_dim'),
+                    nn.initializers.zeros)
+      qkv = qkv + bqkv[:, None, None].astype(c.dtype)                   # split by heads like wqkv
+    qkv = constrain(qkv, (None,) + heads)
     q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
     o = constrain(o, heads)
     y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T
-    return checkpoint_name(constrain(y, RESIDUAL), 'attn_reduced')
+    y = constrain(y, RESIDUAL)
+    if c.attn_bias:
+      # Replicated and added once, after the reduction over heads (not once per tp shard).
+      y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(c.dtype)
+    return checkpoint_name(y, 'attn_reduced')
 
 
 class MoE(nn.Module):
@@ -121,7 +133,8 @@ class MoE(nn.Module):
     rng = self.make_rng('dropout') if rate > 0.0 else jax.random.key(0)
     return experts.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
                        capacity=c.capacity(self.train), dropout_rate=rate,
-                       compute_dtype=jnp.dtype(c.dtype))
+                       compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
+                       normalize_gates=c.normalize_gates)
 
 
 class Block(nn.Module):

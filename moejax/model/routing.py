@@ -27,9 +27,16 @@ class GroupStats(NamedTuple):
   kept: jax.Array      # [G, E] assignments per expert within capacity
 
 
-def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int
-          ) -> tuple[Routing, GroupStats]:
-  """Routes x [G, S, D] with router weights [D, E] (softmax in float32)."""
+def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
+          normalize_gates: bool = False) -> tuple[Routing, GroupStats]:
+  """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
+
+  Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
+  with normalize_gates, a token's kept gates are divided by their sum (fairseq/NLLB top-2:
+  renormalised after capacity, so a token with one kept choice weighs it 1). The aux loss
+  counts f_i over all K*S assignments, so it is 1 for uniform routing at any K; Mixtral's
+  (counts over S) is K times it.
+  """
   num_experts = w_router.shape[-1]
   logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
                       w_router.astype(jnp.float32))                   # [G, S, E]
@@ -42,6 +49,9 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
   slot = jnp.sum(position * flat, axis=-1).reshape(g, k, s)            # [G, K, S]
   keep = slot < capacity
+  if normalize_gates:
+    kept_gate = jnp.where(keep, gate, 0.0)                             # [G, K, S]
+    gate = kept_gate / jnp.maximum(jnp.sum(kept_gate, axis=1, keepdims=True), 1e-9)
   assigned = jnp.sum(flat, axis=1)                                     # [G, E]
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   frac = assigned.astype(jnp.float32) / (k * s)                        # f_i
@@ -73,12 +83,23 @@ def combine(y: jax.Array, r: Routing) -> jax.Array:
   return jnp.einsum('GKSD,GKS->GSD', out, weight)
 
 
-def expert_ffn(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array,
-               dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
-  """Applies each expert's GELU MLP to its rows: x [E, C, D], w1 [E, D, F], w2 [E, F, D]."""
+def expert_ffn(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
+               gelu: str = 'exact', dropout_rate: float = 0.0,
+               dropout_keep: jax.Array | None = None) -> jax.Array:
+  """Applies each expert's GELU MLP to its rows: x [E, C, D], w1 [E, D, F], w2 [E, F, D].
+
+  gelu: 'exact' (erf) or 'tanh'. dropout_keep [E, C, F] bool: hidden units kept by dropout.
+  """
   h = jnp.einsum('ECD,EDF->ECF', x, w1) + b1[:, None, :]               # [E, C, F]
-  h = jax.nn.gelu(h)
-  if dropout_rate > 0.0 and rng is not None:
-    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, h.shape)
-    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  h = jax.nn.gelu(h, approximate=gelu == 'tanh')
+  if dropout_keep is not None:
+    h = jnp.where(dropout_keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
   return jnp.einsum('ECF,EFD->ECD', h, w2) + b2[:, None, :]            # [E, C, D]
+
+
+def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:
+  """Keep mask [..., width] for rows named by row_ids [...] (int): row i's mask is a function
+  of (rng, i) only, so it does not depend on where the row is computed."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids.reshape(-1))
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (width,)))(keys)
+  return keep.reshape(row_ids.shape + (width,))

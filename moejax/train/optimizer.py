@@ -13,10 +13,10 @@ def schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Decay matrices only: not LayerNorm scales/biases, expert biases or position tables."""
+  """Decay matrices only: not LayerNorm scales/biases, attention or expert biases, positions."""
   def keep(path, _):
     name = getattr(path[-1], 'key', '')
-    return name not in ('scale', 'bias', 'b1', 'b2', 'pos')
+    return name not in ('scale', 'bias', 'bqkv', 'bo', 'b1', 'b2', 'pos')
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

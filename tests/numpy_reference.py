@@ -1,0 +1,132 @@
+"""The whole language model and its loss in plain NumPy (float64), written from the math.
+
+Shares no code with moejax: only the canonical parameter tree's names and shapes are common
+(blocks stacked [NB, ...] in block order). One token at a time through its experts, routing
+group by routing group; nothing is vectorised that could hide a mistake the model shares.
+
+  embed:  x = tok[id] + pos[t]
+  block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block)
+  attn:   q,k,v = x Wq + bq, ... ; causal softmax(q k^T / sqrt(H)) v ; concat heads ; Wo + bo
+  moe:    p = softmax(x Wr) ; top-k ; capacity per group (all first choices before any second,
+          earlier tokens first) ; y = sum_kept gate * (gelu(x W1[e] + b1[e]) W2[e] + b2[e])
+  loss:   mean CE over real vocabulary + aux_w * sum_blocks mean_groups E sum_e f_e P_e
+          + z_w * sum_blocks mean_groups mean_tokens logsumexp(router logits)^2
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf)
+
+
+def gelu(x: np.ndarray, form: str = 'exact') -> np.ndarray:
+  if form == 'exact':
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def attention(x: np.ndarray, p: dict) -> np.ndarray:
+  """x [T, D] one sequence -> [T, D]."""
+  t = x.shape[0]
+  w, b = p['wqkv'], p.get('bqkv')                       # [3, D, N, H], [3, N, H]
+  n, h = w.shape[2], w.shape[3]
+  out = np.zeros((t, n * h))
+  for head in range(n):
+    q = x @ w[0, :, head] + (b[0, head] if b is not None else 0.0)    # [T, H]
+    k = x @ w[1, :, head] + (b[1, head] if b is not None else 0.0)
+    v = x @ w[2, :, head] + (b[2, head] if b is not None else 0.0)
+    scores = q @ k.T / math.sqrt(h)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    out[:, head * h:(head + 1) * h] = softmax(scores) @ v
+  y = out @ p['wo'].reshape(n * h, -1)
+  return y + p['bo'] if 'bo' in p else y
+
+
+def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: str,
+              normalize_gates: bool) -> tuple[np.ndarray, float, float, int, int]:
+  """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned)."""
+  s = x.shape[0]
+  num_experts = p['router'].shape[1]
+  logits = x @ p['router']                              # [S, E]
+  probs = softmax(logits)
+  choice = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]   # [S, K]
+  used = np.zeros(num_experts, int)
+  kept = np.zeros((s, top_k), bool)
+  for k in range(top_k):                                # priority: choice rank, then position
+    for i in range(s):
+      e = choice[i, k]
+      if used[e] < capacity:
+        used[e] += 1
+        kept[i, k] = True
+  y = np.zeros_like(x)
+  for i in range(s):
+    gates = [probs[i, choice[i, k]] if kept[i, k] else 0.0 for k in range(top_k)]
+    total = sum(gates)
+    for k in range(top_k):
+      if not kept[i, k]:
+        continue
+      e = choice[i, k]
+      gate = gates[k] / total if normalize_gates else gates[k]
+      hidden = gelu(x[i] @ p['w1'][e] + p['b1'][e], gelu_form)
+      y[i] += gate * (hidden @ p['w2'][e] + p['b2'][e])
+  frac = np.bincount(choice.reshape(-1), minlength=num_experts) / (s * top_k)
+  aux = num_experts * float(np.sum(frac * probs.mean(0)))
+  lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+  z = float(np.mean(lse ** 2))
+  return y, aux, z, int(kept.sum()), s * top_k
+
+
+def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: int, top_k: int,
+            capacity: int, aux_weight: float, z_weight: float, gelu_form: str = 'exact',
+            normalize_gates: bool = False) -> tuple[float, np.ndarray, dict]:
+  """tokens [M, B, T+1] -> (loss, logits [M, B, T, vocab_size], stats)."""
+  f64 = lambda tree: {k: f64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
+                      for k, v in tree.items()}
+  params = f64(params)
+  emb, head, blocks = params['embed'], params['head'], params['blocks']
+  num_blocks = blocks['ln1']['scale'].shape[0]
+  block = lambda b: {name: {k: v[b] for k, v in sub.items()} for name, sub in blocks.items()}
+  inputs, labels = tokens[..., :-1], tokens[..., 1:]
+  m, bsz, t = inputs.shape
+  logits = np.zeros((m, bsz, t, vocab_size))
+  aux = np.zeros((num_blocks, m, bsz, t // group_size))
+  z = np.zeros_like(aux)
+  kept = assigned = 0
+  for mi in range(m):
+    for bi in range(bsz):
+      x = emb['tok'][inputs[mi, bi]] + emb['pos'][:t]                  # [T, D]
+      for nb in range(num_blocks):
+        p = block(nb)
+        x = x + attention(layer_norm(x, p['ln1']['scale'], p['ln1']['bias']), p['attn'])
+        h = layer_norm(x, p['ln2']['scale'], p['ln2']['bias'])
+        y = np.zeros_like(h)
+        for g in range(t // group_size):
+          sl = slice(g * group_size, (g + 1) * group_size)
+          y[sl], aux[nb, mi, bi, g], z[nb, mi, bi, g], kk, aa = moe_group(
+              h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
+              normalize_gates=normalize_gates)
+          kept, assigned = kept + kk, assigned + aa
+        x = x + y
+      x = layer_norm(x, head['ln_f']['scale'], head['ln_f']['bias'])
+      logits[mi, bi] = x @ head['w'][:, :vocab_size]
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+  ce = float(np.mean(lse - label_logit))
+  aux_loss = aux_weight * float(aux.mean(axis=(1, 2, 3)).sum())
+  z_loss = z_weight * float(z.mean(axis=(1, 2, 3)).sum())
+  stats = {'ce': ce, 'aux_loss': aux_loss, 'z_loss': z_loss,
+           'dropped_frac': 1.0 - kept / assigned}
+  return ce + aux_loss + z_loss, logits, stats

@@ -1,0 +1,81 @@
+"""The 1x1 model (and one 4x4 mesh) against the independent NumPy reference (float32 vs float64).
+
+tests/numpy_reference.py shares no code with moejax; a shared mistake cannot pass here.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from moejax.data.synthetic import SyntheticSource
+from tests import numpy_reference
+from tests.helpers import model_forward, perturbed_params, small_config
+
+
+def _case(tp=1, pp=1, **overrides):
+  config = small_config(tp, pp, **{'data.num_micro_batches': 4, 'data.seq_len': 16,
+                                   'model.num_blocks': 4, **overrides})
+  params = perturbed_params(config)
+  c = config
+  tokens = SyntheticSource('random', c.model.vocab_size, c.data.num_micro_batches,
+                           c.data.micro_batch_size, c.data.seq_len, 0).batch(0)
+  return config, params, tokens
+
+
+def reference(config, params, tokens, **kwargs):
+  c = config
+  capacity = math.ceil(c.moe.capacity_factor * c.moe.group_size * c.moe.top_k
+                       / c.moe.num_experts)                  # DESIGN.md's formula
+  args = dict(vocab_size=c.model.vocab_size, group_size=c.moe.group_size, top_k=c.moe.top_k,
+              capacity=capacity, aux_weight=c.moe.aux_loss_weight,
+              z_weight=c.moe.z_loss_weight, gelu_form=c.moe.gelu,
+              normalize_gates=c.moe.normalize_gates)
+  return numpy_reference.forward(params, np.asarray(tokens), **{**args, **kwargs})
+
+
+def assert_matches(config, params, tokens, rtol=1e-5, **ref_kwargs):
+  loss, metrics, logits = model_forward(config, params, tokens)
+  ref_loss, ref_logits, ref_stats = reference(config, params, tokens, **ref_kwargs)
+  v = config.model.vocab_size
+  err = np.abs(logits[..., :v] - ref_logits).max() / np.abs(ref_logits).max()
+  assert err <= rtol, f'logits: relative error {err:.2e} > {rtol}'
+  np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
+    np.testing.assert_allclose(metrics[key], ref_stats[key], rtol=rtol, atol=1e-7, err_msg=key)
+  return ref_stats
+
+
+@pytest.mark.parametrize('top_k,capacity_factor,normalize', [
+    (1, 1.1, False), (1, 8.0, False), (2, 1.1, False), (2, 8.0, False), (2, 1.1, True)])
+def test_1x1_model_equals_numpy_reference(top_k, capacity_factor, normalize):
+  config, params, tokens = _case(**{'moe.top_k': top_k, 'moe.capacity_factor': capacity_factor,
+                                    'moe.normalize_gates': normalize})
+  stats = assert_matches(config, params, tokens)
+  if capacity_factor == 1.1:
+    assert stats['dropped_frac'] > 0.02     # the case with drops really drops
+  else:
+    assert stats['dropped_frac'] == 0.0
+
+
+def test_4x4_mesh_equals_numpy_reference():
+  config, params, tokens = _case(4, 4, **{'data.seq_len': 32})   # 4 groups: one per tp shard
+  assert_matches(config, params, tokens)
+
+
+def test_dense_limit_is_a_gpt2_block_stack():
+  """One expert and ample capacity: the gate is 1 and each block is GPT-2's (biases, exact GELU)."""
+  config, params, tokens = _case(**{'moe.num_experts': 1, 'moe.capacity_factor': 2.0})
+  stats = assert_matches(config, params, tokens)
+  assert stats['dropped_frac'] == 0.0
+
+
+def test_reference_sees_the_gelu_form_and_the_attention_biases():
+  """The comparison can fail: the tanh GELU, or a dropped bias, is far outside the tolerance."""
+  config, params, tokens = _case()
+  with pytest.raises(AssertionError):
+    assert_matches(config, params, tokens, gelu_form='tanh')
+  no_bias = {**params, 'blocks': {**params['blocks'], 'attn': {
+      k: v for k, v in params['blocks']['attn'].items() if k != 'bo'}}}
+  _, _, logits = model_forward(config, params, tokens)
+  _, ref_logits, _ = reference(config, no_bias, tokens)
+  assert np.abs(logits[..., :config.model.vocab_size] - ref_logits).max() > 1e-3
