@@ -46,6 +46,21 @@ def loss_and_grads(config, seed: int = 0):
   return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, grads)
 
 
+def without_key_bias(tree):
+  """The tree with every key bias (bqkv[..., 1, :, :]) zeroed, for comparing trained states.
+
+  The key bias's gradient is exactly zero (a query's softmax ignores a shift shared by all its
+  keys), so Adam turns its rounding noise into full-size steps that differ across meshes.
+  """
+  def zero(path, a):
+    if 'bqkv' not in jax.tree_util.keystr(path) or np.ndim(a) < 3:
+      return a
+    a = np.array(a)
+    a[..., 1, :, :] = 0
+    return a
+  return jax.tree_util.tree_map_with_path(zero, tree)
+
+
 def assert_trees_close(actual, expected, rtol: float = 1e-5):
   """Per leaf: max |a - e| <= rtol * max |e| (relative to the leaf's scale)."""
   flat_a = jax.tree_util.tree_leaves_with_path(actual)
