@@ -50,10 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   c.pipeline = ml_collections.ConfigDict(dict(
       repeats=1,                          # circular repeats: each device holds r block groups
-      # What each stage keeps for its backward pass (moejax.config.REMAT_POLICIES):
-      # 'save_collectives' keeps the outputs of its all-gathers, reduce-scatters and all-to-alls
-      # (+2.2 GiB per device at full size) so the recomputation repeats none of them.
-      remat_policy='nothing_saveable' if tiny else 'save_collectives',
+      # What each stage keeps for its backward pass (moejax.config.REMAT_POLICIES).
+      # 'save_dots_and_collectives' keeps every matmul output and the outputs of the stage's
+      # all-gathers, reduce-scatters and all-to-alls: the backward pass recomputes only
+      # elementwise work (fewest FLOPs of all policies at 11.5 GiB per H100; BENCHMARKS.md).
+      remat_policy='nothing_saveable' if tiny else 'save_dots_and_collectives',
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='learnable' if tiny else 'random',  # 'random' (the seed), 'learnable' or 'tokens'

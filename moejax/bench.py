@@ -12,10 +12,13 @@ collective bytes (against the layout's analytic minimum) of the compiled program
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from moejax.model import flops as model_flops
 
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).')
 flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
@@ -23,16 +26,11 @@ flags.DEFINE_integer('steps', 5, 'Timed steps per round.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds (configured mesh, then 1x1).')
 flags.DEFINE_string('micro_batches', '', 'Comma-separated M values to sweep (same micro-batch).')
 flags.DEFINE_bool('aot', False, 'Compile only (abstract inputs): memory and collectives.')
+flags.DEFINE_enum('target', 'cpu', ['cpu', 'h100', 'a100', 'h200'],
+                  'With --aot: compile for this machine (cpu) or for abstract GPUs of this card '
+                  '(needs requirements-cuda12.txt, not a GPU).')
+flags.DEFINE_string('hlo_out', None, 'With --aot: also write the compiled HLO text here.')
 flags.mark_flags_as_required(['config'])
-
-
-def flops_per_token(config) -> float:
-  """Training FLOPs per token: 6 x active matmul params + attention (PaLM appendix B)."""
-  m, moe, t = config.model, config.moe, config.data.seq_len
-  d, nh = m.d_model, m.num_heads * m.head_dim
-  per_block = 4 * d * nh + d * moe.num_experts + moe.top_k * 2 * d * moe.d_ff
-  active = m.num_blocks * per_block + d * m.vocab_size          # blocks + LM head
-  return 6 * active + 12 * m.num_blocks * nh * t
 
 
 def matmul_flops_per_s(devices) -> float:
@@ -52,11 +50,13 @@ def matmul_flops_per_s(devices) -> float:
   return 2 * n ** 3 * reps * len(devices) / (time.perf_counter() - start)
 
 
-def compiled_analysis(config) -> dict:
-  """Per-device memory and collective bytes of the train step compiled from abstract inputs."""
+def compiled_analysis(config, target: str = 'cpu') -> dict:
+  """Per-device memory and collective bytes of the train step compiled from abstract inputs,
+  for this machine's devices or (target='h100', ...) for abstract GPUs of that card."""
   import jax
   import numpy as np
-  from moejax import config as config_lib
+  from jax.sharding import NamedSharding
+  from moejax import config as config_lib, targets
   from moejax.parallel import comm, hlo, mesh as mesh_lib
   from moejax.train import optimizer, state as state_lib, step as step_lib
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
@@ -66,6 +66,15 @@ def compiled_analysis(config) -> dict:
   abstract_state = state_lib.abstract(cfg, lay, tx, mesh)
   batch = jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1),
                                np.int32, sharding=step_lib.batch_sharding(mesh))
+  if target != 'cpu':
+    # Nothing can execute on abstract GPUs (not even optax's init inside eval_shape): the
+    # abstract state is built on the CPU mesh of the same shape, then moved to the GPU mesh.
+    mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, targets.devices(target, lay.devices))
+    move = lambda s: NamedSharding(mesh, s.spec)
+    sh = jax.tree.map(move, sh)
+    abstract_state, batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=move(a.sharding)),
+        (abstract_state, batch))
   start = time.perf_counter()
   compiled = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
                                       config.seed).lower(abstract_state, batch).compile()
@@ -84,13 +93,43 @@ def compiled_analysis(config) -> dict:
   memory['peak'] = (memory.get('argument', 0) + memory.get('output', 0) -
                     memory.get('alias', 0) + memory.get('temp', 0))
   minimum = comm.minimum_bytes(cfg, lay)
-  collective = hlo.bytes_by_kind(compiled.as_text())
+  text = compiled.as_text()
+  collective = hlo.bytes_by_kind(text)
   return {'compile_s': compile_s, 'memory_per_device_bytes': memory,
+          **executed_flops(config, text),
+          'collective_overlap_frac': hlo.overlap_fraction(text),
           'collective_bytes': collective, 'collective_bytes_min': comm.totals(minimum),
           'collective_bytes_min_terms': minimum,
           'collective_ratio_vs_min': sum(collective.values()) / max(
               sum(comm.totals(minimum).values()), 1),
           'compiled': compiled}
+
+
+def executed_flops(config, hlo_text: str) -> dict:
+  """Matmul FLOPs the compiled program executes per device per step, against the model's
+  (flops_per_token x tokens / devices), and what the excess is made of."""
+  from moejax import config as config_lib
+  from moejax.parallel import hlo, pipeline as pipeline_lib
+  lay = config_lib.layout(config)
+  parts = hlo.flops(hlo_text)
+  model = model_flops.flops_per_token(config) * lay.tokens_per_step / lay.devices
+  bubble = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
+  excess = parts['total'] - model
+  ticks = bubble * (parts['blocks'] + parts['remat'])   # idle ticks run the blocks too
+  remat = (1 - bubble) * parts['remat']
+  # Experts run on every capacity slot, used or not: E * C slots for K * S assignments.
+  cfg = config_lib.model_config(config)
+  expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks
+  slots = (cfg.num_experts * cfg.capacity(True) / (cfg.top_k * cfg.group_size) - 1) * expert * (
+      lay.tokens_per_step / lay.devices)
+  return {
+      'flops_executed': parts['total'], 'flops_model_per_device': model,
+      'flops_executed_over_model': parts['total'] / model,
+      'flops_executed_by_part': parts,
+      'flops_excess': {'bubble_ticks': ticks, 'rematerialisation': remat,
+                       'empty_capacity_slots': slots,
+                       'other': excess - ticks - remat - slots},
+  }
 
 
 class _Runner:
@@ -158,7 +197,7 @@ def measure(config, steps: int, rounds: int) -> dict:
   kept = np.asarray(m['expert_load'])
   devices = lay.devices
   peak = matmul_flops_per_s(jax.devices()[:devices])
-  fpt = flops_per_token(config)
+  fpt = model_flops.flops_per_token(config)
   tps = lay.tokens_per_step / step_time
   formula = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
   return {
@@ -185,7 +224,16 @@ def measure(config, steps: int, rounds: int) -> dict:
 def main(argv):
   del argv
   from moejax import runtime
+  from moejax import targets
+  from moejax.config import ConfigError
   config = flags.FLAGS.config
+  try:
+    if flags.FLAGS.target != 'cpu' and not flags.FLAGS.aot:
+      raise ConfigError(f'--target={flags.FLAGS.target} compiles for GPUs that are not here; '
+                        f'add --aot (only a GPU gives times).')
+    targets.prepare(flags.FLAGS.target)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
   runtime.setup_devices(config)
   if flags.FLAGS.aot:
     _aot(config)
@@ -210,10 +258,17 @@ def main(argv):
 
 def _aot(config) -> None:
   import jax
-  result = compiled_analysis(config)
-  result.pop('compiled')
+  from moejax import targets
+  target = flags.FLAGS.target
+  result = compiled_analysis(config, target)
+  compiled = result.pop('compiled')
+  if flags.FLAGS.hlo_out:
+    with open(flags.FLAGS.hlo_out, 'w') as f:
+      f.write(compiled.as_text())
   result.update(mesh=f'{config.mesh.tp}x{config.mesh.pp}', dtype=config.model.dtype,
-                platform=jax.devices()[0].platform)
+                platform=jax.devices()[0].platform if target == 'cpu' else 'cuda',
+                target=jax.devices()[0].device_kind if target == 'cpu' else
+                targets.card_name(target))
   gib = lambda n: f'{n / 2**30:8.3f} GiB'
   print(f"compiled {result['mesh']} train step ({result['dtype']}) for {result['platform']} in "
         f"{result['compile_s']:.1f}s; per device:")
@@ -223,6 +278,12 @@ def _aot(config) -> None:
     print(f"  {k:20s} compiled {gib(v)}   analytic minimum "
           f"{gib(result['collective_bytes_min'].get(k, 0))}")
   print(f"  collective bytes vs analytic minimum: {result['collective_ratio_vs_min']:.2f}x")
+  print(f"  collective bytes with compute scheduled between start and done: "
+        f"{result['collective_overlap_frac']:.1%}")
+  print(f"  matmul FLOPs executed {result['flops_executed']:.4g} = "
+        f"{result['flops_executed_over_model']:.3f}x the model's "
+        f"{result['flops_model_per_device']:.4g}; excess: " + ', '.join(
+            f'{k} {v:.3g}' for k, v in result['flops_excess'].items()))
   if result['platform'] == 'cpu' and config.model.dtype != 'float32':
     print('  note: XLA:CPU computes reduced-precision matmuls and reductions in float32, so '
           'collectives may be counted at 4 bytes where a GPU moves 2.')

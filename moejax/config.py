@@ -109,8 +109,8 @@ def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
   return model.num_blocks // (lay.pp * lay.repeats)
 
 
-REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'dots_saveable',
-                  'dots_with_no_batch_dims_saveable', 'everything_saveable')
+REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'save_dots_and_collectives',
+                  'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16')
 GELUS = ('exact', 'tanh')
 DATA_SOURCES = ('random', 'learnable', 'tokens')

@@ -8,9 +8,9 @@ import numpy as np
 
 from configs import tp4pp4
 from moejax import config as config_lib
-from moejax.data.synthetic import SyntheticSource
 from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+from moejax.train import check
 
 
 def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **overrides):
@@ -29,21 +29,7 @@ def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **over
 
 def loss_and_grads(config, seed: int = 0):
   """(loss, metrics, canonical grads) as numpy for a config's mesh, same params and batch."""
-  config_lib.validate(config, jax.device_count())
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
-    params = jax.jit(lambda k: transformer.init(cfg, lay, k), out_shardings=shard)(
-        jax.random.key(seed))
-    tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
-                             lay.micro_batch_size, lay.seq_len, seed).batch(0)
-    fn = jax.jit(jax.value_and_grad(functools.partial(
-        transformer.loss_fn, cfg=cfg, lay=lay, train=True), has_aux=True))
-    (loss, metrics), grads = fn(params, tokens, jax.random.key(1))
-  grads = jax.device_get(grads)
-  grads['blocks'] = pipeline_lib.from_stages(grads['blocks'])
-  return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, grads)
+  return check.loss_and_grads(config, seed)
 
 
 def without_key_bias(tree):

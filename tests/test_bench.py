@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('step_time_s', 'forward_latency_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
           'memory_per_device_bytes', 'collective_bytes', 'collective_bytes_min', 'dropped_frac', 'balance',
@@ -39,3 +41,36 @@ def test_bench_aot_compiles_without_allocating(tmp_path):
   assert 0 <= memory['optimizer_state'] - 2 * memory['params'] < 1024   # Adam mu, nu + counts
   assert result['collective_bytes']['all-to-all'] >= result['collective_bytes_min']['all-to-all']
   assert result['collective_ratio_vs_min'] >= 1.0
+
+
+def _cuda_plugin() -> bool:
+  import importlib.util
+  return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+
+
+def _bench(tmp_path, *args):
+  cmd = [sys.executable, '-m', 'moejax.bench', *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS=''))
+
+
+@pytest.mark.skipif(_cuda_plugin(), reason='jax[cuda12] is installed here')
+def test_gpu_target_without_the_cuda_plugin_says_what_to_install(tmp_path):
+  out = _bench(tmp_path, '--config=configs/tp4pp4.py:tiny', '--aot', '--target=h100')
+  assert out.returncode != 0
+  assert 'pip install -r requirements.txt -r requirements-cuda12.txt' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason='needs jax[cuda12] (requirements-cuda12.txt)')
+def test_h100_target_compiles_the_gpu_program(tmp_path):
+  out_file = tmp_path / 'h100.json'
+  out = _bench(tmp_path, '--config=configs/tp4pp4.py:tiny', '--aot', '--target=h100',
+               f'--out={out_file}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out_file.read_text())
+  assert result['target'] == 'NVIDIA H100 80GB HBM3' and result['platform'] == 'cuda'
+  for field in ('collective_overlap_frac', 'flops_executed', 'flops_executed_over_model'):
+    assert field in result, field
+  assert 1.0 <= result['flops_executed_over_model'] < 3.0
+  assert result['collective_bytes']['all-to-all'] > 0

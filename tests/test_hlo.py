@@ -1,4 +1,6 @@
 """The compiled train step holds the collectives we meant, and no all-gather of weights."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,68 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   by_kind = hlo.bytes_by_kind(text)
   assert by_kind['all-reduce'] == 19 * 16
   assert by_kind['all-gather'] == 32
+
+
+GPU_HLO = os.path.join(os.path.dirname(__file__), 'data', 'h100_collectives.hlo')
+
+
+def test_async_gpu_collectives_counted_once_at_their_result():
+  """H100 program (tests/data/make_gpu_hlo.py): every collective is a -start/-done pair."""
+  text = open(GPU_HLO).read()
+  f32 = 4
+  by_kind = hlo.bytes_by_kind(text)
+  assert by_kind == {
+      'all-reduce': 5 * 64 * 128 * f32,        # psum inside the 5-step scan
+      'all-to-all': 64 * 128 * f32,
+      'all-gather': 256 * 128 * f32,          # the gathered result, not operand + result
+      'reduce-scatter': 64 * 128 * f32,
+      'collective-permute': 64 * 128 * f32,
+  }
+  assert all('-start' in line or '-done' in line for line in text.splitlines()
+             if any(f" {k}(" in line for k in hlo.KINDS))
+
+
+def test_matmul_flops_of_a_scanned_matmul():
+  """5 steps of [64, 128] @ [128, 128] per device (XLA splits it into a batched GEMM fusion)."""
+  parts = hlo.flops(open(GPU_HLO).read())
+  assert parts['total'] == 5 * 2 * 64 * 128 * 128
+  cpu = '''
+%body (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
+  %x = f32[64,128]{1,0} parameter(0)
+  %w = f32[128,32]{1,0} parameter(1)
+  %d = f32[64,32]{1,0} dot(f32[64,128]{1,0} %x, f32[128,32]{1,0} %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/rematted_computation/dot_general"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %g = (f32[8,4]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %w = (s32[], f32[64,128]) while((s32[], f32[64,128]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %q = bf16[2,128,4,64]{3,2,1,0} parameter(2)
+  %k = bf16[2,256,4,64]{3,2,1,0} parameter(3)
+  %o = (bf16[2,128,4,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %k), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(f)/head_loss/attn"}
+}
+'''
+  parts = hlo.flops(cpu)
+  assert parts['remat'] == 3 * 2 * 64 * 32 * 128
+  assert parts['blocks'] == 2 * 8 * 4 * 16
+  assert parts['head'] == 2 * 2 * (2 * 4 * 128 * 256 * 64)     # q k^T and p v
+  assert parts['total'] == parts['remat'] + parts['blocks'] + parts['head']
+
+
+def test_overlap_needs_work_between_start_and_done():
+  text = '''
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[1024]{0} parameter(0)
+  %s1 = ((f32[1024]{0}), f32[4096]{0}) all-gather-start(%a), dimensions={0}
+  %f = f32[1024]{0} fusion(%a), kind=kLoop, calls=%fused
+  %d1 = f32[4096]{0} all-gather-done(%s1)
+  %s2 = f32[1024]{0} all-reduce-start(%f), to_apply=%add
+  %g = f32[1024]{0} get-tuple-element(%x), index=0
+  %d2 = f32[1024]{0} all-reduce-done(%s2)
+}
+'''
+  ops = hlo.collectives(text)
+  assert [(c.kind, c.bytes, c.overlapped) for c in ops] == [
+      ('all-gather', 4096 * 4, True), ('all-reduce', 1024 * 4, False)]
+  assert hlo.overlap_fraction(text) == 4096 / (4096 + 1024)

@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
 from moejax.model import routing
-from moejax.parallel import experts
+from moejax.parallel import experts, vocab
 from moejax.parallel.mesh import constrain
 
 RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
@@ -46,12 +46,8 @@ class LayerNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token + learned position embedding; the token table is vocab-parallel.
-
-  The lookup is a one-hot matmul so that XLA partitions it like any vocab-parallel matmul
-  (local rows, then a reduce-scatter into the sequence-parallel residual) instead of gathering
-  the whole table.
-  """
+  """Token + learned position embedding; the token table is vocab-parallel (each shard reads
+  the rows of its vocabulary range, summed into the sequence-parallel residual)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -60,9 +56,9 @@ class Embedder(nn.Module):
     tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
                  _normal(c.init_std))
     pos = _param(self, 'pos', (c.max_len, c.d_model), ('pos', 'embed'), _normal(c.init_std))
-    onehot = jax.nn.one_hot(ids, c.padded_vocab, dtype=c.dtype)          # [M, B, T, V]
-    onehot = constrain(onehot, ('act_micro', 'act_batch', None, 'act_vocab'))
-    x = jnp.einsum('MBTV,VD->MBTD', onehot, tok.astype(c.dtype))
+    if self.is_initializing():   # init only declares parameters (any example shape will do)
+      return jnp.zeros(ids.shape + (c.d_model,), c.dtype)
+    x = vocab.lookup(tok.astype(c.dtype), ids, ('act_micro',) + RESIDUAL)  # [M, B, T, D]
     x = x + pos[:ids.shape[-1]].astype(c.dtype)
     return constrain(x, ('act_micro',) + RESIDUAL)
 

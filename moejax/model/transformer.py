@@ -117,12 +117,8 @@ def _chunking(m: int, stages: int):
 def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
                   cfg: ModelConfig, lay: Layout, train: bool) -> tuple[jax.Array, Any]:
   """Token ids [M, B, T] -> final hidden states [M, B, T, D] and per-layer stats [NB, ...]."""
-  chunks, unchunk = _chunking(inputs.shape[0], lay.pp)
-  # Embedding and head run in checkpointed chunks of one micro-batch per stage, so the
-  # vocab-sized one-hot and logits exist for one chunk at a time.
   with jax.named_scope('embed'):
-    embed = jax.checkpoint(lambda ids: Embedder(cfg).apply({'params': params['embed']}, ids))
-    x = unchunk(jax.lax.map(embed, chunks(inputs)))                     # [M, B, T, D]
+    x = Embedder(cfg).apply({'params': params['embed']}, inputs)       # [M, B, T, D]
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy)
@@ -147,8 +143,12 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   m, b, t = inputs.shape
   hidden, stats = hidden_states(params, inputs, rng, cfg=cfg, lay=lay, train=train)
   chunks, _ = _chunking(m, lay.pp)
+  # The head runs in chunks of one micro-batch per stage, so the vocab-sized logits exist for
+  # one chunk at a time.
   with jax.named_scope('head_loss'):
-    ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg))
+    # The pipeline's remat policy decides here too what the backward pass recomputes.
+    ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg),
+                              policy=pipeline_lib.remat_policy_fn(lay.remat_policy))
     ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
     ce = jnp.sum(ce_sums) / (m * b * t)
   aux = cfg.aux_loss_weight * jnp.sum(stats['aux']) / m                # sum over blocks

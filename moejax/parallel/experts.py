@@ -47,7 +47,7 @@ def _dispatched_row_ids(b_: int, ng_: int, num_experts: int, capacity: int,
 
   def offsets(entry, local: int) -> tuple[jax.Array, int]:   # per source shard, and global size
     index, count = jnp.zeros_like(src), 1
-    for a in _flat(entry):
+    for a in mesh_lib.axes_of(entry):
       index, count = index * size_of[a] + coord[a], count * size_of[a]
     return index * local, count * local
 
@@ -108,8 +108,8 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
   # Expert-parallel axes: those the experts are split over (tp, or dp x tp when folded). The
   # shard_map is manual over them only; specs drop every other (auto) axis, such as dp
   # splitting the batch when experts are not folded.
-  axes = _flat(mesh_lib.spec(('experts',))[0])
-  manual = lambda p: P(*(_keep(entry, axes) for entry in p))
+  axes = mesh_lib.axes_of(mesh_lib.spec(('experts',))[0])
+  manual = lambda p: mesh_lib.restrict(p, axes)
   g_spec = manual(mesh_lib.spec(GROUP_AXES))
   stats_specs = routing.GroupStats(g_spec, g_spec, g_spec, g_spec)
   fn = functools.partial(_moe_local, axes=axes, group_spec=g_spec, top_k=top_k,
@@ -122,15 +122,3 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
       out_specs=(g_spec, stats_specs), axis_names=set(axes), check_vma=False)(
           weights, groups, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
-
-
-def _flat(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _keep(entry, axes: tuple[str, ...]):
-  """A PartitionSpec entry restricted to `axes` (None if nothing is left)."""
-  kept = tuple(a for a in _flat(entry) if a in axes)
-  return None if not kept else kept[0] if len(kept) == 1 else kept

@@ -1,22 +1,43 @@
-"""Reading collectives out of a compiled program's HLO text, counted per execution of the step."""
+"""Reading a compiled program's HLO text: collectives, executed matmul FLOPs and overlap.
+
+Everything is per device per execution of the program: ops inside while loops count once per
+iteration (`known_trip_count`), ops in called computations (fusions, calls) once per call.
+Works on XLA:CPU text and on scheduled GPU text, where collectives are `*-start` / `*-done`
+pairs: a pair is counted once, at its `-done`, whose result is exactly the collective's result
+(a start's result also carries its operands).
+"""
 from __future__ import annotations
 
 import collections
+import math
 import re
 from typing import NamedTuple
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1,
-          'f64': 8, 's64': 8, 'u64': 8}
-# `%name = TYPE[dims]{layout} kind(` or a tuple result `(f32[..], f32[..]) kind-start(`
-_LINE = re.compile(r'=\s*(?P<result>\(.*?\)|\S+)\s+(?P<kind>' + '|'.join(KINDS) +
-                   r')(?P<start>-start)?\(')
-_ARRAY = re.compile(r'(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]')
+          'f64': 8, 's64': 8, 'u64': 8, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2}
+_ARRAY = re.compile(r'(?P<dtype>[a-z]+\d*[a-z0-9]*)\[(?P<dims>[\d,]*)\]')
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(.*\{\s*$')
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*')
 _CALLEE = re.compile(r'\b(?:body|condition|calls|to_apply|true_computation|false_computation)='
                      r'%(?P<name>[\w.\-]+)')
 _BRANCHES = re.compile(r'branch_computations=\{(?P<names>[^}]*)\}')
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
+_COMMENT = re.compile(r'/\*.*?\*/')
+# Ops that do no device work of their own: between a collective's start and done they do not
+# make it overlap with anything.
+_NO_WORK = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'partition-id',
+            'replica-id', 'after-all', 'opt-barrier', 'add-dependency'}
+
+
+class Instr(NamedTuple):
+  name: str
+  comp: str            # computation that holds it
+  pos: int             # position in that computation (the schedule order on GPU)
+  result: str          # result type text, e.g. 'bf16[8,1024]{1,0}' or '(f32[2], u32[])'
+  op: str              # opcode, e.g. 'dot', 'fusion', 'all-to-all-done'
+  operands: tuple[str, ...]
+  attrs: str           # everything after the operand list
 
 
 class Collective(NamedTuple):
@@ -24,61 +45,112 @@ class Collective(NamedTuple):
   shapes: tuple[tuple[int, ...], ...]   # result array shapes
   bytes: int                            # result bytes (per device, one execution)
   count: int = 1                        # executions per run of the program (loop trip counts)
+  overlapped: bool = False              # async, with device work scheduled between start and done
 
 
-def _multiplicities(lines: list[str]) -> tuple[dict[str, int], list[str]]:
-  """Executions of each computation per program run, and the computation of each line."""
-  owner, edges, current, entry = [], collections.defaultdict(list), '', ''
-  for line in lines:
-    header = _HEADER.match(line)
-    if header:
-      current = header.group('name')
-      entry = current if line.startswith('ENTRY') else entry
-    owner.append(current)
-    if header or not current:
-      continue
-    trips = _TRIPS.search(line)
-    loop = ' while(' in line
-    for m in _CALLEE.finditer(line):
-      is_body = loop and line[m.start():].startswith('body=')
-      edges[current].append((m.group('name'), int(trips.group('n')) if is_body and trips else 1))
-    for m in _BRANCHES.finditer(line):
-      for name in m.group('names').split(','):
-        edges[current].append((name.strip().lstrip('%'), 1))   # upper bound: every branch
-  counts: dict[str, int] = collections.Counter()
+def _balanced(text: str, start: int) -> int:
+  """Index just past the parenthesis group that opens at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
 
-  def visit(name: str, times: int, depth: int = 0) -> None:
-    counts[name] += times
-    if depth < 64:
-      for callee, factor in edges.get(name, ()):
-        visit(callee, times * factor, depth + 1)
-  if entry:
-    visit(entry, 1)
-  return counts, owner
+
+def _parse_instr(line: str, comp: str, pos: int) -> Instr | None:
+  m = _INSTR.match(line)
+  if not m:
+    return None
+  rest = _COMMENT.sub('', line[m.end():])
+  end = _balanced(rest, 0) if rest.startswith('(') else rest.find(' ')
+  if end <= 0:
+    return None
+  result, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r'[\w\-$]+', rest)
+  if not op or rest[op.end():op.end() + 1] != '(':
+    return None
+  close = _balanced(rest, op.end())
+  operands = tuple(re.findall(r'%([\w.\-]+)', rest[op.end():close]))
+  return Instr(m.group('name'), comp, pos, result, op.group(0), operands, rest[close:])
+
+
+def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dims) of every array in a type text (tuples flattened)."""
+  return [(a.group('dtype'), tuple(int(d) for d in a.group('dims').split(',') if d))
+          for a in _ARRAY.finditer(type_text)]
+
+
+def _nbytes(type_text: str) -> int:
+  return sum(math.prod(dims) * _BYTES.get(dtype, 4) for dtype, dims in arrays(type_text))
+
+
+class Module:
+  """The instructions of an HLO module and how often each computation runs per execution."""
+
+  def __init__(self, hlo_text: str):
+    self.instrs: list[Instr] = []
+    edges, current, entry, pos = collections.defaultdict(list), '', '', 0
+    for line in hlo_text.splitlines():
+      header = _HEADER.match(line)
+      if header:
+        current, pos = header.group('name'), 0
+        entry = current if line.startswith('ENTRY') else entry
+        continue
+      instr = _parse_instr(line, current, pos) if current else None
+      if instr is None:
+        continue
+      pos += 1
+      self.instrs.append(instr)
+      trips = _TRIPS.search(instr.attrs)
+      for m in _CALLEE.finditer(instr.attrs):
+        is_body = instr.op == 'while' and instr.attrs[m.start():].startswith('body=')
+        edges[current].append((m.group('name'), int(trips.group('n')) if is_body and trips else 1))
+      for m in _BRANCHES.finditer(instr.attrs):
+        for name in m.group('names').split(','):
+          edges[current].append((name.strip().lstrip('%'), 1))   # upper bound: every branch
+    self.by_name = {i.name: i for i in self.instrs}
+    self.by_comp: dict[str, list[Instr]] = collections.defaultdict(list)
+    for i in self.instrs:
+      self.by_comp[i.comp].append(i)
+    self.runs: dict[str, int] = collections.Counter()
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+      self.runs[name] += times
+      if depth < 64:
+        for callee, factor in edges.get(name, ()):
+          visit(callee, times * factor, depth + 1)
+    if entry:
+      visit(entry, 1)
+
+  def count(self, instr: Instr) -> int:
+    return self.runs.get(instr.comp, 1) or 1
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    found = arrays(self.by_name[name].result) if name in self.by_name else []
+    return found[0][1] if found else ()
+
+  def overlapped(self, done: Instr) -> bool:
+    """Whether device work is scheduled between an async op's start and this done."""
+    start = self.by_name.get(done.operands[0]) if done.operands else None
+    if start is None or start.comp != done.comp:
+      return False
+    between = self.by_comp[done.comp][start.pos + 1:done.pos]
+    return any(i.op not in _NO_WORK and not i.op.endswith(('-start', '-done')) for i in between)
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective op in the HLO module text (async *-start counted once, *-done skipped)."""
-  lines = hlo_text.splitlines()
-  counts, owner = _multiplicities(lines)
+  """Every collective op in the HLO module text (an async pair once, at its -done)."""
+  module = Module(hlo_text)
   out = []
-  for line, comp in zip(lines, owner):
-    m = _LINE.search(line)
-    if not m:
+  for i in module.instrs:
+    kind = i.op[:-len('-done')] if i.op.endswith('-done') else i.op
+    if kind not in KINDS:
       continue
-    shapes, nbytes = [], 0
-    for a in _ARRAY.finditer(m.group('result')):
-      dims = tuple(int(d) for d in a.group('dims').split(',') if d)
-      shapes.append(dims)
-      size = 1
-      for d in dims:
-        size *= d
-      nbytes += size * _BYTES.get(a.group('dtype'), 4)
-    if m.group('start') and m.group('kind') in ('all-gather', 'collective-permute') and \
-        len(shapes) > 1:
-      # async start ops return (operand, result[, scratch...]): count the result only
-      shapes, nbytes = shapes[1:2], nbytes // 2
-    out.append(Collective(m.group('kind'), tuple(shapes), nbytes, counts.get(comp, 1) or 1))
+    shapes = tuple(dims for _, dims in arrays(i.result))
+    is_async = i.op.endswith('-done')
+    out.append(Collective(kind, shapes, _nbytes(i.result), module.count(i),
+                          is_async and module.overlapped(i)))
   return out
 
 
@@ -88,3 +160,70 @@ def bytes_by_kind(hlo_text: str) -> dict[str, int]:
   for c in collectives(hlo_text):
     totals[c.kind] += c.bytes * c.count
   return dict(totals)
+
+
+def overlap_fraction(hlo_text: str) -> float:
+  """Share of collective bytes whose op is async with device work between start and done."""
+  ops = collectives(hlo_text)
+  total = sum(c.bytes * c.count for c in ops)
+  return sum(c.bytes * c.count for c in ops if c.overlapped) / max(total, 1)
+
+
+def _dims(attr: str, text: str) -> tuple[int, ...]:
+  m = re.search(attr + r'=\{([\d,]*)\}', text)
+  return tuple(int(d) for d in m.group(1).split(',') if d) if m else ()
+
+
+def _json_dims(key: str, text: str) -> tuple[int, ...]:
+  m = re.search(r'"' + key + r'":\[([^\]]*)\]', text)
+  return tuple(int(d.strip('" ')) for d in m.group(1).split(',') if d.strip('" ')) if m else ()
+
+
+def instr_flops(module: Module, i: Instr) -> int:
+  """Multiply-add FLOPs (2 per MAC) of one execution of a dot, convolution, GEMM custom call
+  (cuBLAS / cuBLASLt) or cuDNN fused attention; 0 for anything else. Matmuls inside fusions
+  (Triton GEMMs, XLA:CPU fusions) are dots in the fused computation and count there."""
+  out = arrays(i.result)
+  if not out or not i.operands:
+    return 0
+  result = out[0][1]
+  if i.op == 'dot':
+    lhs = module.shape(i.operands[0])
+    return 2 * math.prod(result) * math.prod(lhs[d] for d in _dims('lhs_contracting_dims', i.attrs))
+  if i.op == 'convolution':
+    labels = re.search(r'dim_labels=\w+_(\w+)->', i.attrs)
+    rhs = module.shape(i.operands[1])
+    out_features = rhs[labels.group(1).index('o')] if labels and 'o' in labels.group(1) else 1
+    return 2 * math.prod(result) * math.prod(rhs) // max(out_features, 1)
+  if i.op == 'custom-call':
+    target = re.search(r'custom_call_target="([^"]*)"', i.attrs)
+    target = target.group(1).lower() if target else ''
+    if 'gemm' in target or 'matmul' in target:
+      lhs = module.shape(i.operands[0])
+      contracting = _json_dims('lhs_contracting_dimensions', i.attrs)
+      return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting)
+    if 'fmha' in target:
+      # q [B, T, N, H], k [B, S, N, H]: q k^T and p v, each 2*B*N*T*S*H; backward twice that.
+      q, k = module.shape(i.operands[0]), module.shape(i.operands[1])
+      if len(q) == 4 and len(k) == 4:
+        forward = 4 * q[0] * q[1] * q[2] * q[3] * k[1]
+        return 2 * forward if 'backward' in target else forward
+  return 0
+
+
+def flops(hlo_text: str) -> dict[str, int]:
+  """Executed matmul FLOPs per device per run, by part: 'remat' (recomputed in the backward
+  pass), 'head' (LM head and loss), 'embed', 'blocks' (the rest), and 'total'."""
+  module = Module(hlo_text)
+  parts = collections.Counter({'blocks': 0, 'head': 0, 'embed': 0, 'remat': 0})
+  for i in module.instrs:
+    f = instr_flops(module, i)
+    if not f:
+      continue
+    name = re.search(r'op_name="([^"]*)"', i.attrs)
+    name = name.group(1) if name else ''
+    part = ('remat' if 'rematted_computation' in name else 'head' if 'head_loss' in name
+            else 'embed' if '/embed' in name or '(embed)' in name else 'blocks')
+    parts[part] += f * module.count(i)
+  parts['total'] = sum(parts.values())
+  return dict(parts)

@@ -87,6 +87,21 @@ def spec(logical: Sequence[str | None]) -> P:
   return nn.logical_to_mesh_axes(tuple(logical), nn.get_logical_axis_rules() or RULES)
 
 
+def axes_of(entry) -> tuple[str, ...]:
+  """Mesh axes of one PartitionSpec entry (None, 'tp' or ('dp', 'tp')) as a tuple."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def restrict(p: P, axes: tuple[str, ...]) -> P:
+  """A PartitionSpec with every mesh axis outside `axes` removed (a shard_map's manual view)."""
+  def one(entry):
+    kept = tuple(a for a in axes_of(entry) if a in axes)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+  return P(*(one(entry) for entry in p))
+
+
 def sharding(mesh: Mesh, logical: Sequence[str | None]) -> NamedSharding:
   return NamedSharding(mesh, spec(logical))
 

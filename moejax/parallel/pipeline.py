@@ -47,10 +47,16 @@ COLLECTIVE_OUTPUTS = ('attn_gathered', 'attn_reduced', 'moe_dispatched', 'moe_re
 
 def remat_policy_fn(name: str) -> Callable:
   """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
-  the backward pass recomputes the stage without repeating its all-gathers and all-to-alls."""
+  the backward pass recomputes the stage without repeating its all-gathers and all-to-alls;
+  'save_dots_and_collectives' keeps those and every matmul output, so it recomputes only
+  elementwise work."""
+  policies = jax.checkpoint_policies
   if name == 'save_collectives':
-    return jax.checkpoint_policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
-  return getattr(jax.checkpoint_policies, name)
+    return policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
+  if name == 'save_dots_and_collectives':
+    return policies.save_from_both_policies(
+        policies.dots_saveable, policies.save_only_these_names(*COLLECTIVE_OUTPUTS))
+  return getattr(policies, name)
 
 
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:

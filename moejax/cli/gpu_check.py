@@ -1,0 +1,154 @@
+"""Measurements that need a real accelerator, in one command (run it whenever a GPU is lent).
+
+  python -m moejax.cli.gpu_check --config=configs/tp4pp4.py --out=gpu_check.json
+
+On the first device: its measured bf16 matmul rate; the MFU of one full-size pipeline stage
+(the config's blocks per stage with all experts local, forward + backward, the config's dtype
+and remat policy); the forward latency of one micro-batch through the whole model on one device.
+Then the tiny config's 4x4 mesh against its 1x1 mesh (float32, matmuls at full precision): on
+the accelerators when there are 16, else 1x1 on the accelerator against 4x4 on 16 simulated CPU
+devices. Runs anywhere (on CPU it checks itself, with CPU-sized matmuls).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', 'configs/tp4pp4.py', 'Config of the stage to time.')
+flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
+flags.DEFINE_integer('steps', 10, 'Timed repetitions of each measurement.')
+
+
+def _timed(fn, *args, steps: int) -> float:
+  """Mean seconds per call, after one warm-up call."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
+
+
+def matmul_rate(device, dtype: str, n: int, steps: int) -> float:
+  """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  return 2 * n ** 3 / _timed(jax.jit(lambda x: x @ x), a, steps=steps)
+
+
+def stage_mfu(config, device, peak: float, steps: int) -> dict:
+  """Forward + backward of one pipeline stage (L blocks, all experts local) on one device."""
+  import jax
+  import jax.numpy as jnp
+  from moejax import config as config_lib
+  from moejax.model import flops as model_flops
+  from moejax.model import transformer
+  from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+  full = config_lib.layout(config)
+  stage = config.copy_and_resolve_references()
+  stage.model.num_blocks = config_lib.layers_per_stage(config_lib.model_config(config), full)
+  stage.mesh.update(tp=1, pp=1, dp=1, experts_over_dp=False)
+  stage.pipeline.repeats = 1
+  cfg, lay = config_lib.model_config(stage), config_lib.layout(stage)
+  mesh = mesh_lib.make_mesh(1, 1, 1, [device])
+  fn = jax.checkpoint(transformer._stage_fn(cfg, lay, train=True),
+                      policy=pipeline_lib.remat_policy_fn(lay.remat_policy))
+
+  def loss(params, x):
+    y, _ = fn(params, x, 0, 0, 0, jax.random.key(0))
+    return jnp.sum(y.astype(jnp.float32))
+
+  with mesh_lib.activate(mesh):
+    params = jax.jit(lambda k: transformer.init(cfg, lay, k)['blocks'])(jax.random.key(0))
+    params = jax.tree.map(lambda a: a[0, 0], params)                  # [L, ...]
+    x = jax.random.normal(jax.random.key(1), (lay.micro_batch_size, lay.seq_len, cfg.d_model),
+                          cfg.dtype)
+    seconds = _timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
+  tokens = lay.micro_batch_size * lay.seq_len
+  flops = model_flops.block_flops_per_token(stage) * stage.model.num_blocks * tokens
+  return {'stage_blocks': stage.model.num_blocks, 'stage_tokens': tokens,
+          'stage_step_s': seconds, 'stage_flops': flops, 'stage_mfu': flops / seconds / peak}
+
+
+def forward_latency(config, device, steps: int) -> float:
+  """Seconds for one micro-batch through the whole model (embedding to loss) on one device."""
+  import jax
+  from moejax import config as config_lib
+  from moejax.data.synthetic import SyntheticSource
+  from moejax.model import transformer
+  from moejax.parallel import mesh as mesh_lib
+  one = config.copy_and_resolve_references()
+  one.mesh.update(tp=1, pp=1, dp=1, experts_over_dp=False)
+  one.pipeline.repeats = 1
+  one.data.num_micro_batches = 1
+  cfg, lay = config_lib.model_config(one), config_lib.layout(one)
+  mesh = mesh_lib.make_mesh(1, 1, 1, [device])
+  with mesh_lib.activate(mesh):
+    params = jax.jit(lambda k: transformer.init(cfg, lay, k))(jax.random.key(0))
+    tokens = jax.device_put(SyntheticSource('random', cfg.vocab_size, 1, lay.micro_batch_size,
+                                            lay.seq_len, 0).batch(0), device)
+    forward = jax.jit(lambda p, t: transformer.loss_fn(p, t, jax.random.key(0), cfg=cfg,
+                                                       lay=lay, train=False)[0])
+    return _timed(forward, params, tokens, steps=steps)
+
+
+def equivalence(accelerators: list) -> dict:
+  """The tiny config: 4x4 against 1x1, float32 with full-precision matmuls."""
+  import jax
+  from configs import tp4pp4
+  from moejax.train import check
+  four = accelerators if len(accelerators) >= 16 else jax.devices('cpu')
+  with jax.default_matmul_precision('highest'):
+    results = {}
+    for name, (tp, pp, devices) in {'1x1': (1, 1, accelerators[:1]),
+                                    '4x4': (4, 4, four[:16])}.items():
+      c = tp4pp4.get_config('tiny')
+      c.mesh.tp, c.mesh.pp = tp, pp
+      c.data.source = 'random'
+      results[name] = check.loss_and_grads(c, devices=devices)
+  (loss, _, grads), (ref_loss, _, ref_grads) = results['4x4'], results['1x1']
+  err, leaf = check.max_relative_error(grads, ref_grads)
+  return {'equivalence_4x4_devices': f'{four[0].platform} x16',
+          'equivalence_1x1_device': accelerators[0].device_kind,
+          'equivalence_loss_rel_error': abs(loss - ref_loss) / abs(ref_loss),
+          'equivalence_grad_max_rel_error': err, 'equivalence_grad_worst_leaf': leaf}
+
+
+def main(argv):
+  del argv
+  import jax
+  f = flags.FLAGS
+  jax.config.update('jax_num_cpu_devices', 16)
+  accelerators = jax.devices()
+  device = accelerators[0]
+  on_cpu = device.platform == 'cpu'
+  n = 1024 if on_cpu else 8192
+  peak = matmul_rate(device, 'bfloat16', n, f.steps)
+  result = {'device': device.device_kind, 'platform': device.platform,
+            'matmul_bf16_flops_per_s': peak, 'matmul_size': n}
+  print(f'{device.device_kind}: bf16 {n}^3 matmul {peak / 1e12:.1f} TFLOP/s', flush=True)
+  result.update(stage_mfu(f.config, device, peak, f.steps))
+  print(f"one stage ({result['stage_blocks']} blocks, {result['stage_tokens']} tokens): "
+        f"{result['stage_step_s'] * 1e3:.1f} ms fwd+bwd, MFU {result['stage_mfu']:.1%} of the "
+        f"measured matmul rate", flush=True)
+  result['forward_latency_s'] = forward_latency(f.config, device, f.steps)
+  print(f"forward latency of one micro-batch: {result['forward_latency_s'] * 1e3:.1f} ms",
+        flush=True)
+  result.update(equivalence(accelerators))
+  print(f"tiny 4x4 ({result['equivalence_4x4_devices']}) vs 1x1 on "
+        f"{result['equivalence_1x1_device']}: loss rel. error "
+        f"{result['equivalence_loss_rel_error']:.1e}, gradients "
+        f"{result['equivalence_grad_max_rel_error']:.1e}", flush=True)
+  print(json.dumps(result, indent=1))
+  if f.out:
+    with open(f.out, 'w') as fh:
+      json.dump(result, fh, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,59 @@
+"""Compile targets: this machine's own backend ('cpu'), or N abstract NVIDIA GPUs of one card.
+
+A GPU target compiles the real GPU program (scheduled, async collectives, cuBLAS / Triton GEMMs)
+on a machine without a GPU, from the card's description in `<name>.txtpb` (XLA's GPU
+target-config text format: SM count, clocks, memory size and bandwidth, compute capability).
+Only jax[cuda12]'s compiler plugin is needed, not a driver or a device.
+"""
+from __future__ import annotations
+
+import os
+
+from moejax.config import ConfigError
+
+GPUS = ('h100', 'a100', 'h200')
+TARGETS = ('cpu',) + GPUS
+GPUS_PER_HOST = 8
+INSTALL = 'pip install -r requirements.txt -r requirements-cuda12.txt'
+
+
+def config_text(name: str) -> str:
+  """The target-config text of GPU `name`."""
+  with open(os.path.join(os.path.dirname(__file__), f'{name}.txtpb')) as f:
+    return f.read()
+
+
+def card_name(name: str) -> str:
+  """The card as its target config names it (device_description_str)."""
+  for line in config_text(name).splitlines():
+    if line.startswith('device_description_str'):
+      return line.split('"')[1]
+  return name
+
+
+def prepare(name: str) -> None:
+  """Checks the target and, for a GPU, that the CUDA compiler plugin is installed; must run
+  before JAX's first use (the plugin then registers without a driver)."""
+  if name not in TARGETS:
+    raise ConfigError(f'--target={name!r}: expected one of {", ".join(TARGETS)}.')
+  if name == 'cpu':
+    return
+  import importlib.util
+  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+    raise ConfigError(f'--target={name} compiles the GPU program and needs JAX\'s CUDA 12 '
+                      f'compiler plugin (no GPU needed); install it with: {INSTALL}')
+  os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # run nothing on a GPU; only compile for one
+
+
+def devices(name: str, count: int) -> list:
+  """`count` abstract devices of GPU `name`, 8 per host (an HGX node), for ahead-of-time
+  compilation only: nothing can run on them."""
+  from jax.experimental import topologies
+  per_host = min(count, GPUS_PER_HOST)
+  if count % per_host:
+    raise ConfigError(f'{count} devices do not fill hosts of {GPUS_PER_HOST} GPUs; use a mesh '
+                      f'of at most 8 devices or a multiple of 8.')
+  topology = topologies.get_topology_desc(
+      platform='cuda', target_config=config_text(name), topology=f'1x{count // per_host}x{per_host}')
+  return list(topology.devices)

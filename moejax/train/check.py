@@ -1,0 +1,52 @@
+"""Loss, metrics and gradients of one training batch on any mesh, for comparing meshes.
+
+The same params (from the seed) and batch (step 0 of the random source) on every mesh: the
+1x1 mesh is the reference every other mesh must equal (DESIGN.md section 4).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from moejax import config as config_lib
+from moejax.data.synthetic import SyntheticSource
+from moejax.model import transformer
+from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+
+
+def loss_and_grads(config, seed: int = 0, devices: Sequence[jax.Device] | None = None
+                   ) -> tuple[float, dict[str, Any], Any]:
+  """(loss, metrics, canonical grads [NB, ...]) as numpy, on the config's mesh over `devices`
+  (default: jax.devices())."""
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(config, len(devices))
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
+  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
+    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
+    params = jax.jit(lambda k: transformer.init(cfg, lay, k), out_shardings=shard)(
+        jax.random.key(seed))
+    tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
+                             lay.micro_batch_size, lay.seq_len, seed).batch(0)
+    tokens = jax.device_put(tokens, mesh_lib.sharding(mesh, ('act_micro', 'act_batch', None)))
+    fn = jax.jit(jax.value_and_grad(functools.partial(
+        transformer.loss_fn, cfg=cfg, lay=lay, train=True), has_aux=True))
+    (loss, metrics), grads = fn(params, tokens, jax.random.key(1))
+  grads = jax.device_get(grads)
+  grads['blocks'] = pipeline_lib.from_stages(grads['blocks'])
+  return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, grads)
+
+
+def max_relative_error(actual, expected) -> tuple[float, str]:
+  """Largest per-leaf max |a - e| / max |e| over two trees, and the leaf it occurs in."""
+  worst, where = 0.0, ''
+  for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    err = float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+    if err > worst:
+      worst, where = err, jax.tree_util.keystr(path)
+  return worst, where
