@@ -10,11 +10,9 @@ import math
 
 import ml_collections
 
+from moejax.errors import ConfigError  # noqa: F401  (re-exported: raised throughout)
+
 VOCAB_MULTIPLE = 128  # Megatron-style vocab padding: mesh-independent, divides every tp up to 128.
-
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the keys and a fix."""
 
 
 @dataclasses.dataclass(frozen=True)

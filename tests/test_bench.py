@@ -44,8 +44,8 @@ def test_bench_aot_compiles_without_allocating(tmp_path):
 
 
 def _cuda_plugin() -> bool:
-  import importlib.util
-  return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  from moejax import targets
+  return targets.cuda_available()
 
 
 def _bench(tmp_path, *args):

@@ -31,6 +31,15 @@ def card_name(name: str) -> str:
   return name
 
 
+def cuda_available() -> bool:
+  """Whether JAX's CUDA 12 plugin (which holds the GPU compiler) is installed."""
+  import importlib.util
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:
+    return False
+
+
 def prepare(name: str) -> None:
   """Checks the target and, for a GPU, that the CUDA compiler plugin is installed; must run
   before JAX's first use (the plugin then registers without a driver)."""
@@ -38,8 +47,7 @@ def prepare(name: str) -> None:
     raise ConfigError(f'--target={name!r}: expected one of {", ".join(TARGETS)}.')
   if name == 'cpu':
     return
-  import importlib.util
-  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+  if not cuda_available():
     raise ConfigError(f'--target={name} compiles the GPU program and needs JAX\'s CUDA 12 '
                       f'compiler plugin (no GPU needed); install it with: {INSTALL}')
   os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'

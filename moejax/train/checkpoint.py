@@ -9,8 +9,11 @@ complete, so a killed save never hides the previous checkpoint.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import time
 
 import jax
 import ml_collections
@@ -19,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import ConfigError, Layout, ModelConfig
+from moejax.errors import CheckpointError
 from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
 from moejax.train.state import TrainState, abstract as abstract_state, opt_shardings
@@ -97,17 +101,60 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, state: TrainState, *, force: bool = False) -> None:
-    """Starts an asynchronous save of `state` at its step (training continues meanwhile)."""
+    """Starts an asynchronous save of `state` at its step (training continues meanwhile).
+
+    A failed save (disk full, permissions) raises CheckpointError after removing its own
+    temporary directory; earlier checkpoints are untouched."""
     step = int(state.step)
     if self.manager.latest_step() == step:
       return
+    self._warn_if_short_of_space()
     with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
       canonical = self._to_canonical(state)
     config_json = json.loads(self.config.to_json_best_effort())
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json)),
-        force=force)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json)),
+          force=force)
+    except Exception as e:   # Orbax raises what the filesystem raised, or its own wrappers
+      self._failed(step, e)
+
+  def _failed(self, step: int | None, error: Exception):
+    for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+    good = [s for s in self.all_steps() if s != step]
+    raise CheckpointError(
+        f'Saving {"a checkpoint" if step is None else f"step {step}"} to {self.directory} '
+        f'failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}); '
+        f'{free / 2**20:.0f} MiB free there. '
+        f'The newest complete checkpoint is {good[-1] if good else "none"}. Free disk space (or '
+        f'lower checkpoint_keep, or use a --workdir with room) and run the same command to '
+        f'resume.') from error
+
+  def _warn_if_short_of_space(self) -> None:
+    steps = self.all_steps()
+    if not steps:
+      return
+    last = os.path.join(self.directory, str(steps[-1]))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(last) for f in fs)
+    free = shutil.disk_usage(self.directory).free
+    if free < size:
+      print(f'warning: {free / 2**20:.0f} MiB free under {self.directory}, but the last '
+            f'checkpoint took {size / 2**20:.0f} MiB: the next save will probably fail.',
+            flush=True)
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step out of the way (nothing is deleted); returns the new path."""
+    path = os.path.join(self.directory, str(step))
+    aside = f'{path}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+    os.rename(path, aside)
+    self.manager.reload()
+    return aside
 
   def check_compatible(self, step: int, directory: str | None = None) -> None:
     """Raises ConfigError naming the keys if the checkpoint is of another model."""
@@ -117,9 +164,8 @@ class Checkpointer:
       with open(os.path.join(path, 'metadata')) as f:
         saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-      raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} has no readable '
-                        f'config ({e}); it is corrupt or not a moejax checkpoint. Use another '
-                        f'--workdir or remove that step directory yourself.') from e
+      raise CheckpointError(f'Checkpoint {os.path.join(directory, str(step))} has no readable '
+                            f'config ({e}); it is corrupt or not a moejax checkpoint.') from e
     diffs = [f'{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
              if saved.get(s, {}).get(k) != v]
@@ -141,14 +187,20 @@ class Checkpointer:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(self.canonical_abstract)))['state']
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ConfigError(f'Cannot restore checkpoint {manager.directory}/{step}: {e}') from e
+    except Exception as e:   # tensorstore, pytree and file errors of a damaged step
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f'Cannot restore checkpoint {manager.directory}/{step}: '
+                            f'{type(e).__name__}: {first}') from e
     with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
       return self._to_stages(restored)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for an in-flight save; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._failed(None, e)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

@@ -1,7 +1,14 @@
-"""The training loop: build mesh and state, restore or init, step, log, checkpoint."""
+"""The training loop: build mesh and state, restore or init, step, log, checkpoint.
+
+Nothing broken is saved: a step's loss and gradient norm are checked (finite, loss below
+LOSS_BOUND x ln(vocab)) before its checkpoint is written, at the host sync the save makes anyway.
+SIGTERM and the first SIGINT finish the step, save and exit cleanly; a second SIGINT exits now.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import signal
 import time
@@ -11,13 +18,17 @@ import ml_collections
 import numpy as np
 
 from moejax import config as config_lib, runtime
+from moejax.errors import CheckpointError, ConfigError, DivergedError
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optimizer, state as state_lib, step as step_lib
-from moejax.train.checkpoint import Checkpointer
+from moejax.train import workdir as workdir_lib
+from moejax.train.checkpoint import Checkpointer, saved_config
+
+LOSS_BOUND = 10.0   # x ln(vocab): a loss above it is garbage data or a diverged run
 
 
 def make_source(config: ml_collections.ConfigDict) -> Source:
@@ -33,13 +44,35 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.num_steps; returns the last logged record."""
   config_lib.validate(config, jax.device_count())
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  if jax.process_count() > 1 and lay.devices != jax.device_count():
+  if jax.process_count() > 1 and config_lib.layout(config).devices != jax.device_count():
     raise config_lib.ConfigError(
-        f'mesh.dp * mesh.tp * mesh.pp = {lay.devices} but the {jax.process_count()} processes '
-        f'have {jax.device_count()} devices together: a multi-process mesh must use every '
-        f'device; change the mesh or the number of processes.')
-  os.makedirs(workdir, exist_ok=True)
+        f'mesh.dp * mesh.tp * mesh.pp = {config_lib.layout(config).devices} but the '
+        f'{jax.process_count()} processes have {jax.device_count()} devices together: a '
+        f'multi-process mesh must use every device; change the mesh or the number of processes.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
+  with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
+    done = _finished_step(workdir, config.num_steps)
+    if done is not None:
+      print(f'Already at step {done} (num_steps={config.num_steps}): nothing to train. Raise '
+            f'--config.num_steps to continue.', flush=True)
+      return {}
+    return _train(config, workdir)
+
+
+def _finished_step(workdir: str, num_steps: int) -> int | None:
+  """The newest checkpoint's step if it is at or past num_steps (read without JAX)."""
+  try:
+    step, _ = saved_config(workdir)
+  except ConfigError:
+    return None
+  return step if step >= num_steps else None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
   mesh = mesh_lib.mesh_for(lay)
   tx, sched = optimizer.make(config.optim), optimizer.schedule(config.optim)
   state_sh = state_lib.shardings(cfg, lay, tx, mesh)
@@ -57,57 +90,91 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = make_source(config)
   evaluate = make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  derived = config_lib.describe(config)
+  if start and jax.process_index() == 0:
+    dropped = workdir_lib.drop_records_after(writer.path, start)
+    if dropped:
+      print(f'Dropped {dropped} metrics.jsonl records of steps after {start} (re-run now).',
+            flush=True)
   logging.info('mesh dp=%d tp=%d pp=%d on %d %s devices in %d processes; %s', lay.dp, lay.tp,
-               lay.pp, lay.devices, jax.devices()[0].platform, jax.process_count(), derived)
-
-  preempted = _PreemptionFlag()
+               lay.pp, lay.devices, jax.devices()[0].platform, jax.process_count(),
+               config_lib.describe(config))
+  guard = _Guard(ckpt, LOSS_BOUND * math.log(cfg.vocab_size))
+  stop = _StopFlag()
   profile = config_lib.profile_steps(config)
   record: dict = {}
   last_time, last_step = time.perf_counter(), start
-  for step in range(start, config.num_steps):
-    done = step + 1
-    if profile and done == profile.start:
-      jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
-    batch = global_batch(source, step, data_sharding)
-    state, metrics = train_step(state, batch)
-    if profile and done == profile[-1]:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      if jax.process_index() == 0:
-        print(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile '
-              f'(open with TensorBoard\'s profile plugin or Perfetto).', flush=True)
-    if config.checkpoint_every and done % config.checkpoint_every == 0:
-      ckpt.save(state)
-    if preempted.set:
-      ckpt.save(state, force=True)
-      ckpt.close()
-      writer.close()
-      print(f'SIGTERM: saved checkpoint at step {done} and stopped.', flush=True)
-      return record
-    if done % config.log_every == 0 or done == config.num_steps:
-      metrics = jax.device_get(metrics)       # the only host sync: at log time
-      now = time.perf_counter()
-      seconds_per_step = max(now - last_time, 1e-9) / (done - last_step)
-      tps = lay.tokens_per_step / seconds_per_step
-      last_time, last_step = now, done
-      record = metrics_lib.summarise(metrics, step=done, tokens_per_sec=tps)
-      record['seconds_left'] = seconds_per_step * (config.num_steps - done)
-      metrics_lib.check_finite(record)
-      if jax.process_index() == 0:
-        print(metrics_lib.format_line(record, total=config.num_steps), flush=True)
-      writer.write(record)
-    if config.eval_every and done % config.eval_every == 0:
-      eval_record = dict(evaluate(state.params), step=done)
-      if jax.process_index() == 0:
-        print(metrics_lib.format_line(eval_record, prefix='eval'), flush=True)
-      writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
-                                     if k != 'step'}})
-  ckpt.save(state)
-  ckpt.close()
-  writer.close()
-  preempted.restore()
+  try:
+    for step in range(start, config.num_steps):
+      done = step + 1
+      if profile and done == profile.start:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
+      state, metrics = train_step(state, global_batch(source, step, data_sharding))
+      if profile and done == profile[-1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        if jax.process_index() == 0:
+          print(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile '
+                f'(open with TensorBoard\'s profile plugin or Perfetto).', flush=True)
+      if config.checkpoint_every and done % config.checkpoint_every == 0:
+        guard.save(state, metrics, done)
+      if stop.signal:
+        guard.save(state, metrics, done, force=True)
+        ckpt.close()
+        print(f'{stop.signal}: saved checkpoint at step {done} and stopped.', flush=True)
+        return record
+      if done % config.log_every == 0 or done == config.num_steps:
+        metrics = jax.device_get(metrics)       # the only host sync: at log time
+        now = time.perf_counter()
+        seconds_per_step = max(now - last_time, 1e-9) / (done - last_step)
+        last_time, last_step = now, done
+        record = metrics_lib.summarise(metrics, step=done,
+                                       tokens_per_sec=lay.tokens_per_step / seconds_per_step)
+        record['seconds_left'] = seconds_per_step * (config.num_steps - done)
+        guard.check(record, done)
+        if jax.process_index() == 0:
+          print(metrics_lib.format_line(record, total=config.num_steps), flush=True)
+        writer.write(record)
+      if config.eval_every and done % config.eval_every == 0:
+        eval_record = dict(evaluate(state.params), step=done)
+        if jax.process_index() == 0:
+          print(metrics_lib.format_line(eval_record, prefix='eval'), flush=True)
+        writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
+                                       if k != 'step'}})
+    guard.save(state, metrics, config.num_steps)
+    ckpt.close()
+  finally:
+    writer.close()
+    stop.restore()
   return record
+
+
+class _Guard:
+  """Saves only sound steps: finite loss and gradient norm, loss below `bound`."""
+
+  def __init__(self, ckpt: Checkpointer, bound: float):
+    self.ckpt, self.bound = ckpt, bound
+
+  def check(self, metrics, step: int) -> None:
+    loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
+    if math.isfinite(loss) and math.isfinite(grad_norm) and loss < self.bound:
+      return
+    try:
+      self.ckpt.wait()
+      good = self.ckpt.latest_step()
+    except CheckpointError:
+      good = None
+    where = (f'the newest checkpoint, {self.ckpt.directory}/{good}, is from before it and is '
+             f'sound; the run resumes from it' if good is not None else 'no checkpoint was saved')
+    raise DivergedError(
+        f'Step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (the bound is a finite '
+        f'loss below {self.bound:.1f} = {LOSS_BOUND:g} x ln(vocab)). Stopped without saving it; '
+        f'{where}. Try a lower optim.lr, a longer optim.warmup_steps or optim.grad_clip, or '
+        f'check the data.')
+
+  def save(self, state, metrics, step: int, force: bool = False) -> None:
+    self.check(jax.device_get({'loss': metrics['loss'], 'grad_norm': metrics['grad_norm']}),
+               step)
+    self.ckpt.save(state, force=force)
 
 
 def check_memory(compiled, mesh) -> None:
@@ -148,13 +215,12 @@ def make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
 
 
 def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.TrainState:
-  """Resume from the newest complete checkpoint; else init (optionally params from init_from)."""
-  latest = runtime.agree(-1 if ckpt.latest_step() is None else ckpt.latest_step())
-  if latest >= 0:
-    state = ckpt.restore(latest)
-    if jax.process_index() == 0:
-      print(f'Resumed from {ckpt.directory}/{latest} (step {int(state.step)}).', flush=True)
-    return state
+  """Resume from the newest checkpoint that restores; else init (params from init_from)."""
+  steps = ckpt.all_steps()
+  if runtime.agree(len(steps)):
+    state = _restore_newest(ckpt, steps)
+    if state is not None:
+      return state
   state = state_lib.create(cfg, lay, tx, mesh, config.seed)
   if config.init_from:
     source = config.init_from
@@ -168,16 +234,59 @@ def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.
   return state
 
 
-class _PreemptionFlag:
-  """Turns SIGTERM into a flag checked at step boundaries (save, then exit cleanly)."""
+def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> state_lib.TrainState | None:
+  """The newest step that restores; unreadable ones are reported and renamed aside."""
+  for step in reversed(steps):
+    try:
+      state = ckpt.restore(step)
+    except CheckpointError as e:
+      if jax.process_count() > 1:
+        raise
+      aside = ckpt.set_aside(step)
+      print(f'warning: {e}\n  Renamed it to {aside} (nothing deleted) and trying the previous '
+            f'checkpoint.', flush=True)
+      continue
+    if jax.process_index() == 0:
+      print(f'Resumed from {ckpt.directory}/{step} (step {int(state.step)}).' +
+            _changes(ckpt, step), flush=True)
+    return state
+  print('warning: no checkpoint restores; starting from step 0.', flush=True)
+  return None
+
+
+def _changes(ckpt: Checkpointer, step: int) -> str:
+  """' Changed since the checkpoint: key old -> new, ...' for run settings that differ."""
+  try:
+    with open(os.path.join(ckpt.directory, str(step), 'config', 'metadata')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return ''
+  now = json.loads(ckpt.config.to_json_best_effort())
+  flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f'{p}{k}.').items() if isinstance(v, dict) else [(f'{p}{k}', v)])}
+  old, new = flat(saved), flat(now)
+  diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+  return (' Changed since the checkpoint: ' + ', '.join(diffs) + '.') if diffs else ''
+
+
+class _StopFlag:
+  """SIGTERM and a first SIGINT become a flag checked at step boundaries (save, then exit);
+  a second SIGINT exits at once (an unfinished save stays invisible under its temporary name)."""
 
   def __init__(self):
-    self.set = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal = ''
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.set = True
+    del frame
+    if self.signal == 'SIGINT' and signum == signal.SIGINT:
+      os.write(2, b'Second SIGINT: exiting now without saving.\n')
+      os._exit(130)
+    self.signal = self.signal or signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      os.write(2, b'SIGINT: finishing this step and saving (Ctrl-C again to exit now).\n')
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)

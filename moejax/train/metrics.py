@@ -98,10 +98,3 @@ class MetricsWriter:
   def close(self) -> None:
     if self._events is not None:
       self._events.close()
-
-
-def check_finite(record: dict[str, Any]) -> None:
-  if not math.isfinite(record['loss']):
-    raise FloatingPointError(
-        f"loss is {record['loss']} at step {record['step']}: stopping. Lower optim.lr, or check "
-        f"the data; the last checkpoint is untouched.")
