@@ -5,6 +5,7 @@ Multi-process (one process per host, or several per host on CPU):
       --num_processes=N --process_id=I
 Under SLURM or Open MPI with several tasks, the flags can be left out.
 """
+import os
 import sys
 
 from absl import app, flags
@@ -21,19 +22,21 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_flags(argv):
-  """absl parsing, with a readable error for an unknown --config.key override."""
+  """absl parsing, with one readable line for an unknown key or a value of the wrong type."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     from moejax.config import known_keys
     sys.exit(f'error: unknown config key in {argv[1:]}: {e}\nKnown keys: '
              f'{", ".join(known_keys())}')
+  except (flags.Error, ValueError, TypeError) as e:
+    sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
 def main(argv):
   del argv
   from moejax import runtime   # sets up devices before JAX's first use
-  from moejax.config import ConfigError
+  from moejax.errors import MoejaxError
   f = flags.FLAGS
   try:
     cluster = runtime.detect(f.coordinator_address, f.num_processes, f.process_id,
@@ -42,8 +45,14 @@ def main(argv):
     runtime.check_same_config(f.config)
     from moejax.train import loop
     loop.train(f.config, f.workdir)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+  except (MoejaxError, OSError, KeyboardInterrupt) as e:
+    if os.environ.get('MOEJAX_TRACEBACK'):
+      raise
+    if isinstance(e, KeyboardInterrupt):
+      sys.exit('Interrupted before training started; nothing was saved.')
+    sys.exit(f'error: {e}' if isinstance(e, MoejaxError) else
+             f'error: {e.strerror or e} ({e.filename or ""}). Set MOEJAX_TRACEBACK=1 for the '
+             f'traceback.')
 
 
 if __name__ == '__main__':

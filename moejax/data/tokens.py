@@ -13,14 +13,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 
 import numpy as np
 
 from moejax.config import ConfigError
+from moejax.errors import DataError
 from moejax.data.source import Source
 
 META = 'meta.json'
 SPLITS = ('train', 'val')
+SCAN_SECONDS = 10.0        # time budget for checking every id of the files at start
+SCAN_CHUNK = 1 << 24       # tokens per chunk of that check
 
 
 def read_meta(path: str) -> dict:
@@ -77,9 +81,30 @@ class TokenSource(Source):
     super().__init__(num_micro_batches, micro_batch_size, seq_len)
     self.meta = check(path, vocab_size, seq_len)
     self.seed, self.seq_len = seed, seq_len
+    self.path, self.vocab_size = path, vocab_size
     self.data = {s: np.memmap(os.path.join(path, f'{s}.bin'), dtype=self.meta['dtype'], mode='r')
                  for s in SPLITS}
     self.windows = {s: (len(a) - 1) // seq_len for s, a in self.data.items()}
+    self._scan()
+
+  def _scan(self) -> None:
+    """Checks every id against the vocabulary, as far as SCAN_SECONDS allows (each window
+    served is checked as well)."""
+    deadline = time.monotonic() + SCAN_SECONDS
+    for split, data in self.data.items():
+      for start in range(0, len(data), SCAN_CHUNK):
+        if time.monotonic() > deadline:
+          return
+        self._check_ids(split, start, data[start:start + SCAN_CHUNK])
+
+  def _check_ids(self, split: str, start: int, ids: np.ndarray) -> None:
+    if len(ids) and int(ids.max()) >= self.vocab_size:
+      offset = start + int(np.argmax(ids >= self.vocab_size))
+      raise DataError(
+          f'{os.path.join(self.path, split + ".bin")}: token id {int(self.data[split][offset])} '
+          f'at token offset {offset} is not below model.vocab_size={self.vocab_size}. The file '
+          f'is corrupt or was written by another tokenizer: re-run python -m moejax.cli.prepare '
+          f'(or set model.vocab_size to the tokenizer\'s).')
 
   @functools.lru_cache(maxsize=2)
   def _order(self, epoch: int) -> np.ndarray:
@@ -98,4 +123,6 @@ class TokenSource(Source):
   def sequence(self, step: int, micro: int, row: int) -> np.ndarray:
     split, w = self.window(step, micro, row)
     start = w * self.seq_len
-    return np.asarray(self.data[split][start:start + self.seq_len + 1], dtype=np.int32)
+    ids = np.asarray(self.data[split][start:start + self.seq_len + 1], dtype=np.int32)
+    self._check_ids(split, start, ids)
+    return ids

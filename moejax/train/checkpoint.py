@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import time
@@ -124,6 +125,10 @@ class Checkpointer:
       self._failed(step, e)
 
   def _failed(self, step: int | None, error: Exception):
+    try:   # let earlier in-flight saves finish first: their temporary directories are not ours
+      self.manager.wait_until_finished()
+    except Exception:
+      pass
     for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
       shutil.rmtree(tmp, ignore_errors=True)
     free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
@@ -148,10 +153,11 @@ class Checkpointer:
             f'checkpoint took {size / 2**20:.0f} MiB: the next save will probably fail.',
             flush=True)
 
-  def set_aside(self, step: int) -> str:
-    """Renames an unreadable step out of the way (nothing is deleted); returns the new path."""
+  def set_aside(self, step: int, why: str = 'corrupt') -> str:
+    """Renames a step out of the way (nothing is deleted), so the step number is free again;
+    returns the new path."""
     path = os.path.join(self.directory, str(step))
-    aside = f'{path}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+    aside = f'{path}.{why}-{time.strftime("%Y%m%d-%H%M%S")}'
     os.rename(path, aside)
     self.manager.reload()
     return aside
@@ -184,6 +190,8 @@ class Checkpointer:
     if step is None:
       raise ConfigError(f'No complete checkpoint in {directory or self.directory}.')
     self.check_compatible(step, manager.directory)
+    asyncio_log = logging.getLogger('asyncio')
+    level, asyncio_log.level = asyncio_log.level, logging.CRITICAL   # one message, not a page
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(self.canonical_abstract)))['state']
@@ -191,6 +199,8 @@ class Checkpointer:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise CheckpointError(f'Cannot restore checkpoint {manager.directory}/{step}: '
                             f'{type(e).__name__}: {first}') from e
+    finally:
+      asyncio_log.setLevel(level)
     with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
       return self._to_stages(restored)
 

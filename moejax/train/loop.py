@@ -14,6 +14,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -73,6 +74,7 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  source = make_source(config)           # checks the data before anything is compiled
   mesh = mesh_lib.mesh_for(lay)
   tx, sched = optimizer.make(config.optim), optimizer.schedule(config.optim)
   state_sh = state_lib.shardings(cfg, lay, tx, mesh)
@@ -87,7 +89,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = Checkpointer(workdir, config, cfg, lay, tx, mesh, state_sh)
   state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
   start = int(state.step)
-  source = make_source(config)
   evaluate = make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   if start and jax.process_index() == 0:
@@ -109,6 +110,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if profile and done == profile.start:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
       state, metrics = train_step(state, global_batch(source, step, data_sharding))
+      guard.confirm(metrics, done)
       if profile and done == profile[-1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -149,32 +151,64 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 class _Guard:
-  """Saves only sound steps: finite loss and gradient norm, loss below `bound`."""
+  """Saves only sound steps and confirms each save with the next step's loss.
+
+  A step is sound when its loss and gradient norm are finite, its loss is below `bound` and the
+  updated params are finite. The saved params are confirmed by the loss the next step computes
+  from them; if that is unsound, the save is renamed aside (`<step>.diverged-<time>`), so the
+  newest complete checkpoint is always one whose params gave a sound loss.
+  """
 
   def __init__(self, ckpt: Checkpointer, bound: float):
     self.ckpt, self.bound = ckpt, bound
+    self.unconfirmed: int | None = None
+    finite = lambda params: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a))
+                                               for a in jax.tree.leaves(params)]))
+    self._finite = jax.jit(finite)   # run at save time only, never in the step
 
-  def check(self, metrics, step: int) -> None:
+  def _sound(self, loss: float, grad_norm: float, params_finite: bool = True) -> bool:
+    return (math.isfinite(loss) and math.isfinite(grad_norm) and loss < self.bound and
+            params_finite)
+
+  def check(self, metrics, step: int, params_finite: bool = True) -> None:
+    """Raises DivergedError for an unsound step (after setting aside an unconfirmed save)."""
     loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
-    if math.isfinite(loss) and math.isfinite(grad_norm) and loss < self.bound:
+    if self._sound(loss, grad_norm, params_finite):
+      if self.unconfirmed is not None and step > self.unconfirmed:
+        self.unconfirmed = None
       return
+    aside = ''
     try:
       self.ckpt.wait()
+      if self.unconfirmed is not None and self.unconfirmed in self.ckpt.all_steps():
+        aside = (f' Its input, checkpoint {self.unconfirmed}, was renamed to '
+                 f'{self.ckpt.set_aside(self.unconfirmed, "diverged")}.')
       good = self.ckpt.latest_step()
     except CheckpointError:
       good = None
-    where = (f'the newest checkpoint, {self.ckpt.directory}/{good}, is from before it and is '
-             f'sound; the run resumes from it' if good is not None else 'no checkpoint was saved')
+    where = (f'the newest checkpoint, {self.ckpt.directory}/{good}, gave sound losses; the run '
+             f'resumes from it' if good is not None else 'no sound checkpoint is left')
     raise DivergedError(
-        f'Step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (the bound is a finite '
-        f'loss below {self.bound:.1f} = {LOSS_BOUND:g} x ln(vocab)). Stopped without saving it; '
-        f'{where}. Try a lower optim.lr, a longer optim.warmup_steps or optim.grad_clip, or '
-        f'check the data.')
+        f'Step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}'
+        f'{"" if params_finite else ", non-finite parameters"} (a sound step has a finite loss '
+        f'below {self.bound:.1f} = {LOSS_BOUND:g} x ln(vocab)). Stopped without saving it.'
+        f'{aside} {where[0].upper() + where[1:]}. Try a lower optim.lr, a longer '
+        f'optim.warmup_steps or optim.grad_clip, or check the data.')
+
+  def confirm(self, metrics, step: int) -> None:
+    """After the step that follows a save: its loss vouches for the saved params."""
+    if self.unconfirmed is not None and step == self.unconfirmed + 1:
+      self.check(jax.device_get({'loss': metrics['loss'], 'grad_norm': metrics['grad_norm']}),
+                 step)
 
   def save(self, state, metrics, step: int, force: bool = False) -> None:
-    self.check(jax.device_get({'loss': metrics['loss'], 'grad_norm': metrics['grad_norm']}),
-               step)
+    with mesh_lib.activate(self.ckpt.mesh):
+      finite = self._finite(state.params)
+    host = jax.device_get({'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
+                           'finite': finite})
+    self.check(host, step, bool(host['finite']))
     self.ckpt.save(state, force=force)
+    self.unconfirmed = step
 
 
 def check_memory(compiled, mesh) -> None:

@@ -1,6 +1,7 @@
 """Turning step metrics into log lines, metrics.jsonl records and TensorBoard scalars."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from moejax.errors import ConfigError
 
 
 def expert_balance(kept: np.ndarray) -> float:
@@ -61,6 +64,16 @@ def _duration(seconds: float) -> str:
   return f'{h}h{rest // 60:02d}m' if h else f'{rest // 60}m{rest % 60:02d}s'
 
 
+@contextlib.contextmanager
+def _writing(path: str):
+  """Turns a failed metrics write (read-only or full disk) into one clear error."""
+  try:
+    yield
+  except OSError as e:
+    raise ConfigError(f'Cannot write metrics under {path}: {e.strerror or e}. Use a writable '
+                      f'--workdir with free space.') from e
+
+
 class MetricsWriter:
   """Appends records to <workdir>/metrics.jsonl and writes their scalars as TensorBoard events
   under <workdir>/tensorboard (loss, eval loss, lr, grad norm, aux/z losses, dropped fraction,
@@ -72,14 +85,16 @@ class MetricsWriter:
     self._events = None
     if enabled:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+      with _writing(workdir):
+        self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-    self._scalars(record)
+    with _writing(self.path):
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+      self._scalars(record)
 
   def _scalars(self, record: dict[str, Any]) -> None:
     from tensorboard.compat.proto import event_pb2, summary_pb2
