@@ -1,59 +1,8 @@
 """moejax command line: python main.py --config=configs/tp4pp4.py:tiny --workdir=/tmp/run.
 
-Multi-process (one process per host, or several per host on CPU):
-  python main.py --config=... --workdir=... --coordinator_address=HOST:PORT \
-      --num_processes=N --process_id=I
-Under SLURM or Open MPI with several tasks, the flags can be left out.
+The same as the installed `moejax-train` (moejax/cli/train.py).
 """
-import os
-import sys
-
-from absl import app, flags
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
-flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-process runs).')
-flags.DEFINE_integer('num_processes', 1, 'Processes in the run (multi-process runs).')
-flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes-1.')
-flags.DEFINE_integer('coordinator_timeout', 120, 'Seconds to wait for the coordinator and peers.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def parse_flags(argv):
-  """absl parsing, with one readable line for an unknown key or a value of the wrong type."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    from moejax.config import known_keys
-    sys.exit(f'error: unknown config key in {argv[1:]}: {e}\nKnown keys: '
-             f'{", ".join(known_keys())}')
-  except (flags.Error, ValueError, TypeError) as e:
-    sys.exit(f'error: {str(e).splitlines()[0]}')
-
-
-def main(argv):
-  del argv
-  from moejax import runtime   # sets up devices before JAX's first use
-  from moejax.errors import MoejaxError
-  f = flags.FLAGS
-  try:
-    cluster = runtime.detect(f.coordinator_address, f.num_processes, f.process_id,
-                             f.coordinator_timeout)
-    runtime.setup_devices(f.config, cluster)
-    runtime.check_same_config(f.config)
-    from moejax.train import loop
-    loop.train(f.config, f.workdir)
-  except (MoejaxError, OSError, KeyboardInterrupt) as e:
-    if os.environ.get('MOEJAX_TRACEBACK'):
-      raise
-    if isinstance(e, KeyboardInterrupt):
-      sys.exit('Interrupted before training started; nothing was saved.')
-    sys.exit(f'error: {e}' if isinstance(e, MoejaxError) else
-             f'error: {e.strerror or e} ({e.filename or ""}). Set MOEJAX_TRACEBACK=1 for the '
-             f'traceback.')
-
+from moejax.cli import train
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  train.run()

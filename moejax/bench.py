@@ -292,5 +292,10 @@ def _aot(config) -> None:
       json.dump(result, f, indent=1)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -50,5 +50,10 @@ def main(argv):
   print(json.dumps(result))
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

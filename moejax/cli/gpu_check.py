@@ -150,5 +150,10 @@ def main(argv):
       json.dump(result, fh, indent=1)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -80,5 +80,10 @@ def main(argv):
   print('wrote ' + ', '.join(paths), flush=True)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -74,5 +74,10 @@ def main(argv):
         f"--config.model.vocab_size={meta['vocab_size']}", flush=True)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

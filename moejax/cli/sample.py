@@ -100,5 +100,10 @@ def main(argv):
     print(f.prompt + tok.decode(new), flush=True)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

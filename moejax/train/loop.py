@@ -7,7 +7,6 @@ SIGTERM and the first SIGINT finish the step, save and exit cleanly; a second SI
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -63,6 +62,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _train(config, workdir)
 
 
+def _say(message: str) -> None:
+  """A console line from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def _finished_step(workdir: str, num_steps: int) -> int | None:
   """The newest checkpoint's step if it is at or past num_steps (read without JAX)."""
   try:
@@ -83,8 +88,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_abstract = jax.ShapeDtypeStruct(
       (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
       sharding=data_sharding)
+  _say(f'Compiling the train step for {lay.devices} {jax.devices()[0].platform} devices '
+       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step)...')
+  started = time.perf_counter()
   train_step = step_lib.make_train_step(cfg, lay, tx, sched, mesh, state_sh, config.seed).lower(
       state_lib.abstract(cfg, lay, tx, mesh), batch_abstract).compile()
+  _say(f'Compiled in {time.perf_counter() - started:.0f}s.')
   check_memory(train_step, mesh)
   ckpt = Checkpointer(workdir, config, cfg, lay, tx, mesh, state_sh)
   state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
@@ -96,14 +105,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if dropped:
       print(f'Dropped {dropped} metrics.jsonl records of steps after {start} (re-run now).',
             flush=True)
-  logging.info('mesh dp=%d tp=%d pp=%d on %d %s devices in %d processes; %s', lay.dp, lay.tp,
-               lay.pp, lay.devices, jax.devices()[0].platform, jax.process_count(),
-               config_lib.describe(config))
   guard = _Guard(ckpt, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = _StopFlag()
   profile = config_lib.profile_steps(config)
   record: dict = {}
-  last_time, last_step = time.perf_counter(), start
+  last_time, last_step, seconds_per_step = time.perf_counter(), start, None
   try:
     for step in range(start, config.num_steps):
       done = step + 1
@@ -127,10 +133,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % config.log_every == 0 or done == config.num_steps:
         metrics = jax.device_get(metrics)       # the only host sync: at log time
         now = time.perf_counter()
-        seconds_per_step = max(now - last_time, 1e-9) / (done - last_step)
+        recent = max(now - last_time, 1e-9) / (done - last_step)
         last_time, last_step = now, done
+        # Time left from a smoothed step time (the first interval includes warm-up).
+        seconds_per_step = recent if seconds_per_step is None else (
+            0.7 * seconds_per_step + 0.3 * recent)
         record = metrics_lib.summarise(metrics, step=done,
-                                       tokens_per_sec=lay.tokens_per_step / seconds_per_step)
+                                       tokens_per_sec=lay.tokens_per_step / recent)
         record['seconds_left'] = seconds_per_step * (config.num_steps - done)
         guard.check(record, done)
         if jax.process_index() == 0:
@@ -144,6 +153,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        if k != 'step'}})
     guard.save(state, metrics, config.num_steps)
     ckpt.close()
+    loss = f'loss {record["loss"]:.4f}; ' if 'loss' in record else ''
+    _say(f'Finished at step {config.num_steps}: {loss}checkpoint {ckpt.directory}/'
+         f'{config.num_steps}; metrics {writer.path}; TensorBoard: tensorboard '
+         f'--logdir={os.path.join(workdir, "tensorboard")}')
   finally:
     writer.close()
     stop.restore()
