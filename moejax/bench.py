@@ -57,7 +57,8 @@ def compiled_analysis(config, target: str = 'cpu') -> dict:
   import numpy as np
   from jax.sharding import NamedSharding
   from moejax import config as config_lib, targets
-  from moejax.parallel import comm, hlo, mesh as mesh_lib
+  from moejax.parallel import mesh as mesh_lib
+  from moejax.perf import comm, hlo
   from moejax.train import optimizer, state as state_lib, step as step_lib
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
   mesh = mesh_lib.mesh_for(lay)
@@ -109,7 +110,8 @@ def executed_flops(config, hlo_text: str) -> dict:
   """Matmul FLOPs the compiled program executes per device per step, against the model's
   (flops_per_token x tokens / devices), and what the excess is made of."""
   from moejax import config as config_lib
-  from moejax.parallel import hlo, pipeline as pipeline_lib
+  from moejax.parallel import pipeline as pipeline_lib
+  from moejax.perf import hlo
   lay = config_lib.layout(config)
   parts = hlo.flops(hlo_text)
   model = model_flops.flops_per_token(config) * lay.tokens_per_step / lay.devices

@@ -1,6 +1,6 @@
 """Typed views of the ml_collections config, and the one validation function.
 
-The model and the train loop read the frozen dataclasses below, never the ConfigDict itself.
+The model reads the frozen dataclasses below, never the ConfigDict itself.
 `validate` runs before anything is compiled and names the keys (and a fix) for every inconsistency.
 """
 from __future__ import annotations
@@ -159,10 +159,26 @@ def _check(errors: list[str], ok: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises ConfigError listing every inconsistent setting (with the keys and a fix)."""
   check_keys(config)
-  errors: list[str] = []
   m, lay = model_config(config), layout(config)
-  tp, pp, dp, r = lay.tp, lay.pp, lay.dp, lay.repeats
-  positive = {'mesh.tp': tp, 'mesh.pp': pp, 'mesh.dp': dp, 'pipeline.repeats': r, 'model.d_model': m.d_model,
+  _check_positive(config, m, lay)
+  errors: list[str] = []
+  _check_layout(errors, m, lay)
+  _check_values(errors, config, m, lay)
+  if num_devices is not None:
+    _check(errors, lay.devices <= num_devices,
+           f'mesh.dp * mesh.tp * mesh.pp = {lay.dp}*{lay.tp}*{lay.pp} = {lay.devices} devices, '
+           f'but only {num_devices} are available; shrink the mesh (--config.mesh.dp / .tp / '
+           f'.pp) or run on more devices.')
+  if errors:
+    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors))
+  if config.data.source == 'tokens':
+    from moejax.data import tokens   # reads only the dataset's metadata and file sizes
+    tokens.check(config.data.path, m.vocab_size, lay.seq_len)
+
+
+def _check_positive(config: ml_collections.ConfigDict, m: ModelConfig, lay: Layout) -> None:
+  positive = {'mesh.tp': lay.tp, 'mesh.pp': lay.pp, 'mesh.dp': lay.dp,
+              'pipeline.repeats': lay.repeats, 'model.d_model': m.d_model,
               'model.num_heads': m.num_heads, 'model.head_dim': m.head_dim,
               'moe.d_ff': m.d_ff, 'model.num_blocks': m.num_blocks,
               'moe.num_experts': m.num_experts, 'moe.top_k': m.top_k,
@@ -174,6 +190,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if bad:
     raise ConfigError('These keys must be positive integers: ' + ', '.join(
         f'{k}={positive[k]!r}' for k in bad))
+
+
+def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
+  """How the model and batch divide over the mesh and the pipeline."""
+  tp, pp, dp, r = lay.tp, lay.pp, lay.dp, lay.repeats
   _check(errors, m.num_heads % tp == 0,
          f'model.num_heads={m.num_heads} is not divisible by mesh.tp={tp}: attention heads are '
          f'split over tp; choose num_heads as a multiple of tp or a tp dividing it.')
@@ -211,6 +232,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f'data.seq_len / moe.group_size = {groups} routing groups per sequence is not '
            f'divisible by mesh.tp={tp}: each tp shard of the sequence holds whole groups; '
            f'use a smaller moe.group_size or a tp dividing {groups}.')
+
+
+def _check_values(errors: list[str], config: ml_collections.ConfigDict, m: ModelConfig,
+                  lay: Layout) -> None:
+  """Choices and ranges of single keys."""
   _check(errors, m.top_k <= m.num_experts,
          f'moe.top_k={m.top_k} > moe.num_experts={m.num_experts}; top_k must not exceed the '
          f'number of experts.')
@@ -230,16 +256,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     errors.append(str(e))
   _check(errors, config.checkpoint_every >= 0,
          f'checkpoint_every={config.checkpoint_every} must be >= 0 (0 saves only at the end).')
-  if num_devices is not None:
-    _check(errors, lay.devices <= num_devices,
-           f'mesh.dp * mesh.tp * mesh.pp = {dp}*{tp}*{pp} = {lay.devices} devices, but only '
-           f'{num_devices} are available; shrink the mesh (--config.mesh.dp / .tp / .pp) or run '
-           f'on more devices.')
-  if errors:
-    raise ConfigError('Invalid config:\n  - ' + '\n  - '.join(errors))
-  if config.data.source == 'tokens':
-    from moejax.data import tokens   # reads only the dataset's metadata and file sizes
-    tokens.check(config.data.path, m.vocab_size, lay.seq_len)
 
 
 def profile_steps(config: ml_collections.ConfigDict) -> range:

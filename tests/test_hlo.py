@@ -8,7 +8,8 @@ import pytest
 
 from configs import tp4pp4
 from moejax import config as config_lib
-from moejax.parallel import hlo, mesh as mesh_lib
+from moejax.parallel import mesh as mesh_lib
+from moejax.perf import hlo
 from moejax.train import optimizer, state as state_lib, step as step_lib
 
 

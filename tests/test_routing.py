@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model import routing
-from moejax.parallel import experts, mesh as mesh_lib
+from moejax.model import moe as moe_lib, routing
+from moejax.parallel import mesh as mesh_lib
 
 
 _erf = np.vectorize(math.erf)
@@ -22,7 +22,7 @@ def naive_moe(x, w, top_k, capacity, normalize_gates=False):
 
   Returns (y, kept mask [B, T, K], kept count per expert [B, T/GROUP, E])."""
   x = np.asarray(x, np.float64)
-  w = experts.ExpertWeights(*(np.asarray(a, np.float64) for a in w))
+  w = moe_lib.ExpertWeights(*(np.asarray(a, np.float64) for a in w))
   b, t, d = x.shape
   group = GROUP
   out = np.zeros_like(x)
@@ -59,7 +59,7 @@ GROUP, D, E, F = 8, 16, 8, 24
 def _inputs(seed=0, b=2, t=32):
   ks = jax.random.split(jax.random.key(seed), 6)
   x = jax.random.normal(ks[0], (b, t, D))
-  w = experts.ExpertWeights(
+  w = moe_lib.ExpertWeights(
       router=jax.random.normal(ks[1], (D, E)) * 0.5,
       w1=jax.random.normal(ks[2], (E, D, F)) * D ** -0.5,
       b1=jax.random.normal(ks[3], (E, F)) * 0.1,
@@ -71,7 +71,7 @@ def _inputs(seed=0, b=2, t=32):
 def run_moe(x, w, tp, top_k, capacity, **kwargs):
   mesh = mesh_lib.make_mesh(tp, 1)
   with mesh_lib.activate(mesh):
-    fn = jax.jit(lambda w, x: experts.moe(w, x, jax.random.key(0), group_size=GROUP,
+    fn = jax.jit(lambda w, x: moe_lib.moe(w, x, jax.random.key(0), group_size=GROUP,
                                           top_k=top_k, capacity=capacity, **kwargs))
     return jax.device_get(fn(w, x))
 
@@ -136,7 +136,7 @@ def test_aux_loss_is_one_when_uniform_and_grows_when_skewed():
 def test_router_gets_gradient_through_the_gate():
   x, w = _inputs()
   def loss(router):
-    y, _ = experts.moe(w._replace(router=router), x, jax.random.key(0), group_size=GROUP,
+    y, _ = moe_lib.moe(w._replace(router=router), x, jax.random.key(0), group_size=GROUP,
                        top_k=1, capacity=4)
     return jnp.sum(y ** 2)
   with mesh_lib.activate(mesh_lib.make_mesh(1, 1)):

@@ -48,7 +48,7 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
   from moejax import config as config_lib
   from moejax.model import flops as model_flops
   from moejax.model import transformer
-  from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+  from moejax.parallel import mesh as mesh_lib, remat
   full = config_lib.layout(config)
   stage = config.copy_and_resolve_references()
   stage.model.num_blocks = config_lib.layers_per_stage(config_lib.model_config(config), full)
@@ -57,7 +57,7 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
   cfg, lay = config_lib.model_config(stage), config_lib.layout(stage)
   mesh = mesh_lib.make_mesh(1, 1, 1, [device])
   fn = jax.checkpoint(transformer._stage_fn(cfg, lay, train=True),
-                      policy=pipeline_lib.remat_policy_fn(lay.remat_policy))
+                      policy=remat.policy(lay.remat_policy))
 
   def loss(params, x):
     y, _ = fn(params, x, 0, 0, 0, jax.random.key(0))

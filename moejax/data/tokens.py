@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-from moejax.config import ConfigError
-from moejax.errors import DataError
+from moejax.errors import ConfigError, DataError
 from moejax.data.source import Source
 
 META = 'meta.json'

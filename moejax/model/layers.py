@@ -14,7 +14,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
 from moejax.model import routing
-from moejax.parallel import experts, vocab
+from moejax.model import moe as moe_lib
+from moejax.parallel import remat, vocab
 from moejax.parallel.mesh import constrain
 
 RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
@@ -84,7 +85,7 @@ class Attention(nn.Module):
     heads = ('act_batch', None, 'act_heads', None)
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
     x = constrain(x.astype(c.dtype), ('act_batch', None, 'act_embed'))  # [B, T, D]
-    x = checkpoint_name(x, 'attn_gathered')
+    x = checkpoint_name(x, remat.ATTN_GATHERED)
     qkv = jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype))       # [3, B, T, N, H]
     if c.attn_bias:
       bqkv = _param(self, 'bqkv', (3, c.num_heads, c.head_dim), (None, 'heads', 'head_dim'),
@@ -99,7 +100,7 @@ class Attention(nn.Module):
     if c.attn_bias:
       # Replicated and added once, after the reduction over heads (not once per tp shard).
       y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(c.dtype)
-    return checkpoint_name(y, 'attn_reduced')
+    return checkpoint_name(y, remat.ATTN_REDUCED)
 
 
 class MoE(nn.Module):
@@ -114,8 +115,8 @@ class MoE(nn.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, routing.GroupStats]:
     c = self.cfg
     e, d, f = c.num_experts, c.d_model, c.d_ff
-    ax = experts.WEIGHT_AXES
-    w = experts.ExpertWeights(
+    ax = moe_lib.WEIGHT_AXES
+    w = moe_lib.ExpertWeights(
         router=_param(self, 'router', (d, e), ax.router, _normal(c.init_std)),
         w1=_param(self, 'w1', (e, d, f), ax.w1, _normal(c.init_std)),
         b1=_param(self, 'b1', (e, f), ax.b1, nn.initializers.zeros),
@@ -127,7 +128,7 @@ class MoE(nn.Module):
       return jnp.zeros_like(x), None
     rate = c.expert_dropout if self.train else 0.0
     rng = self.make_rng('dropout') if rate > 0.0 else jax.random.key(0)
-    return experts.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
+    return moe_lib.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
                        capacity=c.capacity(self.train), dropout_rate=rate,
                        compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
                        normalize_gates=c.normalize_gates)

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import Layout, ModelConfig, layers_per_stage
 from moejax.model.layers import Block, Embedder, Head
-from moejax.parallel import pipeline as pipeline_lib
+from moejax.parallel import pipeline as pipeline_lib, remat
 from moejax.parallel.mesh import constrain
 
 STAGE_AXES = ('stage', 'repeat', 'layers')
@@ -148,7 +148,7 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   with jax.named_scope('head_loss'):
     # The pipeline's remat policy decides here too what the backward pass recomputes.
     ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg),
-                              policy=pipeline_lib.remat_policy_fn(lay.remat_policy))
+                              policy=remat.policy(lay.remat_policy))
     ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
     ce = jnp.sum(ce_sums) / (m * b * t)
   aux = cfg.aux_loss_weight * jnp.sum(stats['aux']) / m                # sum over blocks

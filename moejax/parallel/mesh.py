@@ -1,7 +1,7 @@
 """The device mesh and the one table that maps logical axes onto mesh axes.
 
-This is the only module that knows mesh axis names. Model code names logical axes
-('vocab', 'embed', 'heads', 'experts', 'stage', ...); `RULES` places them on the mesh.
+Model code names logical axes only ('vocab', 'embed', 'heads', 'experts', 'stage', ...);
+`RULES` places them on the mesh axes defined here.
 """
 from __future__ import annotations
 

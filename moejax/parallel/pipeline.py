@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import mesh as mesh_lib, remat
 
 StageFn = Callable[..., tuple[jax.Array, Any]]
 
@@ -37,26 +37,6 @@ def from_stages(blocks: Any) -> Any:
     a = jnp.swapaxes(a, 0, 1)                                           # [R, S, L, ...]
     return a.reshape((-1,) + a.shape[3:])                               # [NB, ...]
   return jax.tree.map(one, blocks)
-
-
-# Activations named with jax.ad_checkpoint.checkpoint_name right after a collective produced them
-# (the sequence all-gather before attention, its output's reduce-scatter, both expert
-# all-to-alls).
-COLLECTIVE_OUTPUTS = ('attn_gathered', 'attn_reduced', 'moe_dispatched', 'moe_returned')
-
-
-def remat_policy_fn(name: str) -> Callable:
-  """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
-  the backward pass recomputes the stage without repeating its all-gathers and all-to-alls;
-  'save_dots_and_collectives' keeps those and every matmul output, so it recomputes only
-  elementwise work."""
-  policies = jax.checkpoint_policies
-  if name == 'save_collectives':
-    return policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
-  if name == 'save_dots_and_collectives':
-    return policies.save_from_both_policies(
-        policies.dots_saveable, policies.save_only_these_names(*COLLECTIVE_OUTPUTS))
-  return getattr(policies, name)
 
 
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
@@ -145,7 +125,7 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   with per-layer stats of leading axis L. xs: [M, B, T, D]. Returns outputs [M, B, T, D] (M split
   over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
   """
-  policy = remat_policy_fn(remat_policy)
+  policy = remat.policy(remat_policy)
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).

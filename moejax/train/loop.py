@@ -81,35 +81,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg, lay = config_lib.model_config(config), config_lib.layout(config)
   source = make_source(config)           # checks the data before anything is compiled
   mesh = mesh_lib.mesh_for(lay)
-  tx, sched = optimizer.make(config.optim), optimizer.schedule(config.optim)
+  tx = optimizer.make(config.optim)
   state_sh = state_lib.shardings(cfg, lay, tx, mesh)
   data_sharding = step_lib.batch_sharding(mesh)
-  # Compile ahead of time from abstract inputs, and check memory before allocating anything.
-  batch_abstract = jax.ShapeDtypeStruct(
-      (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
-      sharding=data_sharding)
-  _say(f'Compiling the train step for {lay.devices} {jax.devices()[0].platform} devices '
-       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step)...')
-  started = time.perf_counter()
-  train_step = step_lib.make_train_step(cfg, lay, tx, sched, mesh, state_sh, config.seed).lower(
-      state_lib.abstract(cfg, lay, tx, mesh), batch_abstract).compile()
-  _say(f'Compiled in {time.perf_counter() - started:.0f}s.')
-  check_memory(train_step, mesh)
+  train_step = _compile(config, cfg, lay, tx, mesh, state_sh, data_sharding)
   ckpt = Checkpointer(workdir, config, cfg, lay, tx, mesh, state_sh)
   state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
   start = int(state.step)
   evaluate = make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  if start and jax.process_index() == 0:
-    dropped = workdir_lib.drop_records_after(writer.path, start)
-    if dropped:
-      print(f'Dropped {dropped} metrics.jsonl records of steps after {start} (re-run now).',
-            flush=True)
+  if start and jax.process_index() == 0 and workdir_lib.drop_records_after(writer.path, start):
+    _say(f'Dropped metrics.jsonl records of steps after {start} (they are re-run now).')
   guard = _Guard(ckpt, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = _StopFlag()
   profile = config_lib.profile_steps(config)
   record: dict = {}
-  last_time, last_step, seconds_per_step = time.perf_counter(), start, None
+  clock = _Clock(start, config.num_steps, lay.tokens_per_step)
   try:
     for step in range(start, config.num_steps):
       done = step + 1
@@ -120,9 +107,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if profile and done == profile[-1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        if jax.process_index() == 0:
-          print(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile '
-                f'(open with TensorBoard\'s profile plugin or Perfetto).', flush=True)
+        _say(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile (open '
+             f'with TensorBoard\'s profile plugin or Perfetto).')
       if config.checkpoint_every and done % config.checkpoint_every == 0:
         guard.save(state, metrics, done)
       if stop.signal:
@@ -131,24 +117,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f'{stop.signal}: saved checkpoint at step {done} and stopped.', flush=True)
         return record
       if done % config.log_every == 0 or done == config.num_steps:
-        metrics = jax.device_get(metrics)       # the only host sync: at log time
-        now = time.perf_counter()
-        recent = max(now - last_time, 1e-9) / (done - last_step)
-        last_time, last_step = now, done
-        # Time left from a smoothed step time (the first interval includes warm-up).
-        seconds_per_step = recent if seconds_per_step is None else (
-            0.7 * seconds_per_step + 0.3 * recent)
-        record = metrics_lib.summarise(metrics, step=done,
-                                       tokens_per_sec=lay.tokens_per_step / recent)
-        record['seconds_left'] = seconds_per_step * (config.num_steps - done)
+        record = clock.record(jax.device_get(metrics), done)   # the host sync: at log time
         guard.check(record, done)
-        if jax.process_index() == 0:
-          print(metrics_lib.format_line(record, total=config.num_steps), flush=True)
+        _say(metrics_lib.format_line(record, total=config.num_steps))
         writer.write(record)
       if config.eval_every and done % config.eval_every == 0:
         eval_record = dict(evaluate(state.params), step=done)
-        if jax.process_index() == 0:
-          print(metrics_lib.format_line(eval_record, prefix='eval'), flush=True)
+        _say(metrics_lib.format_line(eval_record, prefix='eval'))
         writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
                                        if k != 'step'}})
     guard.save(state, metrics, config.num_steps)
@@ -161,6 +136,44 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     stop.restore()
   return record
+
+
+def _compile(config, cfg, lay, tx, mesh, state_sh, data_sharding):
+  """The train step compiled ahead of time from abstract inputs, after a memory check that
+  runs before anything is allocated."""
+  batch_abstract = jax.ShapeDtypeStruct(
+      (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
+      sharding=data_sharding)
+  _say(f'Compiling the train step for {lay.devices} {jax.devices()[0].platform} devices '
+       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step)...')
+  started = time.perf_counter()
+  compiled = step_lib.make_train_step(
+      cfg, lay, tx, optimizer.schedule(config.optim), mesh, state_sh, config.seed).lower(
+          state_lib.abstract(cfg, lay, tx, mesh), batch_abstract).compile()
+  _say(f'Compiled in {time.perf_counter() - started:.0f}s.')
+  check_memory(compiled, mesh)
+  return compiled
+
+
+class _Clock:
+  """Throughput since the last log line, and time left from a smoothed step time (the first
+  interval includes warm-up)."""
+
+  def __init__(self, start: int, num_steps: int, tokens_per_step: int):
+    self.last_time, self.last_step = time.perf_counter(), start
+    self.num_steps, self.tokens_per_step = num_steps, tokens_per_step
+    self.seconds_per_step: float | None = None
+
+  def record(self, metrics, step: int) -> dict:
+    now = time.perf_counter()
+    recent = max(now - self.last_time, 1e-9) / (step - self.last_step)
+    self.last_time, self.last_step = now, step
+    self.seconds_per_step = recent if self.seconds_per_step is None else (
+        0.7 * self.seconds_per_step + 0.3 * recent)
+    record = metrics_lib.summarise(metrics, step=step,
+                                   tokens_per_sec=self.tokens_per_step / recent)
+    record['seconds_left'] = self.seconds_per_step * (self.num_steps - step)
+    return record
 
 
 class _Guard:

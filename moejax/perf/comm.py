@@ -1,6 +1,6 @@
 """The analytic minimum of collective traffic for a layout (DESIGN.md section 3).
 
-Bytes are counted like `moejax.parallel.hlo`: the result size of each collective, per device,
+Bytes are counted like `moejax.perf.hlo`: the result size of each collective, per device,
 per train step, so the two can be compared directly. The minimum assumes no recomputation (a
 rematerialised forward repeats its tensor-parallel collectives and all-to-alls) and counts only
 what the layout requires:

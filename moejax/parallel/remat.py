@@ -1,0 +1,27 @@
+"""What the backward pass recomputes: the remat policies by name, and the names of the
+activations a collective produced (jax.ad_checkpoint.checkpoint_name), which some keep."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+ATTN_GATHERED = 'attn_gathered'    # the sequence all-gathered before q/k/v
+ATTN_REDUCED = 'attn_reduced'      # the output projection reduce-scattered over the sequence
+MOE_DISPATCHED = 'moe_dispatched'  # rows after the dispatch all_to_all
+MOE_RETURNED = 'moe_returned'      # rows after the return all_to_all
+COLLECTIVE_OUTPUTS = (ATTN_GATHERED, ATTN_REDUCED, MOE_DISPATCHED, MOE_RETURNED)
+
+
+def policy(name: str) -> Callable:
+  """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
+  the backward pass recomputes the stage without repeating its all-gathers and all-to-alls;
+  'save_dots_and_collectives' keeps those and every matmul output, so it recomputes only
+  elementwise work."""
+  policies = jax.checkpoint_policies
+  if name == 'save_collectives':
+    return policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
+  if name == 'save_dots_and_collectives':
+    return policies.save_from_both_policies(
+        policies.dots_saveable, policies.save_only_these_names(*COLLECTIVE_OUTPUTS))
+  return getattr(policies, name)

@@ -1,0 +1,1 @@
+"""Reading compiled programs and the analytic minimum of communication (for moejax.bench)."""
