@@ -1,7 +1,6 @@
 """Shared test helpers: small configs and the 1x1-reference comparison."""
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
