@@ -31,6 +31,23 @@ def loss_and_grads(config, seed: int = 0):
   return check.loss_and_grads(config, seed)
 
 
+def train_steps(config, steps: int):
+  """(state, last loss) after `steps` train steps of a config on its mesh, from its seed."""
+  from moejax.data.source import global_batch
+  from moejax.train import loop, optimizer, state as state_lib, step as step_lib
+  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
+  mesh = mesh_lib.mesh_for(lay)
+  tx = optimizer.make(config.optim)
+  sh = state_lib.shardings(cfg, lay, tx, mesh)
+  state = state_lib.create(cfg, lay, tx, mesh, config.seed)
+  fn = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
+                                config.seed)
+  source = loop.make_source(config)
+  for step in range(steps):
+    state, metrics = fn(state, global_batch(source, step, step_lib.batch_sharding(mesh)))
+  return state, float(metrics['loss'])
+
+
 def without_key_bias(tree):
   """The tree with every key bias (bqkv[..., 1, :, :]) zeroed, for comparing trained states.
 

@@ -157,3 +157,14 @@ def test_init_from_loads_params_with_a_fresh_optimizer(tmp_path):
   np.testing.assert_allclose(mu[live] ** 2 / nu[live], (1 - b1) ** 2 / (1 - b2), rtol=1e-3)
   with pytest.raises(ConfigError, match='no such directory'):
     loop.train(_set(_quick(), num_steps=1, init_from=str(tmp_path / 'none')), str(tmp_path / 'c'))
+
+
+def test_balancing_bias_resumes_exactly(tmp_path):
+  config = lambda steps: _set(_quick(**{'moe.bias_update_rate': 0.01}), num_steps=steps,
+                              checkpoint_every=0)
+  loop.train(config(3), str(tmp_path / 'straight'))
+  loop.train(config(2), str(tmp_path / 'resumed'))
+  loop.train(config(3), str(tmp_path / 'resumed'))
+  bias = lambda d: saved_params(tmp_path / d, 3)['blocks']['moe']['select_bias']
+  assert np.abs(bias('straight')).max() > 0
+  np.testing.assert_array_equal(bias('resumed'), bias('straight'))

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from moejax import config as config_lib
-from moejax.data.source import global_batch
 from moejax.parallel import mesh as mesh_lib
-from moejax.train import loop, optimizer, state as state_lib, step as step_lib
+from moejax.train import loop, optimizer, state as state_lib
 from moejax.train.checkpoint import _map_blocks
 from moejax.parallel import pipeline as pipeline_lib
-from tests.helpers import assert_trees_close, loss_and_grads, small_config, without_key_bias
+from tests.helpers import (assert_trees_close, loss_and_grads, small_config, train_steps,
+                           without_key_bias)
 
 BATCH = {'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
 
@@ -45,24 +45,10 @@ def test_folded_experts_are_split_over_dp_and_tp():
   assert w1.shard_shape(w1_shape)[3] == cfg.num_experts // 4   # [S, R, L, E, D, F]
 
 
-def _train(config, steps: int):
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  state = state_lib.create(cfg, lay, tx, mesh, config.seed)
-  fn = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
-                                config.seed)
-  source = loop.make_source(config)
-  for step in range(steps):
-    state, metrics = fn(state, global_batch(source, step, step_lib.batch_sharding(mesh)))
-  return state, float(metrics['loss'])
-
-
 def test_zero1_sharded_optimizer_trains_like_1x1():
   config = small_config(2, 4, dp=2, **BATCH, **{'mesh.shard_optimizer': True})
-  state, loss = _train(config, 3)
-  ref_state, ref_loss = _train(small_config(1, 1, **BATCH), 3)
+  state, loss = train_steps(config, 3)
+  ref_state, ref_loss = train_steps(small_config(1, 1, **BATCH), 3)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   canonical = lambda s: without_key_bias(
       jax.device_get(_map_blocks(pipeline_lib.from_stages, s.params)))

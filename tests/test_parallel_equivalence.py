@@ -4,7 +4,9 @@ import functools
 import numpy as np
 import pytest
 
-from tests.helpers import assert_trees_close, loss_and_grads, small_config
+from moejax.parallel.pipeline import from_stages
+
+from tests.helpers import assert_trees_close, loss_and_grads, small_config, train_steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,3 +79,16 @@ def test_expert_dropout_changes_the_loss():
   _, _, grads = loss_and_grads(small_config(1, 1, **{**DROPOUT, 'moe.dropout': 0.0}))
   with pytest.raises(AssertionError):
     assert_trees_close(grads['blocks']['moe'], dropout_reference()[2]['blocks']['moe'], rtol=1e-2)
+
+
+@pytest.mark.parametrize('tp,pp,dp,folded', [(4, 4, 1, False), (2, 2, 4, True)])
+def test_bias_balancing_is_mesh_independent(tp, pp, dp, folded):
+  """Two steps with aux-loss-free balancing: the same losses and exactly the same biases."""
+  over = {'moe.bias_update_rate': 0.01, 'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
+  bias = lambda s: np.asarray(from_stages(s.params['blocks'])['moe']['select_bias'])
+  ref_state, ref_loss = train_steps(small_config(1, 1, **over), 3)
+  state, loss = train_steps(small_config(tp, pp, dp=dp, **over,
+                                         **{'mesh.experts_over_dp': folded}), 3)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_array_equal(bias(state), bias(ref_state))
+  assert np.abs(bias(ref_state)).max() > 0                  # the biases really moved

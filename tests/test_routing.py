@@ -17,12 +17,12 @@ def _gelu(x):
   return 0.5 * x * (1 + _erf(x / math.sqrt(2)))   # exact GELU (torch nn.GELU())
 
 
-def naive_moe(x, w, top_k, capacity, normalize_gates=False):
+def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None):
   """Each group in token order; all first choices claim slots before any second choice.
 
   Returns (y, kept mask [B, T, K], kept count per expert [B, T/GROUP, E])."""
   x = np.asarray(x, np.float64)
-  w = moe_lib.ExpertWeights(*(np.asarray(a, np.float64) for a in w))
+  w = moe_lib.ExpertWeights(*(None if a is None else np.asarray(a, np.float64) for a in w))
   b, t, d = x.shape
   group = GROUP
   out = np.zeros_like(x)
@@ -34,7 +34,8 @@ def naive_moe(x, w, top_k, capacity, normalize_gates=False):
       logits = tokens @ w.router
       probs = np.exp(logits - logits.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
-      choices = np.argsort(-probs, axis=-1)[:, :top_k]
+      scores = probs if select_bias is None else probs + np.asarray(select_bias)
+      choices = np.argsort(-scores, axis=-1)[:, :top_k]      # the gate stays probs[e]
       used = np.zeros(w.router.shape[1], int)
       for k in range(top_k):
         for s in range(group):
@@ -142,3 +143,21 @@ def test_router_gets_gradient_through_the_gate():
   with mesh_lib.activate(mesh_lib.make_mesh(1, 1)):
     g = jax.jit(jax.grad(loss))(w.router)
   assert float(jnp.abs(g).max()) > 1e-4
+
+
+@pytest.mark.parametrize('tp', [1, 4])
+def test_selection_bias_chooses_but_does_not_weigh(tp):
+  """Aux-loss-free balancing: the bias changes which experts are chosen, not the gates."""
+  x, w = _inputs(t=64)
+  bias = jnp.asarray(np.random.default_rng(0).normal(0, 0.3, E), jnp.float32)
+  y, stats = run_moe(x, w._replace(select_bias=bias), tp, 2, 3)
+  ref, _, kept_count = naive_moe(x, w, 2, 3, select_bias=bias)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(stats.kept, kept_count)
+  unbiased, _, _ = naive_moe(x, w, 2, 3)
+  assert np.abs(unbiased - ref).max() > 1e-2                 # the bias really re-routes
+
+
+def test_selection_bias_step_moves_toward_underloaded_experts():
+  assigned = jnp.array([[10.0, 2.0, 4.0, 4.0]])              # mean 5
+  np.testing.assert_array_equal(moe_lib.select_bias_step(assigned, 0.5), [[-0.5, 0.5, 0.5, 0.5]])

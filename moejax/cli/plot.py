@@ -5,6 +5,7 @@
 loss.png: training loss (and validation loss when evaluated) against step.
 expert_load.png: share of routed tokens per layer x expert at the last logged step (a perfectly
 balanced layer is one colour at 1/E).
+dropped.png: share of token assignments dropped at capacity, per MoE layer, against step.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def read_records(workdir: str) -> list[dict]:
 
 
 def plot(workdir: str, out: str | None = None) -> list[str]:
-  """Writes loss.png and expert_load.png; returns their paths."""
+  """Writes loss.png, expert_load.png and (when logged) dropped.png; returns their paths."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -63,12 +64,28 @@ def plot(workdir: str, out: str | None = None) -> list[str]:
   ax.set_ylabel('layer')
   ax.set_title(f"share of routed tokens per expert, step {last['step']} "
                f'(balanced = {1 / share.shape[1]:.3f})')
-  fig.colorbar(im, ax=ax)
+  fig.colorbar(im, ax=ax, label='share of the layer\'s kept tokens')
   load_png = os.path.join(out, 'expert_load.png')
   fig.tight_layout()
   fig.savefig(load_png, dpi=120)
   plt.close(fig)
-  return [loss_png, load_png]
+  paths = [loss_png, load_png]
+  per_layer = [r for r in train if 'dropped_frac_per_layer' in r]
+  if per_layer:
+    dropped = np.asarray([r['dropped_frac_per_layer'] for r in per_layer]) * 100   # [N, NB]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer in range(dropped.shape[1]):
+      ax.plot([r['step'] for r in per_layer], dropped[:, layer], label=f'layer {layer}')
+    ax.set_xlabel('step')
+    ax.set_ylabel('dropped assignments (%)')
+    ax.set_title('token assignments over capacity, per MoE layer')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small', ncol=2)
+    paths.append(os.path.join(out, 'dropped.png'))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+  return paths
 
 
 def main(argv):

@@ -121,7 +121,9 @@ class MoE(nn.Module):
         w1=_param(self, 'w1', (e, d, f), ax.w1, _normal(c.init_std)),
         b1=_param(self, 'b1', (e, f), ax.b1, nn.initializers.zeros),
         w2=_param(self, 'w2', (e, f, d), ax.w2, _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
-        b2=_param(self, 'b2', (e, d), ax.b2, nn.initializers.zeros))
+        b2=_param(self, 'b2', (e, d), ax.b2, nn.initializers.zeros),
+        select_bias=_param(self, 'select_bias', (e,), ax.select_bias, nn.initializers.zeros)
+        if c.bias_update_rate > 0 else None)
     if self.is_initializing():
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
       # keeps init independent of how the example input divides over the mesh.

@@ -23,11 +23,12 @@ class ExpertWeights(NamedTuple):
   b1: jax.Array      # [E, F]
   w2: jax.Array      # [E, F, D]
   b2: jax.Array      # [E, D]
+  select_bias: jax.Array | None = None  # [E] aux-loss-free balancing (not trained by gradient)
 
 
 WEIGHT_AXES = ExpertWeights(
     router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
-    w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'))
+    w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,))
 GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B, nG, S, D] token groups
 
 
@@ -55,7 +56,8 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[
   b, ng_, s, d = x_.shape
   num_experts = w_.router.shape[-1]
   tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
-  r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates)
+  r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
+                           w_.select_bias)
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
@@ -84,5 +86,14 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
   groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
   fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity, dropout_rate=dropout_rate,
                          compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates)
-  y, stats = ep_lib.expert_parallel(fn, weights, WEIGHT_AXES, groups, GROUP_AXES, rng)
+  axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
+  y, stats = ep_lib.expert_parallel(fn, weights, axes, groups, GROUP_AXES, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
+
+
+def select_bias_step(assigned: jax.Array, rate: float) -> jax.Array:
+  """One aux-loss-free balancing update (DeepSeek-V3) of the selection biases [..., E]: `rate`
+  toward under-loaded experts, by the sign of (mean load - load). assigned [..., E]: the step's
+  token assignments per expert (identical on every mesh)."""
+  mean = jnp.mean(assigned, axis=-1, keepdims=True)
+  return rate * jnp.sign(mean - assigned).astype(jnp.float32)

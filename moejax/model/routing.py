@@ -28,20 +28,26 @@ class GroupStats(NamedTuple):
 
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
-          normalize_gates: bool = False) -> tuple[Routing, GroupStats]:
+          normalize_gates: bool = False, select_bias: jax.Array | None = None
+          ) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
   with normalize_gates, a token's kept gates are divided by their sum (fairseq/NLLB top-2:
   renormalised after capacity, so a token with one kept choice weighs it 1). The aux loss
   counts f_i over all K*S assignments, so it is 1 for uniform routing at any K; Mixtral's
-  (counts over S) is K times it.
+  (counts over S) is K times it. select_bias [E] (aux-loss-free balancing) is added to the
+  probabilities for choosing experts only; gates stay the chosen experts' probabilities.
   """
   num_experts = w_router.shape[-1]
   logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
                       w_router.astype(jnp.float32))                   # [G, S, E]
   probs = jax.nn.softmax(logits, axis=-1)                              # [G, S, E]
-  gate, expert = jax.lax.top_k(probs, top_k)                           # [G, S, K]
+  if select_bias is None:
+    gate, expert = jax.lax.top_k(probs, top_k)                         # [G, S, K]
+  else:
+    _, expert = jax.lax.top_k(probs + select_bias.astype(jnp.float32), top_k)
+    gate = jnp.take_along_axis(probs, expert, axis=-1)                 # [G, S, K]
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [G, K, S, E]
   g, k, s, e = onehot.shape

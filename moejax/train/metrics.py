@@ -33,6 +33,11 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
   out['expert_load_mean'] = float(kept.mean())
   out['expert_load_max'] = float(kept.max())
   out['expert_share'] = expert_share(kept)
+  if 'expert_assigned' in metrics:
+    assigned = np.asarray(metrics['expert_assigned'], np.float64)    # [NB, E]
+    out['dropped_frac_per_layer'] = [
+        float(x) for x in 1.0 - kept.sum(-1) / np.maximum(assigned.sum(-1), 1e-9)]
+  out['balance_per_layer'] = [expert_balance(k[None]) for k in kept]
   return out
 
 
@@ -102,6 +107,9 @@ class MetricsWriter:
               if k != 'step' and isinstance(v, (int, float)) and math.isfinite(v)}
     for layer, share in enumerate(record.get('expert_share', ())):
       values[f'expert_load_max_over_mean/layer_{layer}'] = max(share) * len(share)
+    for key in ('dropped_frac_per_layer', 'balance_per_layer'):
+      for layer, v in enumerate(record.get(key, ())):
+        values[f'{key.removesuffix("_per_layer")}/layer_{layer}'] = v
     for layer, share in enumerate(record.get('eval_expert_share', ())):
       values[f'eval_expert_load_max_over_mean/layer_{layer}'] = max(share) * len(share)
     summary = summary_pb2.Summary(value=[

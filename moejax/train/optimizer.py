@@ -16,7 +16,7 @@ def _decay_mask(params):
   """Decay matrices only: not LayerNorm scales/biases, attention or expert biases, positions."""
   def keep(path, _):
     name = getattr(path[-1], 'key', '')
-    return name not in ('scale', 'bias', 'bqkv', 'bo', 'b1', 'b2', 'pos')
+    return name not in ('scale', 'bias', 'bqkv', 'bo', 'b1', 'b2', 'pos', 'select_bias')
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -8,7 +8,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import Layout, ModelConfig
-from moejax.model import transformer
+from moejax.model import moe as moe_lib, transformer
+from moejax.parallel import pipeline as pipeline_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.state import TrainState
 
@@ -34,6 +35,8 @@ def make_train_step(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformat
                                      cfg=cfg, lay=lay, train=True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if cfg.bias_update_rate > 0:   # aux-loss-free balancing: not a gradient step
+      params = _nudge_select_bias(params, metrics['expert_assigned'], cfg.bias_update_rate, lay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -52,6 +55,15 @@ def make_eval_step(cfg: ModelConfig, lay: Layout, mesh: Mesh, param_sharding) ->
   jitted = jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, P()))
   return _under_mesh(jitted, mesh, mesh_lib.rules_for(lay))
+
+
+def _nudge_select_bias(params, assigned: jax.Array, rate: float, lay: Layout):
+  """params with each MoE layer's selection bias nudged by the step's loads [NB, E]."""
+  moe = params['blocks']['moe']
+  delta = pipeline_lib.to_stages(moe_lib.select_bias_step(assigned, rate),  # [NB, E] ->
+                                 lay.pp, lay.repeats)                      # [S, R, L, E]
+  moe = dict(moe, select_bias=moe['select_bias'] + delta)
+  return dict(params, blocks=dict(params['blocks'], moe=moe))
 
 
 class _under_mesh:
