@@ -121,8 +121,8 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json)),
           force=force)
-    except Exception as e:   # Orbax raises what the filesystem raised, or its own wrappers
-      self._failed(step, e)
+    except Exception as e:   # this save, or an earlier asynchronous one, failed
+      self._failed(None, e)
 
   def _failed(self, step: int | None, error: Exception):
     try:   # let earlier in-flight saves finish first: their temporary directories are not ours
@@ -134,7 +134,7 @@ class Checkpointer:
     free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
     good = [s for s in self.all_steps() if s != step]
     raise CheckpointError(
-        f'Saving {"a checkpoint" if step is None else f"step {step}"} to {self.directory} '
+        f'Saving {"a checkpoint" if step is None else f"step {step}"} under {self.directory} '
         f'failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}); '
         f'{free / 2**20:.0f} MiB free there. '
         f'The newest complete checkpoint is {good[-1] if good else "none"}. Free disk space (or '
