@@ -1,7 +1,8 @@
 """The training loop: build mesh and state, restore or init, step, log, checkpoint.
 
-Nothing broken is saved: a step's loss and gradient norm are checked (finite, loss below
-LOSS_BOUND x ln(vocab)) before its checkpoint is written, at the host sync the save makes anyway.
+Nothing broken is saved: a step's loss and gradient norm (finite, loss below LOSS_BOUND x
+ln(vocab)) and its updated params (finite) are checked before its checkpoint is written, and the
+next step's loss confirms the saved params (one scalar read, on the step after each save only).
 SIGTERM and the first SIGINT finish the step, save and exit cleanly; a second SIGINT exits now.
 """
 from __future__ import annotations
