@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       gelu='exact',                       # expert GELU: 'exact' (erf, the seed's nn.GELU()) or 'tanh'
       normalize_gates=False,              # top-k>1: renormalise a token's kept gates to sum to 1
       bias_update_rate=0.0,               # >0: aux-loss-free balancing (DeepSeek-V3), e.g. 1e-3
+      dispatch='capacity',                # 'capacity' (the seed's: drop past capacity) or 'dropless'
   ))
   c.pipeline = ml_collections.ConfigDict(dict(
       repeats=1,                          # circular repeats: each device holds r block groups

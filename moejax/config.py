@@ -39,6 +39,7 @@ class ModelConfig:
   gelu: str = 'exact'      # expert activation: 'exact' (erf, torch nn.GELU()) or 'tanh'
   normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
   bias_update_rate: float = 0.0  # aux-loss-free balancing: per-step nudge of the selection bias
+  dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
 
   @property
   def padded_vocab(self) -> int:
@@ -92,7 +93,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
       z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
       attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
-      bias_update_rate=float(moe.bias_update_rate))
+      bias_update_rate=float(moe.bias_update_rate), dispatch=moe.dispatch)
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
@@ -113,6 +114,7 @@ REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'save_dots_and_collect
                   'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16')
 GELUS = ('exact', 'tanh')
+DISPATCHES = ('capacity', 'dropless')
 DATA_SOURCES = ('random', 'learnable', 'tokens')
 
 
@@ -122,7 +124,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               'init_std', 'attn_bias'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
-            'normalize_gates', 'bias_update_rate'),
+            'normalize_gates', 'bias_update_rate', 'dispatch'),
     'pipeline': ('repeats', 'remat_policy'),
     'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
@@ -247,6 +249,8 @@ def _check_values(errors: list[str], config: ml_collections.ConfigDict, m: Model
   _check(errors, 0.0 <= m.expert_dropout < 1.0, f'moe.dropout={m.expert_dropout} not in [0, 1).')
   _check(errors, m.dtype in DTYPES, f'model.dtype={m.dtype!r} not one of {DTYPES}.')
   _check(errors, m.gelu in GELUS, f'moe.gelu={m.gelu!r} not one of {GELUS}.')
+  _check(errors, m.dispatch in DISPATCHES,
+         f'moe.dispatch={m.dispatch!r} not one of {DISPATCHES}.')
   _check(errors, m.bias_update_rate >= 0,
          f'moe.bias_update_rate={m.bias_update_rate} must be >= 0 (0 turns bias balancing off).')
   _check(errors, lay.remat_policy in REMAT_POLICIES,

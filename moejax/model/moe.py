@@ -1,8 +1,10 @@
 """The Mixture-of-Experts layer: route, dispatch, expert FFN, combine, on each shard of the
-expert-parallel axes (moejax.parallel.experts moves the rows between shards).
+expert-parallel axes (moejax.parallel.experts moves the rows between shards). Two dispatches:
+'capacity' (fixed [E, C] buffers per group, overflow dropped; the seed's) and 'dropless'
+(assignments sorted by expert, ragged exchange, grouped matmuls; nothing dropped).
 
 Legend: B batch, T seq, D d_model, nG groups per sequence, S tokens per group, G_ local groups,
-E experts, C capacity, F expert hidden. Names ending in `_` are shard-local.
+E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names ending in `_` are shard-local.
 """
 from __future__ import annotations
 
@@ -49,43 +51,108 @@ def _dispatched_row_ids(b_: int, ng_: int, num_experts: int, capacity: int,
   return ids.reshape(local, ep * b_ * ng_ * capacity)                  # [E/ep, ep*G_*C]
 
 
-def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[str, ...],
-               token_spec: P, top_k: int, capacity: int, dropout_rate: float, compute_dtype,
-               gelu: str, normalize_gates: bool) -> tuple[jax.Array, routing.GroupStats]:
-  """Shard-local MoE: x_ [B, nG_, S, D] -> ([B, nG_, S, D], per-group stats)."""
-  b, ng_, s, d = x_.shape
+def _assignment_ids(b_: int, ng_: int, top_k: int, s: int, axes: tuple[str, ...],
+                    group_spec: P) -> jax.Array:
+  """Mesh-independent name of each of this shard's token assignments [G_*K*S] in (g, k, s)
+  order: (global group * K + k) * S + s, a global group being b * nG + g."""
+  (b0, _), (g0, ng) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)
+  me = jax.lax.axis_index(axes)
+  gid = ((b0[me] + jnp.arange(b_))[:, None] * ng + g0[me] + jnp.arange(ng_)).reshape(-1)  # [G_]
+  return ((gid[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * s
+          + jnp.arange(s)).reshape(-1)                                  # [G_*K*S]
+
+
+def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
+                      rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
+                      groups: tuple[int, int], capacity: int, dropout_rate: float, compute_dtype,
+                      gelu: str) -> jax.Array:
+  """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
+  per group, full or not (assignments past them were dropped by routing)."""
+  g_, s, d = tokens_.shape
   num_experts = w_.router.shape[-1]
-  tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
-  r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
-                           w_.select_bias)
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
   if dropout_rate > 0.0:   # a unit's mask follows its token, slot and expert, not the device
-    rows = _dispatched_row_ids(b, ng_, num_experts, capacity, axes, token_spec)
+    rows = _dispatched_row_ids(*groups, num_experts, capacity, axes, token_spec)
     keep = routing.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
   cast = lambda a: a.astype(compute_dtype)
   local_experts = lambda rows_: routing.expert_ffn(                     # [E/ep, ep*G_*C, D]
       rows_, cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2), gelu=gelu,
       dropout_rate=dropout_rate, dropout_keep=keep)
   out_ = ep_lib.exchange(buf_, local_experts, axes)                     # [E, G_*C, D]
-  out_ = out_.reshape(num_experts, b * ng_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
-  y_ = routing.combine(out_, r)                                         # [G_, S, D]
+  out_ = out_.reshape(num_experts, g_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
+  return routing.combine(out_, r)                                       # [G_, S, D]
+
+
+def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
+                      rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
+                      groups: tuple[int, int], capacity: int, dropout_rate: float, compute_dtype,
+                      gelu: str) -> jax.Array:
+  """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
+  sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
+  exactly the rows it received (grouped matmuls)."""
+  del capacity
+  g_, s, d = tokens_.shape
+  k = r.expert.shape[1]
+  num_experts = w_.router.shape[-1]
+  local = w_.w1.shape[0]                                                # E/ep on this shard
+  expert = r.expert.reshape(-1)                                         # [A_] (g, k, s) order
+  order = jnp.argsort(expert, stable=True)                              # by expert = by shard
+  token = (jnp.arange(g_)[:, None, None] * s + jnp.arange(s)) * jnp.ones((1, k, 1), jnp.int32)
+  rows_ = tokens_.reshape(-1, d).astype(compute_dtype)[token.reshape(-1)[order]]  # [A_, D]
+  send = jnp.bincount(expert // local, length=num_experts // local)     # [ep] rows per shard
+  keys = (expert[order] % local)[:, None]                               # [A_, 1] local expert
+  if dropout_rate > 0.0:   # a unit's mask follows its (token, choice), not the device
+    ids = _assignment_ids(*groups, k, s, axes, token_spec)[order]      # [A_]
+    keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
+  cast = lambda a: a.astype(compute_dtype)
+  local_experts = lambda rows, keys_: routing.grouped_expert_ffn(       # [ep*A_, D]
+      rows, keys_[:, 0], cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2), gelu=gelu,
+      dropout_rate=dropout_rate, dropout_rng=rng, row_ids=keys_[:, -1])
+  out_ = ep_lib.ragged_exchange(rows_, keys, send, local_experts, axes, pad_key=local)  # [A_, D]
+  out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s) order
+  weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)            # [G_, K, S]
+  return jnp.einsum('GKSD,GKS->GSD', out_.reshape(g_, k, s, d), weight)  # [G_, S, D]
+
+
+EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
+
+
+def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[str, ...],
+               token_spec: P, top_k: int, capacity: int, dropout_rate: float, compute_dtype,
+               gelu: str, normalize_gates: bool, dispatch: str
+               ) -> tuple[jax.Array, routing.GroupStats]:
+  """Shard-local MoE: x_ [B, nG_, S, D] -> ([B, nG_, S, D], per-group stats)."""
+  b, ng_, s, d = x_.shape
+  if dispatch == 'dropless':
+    capacity = top_k * s                                                # room for every choice
+  tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
+  r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
+                           w_.select_bias)
+  y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, token_spec=token_spec,
+                              groups=(b, ng_), capacity=capacity, dropout_rate=dropout_rate,
+                              compute_dtype=compute_dtype, gelu=gelu)   # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
   return y_.reshape(b, ng_, s, d), stats
 
 
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
         capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32,
-        gelu: str = 'exact', normalize_gates: bool = False
+        gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity'
         ) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
-  per-group stats with leading axes [B, T/group_size]."""
+  per-group stats with leading axes [B, T/group_size].
+
+  dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
+  'dropless' (every assignment is computed; `capacity` is not used).
+  """
   b, t, d = x.shape
   groups = x.reshape(b, t // group_size, group_size, d)                 # [B, T, D] -> [B, nG, S, D]
   groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
   fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity, dropout_rate=dropout_rate,
-                         compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates)
+                         compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates,
+                         dispatch=dispatch)
   axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
   y, stats = ep_lib.expert_parallel(fn, weights, axes, groups, GROUP_AXES, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]

@@ -103,6 +103,29 @@ def expert_ffn(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: ja
   return jnp.einsum('ECF,EFD->ECD', h, w2) + b2[:, None, :]            # [E, C, D]
 
 
+def grouped_expert_ffn(x: jax.Array, key: jax.Array, w1: jax.Array, b1: jax.Array,
+                       w2: jax.Array, b2: jax.Array, *, gelu: str = 'exact',
+                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                       row_ids: jax.Array | None = None) -> jax.Array:
+  """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
+  padding rows, which return 0); w1 [E, D, F], w2 [E, F, D]. Rows are sorted by expert and each
+  expert's weights multiply exactly its rows (grouped matmuls, jax.lax.ragged_dot).
+  With dropout, row i's hidden-unit mask is dropout_keep(dropout_rng, row_ids[i]).
+  """
+  num_experts = w1.shape[0]
+  order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
+  sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
+  expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
+  h = jax.lax.ragged_dot(x[order], w1, sizes) + b1[expert]             # [R, F]
+  h = jax.nn.gelu(h, approximate=gelu == 'tanh')
+  if dropout_rate > 0.0:
+    keep = dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate)  # [R, F]
+    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
+  y = jax.lax.ragged_dot(h, w2, sizes) + b2[expert]                    # [R, D]
+  y = jnp.where((key[order] < num_experts)[:, None], y, 0)
+  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [R, D] input order
+
+
 def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:
   """Keep mask [..., width] for rows named by row_ids [...] (int): row i's mask is a function
   of (rng, i) only, so it does not depend on where the row is computed."""

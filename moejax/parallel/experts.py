@@ -1,5 +1,5 @@
-"""Expert parallelism, independent of what the experts compute: the all_to_all exchange around
-the local experts, and the shard_map that runs a function of one shard's tokens and experts
+"""Expert parallelism, independent of what the experts compute: the all_to_all exchanges around
+the local experts (fixed-size buffers, or ragged rows with per-peer sizes), and the shard_map that runs a function of one shard's tokens and experts
 over the mesh axes the experts are split over (tp, or dp x tp when folded).
 
 The MoE maths (routing, dispatch, the expert FFN, combine) is moejax.model.moe's; it hands this
@@ -34,6 +34,64 @@ def exchange(buf_: jax.Array, local_experts: Callable[[jax.Array], jax.Array],
   with jax.named_scope('moe_all_to_all_combine'):
     out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)           # [E, R_, D]
   return checkpoint_name(out_, remat.MOE_RETURNED)
+
+
+RAGGED_PLATFORMS = ('cuda', 'gpu', 'rocm')   # backends that implement ragged-all-to-all
+
+
+def ragged_kind() -> str:
+  """Which ragged exchange the active mesh's backend runs: 'ragged' (jax.lax.ragged_all_to_all)
+  or 'padded' (a dense all_to_all of worst-case buffers; XLA:CPU has no ragged-all-to-all)."""
+  return 'ragged' if mesh_lib.platform() in RAGGED_PLATFORMS else 'padded'
+
+
+def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                             recv_sizes, *, axis_name):
+  """jax.lax.ragged_all_to_all's result (one slice per peer) from a dense all_to_all of
+  [ep, N, ...] blocks: every peer's slice padded to the whole operand (N rows)."""
+  n = operand.shape[0]
+  i = jnp.arange(n)
+  idx = jnp.clip(input_offsets[:, None] + i, 0, n - 1)                  # [ep, N]
+  sent = (i < send_sizes[:, None]).reshape((-1, n) + (1,) * (operand.ndim - 1))
+  blocks = jnp.where(sent, operand[idx], 0)                              # [ep, N, ...]
+  blocks = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)       # [ep sources, N, ...]
+  start = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # [ep] where each goes
+  dst = jnp.where(i < recv_sizes[:, None], start[:, None] + i, output.shape[0])  # [ep, N]
+  return output.at[dst].set(blocks, mode='drop')
+
+
+def _exclusive_cumsum(a: jax.Array) -> jax.Array:
+  return jnp.cumsum(a) - a
+
+
+def ragged_exchange(rows_: jax.Array, keys_: jax.Array, send_sizes: jax.Array,
+                    local_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    axes: tuple[str, ...], pad_key: int) -> jax.Array:
+  """Rows grouped by destination shard rows_ [N_, D] (send_sizes [ep] of them for each shard, in
+  shard order) with int keys_ [N_, ...] -> each shard receives its rows from every shard, by
+  source, in a worst-case buffer [ep*N_, D] (keys pad_key past what arrived) -> local_fn(rows,
+  keys) -> [ep*N_, D'] -> results back to their senders, in rows_'s order [N_, D'].
+
+  Per-peer sizes are exchanged first (an all_to_all of [ep] counts); the rows then move by
+  jax.lax.ragged_all_to_all, or by padded_ragged_all_to_all where the backend lacks it.
+  """
+  ragged = (jax.lax.ragged_all_to_all if ragged_kind() == 'ragged'
+            else padded_ragged_all_to_all)
+  n, ep = rows_.shape[0], send_sizes.shape[0]
+  send_off = _exclusive_cumsum(send_sizes)                              # [ep] in my rows_
+  recv_sizes = jax.lax.all_to_all(send_sizes, axes, 0, 0, tiled=True)   # [ep] from each source
+  recv_off = _exclusive_cumsum(recv_sizes)                              # [ep] in my buffer
+  dest_off = jax.lax.all_to_all(recv_off, axes, 0, 0, tiled=True)       # [ep] mine, on each peer
+  home_off = jax.lax.all_to_all(send_off, axes, 0, 0, tiled=True)       # [ep] theirs, at home
+  go = lambda a, out: ragged(a, out, send_off, send_sizes, dest_off, recv_sizes, axis_name=axes)
+  with jax.named_scope('moe_ragged_dispatch'):
+    got = go(rows_, jnp.zeros((ep * n,) + rows_.shape[1:], rows_.dtype))  # [ep*N_, D]
+    got_keys = go(keys_, jnp.full((ep * n,) + keys_.shape[1:], pad_key, keys_.dtype))
+  out = local_fn(checkpoint_name(got, remat.MOE_DISPATCHED), got_keys)  # [ep*N_, D']
+  with jax.named_scope('moe_ragged_combine'):
+    back = ragged(out, jnp.zeros((n,) + out.shape[1:], out.dtype), recv_off, recv_sizes,
+                  home_off, send_sizes, axis_name=axes)                 # [N_, D']
+  return checkpoint_name(back, remat.MOE_RETURNED)
 
 
 def source_offsets(spec: P, local_shape: Sequence[int], axes: tuple[str, ...]

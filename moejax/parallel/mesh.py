@@ -87,6 +87,12 @@ def spec(logical: Sequence[str | None]) -> P:
   return nn.logical_to_mesh_axes(tuple(logical), nn.get_logical_axis_rules() or RULES)
 
 
+def platform() -> str:
+  """Platform the active mesh's devices compile for ('cpu', 'cuda', ...), else JAX's default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def axes_of(entry) -> tuple[str, ...]:
   """Mesh axes of one PartitionSpec entry (None, 'tp' or ('dp', 'tp')) as a tuple."""
   if entry is None:
