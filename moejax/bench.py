@@ -119,17 +119,21 @@ def executed_flops(config, hlo_text: str) -> dict:
   excess = parts['total'] - model
   ticks = bubble * (parts['blocks'] + parts['remat'])   # idle ticks run the blocks too
   remat = (1 - bubble) * parts['remat']
-  # Experts run on every capacity slot, used or not: E * C slots for K * S assignments.
   cfg = config_lib.model_config(config)
-  expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks
-  slots = (cfg.num_experts * cfg.capacity(True) / (cfg.top_k * cfg.group_size) - 1) * expert * (
-      lay.tokens_per_step / lay.devices)
+  expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks * (
+      lay.tokens_per_step / lay.devices)                # expert FLOPs the model needs
+  if cfg.dispatch == 'dropless':
+    # XLA (jaxlib 0.10) lowers ragged_dot to a dense dot: every local expert multiplies every row
+    # of the worst-case receive buffer (expert_shards x the shard's K*S rows).
+    slots, slot_term = (cfg.num_experts - 1) * expert, 'ragged_dot_dense_lowering'
+  else:   # experts run on every capacity slot, used or not: E * C slots for K * S assignments
+    slots = (cfg.num_experts * cfg.capacity(True) / (cfg.top_k * cfg.group_size) - 1) * expert
+    slot_term = 'empty_capacity_slots'
   return {
       'flops_executed': parts['total'], 'flops_model_per_device': model,
       'flops_executed_over_model': parts['total'] / model,
       'flops_executed_by_part': parts,
-      'flops_excess': {'bubble_ticks': ticks, 'rematerialisation': remat,
-                       'empty_capacity_slots': slots,
+      'flops_excess': {'bubble_ticks': ticks, 'rematerialisation': remat, slot_term: slots,
                        'other': excess - ticks - remat - slots},
   }
 

@@ -11,6 +11,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax.parallel import remat
 
 
 class Routing(NamedTuple):
@@ -116,12 +119,13 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w1: jax.Array, b1: jax.Arra
   order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
   sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
   expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
-  h = jax.lax.ragged_dot(x[order], w1, sizes) + b1[expert]             # [R, F]
+  grouped = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w, sizes), remat.GROUPED_MATMUL)
+  h = grouped(x[order], w1) + b1[expert]                               # [R, F]
   h = jax.nn.gelu(h, approximate=gelu == 'tanh')
   if dropout_rate > 0.0:
     keep = dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate)  # [R, F]
     h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
-  y = jax.lax.ragged_dot(h, w2, sizes) + b2[expert]                    # [R, D]
+  y = grouped(h, w2) + b2[expert]                                      # [R, D]
   y = jnp.where((key[order] < num_experts)[:, None], y, 0)
   return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [R, D] input order
 

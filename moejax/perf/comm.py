@@ -5,7 +5,8 @@ per train step, so the two can be compared directly. The minimum assumes no reco
 rematerialised forward repeats its tensor-parallel collectives and all-to-alls) and counts only
 what the layout requires:
   tp: sequence-parallel attention (all-gather in, reduce-scatter out; the reverse in backward);
-      expert all-to-alls (dispatch + return, forward and backward); vocab-parallel embedding and
+      expert all-to-alls (dispatch + return, forward and backward: E*C capacity rows per group,
+      or with dropless dispatch the K rows of every token, in ragged all-to-alls); vocab-parallel embedding and
       head (reduce-scatter / all-gather of [B, T, D]) and the softmax statistics;
   pp: one activation permute per tick and direction; micro-batches to the first stage and
       outputs from the last stage;
@@ -31,9 +32,12 @@ def minimum_bytes(cfg: ModelConfig, lay: Layout) -> dict[str, dict[str, int]]:
     per = local_blocks * m
     terms['attention (tp)'] = {'all-gather': per * 2 * btd * dt,
                                'reduce-scatter': per * 2 * btd // tp * dt}
-    groups = b * t // tp // cfg.group_size
-    a2a = groups * cfg.num_experts * cfg.capacity(True) * d * dt
-    terms['experts (tp all-to-all)'] = {'all-to-all': per * 4 * a2a}
+    if cfg.dispatch == 'dropless':
+      a2a, kind = b * t // tp * cfg.top_k * d * dt, 'ragged-all-to-all'
+    else:
+      groups = b * t // tp // cfg.group_size
+      a2a, kind = groups * cfg.num_experts * cfg.capacity(True) * d * dt, 'all-to-all'
+    terms['experts (tp all-to-all)'] = {kind: per * 4 * a2a}
     terms['embedding (tp)'] = {'reduce-scatter': local_micro * btd // tp * dt,
                                'all-gather': local_micro * btd * dt}
     terms['head + softmax (tp)'] = {'all-gather': local_micro * btd * dt,

@@ -4,7 +4,9 @@ Everything is per device per execution of the program: ops inside while loops co
 iteration (`known_trip_count`), ops in called computations (fusions, calls) once per call.
 Works on XLA:CPU text and on scheduled GPU text, where collectives are `*-start` / `*-done`
 pairs: a pair is counted once, at its `-done`, whose result is exactly the collective's result
-(a start's result also carries its operands).
+(a start's result also carries its operands). A ragged-all-to-all writes a slice of a buffer
+sized for the worst case: it counts the smaller of its data operand and its result (what a
+device sends out, or gets back, when every row it holds travels).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import math
 import re
 from typing import NamedTuple
 
-KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
+         'collective-permute')
 _BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1,
           'f64': 8, 's64': 8, 'u64': 8, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2}
 _ARRAY = re.compile(r'(?P<dtype>[a-z]+\d*[a-z0-9]*)\[(?P<dims>[\d,]*)\]')
@@ -149,7 +152,13 @@ def collectives(hlo_text: str) -> list[Collective]:
       continue
     shapes = tuple(dims for _, dims in arrays(i.result))
     is_async = i.op.endswith('-done')
-    out.append(Collective(kind, shapes, _nbytes(i.result), module.count(i),
+    nbytes = _nbytes(i.result)
+    if kind == 'ragged-all-to-all':
+      call = module.by_name.get(i.operands[0]) if is_async and i.operands else i
+      data = call.operands[0] if call is not None and call.operands else None
+      if data in module.by_name:
+        nbytes = min(nbytes, _nbytes(module.by_name[data].result))
+    out.append(Collective(kind, shapes, nbytes, module.count(i),
                           is_async and module.overlapped(i)))
   return out
 
