@@ -97,9 +97,24 @@ def test_async_gpu_collectives_counted_once_at_their_result():
       'all-gather': 256 * 128 * f32,          # the gathered result, not operand + result
       'reduce-scatter': 64 * 128 * f32,
       'collective-permute': 64 * 128 * f32,
+      'ragged-all-to-all': 64 * 128 * f32,    # the rows sent, not the [256, 128] buffer
   }
   assert all('-start' in line or '-done' in line for line in text.splitlines()
              if any(f" {k}(" in line for k in hlo.KINDS))
+
+
+def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
+  """The gradient of one dropless MoE layer compiled for 4 H100s (tests/data/make_gpu_hlo.py):
+  rows move by ragged all-to-alls (dispatch and return, forward and backward), and nothing is
+  all-gathered (each shard keeps its own experts' weights)."""
+  text = open(os.path.join(os.path.dirname(__file__), 'data', 'h100_dropless_moe.hlo')).read()
+  ops = hlo.collectives(text)
+  ragged = [c for c in ops if c.kind == 'ragged-all-to-all']
+  assert len(ragged) >= 4
+  assert not [c for c in ops if c.kind == 'all-gather']
+  # A shard's 2 x 16 tokens x 2 choices = 64 rows of [32] f32 travel (not its [4*64, 32]
+  # buffer), and their int32 expert ids once, on the way out.
+  assert {c.bytes for c in ragged} == {64 * 32 * 4, 64 * 4}
 
 
 def test_matmul_flops_of_a_scanned_matmul():

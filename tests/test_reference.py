@@ -57,6 +57,14 @@ def test_1x1_model_equals_numpy_reference(top_k, capacity_factor, normalize):
     assert stats['dropped_frac'] == 0.0
 
 
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_1x1_dropless_equals_numpy_reference(top_k):
+  """Dropless = the per-token reference with room for every assignment."""
+  config, params, tokens = _case(**{'moe.top_k': top_k, 'moe.dispatch': 'dropless'})
+  stats = assert_matches(config, params, tokens, capacity=top_k * config.moe.group_size)
+  assert stats['dropped_frac'] == 0.0
+
+
 def test_4x4_mesh_equals_numpy_reference():
   config, params, tokens = _case(4, 4, **{'data.seq_len': 32})   # 4 groups: one per tp shard
   assert_matches(config, params, tokens)

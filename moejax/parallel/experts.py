@@ -39,10 +39,11 @@ def exchange(buf_: jax.Array, local_experts: Callable[[jax.Array], jax.Array],
 RAGGED_PLATFORMS = ('cuda', 'gpu', 'rocm')   # backends that implement ragged-all-to-all
 
 
-def ragged_kind() -> str:
-  """Which ragged exchange the active mesh's backend runs: 'ragged' (jax.lax.ragged_all_to_all)
-  or 'padded' (a dense all_to_all of worst-case buffers; XLA:CPU has no ragged-all-to-all)."""
-  return 'ragged' if mesh_lib.platform() in RAGGED_PLATFORMS else 'padded'
+def ragged_kind(platform: str | None = None) -> str:
+  """Which ragged exchange a backend (default: the active mesh's) runs: 'ragged'
+  (jax.lax.ragged_all_to_all) or 'padded' (a dense all_to_all of worst-case buffers; XLA:CPU
+  has no ragged-all-to-all)."""
+  return 'ragged' if (platform or mesh_lib.platform()) in RAGGED_PLATFORMS else 'padded'
 
 
 def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,

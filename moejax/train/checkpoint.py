@@ -28,8 +28,12 @@ from moejax.model import transformer
 from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
 from moejax.train.state import TrainState, abstract as abstract_state, opt_shardings
 
-# Config sections that change parameter shapes or meaning; a checkpoint must match them.
+# Config sections that change parameter shapes or meaning; a checkpoint must match them, except
+# the keys that change how the same parameters are trained or run (listed at resume).
 MODEL_SECTIONS = ('model', 'moe')
+RUN_KEYS = {('model', 'dtype'), ('model', 'init_std'), ('moe', 'dispatch'),
+            ('moe', 'capacity_factor'), ('moe', 'eval_capacity_factor'), ('moe', 'dropout'),
+            ('moe', 'aux_loss_weight'), ('moe', 'z_loss_weight')}
 _BLOCKS = jax.tree_util.DictKey('blocks')
 
 
@@ -174,7 +178,7 @@ class Checkpointer:
                             f'config ({e}); it is corrupt or not a moejax checkpoint.') from e
     diffs = [f'{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
-             if saved.get(s, {}).get(k) != v]
+             if saved.get(s, {}).get(k) != v and (s, k) not in RUN_KEYS]
     if diffs:
       raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} is of a different '
                         'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '

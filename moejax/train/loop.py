@@ -23,7 +23,7 @@ from moejax.errors import CheckpointError, ConfigError, DivergedError
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
-from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import experts as ep_lib, mesh as mesh_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optimizer, state as state_lib, step as step_lib
 from moejax.train import workdir as workdir_lib
@@ -145,8 +145,12 @@ def _compile(config, cfg, lay, tx, mesh, state_sh, data_sharding):
   batch_abstract = jax.ShapeDtypeStruct(
       (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
       sharding=data_sharding)
-  _say(f'Compiling the train step for {lay.devices} {jax.devices()[0].platform} devices '
-       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step)...')
+  platform = mesh.devices.flat[0].platform
+  experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all'
+             if cfg.dispatch == 'dropless' else 'experts at capacity')
+  _say(f'Compiling the train step for {lay.devices} {platform} devices '
+       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step, '
+       f'{experts})...')
   started = time.perf_counter()
   compiled = step_lib.make_train_step(
       cfg, lay, tx, optimizer.schedule(config.optim), mesh, state_sh, config.seed).lower(

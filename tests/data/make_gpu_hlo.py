@@ -1,11 +1,15 @@
-"""Regenerates tests/data/h100_collectives.hlo: a small program compiled for 8 abstract H100s.
+"""Regenerates the H100 programs tests/test_hlo.py reads (compiled for abstract H100s, no GPU).
 
   pip install -r requirements.txt -r requirements-cuda12.txt
   python tests/data/make_gpu_hlo.py
 
-Per device: x_ [64, 128] f32; a 5-step scan of (x_ @ w) with a psum over pp inside; then
-all_to_all, all_gather, psum_scatter (tp) and ppermute (pp). tests/test_hlo.py checks the
-collective bytes and the matmul FLOPs read from it against numbers worked out by hand.
+h100_collectives.hlo, 8 H100s: per device x_ [64, 128] f32; a 5-step scan of (x_ @ w) with a
+psum over pp inside; then all_to_all, all_gather, psum_scatter (tp), ppermute (pp) and a
+ragged_all_to_all (tp) of the [64, 128] rows into a [256, 128] buffer. tests/test_hlo.py checks
+the collective bytes and the matmul FLOPs read from it against numbers worked out by hand.
+
+h100_dropless_moe.hlo, 4 H100s (tp=4): the gradient of one dropless MoE layer
+(moejax.model.moe, 8 experts, x [2, 64, 32] f32).
 """
 import os
 import sys
@@ -28,20 +32,50 @@ def program(x, w):
     a = jax.lax.all_to_all(c, 'tp', 0, 0, tiled=True)      # [64, 128]
     g = jax.lax.all_gather(a, 'tp', tiled=True)            # [256, 128]
     r = jax.lax.psum_scatter(g * 2.0, 'tp', scatter_dimension=0, tiled=True)  # [64, 128]
-    return jax.lax.ppermute(r, 'pp', [(0, 1), (1, 0)])     # [64, 128]
+    p = jax.lax.ppermute(r, 'pp', [(0, 1), (1, 0)])        # [64, 128]
+    sizes = jnp.full((4,), 16, jnp.int32)
+    offsets = jnp.arange(4, dtype=jnp.int32) * 16
+    me = jax.lax.axis_index('tp') * 16
+    return jax.lax.ragged_all_to_all(p, jnp.zeros((256, 128)), offsets, sizes,
+                                     jnp.full((4,), me, jnp.int32), sizes, axis_name='tp')
   return jax.shard_map(local, in_specs=(P('tp'), P()), out_specs=P('tp'), check_vma=False)(x, w)
 
 
-def main():
+def write(name: str, text: str) -> None:
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+  with open(out, 'w') as f:
+    f.write(text)
+  print(f'wrote {out} ({len(text)} chars)')
+
+
+def collectives_program() -> str:
   mesh = Mesh(np.array(targets.devices('h100', 8)).reshape(4, 2), ('tp', 'pp'))
   x = jax.ShapeDtypeStruct((256, 128), jnp.float32, sharding=NamedSharding(mesh, P('tp')))
   w = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):
-    text = jax.jit(program).lower(x, w).compile().as_text()
-  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'h100_collectives.hlo')
-  with open(out, 'w') as f:
-    f.write(text)
-  print(f'wrote {out} ({len(text)} chars)')
+    return jax.jit(program).lower(x, w).compile().as_text()
+
+
+def dropless_moe_program() -> str:
+  from moejax.model import moe as moe_lib
+  from moejax.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
+  e, d, f = 8, 32, 64
+  shapes = moe_lib.ExpertWeights(router=(d, e), w1=(e, d, f), b1=(e, f), w2=(e, f, d), b2=(e, d))
+  with mesh_lib.activate(mesh):
+    sharded = lambda shape, axes: jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                      sharding=mesh_lib.sharding(mesh, axes))
+    weights = moe_lib.ExpertWeights(*(sharded(s, a) for s, a in
+                                      zip(shapes[:5], moe_lib.WEIGHT_AXES[:5])))
+    x = sharded((2, 64, d), ('act_batch', 'act_seq', 'act_embed'))
+    loss = lambda w, x: jnp.sum(moe_lib.moe(w, x, jax.random.key(0), group_size=16, top_k=2,
+                                            capacity=0, dispatch='dropless')[0] ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile().as_text()
+
+
+def main():
+  write('h100_collectives.hlo', collectives_program())
+  write('h100_dropless_moe.hlo', dropless_moe_program())
 
 
 if __name__ == '__main__':
