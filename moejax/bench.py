@@ -50,35 +50,22 @@ def matmul_flops_per_s(devices) -> float:
   return 2 * n ** 3 * reps * len(devices) / (time.perf_counter() - start)
 
 
-def compiled_analysis(config, target: str = 'cpu') -> dict:
+def compiled_analysis(config, target: str = 'cpu', plan=None) -> dict:
   """Per-device memory and collective bytes of the train step compiled from abstract inputs,
   for this machine's devices or (target='h100', ...) for abstract GPUs of that card."""
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding
-  from moejax import config as config_lib, targets
-  from moejax.parallel import mesh as mesh_lib
+  from moejax import targets
   from moejax.perf import comm, hlo
-  from moejax.train import optimizer, state as state_lib, step as step_lib
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  abstract_state = state_lib.abstract(cfg, lay, tx, mesh)
-  batch = jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1),
-                               np.int32, sharding=step_lib.batch_sharding(mesh))
+  from moejax.train.plan import Plan
+  plan = plan or Plan(config)
   if target != 'cpu':
-    # Nothing can execute on abstract GPUs (not even optax's init inside eval_shape): the
-    # abstract state is built on the CPU mesh of the same shape, then moved to the GPU mesh.
-    mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, targets.devices(target, lay.devices))
-    move = lambda s: NamedSharding(mesh, s.spec)
-    sh = jax.tree.map(move, sh)
-    abstract_state, batch = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=move(a.sharding)),
-        (abstract_state, batch))
+    # Nothing can execute on abstract GPUs (not even optax's init inside eval_shape): the plan
+    # is made on the CPU mesh of the same shape, then moved to the GPU mesh.
+    plan = plan.on(targets.devices(target, plan.layout.devices))
+  cfg, lay, abstract_state = plan.model, plan.layout, plan.abstract_state
   start = time.perf_counter()
-  compiled = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
-                                      config.seed).lower(abstract_state, batch).compile()
+  compiled = plan.train_step().lower(abstract_state, plan.batch_abstract()).compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k + '_size_in_bytes', 0)) for k in
@@ -142,20 +129,16 @@ class _Runner:
   """A compiled train step (and forward pass) of one config, with its own state and batch."""
 
   def __init__(self, config):
-    from moejax import config as config_lib
-    from moejax.parallel import mesh as mesh_lib
     from moejax.data.source import global_batch
-    from moejax.train import loop, optimizer, state as state_lib, step as step_lib
-    cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-    self.lay = lay
-    mesh = mesh_lib.mesh_for(lay)
-    tx = optimizer.make(config.optim)
-    sh = state_lib.shardings(cfg, lay, tx, mesh)
-    self.analysis = compiled_analysis(config)
+    from moejax.train import loop
+    from moejax.train.plan import Plan
+    plan = Plan(config)
+    self.lay = plan.layout
+    self.analysis = compiled_analysis(config, plan=plan)
     self.step_fn = self.analysis.pop('compiled')
-    self.state = state_lib.create(cfg, lay, tx, mesh, config.seed)
-    self.batch = global_batch(loop.make_source(config), 0, step_lib.batch_sharding(mesh))
-    self.forward_fn = step_lib.make_eval_step(cfg, lay, mesh, sh.params)
+    self.state = plan.create_state()
+    self.batch = global_batch(loop.make_source(config), 0, plan.batch_sharding)
+    self.forward_fn = plan.eval_step()
     self.metrics = None
 
   def time_forward(self, steps: int) -> float:
@@ -229,6 +212,8 @@ def measure(config, steps: int, rounds: int) -> dict:
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   from moejax import runtime
   from moejax import targets
   from moejax.config import ConfigError

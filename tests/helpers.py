@@ -7,9 +7,9 @@ import numpy as np
 
 from configs import tp4pp4
 from moejax import config as config_lib
-from moejax.model import transformer
-from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+from moejax.model import params as params_lib, transformer
 from moejax.train import check
+from moejax.train.plan import Plan
 
 
 def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **overrides):
@@ -34,17 +34,11 @@ def loss_and_grads(config, seed: int = 0):
 def train_steps(config, steps: int):
   """(state, last loss) after `steps` train steps of a config on its mesh, from its seed."""
   from moejax.data.source import global_batch
-  from moejax.train import loop, optimizer, state as state_lib, step as step_lib
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  state = state_lib.create(cfg, lay, tx, mesh, config.seed)
-  fn = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(config.optim), mesh, sh,
-                                config.seed)
-  source = loop.make_source(config)
+  from moejax.train import loop
+  plan = Plan(config)
+  state, fn, source = plan.create_state(), plan.train_step(), loop.make_source(config)
   for step in range(steps):
-    state, metrics = fn(state, global_batch(source, step, step_lib.batch_sharding(mesh)))
+    state, metrics = fn(state, global_batch(source, step, plan.batch_sharding))
   return state, float(metrics['loss'])
 
 
@@ -80,7 +74,7 @@ def perturbed_params(config, seed: int = 0, scale: float = 0.1, router_scale: fl
   """Canonical params (blocks [NB, ...]) with every leaf moved off its init: biases and norms
   non-trivial, router weights large enough that no two experts nearly tie."""
   cfg = config_lib.model_config(config)
-  params = jax.device_get(transformer.init_canonical(cfg, jax.random.key(seed)))
+  params = jax.device_get(params_lib.init_canonical(cfg, jax.random.key(seed)))
   rng = np.random.default_rng(seed)
   def move(path, a):
     name = jax.tree_util.keystr(path)
@@ -92,18 +86,14 @@ def perturbed_params(config, seed: int = 0, scale: float = 0.1, router_scale: fl
 def model_forward(config, params, tokens, train: bool = True):
   """(loss, metrics, logits [M, B, T, V]) of the model on a config's mesh for canonical params."""
   from moejax.model.layers import Head
-  config_lib.validate(config, jax.device_count())
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
-    staged = dict(params, blocks=pipeline_lib.to_stages(params['blocks'], lay.pp, lay.repeats))
-    staged = jax.device_put(staged, shard)
+  plan = Plan(config)
+  cfg, lay = plan.model, plan.layout
+  staged = jax.device_put(params_lib.tree_to_stages(params, lay), plan.param_sharding)
 
-    def fn(p, tokens, rng):
-      loss, metrics = transformer.loss_fn(p, tokens, rng, cfg=cfg, lay=lay, train=train)
-      hidden, _ = transformer.hidden_states(p, tokens[..., :-1], rng, cfg=cfg, lay=lay,
-                                            train=train)
-      return loss, metrics, Head(cfg).apply({'params': p['head']}, hidden)
-    loss, metrics, logits = jax.jit(fn)(staged, tokens, jax.random.key(1))
+  def fn(p, tokens, rng):
+    loss, metrics = transformer.loss_fn(p, tokens, rng, cfg=cfg, lay=lay, train=train)
+    hidden, _ = transformer.hidden_states(p, tokens[..., :-1], rng, cfg=cfg, lay=lay,
+                                          train=train)
+    return loss, metrics, Head(cfg).apply({'params': p['head']}, hidden)
+  loss, metrics, logits = plan.jit(fn)(staged, tokens, jax.random.key(1))
   return float(loss), jax.device_get(metrics), np.asarray(logits)

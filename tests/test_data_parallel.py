@@ -6,11 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import config as config_lib
-from moejax.parallel import mesh as mesh_lib
-from moejax.train import loop, optimizer, state as state_lib
-from moejax.train.checkpoint import _map_blocks
-from moejax.parallel import pipeline as pipeline_lib
+from moejax.model import params as params_lib
+from moejax.train import loop
+from moejax.train.plan import Plan
 from tests.helpers import (assert_trees_close, loss_and_grads, small_config, train_steps,
                            without_key_bias)
 
@@ -37,12 +35,10 @@ def test_data_parallel_meshes_match_1x1(dp, tp, pp, folded):
 
 def test_folded_experts_are_split_over_dp_and_tp():
   config = small_config(2, 4, dp=2, **BATCH, **{'mesh.experts_over_dp': True})
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  w1 = state_lib.shardings(cfg, lay, tx, mesh).params['blocks']['moe']['w1']
-  w1_shape = state_lib.abstract(cfg, lay, tx, mesh).params['blocks']['moe']['w1'].shape
-  assert w1.shard_shape(w1_shape)[3] == cfg.num_experts // 4   # [S, R, L, E, D, F]
+  plan = Plan(config)
+  w1 = plan.param_sharding['blocks']['moe']['w1']
+  w1_shape = plan.abstract_state.params['blocks']['moe']['w1'].shape
+  assert w1.shard_shape(w1_shape)[3] == plan.model.num_experts // 4   # [S, R, L, E, D, F]
 
 
 def test_zero1_sharded_optimizer_trains_like_1x1():
@@ -51,7 +47,7 @@ def test_zero1_sharded_optimizer_trains_like_1x1():
   ref_state, ref_loss = train_steps(small_config(1, 1, **BATCH), 3)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   canonical = lambda s: without_key_bias(
-      jax.device_get(_map_blocks(pipeline_lib.from_stages, s.params)))
+      jax.device_get(params_lib.tree_from_stages(s.params)))
   assert_trees_close(canonical(state), canonical(ref_state), rtol=1e-5)
   # The Adam moments of the attention weights really are split over dp as well.
   mu = state.opt_state[1][0].mu['blocks']['attn']['wqkv']   # [S, R, L, 3, D, N, H]

@@ -2,29 +2,21 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tp4pp4
 from moejax import config as config_lib
-from moejax.parallel import mesh as mesh_lib
 from moejax.perf import hlo
-from moejax.train import optimizer, state as state_lib, step as step_lib
+from moejax.train.plan import Plan
 
 
 def compiled_text(tp, pp, dp=1, experts_over_dp=False):
   c = tp4pp4.get_config('tiny')
   c.mesh.tp, c.mesh.pp, c.mesh.dp, c.mesh.experts_over_dp = tp, pp, dp, experts_over_dp
-  cfg, lay = config_lib.model_config(c), config_lib.layout(c)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(c.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  abstract = state_lib.abstract(cfg, lay, tx, mesh)
-  step = step_lib.make_train_step(cfg, lay, tx, optimizer.schedule(c.optim), mesh, sh, 0)
-  tokens = jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1),
-                                jnp.int32, sharding=step_lib.batch_sharding(mesh))
-  return step.lower(abstract, tokens).compile().as_text(), abstract.params
+  plan = Plan(c)
+  abstract = plan.abstract_state
+  return plan.train_step().lower(abstract, plan.batch_abstract()).compile().as_text(), abstract.params
 
 
 def weight_shapes(params):

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 
 from moejax import config as config_lib
-from moejax.model import transformer
-from moejax.parallel import mesh as mesh_lib
+from moejax.model import params as params_lib
+from moejax.train.plan import Plan
 from tests.helpers import loss_and_grads, small_config
 from configs import tp4pp4
 
@@ -15,11 +15,8 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'golden_param_specs_tp4pp4.json
 
 
 def _specs_and_shapes(config):
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  with mesh_lib.activate(mesh):
-    shardings = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
-    shapes = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
+  plan = Plan(config)
+  shardings, shapes = plan.param_sharding, plan.abstract_state.params
   flat = {}
   for (path, sh), shape in zip(jax.tree_util.tree_leaves_with_path(shardings),
                                jax.tree.leaves(shapes)):
@@ -36,7 +33,7 @@ def test_param_shardings_match_golden_table():
 
 
 def test_param_count_matches_design():
-  shapes = jax.eval_shape(lambda k: transformer.init_canonical(
+  shapes = jax.eval_shape(lambda k: params_lib.init_canonical(
       config_lib.model_config(tp4pp4.get_config()), k), jax.random.key(0))
   total = sum(np.prod(a.shape) for a in jax.tree.leaves(shapes))
   v, d, e, f, nb, pos = 50304, 1024, 64, 2048, 8, 1024        # padded vocab; N*H = d_model

@@ -23,12 +23,11 @@ flags.mark_flags_as_required(['workdir'])
 def evaluate(workdir: str, config, step: int, eval_batches: int) -> dict:
   """Mean validation metrics of the checkpoint at `step` (config from `run_dir.open_config`)."""
   from moejax.cli import run_dir
-  from moejax.train import loop, step as step_lib
+  from moejax.train import loop
   if eval_batches:
     config.eval_batches = eval_batches
   run = run_dir.restore(workdir, config, step)
-  evaluate_fn = loop.make_eval(config, run.cfg, run.lay, run.mesh, run.param_sharding,
-                               loop.make_source(config), step_lib.batch_sharding(run.mesh))
+  evaluate_fn = loop.make_eval(run.plan, loop.make_source(config))
   result = evaluate_fn(run.params)
   result.pop('expert_share')
   return dict(step=step, batches=config.eval_batches, **result)
@@ -36,6 +35,8 @@ def evaluate(workdir: str, config, step: int, eval_batches: int) -> dict:
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   from moejax.cli import run_dir
   from moejax.config import ConfigError
   f = flags.FLAGS

@@ -48,14 +48,15 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
   from moejax import config as config_lib
   from moejax.model import flops as model_flops
   from moejax.model import transformer
-  from moejax.parallel import mesh as mesh_lib, remat
+  from moejax.parallel import remat
+  from moejax.train.plan import Plan
   full = config_lib.layout(config)
   stage = config.copy_and_resolve_references()
   stage.model.num_blocks = config_lib.layers_per_stage(config_lib.model_config(config), full)
   stage.mesh.update(tp=1, pp=1, dp=1, experts_over_dp=False)
   stage.pipeline.repeats = 1
-  cfg, lay = config_lib.model_config(stage), config_lib.layout(stage)
-  mesh = mesh_lib.make_mesh(1, 1, 1, [device])
+  plan = Plan(stage, [device])
+  cfg, lay = plan.model, plan.layout
   fn = jax.checkpoint(transformer._stage_fn(cfg, lay, train=True),
                       policy=remat.policy(lay.remat_policy))
 
@@ -63,12 +64,10 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
     y, _ = fn(params, x, 0, 0, 0, jax.random.key(0))
     return jnp.sum(y.astype(jnp.float32))
 
-  with mesh_lib.activate(mesh):
-    params = jax.jit(lambda k: transformer.init(cfg, lay, k)['blocks'])(jax.random.key(0))
-    params = jax.tree.map(lambda a: a[0, 0], params)                  # [L, ...]
-    x = jax.random.normal(jax.random.key(1), (lay.micro_batch_size, lay.seq_len, cfg.d_model),
-                          cfg.dtype)
-    seconds = _timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
+  params = jax.tree.map(lambda a: a[0, 0], plan.init_params(0)['blocks'])   # [L, ...]
+  x = jax.device_put(jax.random.normal(
+      jax.random.key(1), (lay.micro_batch_size, lay.seq_len, cfg.d_model), cfg.dtype), device)
+  seconds = _timed(plan.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
   tokens = lay.micro_batch_size * lay.seq_len
   flops = model_flops.block_flops_per_token(stage) * stage.model.num_blocks * tokens
   return {'stage_blocks': stage.model.num_blocks, 'stage_tokens': tokens,
@@ -78,23 +77,21 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
 def forward_latency(config, device, steps: int) -> float:
   """Seconds for one micro-batch through the whole model (embedding to loss) on one device."""
   import jax
-  from moejax import config as config_lib
   from moejax.data.synthetic import SyntheticSource
   from moejax.model import transformer
-  from moejax.parallel import mesh as mesh_lib
+  from moejax.train.plan import Plan
   one = config.copy_and_resolve_references()
   one.mesh.update(tp=1, pp=1, dp=1, experts_over_dp=False)
   one.pipeline.repeats = 1
   one.data.num_micro_batches = 1
-  cfg, lay = config_lib.model_config(one), config_lib.layout(one)
-  mesh = mesh_lib.make_mesh(1, 1, 1, [device])
-  with mesh_lib.activate(mesh):
-    params = jax.jit(lambda k: transformer.init(cfg, lay, k))(jax.random.key(0))
-    tokens = jax.device_put(SyntheticSource('random', cfg.vocab_size, 1, lay.micro_batch_size,
-                                            lay.seq_len, 0).batch(0), device)
-    forward = jax.jit(lambda p, t: transformer.loss_fn(p, t, jax.random.key(0), cfg=cfg,
-                                                       lay=lay, train=False)[0])
-    return _timed(forward, params, tokens, steps=steps)
+  plan = Plan(one, [device])
+  cfg, lay = plan.model, plan.layout
+  params = plan.init_params(0)
+  tokens = jax.device_put(SyntheticSource('random', cfg.vocab_size, 1, lay.micro_batch_size,
+                                          lay.seq_len, 0).batch(0), device)
+  forward = plan.jit(lambda p, t: transformer.loss_fn(p, t, jax.random.key(0), cfg=cfg,
+                                                      lay=lay, train=False)[0])
+  return _timed(forward, params, tokens, steps=steps)
 
 
 def equivalence(accelerators: list) -> dict:
@@ -121,6 +118,8 @@ def equivalence(accelerators: list) -> dict:
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   import jax
   f = flags.FLAGS
   jax.config.update('jax_num_cpu_devices', 16)

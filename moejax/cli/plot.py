@@ -90,6 +90,8 @@ def plot(workdir: str, out: str | None = None) -> list[str]:
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   try:
     paths = plot(flags.FLAGS.workdir, flags.FLAGS.out)
   except (FileNotFoundError, ValueError) as e:

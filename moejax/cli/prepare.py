@@ -62,6 +62,8 @@ def prepare(inputs: list[str], out: str, tokenizer_spec: str = 'byte',
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   from moejax.config import ConfigError
   f = flags.FLAGS
   try:

@@ -23,25 +23,13 @@ def open_config(workdir: str, step: int, tp: int, pp: int) -> tuple[int, ml_coll
 
 @dataclasses.dataclass
 class Restored:
-  config: ml_collections.ConfigDict
-  cfg: Any            # ModelConfig
-  lay: Any            # Layout
-  mesh: Any
-  param_sharding: Any
-  params: Any
+  plan: Any           # moejax.train.plan.Plan of the config's mesh
+  params: Any         # training layout, sharded on plan.mesh
 
 
 def restore(workdir: str, config: ml_collections.ConfigDict, step: int) -> Restored:
   """The checkpoint's params re-sharded onto config's mesh (config validated first)."""
-  import jax
-  from moejax import config as config_lib
-  from moejax.parallel import mesh as mesh_lib
-  from moejax.train import optimizer, state as state_lib
   from moejax.train.checkpoint import Checkpointer
-  config_lib.validate(config, jax.device_count())
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  sh = state_lib.shardings(cfg, lay, tx, mesh)
-  state = Checkpointer(workdir, config, cfg, lay, tx, mesh, sh).restore(step)
-  return Restored(config, cfg, lay, mesh, sh.params, state.params)
+  from moejax.train.plan import Plan
+  plan = Plan(config)
+  return Restored(plan, Checkpointer(workdir, plan).restore(step).params)

@@ -38,8 +38,6 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
   from moejax.cli import run_dir
   from moejax.config import ConfigError
   from moejax.model import transformer
-  from moejax.parallel import mesh as mesh_lib
-  from moejax.train import step as step_lib
   c = config.copy_and_resolve_references()
   c.data.update(num_micro_batches=c.mesh.pp, micro_batch_size=1)
   if c.data.source == 'tokens' and not os.path.isdir(c.data.path):
@@ -51,7 +49,8 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
     raise ConfigError(f'prompt ({len(prompt_ids)} tokens) + --max_new_tokens={max_new_tokens} '
                       f'exceeds the context window data.seq_len={window}; shorten them.')
   run = run_dir.restore(workdir, c, step)
-  cfg, lay, mesh = run.cfg, run.lay, run.mesh
+  plan = run.plan
+  cfg, lay = plan.model, plan.layout
   m = lay.num_micro_batches
   buf = np.zeros((m, 1, window), np.int32)
   buf[:, 0, :len(prompt_ids)] = prompt_ids
@@ -74,14 +73,15 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
       return tokens, key
     return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, key))[0]
 
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    out = jax.jit(sample)(run.params, jax.device_put(buf, step_lib.batch_sharding(mesh)),
-                       jax.random.key(seed))
+  out = plan.jit(sample)(run.params, jax.device_put(buf, plan.batch_sharding),
+                         jax.random.key(seed))
   return np.asarray(jax.device_get(out))[:, 0, :len(prompt_ids) + max_new_tokens]
 
 
 def main(argv):
   del argv
+  from moejax.cli import console
+  console.quiet_logs()
   f = flags.FLAGS
   from moejax.cli import run_dir
   from moejax.config import ConfigError

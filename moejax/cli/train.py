@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from moejax.cli import console
+
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
@@ -34,28 +36,9 @@ def parse_flags(argv):
     sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
-def quiet_logs() -> None:
-  """Third-party logging (Orbax, JAX backend probing, asyncio) and tracebacks printed from
-  background threads off, unless --verbosity was given or MOEJAX_TRACEBACK is set: every failure
-  that matters reaches the user as moejax's own one-line error."""
-  import logging
-  from absl import logging as absl_logging
-  if flags.FLAGS['verbosity'].present or os.environ.get('MOEJAX_TRACEBACK'):
-    return
-  absl_logging.set_verbosity(absl_logging.FATAL)
-  for name in ('jax', 'orbax', 'absl', 'asyncio'):
-    logging.getLogger(name).setLevel(logging.CRITICAL)
-  # Orbax's writer threads report a failed write from a closed event loop through
-  # sys.excepthook, hundreds of times; the save's own error is raised to the loop.
-  def excepthook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
-      sys.__excepthook__(kind, value, tb)
-  sys.excepthook = excepthook
-
-
 def main(argv):
   del argv
-  quiet_logs()
+  console.quiet_logs()
   from moejax import runtime   # sets up devices before JAX's first use
   from moejax.errors import MoejaxError
   f = flags.FLAGS

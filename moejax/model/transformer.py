@@ -1,7 +1,8 @@
 """The whole language model: embedding, pipelined blocks, vocab-parallel head and loss.
 
-Parameters: {'embed': Embedder, 'blocks': stage-stacked Block params [S, R, L, ...],
-'head': Head}. The same code runs on every mesh; the mesh only changes where things live.
+Parameters (moejax.model.params): {'embed': Embedder, 'blocks': stage-stacked Block params
+[S, R, L, ...], 'head': Head}. The same code runs on every mesh; the mesh only changes where
+things live.
 Legend: M micro-batches, B micro-batch size, T seq, D d_model, V padded vocab, E experts,
 NB blocks, S stages, R repeats, L layers per stage.
 """
@@ -9,63 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from moejax import rng as rng_lib
 from moejax.config import Layout, ModelConfig, layers_per_stage
+from moejax.model import params as params_lib
 from moejax.model.layers import Block, Embedder, Head
 from moejax.parallel import pipeline as pipeline_lib, remat
 from moejax.parallel.mesh import constrain
-
-STAGE_AXES = ('stage', 'repeat', 'layers')
-_TAGS = {'embed': 0, 'blocks': 1, 'head': 2}
-
-
-def _examples(cfg: ModelConfig):
-  ids = jnp.zeros((1, 1, 1), jnp.int32)
-  x = jnp.zeros((1, cfg.group_size, cfg.d_model), jnp.float32)
-  return ids, x
-
-
-def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
-  """One block's, the embedder's and the head's params, boxed with logical axes."""
-  ids, x = _examples(cfg)
-  return {
-      'embed': Embedder(cfg).init(jax.random.fold_in(key, _TAGS['embed']), ids)['params'],
-      'block': Block(cfg, train=False).init(jax.random.fold_in(key, _TAGS['blocks']), x)['params'],
-      'head': Head(cfg).init(jax.random.fold_in(key, _TAGS['head']), x)['params'],
-  }
-
-
-def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
-  """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
-  is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
-  axis split over pp in contiguous chunks (the training layout's placement when repeats=1)."""
-  boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
-  specs = nn.get_partition_spec(boxed)
-  lead = STAGE_AXES if lay is not None else ('stage',)
-  blocks = jax.tree.map(lambda s: P(*lead, *s), specs.pop('block'),
-                        is_leaf=lambda s: isinstance(s, P))
-  return {'embed': specs['embed'], 'blocks': blocks, 'head': specs['head']}
-
-
-def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
-  """Params with blocks stacked [NB, ...] in block order; a function of `key` and cfg only."""
-  block_keys = jax.random.split(jax.random.fold_in(key, 1000), cfg.num_blocks)
-  one = lambda k: nn.unbox(_boxed(cfg, k))
-  blocks = jax.vmap(lambda k: one(k)['block'])(block_keys)
-  rest = one(key)
-  return {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
-
-
-def init(cfg: ModelConfig, lay: Layout, key: jax.Array) -> dict[str, Any]:
-  """Params in the training layout (blocks [S, R, L, ...]); identical on every mesh."""
-  params = init_canonical(cfg, key)
-  params['blocks'] = pipeline_lib.to_stages(params['blocks'], lay.pp, lay.repeats)
-  return params
-
 
 def _layer_stats(stats) -> dict[str, jax.Array]:
   """Per-group stats of one block on one micro-batch -> per-layer sums/means."""
@@ -83,12 +36,10 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
 
   def stage_fn(params, x, micro, repeat, stage, rng):  # params [L, ...], x [B, T, D]
     first = (repeat * lay.pp + stage) * per_stage   # global index of this stage's first block
-    key = jax.random.fold_in(rng, micro)
-
     def layer(x, inputs):
       p, l = inputs
       y, stats = block.apply({'params': p}, x,
-                             rngs={'dropout': jax.random.fold_in(key, first + l)})
+                             rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
     return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)))
@@ -122,7 +73,7 @@ def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy)
-  return hidden, pipeline_lib.from_stages(stats)
+  return hidden, params_lib.from_stages(stats)
 
 
 def next_token_logits(params: dict[str, Any], inputs: jax.Array, position: jax.Array, *,

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import ConfigError, Layout
+from moejax.errors import MoejaxError
 
 DP = 'dp'
 TP = 'tp'
@@ -71,20 +72,22 @@ def make_mesh(tp: int, pp: int, dp: int = 1,
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def mesh_for(lay: Layout) -> Mesh:
-  return make_mesh(lay.tp, lay.pp, lay.dp)
-
-
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules = RULES) -> Iterator[Mesh]:
-  """Makes `mesh` and the logical-axis `rules` current for tracing model code."""
+def activate(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
+  """Makes `mesh` and the logical-axis `rules` current for tracing model code (called by
+  moejax.train.plan.Plan.active only)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 
 
 def spec(logical: Sequence[str | None]) -> P:
-  """PartitionSpec of mesh axes for logical axis names, under the active rules (or RULES)."""
-  return nn.logical_to_mesh_axes(tuple(logical), nn.get_logical_axis_rules() or RULES)
+  """PartitionSpec of mesh axes for logical axis names, under the active rules (an error when
+  none are active: the placement depends on the run's layout, e.g. experts folded over dp)."""
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    raise MoejaxError(f'Logical axes {tuple(logical)} placed with no plan active: build a '
+                      f'moejax.train.plan.Plan and trace under plan.active() (or plan.jit).')
+  return nn.logical_to_mesh_axes(tuple(logical), rules)
 
 
 def platform() -> str:

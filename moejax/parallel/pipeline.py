@@ -23,22 +23,6 @@ from moejax.parallel import mesh as mesh_lib, remat
 StageFn = Callable[..., tuple[jax.Array, Any]]
 
 
-def to_stages(blocks: Any, stages: int, repeats: int) -> Any:
-  """Canonical [NB, ...] block params -> stage-stacked [S, R, L, ...]."""
-  def one(a):
-    a = a.reshape((repeats, stages, -1) + a.shape[1:])                  # [NB] -> [R, S, L]
-    return jnp.swapaxes(a, 0, 1)                                        # [S, R, L, ...]
-  return jax.tree.map(one, blocks)
-
-
-def from_stages(blocks: Any) -> Any:
-  """Stage-stacked [S, R, L, ...] block params -> canonical [NB, ...] (block order)."""
-  def one(a):
-    a = jnp.swapaxes(a, 0, 1)                                           # [R, S, L, ...]
-    return a.reshape((-1,) + a.shape[3:])                               # [NB, ...]
-  return jax.tree.map(one, blocks)
-
-
 def bubble_fraction(stages: int, repeats: int, micro_batches: int) -> float:
   return (stages - 1) / (repeats * micro_batches + stages - 1)
 

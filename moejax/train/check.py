@@ -12,32 +12,25 @@ from typing import Any
 import jax
 import numpy as np
 
-from moejax import config as config_lib
 from moejax.data.synthetic import SyntheticSource
-from moejax.model import transformer
-from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+from moejax.model import params as params_lib, transformer
+from moejax.train.plan import Plan
 
 
 def loss_and_grads(config, seed: int = 0, devices: Sequence[jax.Device] | None = None
                    ) -> tuple[float, dict[str, Any], Any]:
   """(loss, metrics, canonical grads [NB, ...]) as numpy, on the config's mesh over `devices`
   (default: jax.devices())."""
-  devices = list(jax.devices() if devices is None else devices)
-  config_lib.validate(config, len(devices))
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
-  mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    shard = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
-    params = jax.jit(lambda k: transformer.init(cfg, lay, k), out_shardings=shard)(
-        jax.random.key(seed))
-    tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
-                             lay.micro_batch_size, lay.seq_len, seed).batch(0)
-    tokens = jax.device_put(tokens, mesh_lib.sharding(mesh, ('act_micro', 'act_batch', None)))
-    fn = jax.jit(jax.value_and_grad(functools.partial(
-        transformer.loss_fn, cfg=cfg, lay=lay, train=True), has_aux=True))
-    (loss, metrics), grads = fn(params, tokens, jax.random.key(1))
-  grads = jax.device_get(grads)
-  grads['blocks'] = pipeline_lib.from_stages(grads['blocks'])
+  plan = Plan(config, devices)
+  cfg, lay = plan.model, plan.layout
+  params = plan.init_params(seed)
+  tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
+                           lay.micro_batch_size, lay.seq_len, seed).batch(0)
+  tokens = jax.device_put(tokens, plan.batch_sharding)
+  fn = plan.jit(jax.value_and_grad(functools.partial(
+      transformer.loss_fn, cfg=cfg, lay=lay, train=True), has_aux=True))
+  (loss, metrics), grads = fn(params, tokens, jax.random.key(1))
+  grads = params_lib.tree_from_stages(jax.device_get(grads))
   return float(loss), jax.device_get(metrics), jax.tree.map(np.asarray, grads)
 
 

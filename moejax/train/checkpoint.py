@@ -16,17 +16,13 @@ import os
 import shutil
 import time
 
-import jax
 import ml_collections
-import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import ConfigError, Layout, ModelConfig
+from moejax.config import ConfigError
 from moejax.errors import CheckpointError
-from moejax.model import transformer
-from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
-from moejax.train.state import TrainState, abstract as abstract_state, opt_shardings
+from moejax.train.plan import Plan
+from moejax.train.state import TrainState
 
 # Config sections that change parameter shapes or meaning; a checkpoint must match them, except
 # the keys that change how the same parameters are trained or run (listed at resume).
@@ -34,26 +30,6 @@ MODEL_SECTIONS = ('model', 'moe')
 RUN_KEYS = {('model', 'dtype'), ('model', 'init_std'), ('moe', 'dispatch'),
             ('moe', 'capacity_factor'), ('moe', 'eval_capacity_factor'), ('moe', 'dropout'),
             ('moe', 'aux_loss_weight'), ('moe', 'z_loss_weight')}
-_BLOCKS = jax.tree_util.DictKey('blocks')
-
-
-def _map_blocks(fn, tree):
-  """Applies fn to every leaf under a 'blocks' key (params and their optimizer moments)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, a: fn(a) if _BLOCKS in path else a, tree)
-
-
-def _canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
-                         mesh: Mesh) -> TrainState:
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg))
-  abstract = abstract_state(cfg, lay, tx, mesh)
-  canonical = jax.eval_shape(lambda s: _map_blocks(pipeline_lib.from_stages, s), abstract)
-  replicated = NamedSharding(mesh, P())
-  opt_sh = opt_shardings(lay, tx, param_sh, canonical.params, canonical.opt_state)
-  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
-
-
 def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of a run's newest (or given) complete checkpoint, read without JAX.
 
@@ -78,23 +54,10 @@ def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.Conf
 class Checkpointer:
   """Saves and restores the train state of one run directory."""
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, cfg: ModelConfig,
-               lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
-               state_sharding: TrainState):
+  def __init__(self, workdir: str, plan: Plan):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    self.config, self.lay, self.mesh = config, lay, mesh
-    self.state_sharding = state_sharding
-    self.canonical_sharding = _canonical_shardings(cfg, lay, tx, mesh)
-    with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-      self._to_canonical = jax.jit(lambda s: _map_blocks(pipeline_lib.from_stages, s),
-                                   out_shardings=self.canonical_sharding)
-      self._to_stages = jax.jit(
-          lambda s: _map_blocks(lambda a: pipeline_lib.to_stages(a, lay.pp, lay.repeats), s),
-          out_shardings=state_sharding)
-      self.canonical_abstract = jax.eval_shape(self._to_canonical, abstract_state(cfg, lay, tx, mesh))
-    self.canonical_abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.canonical_abstract, self.canonical_sharding)
+    self.plan, self.config = plan, plan.config
+    config = plan.config
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'config'),
@@ -118,8 +81,7 @@ class Checkpointer:
     if self.manager.latest_step() == step:
       return
     self._warn_if_short_of_space()
-    with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
-      canonical = self._to_canonical(state)
+    canonical = self.plan.to_canonical(state)
     config_json = json.loads(self.config.to_json_best_effort())
     try:
       self.manager.save(step, args=ocp.args.Composite(
@@ -198,15 +160,14 @@ class Checkpointer:
     level, asyncio_log.level = asyncio_log.level, logging.CRITICAL   # one message, not a page
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(self.canonical_abstract)))['state']
+          state=ocp.args.StandardRestore(self.plan.canonical_abstract)))['state']
     except Exception as e:   # tensorstore, pytree and file errors of a damaged step
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise CheckpointError(f'Cannot restore checkpoint {manager.directory}/{step}: '
                             f'{type(e).__name__}: {first}') from e
     finally:
       asyncio_log.setLevel(level)
-    with mesh_lib.activate(self.mesh, mesh_lib.rules_for(self.lay)):
-      return self._to_stages(restored)
+    return self.plan.to_training(restored)
 
   def wait(self) -> None:
     """Waits for an in-flight save; raises CheckpointError if it failed."""

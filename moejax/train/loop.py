@@ -14,7 +14,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -23,11 +22,12 @@ from moejax.errors import CheckpointError, ConfigError, DivergedError
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
-from moejax.parallel import experts as ep_lib, mesh as mesh_lib
+from moejax.parallel import experts as ep_lib
 from moejax.train import metrics as metrics_lib
-from moejax.train import optimizer, state as state_lib, step as step_lib
 from moejax.train import workdir as workdir_lib
 from moejax.train.checkpoint import Checkpointer, saved_config
+from moejax.train.plan import Plan
+from moejax.train.state import TrainState
 
 LOSS_BOUND = 10.0   # x ln(vocab): a loss above it is garbage data or a diverged run
 
@@ -79,21 +79,18 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  cfg, lay = config_lib.model_config(config), config_lib.layout(config)
   source = make_source(config)           # checks the data before anything is compiled
-  mesh = mesh_lib.mesh_for(lay)
-  tx = optimizer.make(config.optim)
-  state_sh = state_lib.shardings(cfg, lay, tx, mesh)
-  data_sharding = step_lib.batch_sharding(mesh)
-  train_step = _compile(config, cfg, lay, tx, mesh, state_sh, data_sharding)
-  ckpt = Checkpointer(workdir, config, cfg, lay, tx, mesh, state_sh)
-  state = _initial_state(config, ckpt, cfg, lay, tx, mesh)
+  plan = Plan(config)
+  cfg, lay, data_sharding = plan.model, plan.layout, plan.batch_sharding
+  train_step = _compile(plan)
+  ckpt = Checkpointer(workdir, plan)
+  state = _initial_state(plan, ckpt)
   start = int(state.step)
-  evaluate = make_eval(config, cfg, lay, mesh, state_sh.params, source, data_sharding)
+  evaluate = make_eval(plan, source)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   if start and jax.process_index() == 0 and workdir_lib.drop_records_after(writer.path, start):
     _say(f'Dropped metrics.jsonl records of steps after {start} (they are re-run now).')
-  guard = _Guard(ckpt, LOSS_BOUND * math.log(cfg.vocab_size))
+  guard = _Guard(ckpt, plan.all_finite, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = _StopFlag()
   profile = config_lib.profile_steps(config)
   record: dict = {}
@@ -139,24 +136,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return record
 
 
-def _compile(config, cfg, lay, tx, mesh, state_sh, data_sharding):
+def _compile(plan: Plan):
   """The train step compiled ahead of time from abstract inputs, after a memory check that
   runs before anything is allocated."""
-  batch_abstract = jax.ShapeDtypeStruct(
-      (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1), np.int32,
-      sharding=data_sharding)
-  platform = mesh.devices.flat[0].platform
+  cfg, lay = plan.model, plan.layout
+  platform = plan.mesh.devices.flat[0].platform
   experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all'
              if cfg.dispatch == 'dropless' else 'experts at capacity')
   _say(f'Compiling the train step for {lay.devices} {platform} devices '
        f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step, '
        f'{experts})...')
   started = time.perf_counter()
-  compiled = step_lib.make_train_step(
-      cfg, lay, tx, optimizer.schedule(config.optim), mesh, state_sh, config.seed).lower(
-          state_lib.abstract(cfg, lay, tx, mesh), batch_abstract).compile()
+  compiled = plan.train_step().lower(plan.abstract_state, plan.batch_abstract()).compile()
   _say(f'Compiled in {time.perf_counter() - started:.0f}s.')
-  check_memory(compiled, mesh)
+  check_memory(compiled, plan.mesh)
   return compiled
 
 
@@ -190,12 +183,10 @@ class _Guard:
   newest complete checkpoint is always one whose params gave a sound loss.
   """
 
-  def __init__(self, ckpt: Checkpointer, bound: float):
+  def __init__(self, ckpt: Checkpointer, all_finite, bound: float):
     self.ckpt, self.bound = ckpt, bound
     self.unconfirmed: int | None = None
-    finite = lambda params: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a))
-                                               for a in jax.tree.leaves(params)]))
-    self._finite = jax.jit(finite)   # run at save time only, never in the step
+    self._finite = all_finite   # run at save time only, never in the step
 
   def _sound(self, loss: float, grad_norm: float, params_finite: bool = True) -> bool:
     return (math.isfinite(loss) and math.isfinite(grad_norm) and loss < self.bound and
@@ -233,8 +224,7 @@ class _Guard:
                  step)
 
   def save(self, state, metrics, step: int, force: bool = False) -> None:
-    with mesh_lib.activate(self.ckpt.mesh):
-      finite = self._finite(state.params)
+    finite = self._finite(state.params)
     host = jax.device_get({'loss': metrics['loss'], 'grad_norm': metrics['grad_norm'],
                            'finite': finite})
     self.check(host, step, bool(host['finite']))
@@ -262,10 +252,11 @@ def check_memory(compiled, mesh) -> None:
         f'pipeline.remat_policy.')
 
 
-def make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
+def make_eval(plan: Plan, source: Source):
   """Mean metrics over config.eval_batches fixed batches (steps -1, -2, ...)."""
-  eval_step = step_lib.make_eval_step(cfg, lay, mesh, param_sharding)
-  batches = [global_batch(source, -1 - i, data_sharding) for i in range(config.eval_batches)]
+  eval_step = plan.eval_step()
+  batches = [global_batch(source, -1 - i, plan.batch_sharding)
+             for i in range(plan.config.eval_batches)]
 
   def evaluate(params) -> dict:
     results = [jax.device_get(eval_step(params, b)) for b in batches]
@@ -279,14 +270,15 @@ def make_eval(config, cfg, lay, mesh, param_sharding, source, data_sharding):
   return evaluate
 
 
-def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.TrainState:
+def _initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
   """Resume from the newest checkpoint that restores; else init (params from init_from)."""
+  config = plan.config
   steps = ckpt.all_steps()
   if runtime.agree(len(steps)):
     state = _restore_newest(ckpt, steps)
     if state is not None:
       return state
-  state = state_lib.create(cfg, lay, tx, mesh, config.seed)
+  state = plan.create_state()
   if config.init_from:
     source = config.init_from
     if os.path.isdir(os.path.join(source, 'checkpoints')):
@@ -299,7 +291,7 @@ def _initial_state(config, ckpt: Checkpointer, cfg, lay, tx, mesh) -> state_lib.
   return state
 
 
-def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> state_lib.TrainState | None:
+def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> TrainState | None:
   """The newest step that restores; unreadable ones are reported and renamed aside."""
   for step in reversed(steps):
     try:

@@ -1,4 +1,4 @@
-"""The train state and its shardings, created directly sharded (never whole on one device)."""
+"""The train state and its shardings (moejax.train.plan builds them once per run)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +11,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.config import Layout, ModelConfig
-from moejax.model import transformer
+from moejax.model import params as params_lib
 from moejax.parallel import mesh as mesh_lib
 
 
@@ -23,13 +23,22 @@ class TrainState(flax.struct.PyTreeNode):
 
 def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
               mesh: Mesh) -> TrainState:
-  """NamedShardings of every leaf of the train state."""
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    param_sh = mesh_lib.tree_shardings(mesh, transformer.param_axes(cfg, lay))
-    abstract_params = jax.eval_shape(lambda k: transformer.init(cfg, lay, k), jax.random.key(0))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  """NamedShardings of every leaf of the train state (under an active plan's rules)."""
+  param_sh = mesh_lib.tree_shardings(mesh, params_lib.param_axes(cfg, lay))
+  abstract_params = jax.eval_shape(lambda k: params_lib.init(cfg, lay, k), jax.random.key(0))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
   return TrainState(step=NamedSharding(mesh, P()), params=param_sh,
                     opt_state=opt_shardings(lay, tx, param_sh, abstract_params, abstract_opt))
+
+
+def canonical_shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
+                        mesh: Mesh, abstract_state: TrainState) -> TrainState:
+  """Shardings of the train state in the checkpoint layout (blocks [NB, ...], split over pp
+  in contiguous chunks), under an active plan's rules."""
+  param_sh = mesh_lib.tree_shardings(mesh, params_lib.param_axes(cfg))
+  canonical = jax.eval_shape(params_lib.tree_from_stages, abstract_state)
+  opt_sh = opt_shardings(lay, tx, param_sh, canonical.params, canonical.opt_state)
+  return TrainState(step=NamedSharding(mesh, P()), params=param_sh, opt_state=opt_sh)
 
 
 def opt_shardings(lay: Layout, tx: optax.GradientTransformation, param_sh: Any,
@@ -63,24 +72,17 @@ def over_dp(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
   return sharding
 
 
-def _init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
+def init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
+  """key -> a fresh TrainState (params in the training layout, zero moments)."""
   def init(key):
-    params = transformer.init(cfg, lay, key)
+    params = params_lib.init(cfg, lay, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
 def abstract(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
-             mesh: Mesh) -> TrainState:
+             state_sharding: TrainState) -> TrainState:
   """The train state as ShapeDtypeStructs with shardings (nothing allocated)."""
-  sh = shardings(cfg, lay, tx, mesh)
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    shapes = jax.eval_shape(_init_fn(cfg, lay, tx), jax.random.key(0))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh)
-
-
-def create(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation, mesh: Mesh,
-           seed: int) -> TrainState:
-  """Fresh state from `seed`, materialised shard by shard on `mesh`."""
-  with mesh_lib.activate(mesh, mesh_lib.rules_for(lay)):
-    return jax.jit(_init_fn(cfg, lay, tx), out_shardings=shardings(cfg, lay, tx, mesh))(jax.random.key(seed))
+  shapes = jax.eval_shape(init_fn(cfg, lay, tx), jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      state_sharding)

@@ -59,10 +59,11 @@ def collectives_program() -> str:
 def dropless_moe_program() -> str:
   from moejax.model import moe as moe_lib
   from moejax.parallel import mesh as mesh_lib
+  from moejax.train import plan as plan_lib
   mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
   e, d, f = 8, 32, 64
   shapes = moe_lib.ExpertWeights(router=(d, e), w1=(e, d, f), b1=(e, f), w2=(e, f, d), b2=(e, d))
-  with mesh_lib.activate(mesh):
+  with plan_lib.bare(mesh):
     sharded = lambda shape, axes: jax.ShapeDtypeStruct(shape, jnp.float32,
                                                       sharding=mesh_lib.sharding(mesh, axes))
     weights = moe_lib.ExpertWeights(*(sharded(s, a) for s, a in

@@ -1,0 +1,100 @@
+"""The parameter layout: the tree, its logical axes, its initialisation, and the two block
+layouts every part of moejax converts between: canonical [NB, ...] (block order: checkpoints,
+gradient comparisons, the NumPy reference) and stage-stacked [S, R, L, ...] (training), with
+block b = r*S*L + s*L + l. Params, gradients, optimizer moments and per-layer stats all convert
+here.
+
+Legend: NB blocks, S pipeline stages, R circular repeats, L layers per stage.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moejax import rng as rng_lib
+from moejax.config import Layout, ModelConfig
+from moejax.model.layers import Block, Embedder, Head
+
+_BLOCKS = jax.tree_util.DictKey('blocks')
+
+
+def to_stages(blocks: Any, stages: int, repeats: int) -> Any:
+  """Canonical [NB, ...] block params -> stage-stacked [S, R, L, ...]."""
+  def one(a):
+    a = a.reshape((repeats, stages, -1) + a.shape[1:])                  # [NB] -> [R, S, L]
+    return jnp.swapaxes(a, 0, 1)                                        # [S, R, L, ...]
+  return jax.tree.map(one, blocks)
+
+
+def from_stages(blocks: Any) -> Any:
+  """Stage-stacked [S, R, L, ...] block params -> canonical [NB, ...] (block order)."""
+  def one(a):
+    a = jnp.swapaxes(a, 0, 1)                                           # [R, S, L, ...]
+    return a.reshape((-1,) + a.shape[3:])                               # [NB, ...]
+  return jax.tree.map(one, blocks)
+
+
+STAGE_AXES = ('stage', 'repeat', 'layers')
+
+
+def _examples(cfg: ModelConfig):
+  ids = jnp.zeros((1, 1, 1), jnp.int32)
+  x = jnp.zeros((1, cfg.group_size, cfg.d_model), jnp.float32)
+  return ids, x
+
+
+def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+  """One block's, the embedder's and the head's params, boxed with logical axes."""
+  ids, x = _examples(cfg)
+  return {
+      'embed': Embedder(cfg).init(rng_lib.embed_init(key), ids)['params'],
+      'block': Block(cfg, train=False).init(rng_lib.block_template_init(key), x)['params'],
+      'head': Head(cfg).init(rng_lib.head_init(key), x)['params'],
+  }
+
+
+def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
+  """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
+  is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
+  axis split over pp in contiguous chunks (the training layout's placement when repeats=1)."""
+  boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  lead = STAGE_AXES if lay is not None else ('stage',)
+  blocks = jax.tree.map(lambda s: P(*lead, *s), specs.pop('block'),
+                        is_leaf=lambda s: isinstance(s, P))
+  return {'embed': specs['embed'], 'blocks': blocks, 'head': specs['head']}
+
+
+def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+  """Params with blocks stacked [NB, ...] in block order; a function of `key` and cfg only."""
+  block_keys = rng_lib.block_inits(key, cfg.num_blocks)
+  one = lambda k: nn.unbox(_boxed(cfg, k))
+  blocks = jax.vmap(lambda k: one(k)['block'])(block_keys)
+  rest = one(key)
+  return {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
+
+
+def init(cfg: ModelConfig, lay: Layout, key: jax.Array) -> dict[str, Any]:
+  """Params in the training layout (blocks [S, R, L, ...]); identical on every mesh."""
+  params = init_canonical(cfg, key)
+  params['blocks'] = to_stages(params['blocks'], lay.pp, lay.repeats)
+  return params
+
+
+def map_blocks(fn, tree: Any) -> Any:
+  """Applies fn to every leaf under a 'blocks' key (params, gradients, optimizer moments)."""
+  return jax.tree_util.tree_map_with_path(lambda path, a: fn(a) if _BLOCKS in path else a, tree)
+
+
+def tree_to_stages(tree: Any, lay: Layout) -> Any:
+  """Any tree holding canonical 'blocks' -> the same tree in the training layout."""
+  return map_blocks(lambda a: to_stages(a, lay.pp, lay.repeats), tree)
+
+
+def tree_from_stages(tree: Any) -> Any:
+  """Any tree holding stage-stacked 'blocks' -> the same tree in the canonical layout."""
+  return map_blocks(from_stages, tree)

@@ -1,0 +1,51 @@
+"""One plan per run: shardings derived once, the mesh and rules made current only by the plan,
+and logical axes never placed by default rules behind a caller's back."""
+import os
+import re
+
+import jax
+import pytest
+
+from moejax.errors import MoejaxError
+from moejax.parallel import mesh as mesh_lib
+from moejax.train import loop, state as state_lib
+from moejax.train.plan import Plan
+from tests.helpers import small_config
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'moejax')
+
+
+def test_a_run_derives_its_shardings_once(tmp_path, monkeypatch):
+  """Train, evaluate, save and resume: the state shardings are computed by the plan alone."""
+  calls = []
+  original = state_lib.shardings
+  monkeypatch.setattr(state_lib, 'shardings', lambda *a: calls.append(1) or original(*a))
+  config = small_config(2, 2, **{'data.num_micro_batches': 2})
+  config.update(dict(num_steps=2, checkpoint_every=1, eval_every=1, eval_batches=1))
+  loop.train(config, str(tmp_path))
+  assert len(calls) == 1
+  config.num_steps = 3
+  loop.train(config, str(tmp_path))          # resumes from step 2
+  assert len(calls) == 2
+
+
+def test_placing_logical_axes_without_a_plan_is_an_error():
+  with pytest.raises(MoejaxError, match='no plan active'):
+    mesh_lib.spec(('experts', 'embed', 'mlp'))
+  plan = Plan(small_config(2, 1, dp=2, **{'mesh.experts_over_dp': True,
+                                          'data.micro_batch_size': 2}))
+  with plan.active():                        # the run's rules: experts folded over dp x tp
+    assert mesh_lib.spec(('experts',)) == jax.sharding.PartitionSpec(('dp', 'tp'))
+
+
+def test_only_the_plan_makes_a_mesh_current():
+  for directory, _, files in os.walk(ROOT):
+    for name in files:
+      path = os.path.join(directory, name)
+      if not name.endswith('.py') or path.endswith(os.path.join('train', 'plan.py')):
+        continue
+      text = open(path).read()
+      calls = [m for m in re.finditer(r'\b(activate|set_mesh)\(', text)
+               if not text[max(0, m.start() - 4):m.start()].endswith('def ')
+               and not (m.group(1) == 'set_mesh' and path.endswith('mesh.py'))]   # activate's body
+      assert not calls, f'{path} makes a mesh current: use moejax.train.plan.Plan'
