@@ -216,14 +216,14 @@ def main(argv):
   console.quiet_logs()
   from moejax import runtime
   from moejax import targets
-  from moejax.config import ConfigError
+  from moejax.errors import ConfigError, MoejaxError
   config = flags.FLAGS.config
   try:
     if flags.FLAGS.target != 'cpu' and not flags.FLAGS.aot:
       raise ConfigError(f'--target={flags.FLAGS.target} compiles for GPUs that are not here; '
                         f'add --aot (only a GPU gives times).')
     targets.prepare(flags.FLAGS.target)
-  except ConfigError as e:
+  except MoejaxError as e:
     sys.exit(f'error: {e}')
   runtime.setup_devices(config)
   if flags.FLAGS.aot:

@@ -19,6 +19,15 @@ class CheckpointError(MoejaxError):
   """A checkpoint that cannot be read or written."""
 
 
+class ClusterError(MoejaxError):
+  """Processes that cannot form one run (unreachable coordinator, mismatched configs or
+  device counts)."""
+
+
+class DeviceMemoryError(MoejaxError):
+  """A compiled step that needs more memory per device than the device has."""
+
+
 class DivergedError(MoejaxError):
   """A training step whose loss or gradient norm is not finite, or absurdly large."""
 

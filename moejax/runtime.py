@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from moejax.config import ConfigError
+from moejax.errors import ClusterError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> None:
         return
     except OSError as e:
       if time.monotonic() > deadline:
-        raise ConfigError(
+        raise ClusterError(
             f'Cannot reach the coordinator at {address} after {timeout_s}s ({e}). Start process '
             f'0 with the same --coordinator_address, check host, port and firewall, or raise '
             f'--coordinator_timeout.') from e
@@ -101,7 +102,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
   if len(set(every.tolist())) > 1:
     differ = [i for i, h in enumerate(every.tolist()) if h != every[0]]
-    raise ConfigError(
+    raise ClusterError(
         f'Processes disagree on the config: processes {differ} differ from process 0. Start '
         f'every process with the same --config file and overrides.')
 

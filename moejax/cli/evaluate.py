@@ -38,12 +38,12 @@ def main(argv):
   from moejax.cli import console
   console.quiet_logs()
   from moejax.cli import run_dir
-  from moejax.config import ConfigError
+  from moejax.errors import MoejaxError
   f = flags.FLAGS
   try:
     step, config = run_dir.open_config(f.workdir, f.step, f.tp, f.pp)
     result = evaluate(f.workdir, config, step, f.eval_batches)
-  except ConfigError as e:
+  except MoejaxError as e:
     sys.exit(f'error: {e}')
   print(f"step {result['step']}: validation loss {result['loss']:.4f} (ce {result['ce']:.4f}), "
         f"perplexity {result['ppl']:.2f}, dropped {100 * result['dropped_frac']:.2f}% over "

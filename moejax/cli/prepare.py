@@ -64,11 +64,11 @@ def main(argv):
   del argv
   from moejax.cli import console
   console.quiet_logs()
-  from moejax.config import ConfigError
+  from moejax.errors import MoejaxError
   f = flags.FLAGS
   try:
     meta = prepare(f.input, f.out, f.tokenizer, f.val_fraction)
-  except ConfigError as e:
+  except MoejaxError as e:
     sys.exit(f'error: {e}')
   print(f"wrote {f.out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} validation "
         f"tokens ({meta['dtype']}), tokenizer {meta['tokenizer']} with vocab {meta['vocab_size']}"

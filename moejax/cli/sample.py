@@ -84,14 +84,14 @@ def main(argv):
   console.quiet_logs()
   f = flags.FLAGS
   from moejax.cli import run_dir
-  from moejax.config import ConfigError
+  from moejax.errors import MoejaxError
   from moejax.data import tokenizer as tokenizer_lib
   try:
     step, config = run_dir.open_config(f.workdir, f.step, f.tp, f.pp)
     tok = tokenizer_lib.for_model(config, f.tokenizer)
     ids = generate(f.workdir, config, step, tok.encode(f.prompt), max_new_tokens=f.max_new_tokens,
                    temperature=f.temperature, top_k=f.top_k, seed=f.seed)
-  except ConfigError as e:
+  except MoejaxError as e:
     sys.exit(f'error: {e}')
   for row in ids:
     new = [int(i) for i in row[len(tok.encode(f.prompt)):]]

@@ -48,7 +48,8 @@ def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.Conf
     with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
       return step, ml_collections.ConfigDict(json.load(f))
   except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f'Checkpoint {directory}/{step} has no readable config ({e}).') from e
+    raise CheckpointError(f'Checkpoint {directory}/{step} has no readable config ({e}); it is '
+                          f'corrupt or not a moejax checkpoint.') from e
 
 
 class Checkpointer:

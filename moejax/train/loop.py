@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 
 from moejax import config as config_lib, runtime
-from moejax.errors import CheckpointError, ConfigError, DivergedError
+from moejax.errors import (CheckpointError, ClusterError, ConfigError, DeviceMemoryError,
+                           DivergedError)
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
@@ -46,7 +47,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.num_steps; returns the last logged record."""
   config_lib.validate(config, jax.device_count())
   if jax.process_count() > 1 and config_lib.layout(config).devices != jax.device_count():
-    raise config_lib.ConfigError(
+    raise ClusterError(
         f'mesh.dp * mesh.tp * mesh.pp = {config_lib.layout(config).devices} but the '
         f'{jax.process_count()} processes have {jax.device_count()} devices together: a '
         f'multi-process mesh must use every device; change the mesh or the number of processes.')
@@ -73,7 +74,7 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
   """The newest checkpoint's step if it is at or past num_steps (read without JAX)."""
   try:
     step, _ = saved_config(workdir)
-  except ConfigError:
+  except (ConfigError, CheckpointError):
     return None
   return step if step >= num_steps else None
 
@@ -243,7 +244,7 @@ def check_memory(compiled, mesh) -> None:
           analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
   have = stats['bytes_limit']
   if need > have:
-    raise config_lib.ConfigError(
+    raise DeviceMemoryError(
         f'The train step needs {need / 2**30:.2f} GiB per device (arguments '
         f'{analysis.argument_size_in_bytes / 2**30:.2f}, temporaries '
         f'{analysis.temp_size_in_bytes / 2**30:.2f}) but {device.device_kind} has '
