@@ -137,7 +137,7 @@ class _Runner:
     self.analysis = compiled_analysis(config, plan=plan)
     self.step_fn = self.analysis.pop('compiled')
     self.state = plan.create_state()
-    self.batch = global_batch(loop.make_source(config), 0, plan.batch_sharding)
+    self.batch = global_batch(loop.make_source(plan), 0, plan.batch_sharding)
     self.forward_fn = plan.eval_step()
     self.metrics = None
 

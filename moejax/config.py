@@ -1,7 +1,9 @@
-"""Typed views of the ml_collections config, and the one validation function.
+"""Typed views of the ml_collections config, and its validation.
 
-The model reads the frozen dataclasses below, never the ConfigDict itself.
-`validate` runs before anything is compiled and names the keys (and a fix) for every inconsistency.
+After `validate`, code reads the frozen dataclasses below (ModelConfig, Layout, DataConfig,
+OptimConfig, RunConfig; moejax.train.plan.Plan holds them), not the ConfigDict; the ConfigDict
+itself is only written into checkpoints and compared at resume. `validate` runs before anything
+is compiled, one check per section, and names the keys (and a fix) for every inconsistency.
 """
 from __future__ import annotations
 
@@ -81,6 +83,60 @@ class Layout:
   def expert_shards(self) -> int:
     """Devices one MoE layer's experts are split over."""
     return self.tp * (self.dp if self.experts_over_dp else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where tokens come from (the batch shape is the Layout's)."""
+  source: str              # 'random', 'learnable' or 'tokens'
+  path: str                # token dataset directory (source='tokens')
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup, cosine decay to lr * min_lr_ratio, global-norm clipping."""
+  lr: float
+  warmup_steps: int
+  decay_steps: int
+  min_lr_ratio: float
+  b1: float
+  b2: float
+  weight_decay: float
+  grad_clip: float         # 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How long to train, and when to log, save, evaluate and profile."""
+  num_steps: int
+  seed: int
+  log_every: int
+  checkpoint_every: int    # 0: only at the end
+  checkpoint_keep: int
+  eval_every: int          # 0: never
+  eval_batches: int
+  init_from: str           # run directory to load params from ('' for none)
+  profile_steps: range     # steps to trace (empty for none)
+
+
+def data_config(config: ml_collections.ConfigDict) -> DataConfig:
+  return DataConfig(source=config.data.source, path=config.data.path)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+  o = config.optim
+  return OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps),
+                     decay_steps=int(o.decay_steps), min_lr_ratio=float(o.min_lr_ratio),
+                     b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay),
+                     grad_clip=float(o.grad_clip))
+
+
+def run_config(config: ml_collections.ConfigDict) -> RunConfig:
+  c = config
+  return RunConfig(num_steps=c.num_steps, seed=c.seed, log_every=c.log_every,
+                   checkpoint_every=c.checkpoint_every, checkpoint_keep=c.checkpoint_keep,
+                   eval_every=c.eval_every, eval_batches=c.eval_batches,
+                   init_from=str(c.init_from or ''), profile_steps=profile_steps(c))
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -167,7 +223,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check_positive(config, m, lay)
   errors: list[str] = []
   _check_layout(errors, m, lay)
-  _check_values(errors, config, m, lay)
+  _check_model_values(errors, m)
+  _check_run_values(errors, config, lay)
   if num_devices is not None:
     _check(errors, lay.devices <= num_devices,
            f'mesh.dp * mesh.tp * mesh.pp = {lay.dp}*{lay.tp}*{lay.pp} = {lay.devices} devices, '
@@ -238,9 +295,8 @@ def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
            f'use a smaller moe.group_size or a tp dividing {groups}.')
 
 
-def _check_values(errors: list[str], config: ml_collections.ConfigDict, m: ModelConfig,
-                  lay: Layout) -> None:
-  """Choices and ranges of single keys."""
+def _check_model_values(errors: list[str], m: ModelConfig) -> None:
+  """Choices and ranges of the model and moe keys."""
   _check(errors, m.top_k <= m.num_experts,
          f'moe.top_k={m.top_k} > moe.num_experts={m.num_experts}; top_k must not exceed the '
          f'number of experts.')
@@ -253,6 +309,10 @@ def _check_values(errors: list[str], config: ml_collections.ConfigDict, m: Model
          f'moe.dispatch={m.dispatch!r} not one of {DISPATCHES}.')
   _check(errors, m.bias_update_rate >= 0,
          f'moe.bias_update_rate={m.bias_update_rate} must be >= 0 (0 turns bias balancing off).')
+
+
+def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay: Layout) -> None:
+  """Choices and ranges of the pipeline, data and run-control keys."""
   _check(errors, lay.remat_policy in REMAT_POLICIES,
          f'pipeline.remat_policy={lay.remat_policy!r} not one of {REMAT_POLICIES}.')
   _check(errors, config.data.source in DATA_SOURCES,

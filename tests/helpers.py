@@ -36,7 +36,7 @@ def train_steps(config, steps: int):
   from moejax.data.source import global_batch
   from moejax.train import loop
   plan = Plan(config)
-  state, fn, source = plan.create_state(), plan.train_step(), loop.make_source(config)
+  state, fn, source = plan.create_state(), plan.train_step(), loop.make_source(plan)
   for step in range(steps):
     state, metrics = fn(state, global_batch(source, step, plan.batch_sharding))
   return state, float(metrics['loss'])

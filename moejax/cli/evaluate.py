@@ -27,7 +27,7 @@ def evaluate(workdir: str, config, step: int, eval_batches: int) -> dict:
   if eval_batches:
     config.eval_batches = eval_batches
   run = run_dir.restore(workdir, config, step)
-  evaluate_fn = loop.make_eval(run.plan, loop.make_source(config))
+  evaluate_fn = loop.make_eval(run.plan, loop.make_source(run.plan))
   result = evaluate_fn(run.params)
   result.pop('expert_share')
   return dict(step=step, batches=config.eval_batches, **result)

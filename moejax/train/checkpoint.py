@@ -58,11 +58,10 @@ class Checkpointer:
   def __init__(self, workdir: str, plan: Plan):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.plan, self.config = plan, plan.config
-    config = plan.config
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'config'),
-          options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_keep, create=True,
+          options=ocp.CheckpointManagerOptions(max_to_keep=plan.run.checkpoint_keep, create=True,
                                                enable_async_checkpointing=True))
     except OSError as e:
       raise ConfigError(f'Cannot use checkpoint directory {self.directory}: {e}') from e

@@ -1,4 +1,4 @@
-"""The training loop: build mesh and state, restore or init, step, log, checkpoint.
+"""The training loop: a Plan of the config, restore or init, step, log, evaluate, checkpoint.
 
 Nothing broken is saved: a step's loss and gradient norm (finite, loss below LOSS_BOUND x
 ln(vocab)) and its updated params (finite) are checked before its checkpoint is written, and the
@@ -33,14 +33,13 @@ from moejax.train.state import TrainState
 LOSS_BOUND = 10.0   # x ln(vocab): a loss above it is garbage data or a diverged run
 
 
-def make_source(config: ml_collections.ConfigDict) -> Source:
-  """The configured token source (negative steps are its evaluation batches)."""
-  d = config.data
-  if d.source == 'tokens':
-    return TokenSource(d.path, d.num_micro_batches, d.micro_batch_size, d.seq_len, config.seed,
-                       config.model.vocab_size)
-  return SyntheticSource(d.source, config.model.vocab_size, d.num_micro_batches,
-                         d.micro_batch_size, d.seq_len, config.seed)
+def make_source(plan: Plan) -> Source:
+  """The plan's token source (negative steps are its evaluation batches)."""
+  lay, vocab, seed = plan.layout, plan.model.vocab_size, plan.run.seed
+  shape = (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len)
+  if plan.data.source == 'tokens':
+    return TokenSource(plan.data.path, *shape, seed, vocab)
+  return SyntheticSource(plan.data.source, vocab, *shape, seed)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -56,9 +55,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except OSError as e:
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
   with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
-    done = _finished_step(workdir, config.num_steps)
+    num_steps = config_lib.run_config(config).num_steps
+    done = _finished_step(workdir, num_steps)
     if done is not None:
-      print(f'Already at step {done} (num_steps={config.num_steps}): nothing to train. Raise '
+      print(f'Already at step {done} (num_steps={num_steps}): nothing to train. Raise '
             f'--config.num_steps to continue.', flush=True)
       return {}
     return _train(config, workdir)
@@ -80,9 +80,9 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  source = make_source(config)           # checks the data before anything is compiled
   plan = Plan(config)
-  cfg, lay, data_sharding = plan.model, plan.layout, plan.batch_sharding
+  source = make_source(plan)             # checks the data before anything is compiled
+  cfg, lay, run, data_sharding = plan.model, plan.layout, plan.run, plan.batch_sharding
   train_step = _compile(plan)
   ckpt = Checkpointer(workdir, plan)
   state = _initial_state(plan, ckpt)
@@ -93,11 +93,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _say(f'Dropped metrics.jsonl records of steps after {start} (they are re-run now).')
   guard = _Guard(ckpt, plan.all_finite, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = _StopFlag()
-  profile = config_lib.profile_steps(config)
+  profile = run.profile_steps
   record: dict = {}
-  clock = _Clock(start, config.num_steps, lay.tokens_per_step)
+  clock = _Clock(start, run.num_steps, lay.tokens_per_step)
   try:
-    for step in range(start, config.num_steps):
+    for step in range(start, run.num_steps):
       done = step + 1
       if profile and done == profile.start:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
@@ -108,28 +108,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.profiler.stop_trace()
         _say(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile (open '
              f'with TensorBoard\'s profile plugin or Perfetto).')
-      if config.checkpoint_every and done % config.checkpoint_every == 0:
+      if run.checkpoint_every and done % run.checkpoint_every == 0:
         guard.save(state, metrics, done)
       if stop.signal:
         guard.save(state, metrics, done, force=True)
         ckpt.close()
         print(f'{stop.signal}: saved checkpoint at step {done} and stopped.', flush=True)
         return record
-      if done % config.log_every == 0 or done == config.num_steps:
+      if done % run.log_every == 0 or done == run.num_steps:
         record = clock.record(jax.device_get(metrics), done)   # the host sync: at log time
         guard.check(record, done)
-        _say(metrics_lib.format_line(record, total=config.num_steps))
+        _say(metrics_lib.format_line(record, total=run.num_steps))
         writer.write(record)
-      if config.eval_every and done % config.eval_every == 0:
+      if run.eval_every and done % run.eval_every == 0:
         eval_record = dict(evaluate(state.params), step=done)
         _say(metrics_lib.format_line(eval_record, prefix='eval'))
         writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
                                        if k != 'step'}})
-    guard.save(state, metrics, config.num_steps)
+    guard.save(state, metrics, run.num_steps)
     ckpt.close()
     loss = f'loss {record["loss"]:.4f}; ' if 'loss' in record else ''
-    _say(f'Finished at step {config.num_steps}: {loss}checkpoint {ckpt.directory}/'
-         f'{config.num_steps}; metrics {writer.path}; TensorBoard: tensorboard '
+    _say(f'Finished at step {run.num_steps}: {loss}checkpoint {ckpt.directory}/'
+         f'{run.num_steps}; metrics {writer.path}; TensorBoard: tensorboard '
          f'--logdir={os.path.join(workdir, "tensorboard")}')
   finally:
     writer.close()
@@ -254,10 +254,10 @@ def check_memory(compiled, mesh) -> None:
 
 
 def make_eval(plan: Plan, source: Source):
-  """Mean metrics over config.eval_batches fixed batches (steps -1, -2, ...)."""
+  """Mean metrics over run.eval_batches fixed batches (steps -1, -2, ...)."""
   eval_step = plan.eval_step()
   batches = [global_batch(source, -1 - i, plan.batch_sharding)
-             for i in range(plan.config.eval_batches)]
+             for i in range(plan.run.eval_batches)]
 
   def evaluate(params) -> dict:
     results = [jax.device_get(eval_step(params, b)) for b in batches]
@@ -273,19 +273,19 @@ def make_eval(plan: Plan, source: Source):
 
 def _initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
   """Resume from the newest checkpoint that restores; else init (params from init_from)."""
-  config = plan.config
+  init_from = plan.run.init_from
   steps = ckpt.all_steps()
   if runtime.agree(len(steps)):
     state = _restore_newest(ckpt, steps)
     if state is not None:
       return state
   state = plan.create_state()
-  if config.init_from:
-    source = config.init_from
+  if init_from:
+    source = init_from
     if os.path.isdir(os.path.join(source, 'checkpoints')):
       source = os.path.join(source, 'checkpoints')
     if not os.path.isdir(source):
-      raise config_lib.ConfigError(f'init_from={config.init_from!r}: no such directory.')
+      raise ConfigError(f'init_from={init_from!r}: no such directory.')
     params = ckpt.restore(directory=source).params
     state = state.replace(params=params)
     print(f'Initialised params from {source} (optimizer state fresh, step 0).', flush=True)

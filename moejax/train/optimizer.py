@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import jax
-import ml_collections
 import optax
 
+from moejax.config import OptimConfig
 
-def schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+
+def schedule(optim: OptimConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
       decay_steps=optim.warmup_steps + optim.decay_steps, end_value=optim.lr * optim.min_lr_ratio)
@@ -20,7 +21,7 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make(optim: OptimConfig) -> optax.GradientTransformation:
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))

@@ -26,7 +26,11 @@ from moejax.train import optimizer, state as state_lib, step as step_lib
 
 
 class Plan:
-  """One config laid out on devices (default: all of jax.devices())."""
+  """One config laid out on devices (default: all of jax.devices()).
+
+  Typed views: model (ModelConfig), layout (Layout), data, optim, run; `config` is the
+  ConfigDict as given, kept only to be written into checkpoints.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None):
@@ -35,11 +39,14 @@ class Plan:
     self.config = config
     self.model = config_lib.model_config(config)
     self.layout = config_lib.layout(config)
+    self.data = config_lib.data_config(config)
+    self.optim = config_lib.optim_config(config)
+    self.run = config_lib.run_config(config)
     lay = self.layout
     self.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
     self.rules = mesh_lib.rules_for(lay)
-    self.tx = optimizer.make(config.optim)
-    self.schedule = optimizer.schedule(config.optim)
+    self.tx = optimizer.make(self.optim)
+    self.schedule = optimizer.schedule(self.optim)
     with self.active():
       self.state_sharding = state_lib.shardings(self.model, lay, self.tx, self.mesh)
       self.abstract_state = state_lib.abstract(self.model, lay, self.tx, self.state_sharding)
@@ -94,7 +101,7 @@ class Plan:
 
   def train_step(self) -> Active:
     """jit(train_step)(state, tokens [M, B, T+1]) -> (state, metrics); state is donated."""
-    fn = step_lib.train_step_fn(self.model, self.layout, self.tx, self.schedule, self.config.seed)
+    fn = step_lib.train_step_fn(self.model, self.layout, self.tx, self.schedule, self.run.seed)
     return self.jit(fn, in_shardings=(self.state_sharding, self.batch_sharding),
                     out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
@@ -110,13 +117,13 @@ class Plan:
 
   def create_state(self, seed: int | None = None) -> state_lib.TrainState:
     """A fresh train state from `seed` (default: the config's), made shard by shard."""
-    seed = self.config.seed if seed is None else seed
+    seed = self.run.seed if seed is None else seed
     init = state_lib.init_fn(self.model, self.layout, self.tx)
     return self.jit(init, out_shardings=self.state_sharding)(jax.random.key(seed))
 
   def init_params(self, seed: int | None = None) -> Any:
     """Fresh params (training layout) from `seed` (default: the config's)."""
-    seed = self.config.seed if seed is None else seed
+    seed = self.run.seed if seed is None else seed
     init = lambda k: params_lib.init(self.model, self.layout, k)
     return self.jit(init, out_shardings=self.param_sharding)(jax.random.key(seed))
 
