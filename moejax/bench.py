@@ -30,6 +30,10 @@ flags.DEFINE_enum('target', 'cpu', ['cpu', 'h100', 'a100', 'h200'],
                   'With --aot: compile for this machine (cpu) or for abstract GPUs of this card '
                   '(needs requirements-cuda12.txt, not a GPU).')
 flags.DEFINE_string('hlo_out', None, 'With --aot: also write the compiled HLO text here.')
+flags.DEFINE_bool('decode', False, 'Generation speed instead of training: tokens/s with and '
+                  'without the KV cache, and one decode step\'s latency.')
+flags.DEFINE_integer('prompt_len', 64, 'With --decode: prompt tokens.')
+flags.DEFINE_integer('new_tokens', 448, 'With --decode: generated tokens.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -229,6 +233,9 @@ def main(argv):
   if flags.FLAGS.aot:
     _aot(config)
     return
+  if flags.FLAGS.decode:
+    _write(decode_speed(config, flags.FLAGS.prompt_len, flags.FLAGS.new_tokens))
+    return
   sweep = [int(x) for x in flags.FLAGS.micro_batches.split(',') if x]
   results = []
   for m in sweep or [config.data.num_micro_batches]:
@@ -245,6 +252,59 @@ def main(argv):
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, 'w') as f:
       json.dump(results if sweep else results[0], f, indent=1)
+
+
+def _seconds(fn, *args, reps: int = 1) -> float:
+  """Seconds per call of an already compiled fn (one warm-up call first)."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(reps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / reps
+
+
+def decode_speed(config, prompt_len: int, new_tokens: int) -> dict:
+  """Greedy generation of `new_tokens` after a `prompt_len` prompt, one sequence, on the config's
+  tp (pp=1: one stage-group): with the KV cache and with the windowed re-run of data.seq_len."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from moejax import generate as gen
+  from moejax.model import decode, params as params_lib
+  from moejax.train.plan import Plan
+  c = config.copy_and_resolve_references()
+  c.mesh.update(pp=1, dp=1, experts_over_dp=False)
+  c.pipeline.repeats = 1
+  c.data.update(num_micro_batches=1, micro_batch_size=1, source='random')
+  plan = Plan(c, jax.devices()[:c.mesh.tp])
+  params, greedy = plan.init_params(), gen.Sampling()
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, plan.model.vocab_size, (1, prompt_len)),
+                       jnp.int32)
+  key = jax.random.key(0)
+  cached = gen.cached_program(plan, prompt_len, new_tokens, greedy)
+  cached_s = _seconds(cached, params, prompt, key)
+  window = np.zeros((1, 1, plan.layout.seq_len), np.int32)
+  window[0, 0, :prompt_len] = np.asarray(prompt)[0]
+  window = jax.device_put(window, plan.batch_sharding)
+  windowed_s = _seconds(gen.windowed_program(plan, prompt_len, new_tokens, greedy),
+                        params, window, key)
+  cfg, length = plan.model, prompt_len + new_tokens
+  step = plan.jit(lambda p, cache, tok, at: decode.extend(p, cache, tok, at, cfg=cfg))
+  canonical = plan.jit(params_lib.tree_from_stages)(params)
+  cache = plan.jit(lambda: decode.empty_cache(cfg, 1, length))()
+  _, cache = step(canonical, cache, prompt, jnp.int32(0))                # prefill
+  token = prompt[:, -1:]
+  step_s = _seconds(step, canonical, cache, token, jnp.int32(prompt_len), reps=20)
+  prefill_s = _seconds(step, canonical, cache, prompt, jnp.int32(0), reps=3)
+  return {'mesh': f'tp={c.mesh.tp} pp=1', 'prompt_len': prompt_len, 'new_tokens': new_tokens,
+          'window': plan.layout.seq_len,
+          'decode_tokens_per_sec': new_tokens / cached_s,
+          'decode_tokens_per_sec_no_cache': new_tokens / windowed_s,
+          'cache_speedup': windowed_s / cached_s,
+          'decode_step_latency_s': step_s, 'prefill_latency_s': prefill_s,
+          'generation_s': cached_s, 'generation_no_cache_s': windowed_s}
 
 
 def _aot(config) -> None:
@@ -278,6 +338,13 @@ def _aot(config) -> None:
   if result['platform'] == 'cpu' and config.model.dtype != 'float32':
     print('  note: XLA:CPU computes reduced-precision matmuls and reductions in float32, so '
           'collectives may be counted at 4 bytes where a GPU moves 2.')
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+def _write(result: dict) -> None:
+  print(json.dumps(result, indent=1), flush=True)
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, 'w') as f:
       json.dump(result, f, indent=1)
