@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype='float32' if tiny else 'bfloat16',  # compute dtype; params are float32
       init_std=0.02,                      # normal init std (output projections scaled by depth)
       attn_bias=True,                     # q/k/v and output-projection biases (the seed's Megatron layers)
+      positions='learned',                # 'learned' table (GPT-2, the seed's) or 'rope' (rotary: any length)
   ))
   c.moe = ml_collections.ConfigDict(dict(
       num_experts=16 if tiny else 64,

@@ -26,7 +26,7 @@ class ModelConfig:
   head_dim: int            # H
   d_ff: int                # F, expert hidden width
   num_blocks: int          # attention + MoE blocks
-  max_len: int             # learned position table rows
+  max_len: int             # learned position table rows (unused with positions='rope')
   num_experts: int         # E
   top_k: int               # K
   capacity_factor: float   # training capacity factor
@@ -42,6 +42,7 @@ class ModelConfig:
   normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
   bias_update_rate: float = 0.0  # aux-loss-free balancing: per-step nudge of the selection bias
   dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
+  positions: str = 'learned'     # 'learned' (a [max_len, D] table, the seed's) or 'rope'
 
   @property
   def padded_vocab(self) -> int:
@@ -149,7 +150,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
       z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
       attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
-      bias_update_rate=float(moe.bias_update_rate), dispatch=moe.dispatch)
+      bias_update_rate=float(moe.bias_update_rate), dispatch=moe.dispatch,
+      positions=m.positions)
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
@@ -177,7 +179,7 @@ DATA_SOURCES = ('random', 'learnable', 'tokens')
 SCHEMA: dict[str, tuple[str, ...]] = {
     'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
     'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
-              'init_std', 'attn_bias'),
+              'init_std', 'attn_bias', 'positions'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
             'normalize_gates', 'bias_update_rate', 'dispatch'),
@@ -281,7 +283,7 @@ def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
          f'data.num_micro_batches={lay.num_micro_batches} < mesh.pp={pp}: with fewer micro-batches '
          f'than stages some stages never work (bubble (pp-1)/(M+pp-1) above 50%); use at least '
          f'pp micro-batches.')
-  _check(errors, lay.seq_len <= m.max_len,
+  _check(errors, lay.seq_len <= m.max_len or m.positions == 'rope',
          f'data.seq_len={lay.seq_len} is longer than the position table model.max_len='
          f'{m.max_len}; raise model.max_len or shorten data.seq_len.')
   _check(errors, lay.seq_len % m.group_size == 0,
@@ -304,6 +306,10 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
          'moe.capacity_factor and moe.eval_capacity_factor must be > 0.')
   _check(errors, 0.0 <= m.expert_dropout < 1.0, f'moe.dropout={m.expert_dropout} not in [0, 1).')
   _check(errors, m.dtype in DTYPES, f'model.dtype={m.dtype!r} not one of {DTYPES}.')
+  _check(errors, m.positions in ('learned', 'rope'),
+         f"model.positions={m.positions!r} not one of ('learned', 'rope').")
+  _check(errors, m.positions != 'rope' or m.head_dim % 2 == 0,
+         f'model.head_dim={m.head_dim} must be even for rotary positions (model.positions=rope).')
   _check(errors, m.gelu in GELUS, f'moe.gelu={m.gelu!r} not one of {GELUS}.')
   _check(errors, m.dispatch in DISPATCHES,
          f'moe.dispatch={m.dispatch!r} not one of {DISPATCHES}.')

@@ -49,7 +49,7 @@ def check_cached(plan, prompt_len: int, max_new_tokens: int) -> None:
     raise ConfigError(f'Generation with a KV cache runs on meshes without pipeline stages '
                       f'(pp=1, any tp); this plan has pp={plan.layout.pp}. Use --pp=1, or '
                       f'--nocache for the windowed sampler on any mesh.')
-  if prompt_len + max_new_tokens > plan.model.max_len:
+  if plan.model.positions == 'learned' and prompt_len + max_new_tokens > plan.model.max_len:
     raise ConfigError(f'prompt ({prompt_len} tokens) + {max_new_tokens} new tokens exceeds the '
                       f'position table model.max_len={plan.model.max_len}; shorten them.')
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.model.layers import Head, LayerNorm
+from moejax.model.positions import rope
 from moejax.parallel import vocab
 from moejax.parallel.mesh import constrain
 
@@ -53,9 +54,13 @@ def _attention(p: dict, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     qkv = qkv + p['bqkv'][:, None, None].astype(dt)
   qkv = constrain(qkv, (None,) + HEADS)
   q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
+  t = x.shape[1]
+  if cfg.positions == 'rope':
+    positions = jnp.broadcast_to(start + jnp.arange(t), x.shape[:2])    # [B, T]
+    q, k = rope(q, positions), rope(k, positions)
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-  t, length = x.shape[1], k_cache.shape[1]
+  length = k_cache.shape[1]
   visible = jnp.arange(length)[None, :] <= start + jnp.arange(t)[:, None]  # [T, L]
   o = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=visible[None, None])  # [B, T, N, H]
   y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), p['wo'].astype(dt))
@@ -122,7 +127,8 @@ def extend(params: dict[str, Any], cache: Cache, ids: jax.Array, start: jax.Arra
   (blocks [NB, ...])."""
   emb = params['embed']
   x = vocab.lookup(emb['tok'].astype(cfg.dtype), ids, TOKENS)            # [B, T, D]
-  x = x + jax.lax.dynamic_slice_in_dim(emb['pos'], start, ids.shape[1]).astype(cfg.dtype)
+  if cfg.positions == 'learned':
+    x = x + jax.lax.dynamic_slice_in_dim(emb['pos'], start, ids.shape[1]).astype(cfg.dtype)
   x = constrain(x, TOKENS)
 
   def layer(x, inputs):

@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from moejax.config import ModelConfig
 from moejax.model import routing
 from moejax.model import moe as moe_lib
+from moejax.model.positions import rope
 from moejax.parallel import remat, vocab
 from moejax.parallel.mesh import constrain
 
@@ -47,8 +48,9 @@ class LayerNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-  """Token + learned position embedding; the token table is vocab-parallel (each shard reads
-  the rows of its vocabulary range, summed into the sequence-parallel residual)."""
+  """Token embedding, plus a learned position table unless positions are rotary; the token table
+  is vocab-parallel (each shard reads the rows of its vocabulary range, summed into the
+  sequence-parallel residual)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -56,11 +58,13 @@ class Embedder(nn.Module):
     c = self.cfg
     tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
                  _normal(c.init_std))
-    pos = _param(self, 'pos', (c.max_len, c.d_model), ('pos', 'embed'), _normal(c.init_std))
+    if c.positions == 'learned':
+      pos = _param(self, 'pos', (c.max_len, c.d_model), ('pos', 'embed'), _normal(c.init_std))
     if self.is_initializing():   # init only declares parameters (any example shape will do)
       return jnp.zeros(ids.shape + (c.d_model,), c.dtype)
     x = vocab.lookup(tok.astype(c.dtype), ids, ('act_micro',) + RESIDUAL)  # [M, B, T, D]
-    x = x + pos[:ids.shape[-1]].astype(c.dtype)
+    if c.positions == 'learned':
+      x = x + pos[:ids.shape[-1]].astype(c.dtype)
     return constrain(x, ('act_micro',) + RESIDUAL)
 
 
@@ -73,7 +77,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None
+               ) -> jax.Array:  # [B, T, D] -> [B, T, D]
     c = self.cfg
     out_std = c.init_std / (2 * c.num_blocks) ** 0.5
     # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
@@ -93,6 +98,10 @@ class Attention(nn.Module):
       qkv = qkv + bqkv[:, None, None].astype(c.dtype)                   # split by heads like wqkv
     qkv = constrain(qkv, (None,) + heads)
     q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
+    if c.positions == 'rope':
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
+      q, k = rope(q, positions), rope(k, positions)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
     o = constrain(o, heads)
     y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T

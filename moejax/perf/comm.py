@@ -51,10 +51,11 @@ def minimum_bytes(cfg: ModelConfig, lay: Layout) -> dict[str, dict[str, int]]:
   # Weights every device of a group holds whole while the group's devices see other tokens.
   f32 = 4
   grads = 0
+  table = cfg.max_len * d if cfg.positions == 'learned' else 0   # the position table
   if pp > 1:   # embedding and head are replicated over pp (each stage scores M/pp micro-batches)
-    grads += (2 * cfg.padded_vocab // tp * d + cfg.max_len * d + 2 * d) * f32
+    grads += (2 * cfg.padded_vocab // tp * d + table + 2 * d) * f32
   if tp > 1 and not pp > 1:
-    grads += (cfg.max_len * d + 2 * d) * f32
+    grads += (table + 2 * d) * f32
   if tp > 1:   # layer norms and router are replicated over tp, tokens are split over it
     grads += local_blocks * (4 * d + d * cfg.num_experts) * f32
   if grads:
