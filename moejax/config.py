@@ -91,6 +91,7 @@ class DataConfig:
   """Where tokens come from (the batch shape is the Layout's)."""
   source: str              # 'random', 'learnable' or 'tokens'
   path: str                # token dataset directory (source='tokens')
+  pack: bool = False       # rows of whole documents (segment ids, positions) instead of windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ class RunConfig:
 
 
 def data_config(config: ml_collections.ConfigDict) -> DataConfig:
-  return DataConfig(source=config.data.source, path=config.data.path)
+  return DataConfig(source=config.data.source, path=config.data.path, pack=bool(config.data.pack))
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
@@ -184,7 +185,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
             'normalize_gates', 'bias_update_rate', 'dispatch'),
     'pipeline': ('repeats', 'remat_policy'),
-    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches'),
+    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack'),
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
               'grad_clip'),
     '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
@@ -323,6 +324,9 @@ def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay:
          f'pipeline.remat_policy={lay.remat_policy!r} not one of {REMAT_POLICIES}.')
   _check(errors, config.data.source in DATA_SOURCES,
          f'data.source={config.data.source!r} not one of {DATA_SOURCES}.')
+  _check(errors, not config.data.pack or config.data.source == 'tokens',
+         f'data.pack packs the documents of a token dataset; set data.source=tokens (and '
+         f'data.path), or data.pack=False for data.source={config.data.source!r}.')
   _check(errors, config.log_every >= 1, f'log_every={config.log_every} must be >= 1.')
   try:
     profile_steps(config)

@@ -61,7 +61,7 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
                       policy=remat.policy(lay.remat_policy))
 
   def loss(params, x):
-    y, _ = fn(params, x, 0, 0, 0, jax.random.key(0))
+    y, _ = fn(params, x, 0, 0, 0, jax.random.key(0), None)
     return jnp.sum(y.astype(jnp.float32))
 
   params = jax.tree.map(lambda a: a[0, 0], plan.init_params(0)['blocks'])   # [L, ...]

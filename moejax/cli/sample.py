@@ -42,7 +42,7 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
   c = config.copy_and_resolve_references()
   c.data.update(num_micro_batches=c.mesh.pp, micro_batch_size=1)
   if c.data.source == 'tokens' and not os.path.isdir(c.data.path):
-    c.data.source = 'random'          # the dataset is not needed to sample
+    c.data.source, c.data.pack = 'random', False   # the dataset is not needed to sample
   run = run_dir.restore(workdir, c, step)
   if cache:
     gen.check_cached(run.plan, len(prompt_ids), max_new_tokens)

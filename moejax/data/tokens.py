@@ -7,6 +7,12 @@ permutation drawn from (seed, epoch), and the n-th sequence of the run is window
 perm[n mod windows], n = (step * M + micro) * B + row: a pure function of (seed, step, micro,
 row), so every process reads its own rows and a resumed run continues at the same window.
 Evaluation (negative steps) reads the validation split in order, the same windows every time.
+
+With packing (data.pack), rows hold whole documents instead (moejax.data.packing): the train
+split's documents in an order drawn from (seed, epoch), packed first-fit into rows of seq_len + 1
+tokens, each row [3, seq_len + 1] (tokens, segment ids, positions); the n-th row of the run is a
+function of (seed, n). Document boundaries come from `<split>_docs.npy` (written by prepare:
+each document's start, then the split's end), or from the <eos> tokens of older datasets.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import time
 import numpy as np
 
 from moejax.errors import ConfigError, DataError
+from moejax.data import packing
 from moejax.data.source import Source
 
 META = 'meta.json'
@@ -72,18 +79,36 @@ def check(path: str, vocab_size: int, seq_len: int) -> dict:
   return meta
 
 
+def document_bounds(path: str, split: str, data: np.ndarray, eos_id: int | None) -> np.ndarray:
+  """[docs + 1] start offsets of a split's documents, then its end."""
+  file = os.path.join(path, f'{split}_docs.npy')
+  if os.path.isfile(file):
+    return np.load(file)
+  if eos_id is None:
+    return np.asarray([0, len(data)], np.int64)
+  ends = np.flatnonzero(np.asarray(data) == eos_id) + 1
+  return np.unique(np.concatenate([[0], ends, [len(data)]])).astype(np.int64)
+
+
 class TokenSource(Source):
   """Windows of a prepared token dataset, read through np.memmap."""
 
   def __init__(self, path: str, num_micro_batches: int, micro_batch_size: int, seq_len: int,
-               seed: int, vocab_size: int):
-    super().__init__(num_micro_batches, micro_batch_size, seq_len)
+               seed: int, vocab_size: int, pack: bool = False):
+    super().__init__(num_micro_batches, micro_batch_size, seq_len, packed=pack)
     self.meta = check(path, vocab_size, seq_len)
     self.seed, self.seq_len = seed, seq_len
     self.path, self.vocab_size = path, vocab_size
     self.data = {s: np.memmap(os.path.join(path, f'{s}.bin'), dtype=self.meta['dtype'], mode='r')
                  for s in SPLITS}
     self.windows = {s: (len(a) - 1) // seq_len for s, a in self.data.items()}
+    self.pack = pack
+    if pack:
+      self.bounds = {s: document_bounds(path, s, self.data[s], self.meta.get('eos_id'))
+                     for s in SPLITS}
+      self._val_rows = packing.pack(range(len(self.bounds['val']) - 1),
+                                    np.diff(self.bounds['val']), seq_len + 1)
+      self._epoch_rows: list[int] = []      # rows in each packed epoch so far
     self._scan()
 
   def _scan(self) -> None:
@@ -111,7 +136,7 @@ class TokenSource(Source):
 
   def window(self, step: int, micro: int, row: int) -> tuple[str, int]:
     """(split, window index) of one sequence of a step."""
-    m, b, _ = self.shape
+    m, b = self.shape[:2]
     if step < 0:
       n = ((-step - 1) * m + micro) * b + row
       return 'val', n % self.windows['val']
@@ -119,7 +144,37 @@ class TokenSource(Source):
     epoch, k = divmod(n, self.windows['train'])
     return 'train', int(self._order(epoch)[k])
 
+  @functools.lru_cache(maxsize=2)
+  def _packed_epoch(self, epoch: int) -> list[list[packing.Piece]]:
+    lengths = np.diff(self.bounds['train'])
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(lengths))
+    return packing.pack(order, lengths, self.seq_len + 1)
+
+  def _packed_row(self, step: int, micro: int, row: int) -> tuple[str, list[packing.Piece]]:
+    m, b = self.shape[:2]
+    if step < 0:
+      n = ((-step - 1) * m + micro) * b + row
+      return 'val', self._val_rows[n % len(self._val_rows)]
+    n, epoch = (step * m + micro) * b + row, 0
+    while True:
+      if epoch == len(self._epoch_rows):
+        self._epoch_rows.append(len(self._packed_epoch(epoch)))
+      if n < self._epoch_rows[epoch]:
+        return 'train', self._packed_epoch(epoch)[n]
+      n -= self._epoch_rows[epoch]
+      epoch += 1
+
   def sequence(self, step: int, micro: int, row: int) -> np.ndarray:
+    if self.pack:
+      split, pieces = self._packed_row(step, micro, row)
+      starts = self.bounds[split]
+
+      def read(doc: int, start: int, length: int) -> np.ndarray:
+        at = int(starts[doc]) + start
+        ids = np.asarray(self.data[split][at:at + length], dtype=np.int32)
+        self._check_ids(split, at, ids)
+        return ids
+      return packing.row_arrays(pieces, read, self.seq_len + 1)
     split, w = self.window(step, micro, row)
     start = w * self.seq_len
     ids = np.asarray(self.data[split][start:start + self.seq_len + 1], dtype=np.int32)

@@ -54,7 +54,8 @@ class Embedder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, ids: jax.Array) -> jax.Array:  # [M, B, T] int -> [M, B, T, D]
+  def __call__(self, ids: jax.Array, positions: jax.Array | None = None
+               ) -> jax.Array:  # [M, B, T] int (positions [M, B, T]: default 0..T-1) -> [M, B, T, D]
     c = self.cfg
     tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
                  _normal(c.init_std))
@@ -64,7 +65,8 @@ class Embedder(nn.Module):
       return jnp.zeros(ids.shape + (c.d_model,), c.dtype)
     x = vocab.lookup(tok.astype(c.dtype), ids, ('act_micro',) + RESIDUAL)  # [M, B, T, D]
     if c.positions == 'learned':
-      x = x + pos[:ids.shape[-1]].astype(c.dtype)
+      x = x + (pos[:ids.shape[-1]] if positions is None else
+               jnp.take(pos, positions, axis=0)).astype(c.dtype)
     return constrain(x, ('act_micro',) + RESIDUAL)
 
 
@@ -77,8 +79,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array | None = None
-               ) -> jax.Array:  # [B, T, D] -> [B, T, D]
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+               segments: jax.Array | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    """positions [B, T] (default 0..T-1) rotate q/k with rotary positions; segments [B, T]
+    (packed documents) keep attention within a document."""
     c = self.cfg
     out_std = c.init_std / (2 * c.num_blocks) ** 0.5
     # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
@@ -102,7 +106,9 @@ class Attention(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
       q, k = rope(q, positions), rope(k, positions)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)          # [B, T, N, H]
+    mask = None if segments is None else (
+        segments[:, None, :, None] == segments[:, None, None, :])      # [B, 1, T, T]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)  # [B, T, N, H]
     o = constrain(o, heads)
     y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T
     y = constrain(y, RESIDUAL)
@@ -121,7 +127,9 @@ class MoE(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, routing.GroupStats]:
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None
+               ) -> tuple[jax.Array, routing.GroupStats]:
+    """valid [B, T] (packed rows): padding takes no capacity and no part in the stats."""
     c = self.cfg
     e, d, f = c.num_experts, c.d_model, c.d_ff
     ax = moe_lib.WEIGHT_AXES
@@ -142,7 +150,7 @@ class MoE(nn.Module):
     return moe_lib.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
                        capacity=c.capacity(self.train), dropout_rate=rate,
                        compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
-                       normalize_gates=c.normalize_gates, dispatch=c.dispatch)
+                       normalize_gates=c.normalize_gates, dispatch=c.dispatch, valid=valid)
 
 
 class Block(nn.Module):
@@ -151,12 +159,15 @@ class Block(nn.Module):
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, routing.GroupStats]:
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+               segments: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
+    """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding)."""
     c = self.cfg
     with jax.named_scope('attention'):
-      x = x + Attention(c, name='attn')(LayerNorm(c.dtype, name='ln1')(x))
+      x = x + Attention(c, name='attn')(LayerNorm(c.dtype, name='ln1')(x), positions, segments)
+    valid = None if segments is None else segments != 0
     with jax.named_scope('moe'):
-      y, stats = MoE(c, self.train, name='moe')(LayerNorm(c.dtype, name='ln2')(x))
+      y, stats = MoE(c, self.train, name='moe')(LayerNorm(c.dtype, name='ln2')(x), valid)
     return constrain(x + y, RESIDUAL), stats
 
 

@@ -119,17 +119,20 @@ def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
 EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 
-def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[str, ...],
+def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
                token_spec: P, top_k: int, capacity: int, dropout_rate: float, compute_dtype,
                gelu: str, normalize_gates: bool, dispatch: str
                ) -> tuple[jax.Array, routing.GroupStats]:
-  """Shard-local MoE: x_ [B, nG_, S, D] -> ([B, nG_, S, D], per-group stats)."""
+  """Shard-local MoE: (x_ [B, nG_, S, D], valid_ [B, nG_, S] or None) -> ([B, nG_, S, D],
+  per-group stats)."""
+  x_, valid_ = inputs_
   b, ng_, s, d = x_.shape
   if dispatch == 'dropless':
     capacity = top_k * s                                                # room for every choice
   tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
+  valid_ = None if valid_ is None else valid_.reshape(b * ng_, s)      # [G_, S]
   r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
-                           w_.select_bias)
+                           w_.select_bias, valid_)
   y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, token_spec=token_spec,
                               groups=(b, ng_), capacity=capacity, dropout_rate=dropout_rate,
                               compute_dtype=compute_dtype, gelu=gelu)   # [G_, S, D]
@@ -139,13 +142,14 @@ def _moe_local(w_: ExpertWeights, x_: jax.Array, rng: jax.Array, *, axes: tuple[
 
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
         capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32,
-        gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity'
-        ) -> tuple[jax.Array, routing.GroupStats]:
+        gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity',
+        valid: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
   per-group stats with leading axes [B, T/group_size].
 
   dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
-  'dropless' (every assignment is computed; `capacity` is not used).
+  'dropless' (every assignment is computed; `capacity` is not used). valid [B, T]: tokens of
+  packed rows that are not padding (padding takes no capacity and is not in the stats).
   """
   b, t, d = x.shape
   groups = x.reshape(b, t // group_size, group_size, d)                 # [B, T, D] -> [B, nG, S, D]
@@ -154,7 +158,9 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
                          compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates,
                          dispatch=dispatch)
   axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
-  y, stats = ep_lib.expert_parallel(fn, weights, axes, groups, GROUP_AXES, rng)
+  if valid is not None:
+    valid = mesh_lib.constrain(valid.reshape(b, t // group_size, group_size), GROUP_AXES + (None,))
+  y, stats = ep_lib.expert_parallel(fn, weights, axes, (groups, valid), GROUP_AXES, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
 
 

@@ -31,8 +31,8 @@ class GroupStats(NamedTuple):
 
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
-          normalize_gates: bool = False, select_bias: jax.Array | None = None
-          ) -> tuple[Routing, GroupStats]:
+          normalize_gates: bool = False, select_bias: jax.Array | None = None,
+          valid: jax.Array | None = None) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
@@ -41,6 +41,8 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   counts f_i over all K*S assignments, so it is 1 for uniform routing at any K; Mixtral's
   (counts over S) is K times it. select_bias [E] (aux-loss-free balancing) is added to the
   probabilities for choosing experts only; gates stay the chosen experts' probabilities.
+  valid [G, S] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
+  in none of the stats; the losses average over a group's valid tokens.
   """
   num_experts = w_router.shape[-1]
   logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
@@ -53,20 +55,26 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
     gate = jnp.take_along_axis(probs, expert, axis=-1)                 # [G, S, K]
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [G, K, S, E]
+  if valid is not None:
+    onehot = onehot * valid[:, None, :, None].astype(jnp.int32)
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
   slot = jnp.sum(position * flat, axis=-1).reshape(g, k, s)            # [G, K, S]
   keep = slot < capacity
+  if valid is not None:
+    keep = keep & valid[:, None, :]
   if normalize_gates:
     kept_gate = jnp.where(keep, gate, 0.0)                             # [G, K, S]
     gate = kept_gate / jnp.maximum(jnp.sum(kept_gate, axis=1, keepdims=True), 1e-9)
   assigned = jnp.sum(flat, axis=1)                                     # [G, E]
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
-  frac = assigned.astype(jnp.float32) / (k * s)                        # f_i
-  mean_prob = jnp.mean(probs, axis=1)                                  # P_i [G, E]
+  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), 1.0)   # [G, 1] valid tokens
+  frac = assigned.astype(jnp.float32) / (k * count)                    # f_i
+  mean_prob = jnp.sum(probs * weight[..., None], axis=1) / count       # P_i [G, E]
   aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
-  z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2, axis=-1)        # [G]
+  z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * weight, axis=-1) / count[:, 0]  # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
           GroupStats(aux, z, assigned, kept))
 

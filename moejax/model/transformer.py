@@ -34,11 +34,12 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
   per_stage = layers_per_stage(cfg, lay)
   block = Block(cfg, train)
 
-  def stage_fn(params, x, micro, repeat, stage, rng):  # params [L, ...], x [B, T, D]
+  def stage_fn(params, x, micro, repeat, stage, rng, packed):  # params [L, ...], x [B, T, D]
     first = (repeat * lay.pp + stage) * per_stage   # global index of this stage's first block
+    positions, segments = (None, None) if packed is None else packed   # [B, T] each
     def layer(x, inputs):
       p, l = inputs
-      y, stats = block.apply({'params': p}, x,
+      y, stats = block.apply({'params': p}, x, positions, segments,
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
@@ -48,14 +49,14 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
 
 def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
                        cfg: ModelConfig) -> jax.Array:
-  """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T]."""
+  """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T] (-1: skip)."""
   hidden = constrain(hidden, ('act_micro', 'act_batch', None, 'act_embed'))
   logits = Head(cfg).apply({'params': head_params}, hidden)             # [S, B, T, V]
   logits = constrain(logits, ('act_micro', 'act_batch', None, 'act_vocab'))
   lse = jax.nn.logsumexp(logits, axis=-1)                               # [S, B, T]
   label_logit = jnp.sum(logits * jax.nn.one_hot(labels, cfg.padded_vocab, dtype=logits.dtype),
                         axis=-1)                                        # [S, B, T]
-  return jnp.sum(lse - label_logit)
+  return jnp.sum(jnp.where(labels >= 0, lse - label_logit, 0.0))     # labels -1: not predicted
 
 
 def _chunking(m: int, stages: int):
@@ -66,13 +67,16 @@ def _chunking(m: int, stages: int):
 
 
 def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
-                  cfg: ModelConfig, lay: Layout, train: bool) -> tuple[jax.Array, Any]:
-  """Token ids [M, B, T] -> final hidden states [M, B, T, D] and per-layer stats [NB, ...]."""
+                  cfg: ModelConfig, lay: Layout, train: bool, packed: Any = None
+                  ) -> tuple[jax.Array, Any]:
+  """Token ids [M, B, T] -> final hidden states [M, B, T, D] and per-layer stats [NB, ...].
+  packed: None, or (positions, segments) [M, B, T] of packed documents (segment 0: padding)."""
+  positions = None if packed is None else packed[0]
   with jax.named_scope('embed'):
-    x = Embedder(cfg).apply({'params': params['embed']}, inputs)       # [M, B, T, D]
+    x = Embedder(cfg).apply({'params': params['embed']}, inputs, positions)  # [M, B, T, D]
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
-      repeats=lay.repeats, remat_policy=lay.remat_policy)
+      repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed)
   return hidden, params_lib.from_stages(stats)
 
 
@@ -84,15 +88,30 @@ def next_token_logits(params: dict[str, Any], inputs: jax.Array, position: jax.A
   return Head(cfg).apply({'params': params['head']}, h)
 
 
+def unpack(batch: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  """A batch [M, B, T+1] of token windows, or [M, B, 3, T+1] of packed rows (tokens, segment
+  ids with 0 for padding, positions within each document) -> (inputs [M, B, T], labels
+  [M, B, T], None or (positions, segments) [M, B, T]) with labels -1 where nothing is predicted
+  (padding, and the last token of a document before the next one)."""
+  if batch.ndim == 3:
+    return batch[..., :-1], batch[..., 1:], None
+  tokens, segments, positions = batch[:, :, 0], batch[:, :, 1], batch[:, :, 2]
+  same = (segments[..., :-1] == segments[..., 1:]) & (segments[..., :-1] != 0)
+  labels = jnp.where(same, tokens[..., 1:], -1)
+  return tokens[..., :-1], labels, (positions[..., :-1], segments[..., :-1])
+
+
 def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: ModelConfig,
             lay: Layout, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean next-token CE + MoE aux losses over a batch tokens [M, B, T+1].
+  """Mean next-token CE + MoE aux losses over a batch: tokens [M, B, T+1] or packed rows
+  [M, B, 3, T+1] (`unpack`); the CE averages over the predicted tokens (`targets`).
 
   Returns (loss, metrics) with per-block expert loads `kept` / `assigned` [NB, E].
   """
-  inputs, labels = tokens[..., :-1], tokens[..., 1:]                   # [M, B, T]
+  inputs, labels, packed = unpack(tokens)                              # [M, B, T]
   m, b, t = inputs.shape
-  hidden, stats = hidden_states(params, inputs, rng, cfg=cfg, lay=lay, train=train)
+  hidden, stats = hidden_states(params, inputs, rng, cfg=cfg, lay=lay, train=train,
+                                packed=packed)
   chunks, _ = _chunking(m, lay.pp)
   # The head runs in chunks of one micro-batch per stage, so the vocab-sized logits exist for
   # one chunk at a time.
@@ -101,12 +120,13 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
     ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg),
                               policy=remat.policy(lay.remat_policy))
     ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
-    ce = jnp.sum(ce_sums) / (m * b * t)
+    targets = jnp.sum(labels >= 0)
+    ce = jnp.sum(ce_sums) / jnp.maximum(targets, 1)
   aux = cfg.aux_loss_weight * jnp.sum(stats['aux']) / m                # sum over blocks
   z = cfg.z_loss_weight * jnp.sum(stats['z']) / m
   kept, assigned = stats['kept'], stats['assigned']                     # [NB, E]
   metrics = {
-      'ce': ce, 'aux_loss': aux, 'z_loss': z,
+      'ce': ce, 'aux_loss': aux, 'z_loss': z, 'targets': targets,
       'dropped_frac': 1.0 - jnp.sum(kept) / jnp.sum(assigned),
       'expert_load': kept, 'expert_assigned': assigned,
   }

@@ -113,12 +113,12 @@ def source_offsets(spec: P, local_shape: Sequence[int], axes: tuple[str, ...]
   return out
 
 
-def expert_parallel(fn: Callable[..., Any], weights: Any, weight_axes: Any, tokens: jax.Array,
+def expert_parallel(fn: Callable[..., Any], weights: Any, weight_axes: Any, tokens: Any,
                     token_axes: Sequence[str | None], rng: jax.Array) -> Any:
   """fn(weights_, tokens_, rng, axes=, token_spec=) on every shard, manual over the expert axes.
 
-  weights: a tree with logical axes `weight_axes` (same structure); tokens laid out as
-  `token_axes`. Every output of fn has the tokens' leading layout. Other mesh axes (dp when
+  weights: a tree with logical axes `weight_axes` (same structure); tokens: an array or a tree
+  of arrays whose leading axes are laid out as `token_axes`. Every output of fn has the tokens' leading layout. Other mesh axes (dp when
   the experts are not folded over it) stay automatic.
   """
   axes = expert_axes()
@@ -127,5 +127,6 @@ def expert_parallel(fn: Callable[..., Any], weights: Any, weight_axes: Any, toke
   w_specs = jax.tree.map(lambda a: manual(mesh_lib.spec(a)), weight_axes, is_leaf=is_axes)
   t_spec = manual(mesh_lib.spec(token_axes))
   local = lambda w_, t_, k: fn(w_, t_, k, axes=axes, token_spec=t_spec)
-  return jax.shard_map(local, in_specs=(w_specs, t_spec, P()), out_specs=t_spec,
+  token_specs = jax.tree.map(lambda _: t_spec, tokens)
+  return jax.shard_map(local, in_specs=(w_specs, token_specs, P()), out_specs=t_spec,
                        axis_names=set(axes), check_vma=False)(weights, tokens, rng)

@@ -52,9 +52,10 @@ def _scatter_from_last(outs: jax.Array, stages: int) -> jax.Array:
   return mine
 
 
-def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, stages: int,
+def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: Any, stages: int,
                     repeats: int):
-  """Per-stage program. params_ [1, R, L, ...], xs [M/S, B, T, D] (this stage's share)."""
+  """Per-stage program. params_ [1, R, L, ...], xs [M/S, B, T, D] (this stage's share), side
+  [M, ...] (every stage holds all micro-batches' side inputs)."""
   if stages > 1:
     xs = _gather_to_first(xs, stages)                                   # [M, B, T, D] on stage 0
   params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
@@ -72,7 +73,8 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
     i = jnp.clip(i, 0, total - 1)
     m, r = i % m_count, i // m_count
     state = jnp.where(stage == 0, jax.lax.dynamic_index_in_dim(buf, m, 0, False), state)
-    y, stats = stage_fn(params_, state, m, r, stage, rng)               # y [B, T, D]
+    side_m = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, 0, False), side)
+    y, stats = stage_fn(params_, state, m, r, stage, rng, side_m)       # y [B, T, D]
     # Bubble ticks contribute nothing to the per-layer stats [R, L, ...].
     acc = jax.tree.map(
         lambda a, v: jax.lax.dynamic_update_index_in_dim(
@@ -102,28 +104,31 @@ def _pipeline_local(params_, xs, rng, *, stage_fn: StageFn, stats_like: Any, sta
 
 
 def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array, *,
-             stages: int, repeats: int, remat_policy: str) -> tuple[jax.Array, Any]:
+             stages: int, repeats: int, remat_policy: str, side: Any = None
+             ) -> tuple[jax.Array, Any]:
   """Runs all micro-batches through all stages.
 
-  stage_fn(params [L, ...], x [B, T, D], micro, repeat, stage, rng) -> (y [B, T, D], stats)
-  with per-layer stats of leading axis L. xs: [M, B, T, D]. Returns outputs [M, B, T, D] (M split
-  over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
+  stage_fn(params [L, ...], x [B, T, D], micro, repeat, stage, rng, side) -> (y [B, T, D],
+  stats) with per-layer stats of leading axis L. xs: [M, B, T, D]. side: None or a tree of
+  [M, ...] arrays (e.g. packed rows' positions); stage_fn gets micro-batch m's. Returns outputs
+  [M, B, T, D] (M split over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
   """
   policy = remat.policy(remat_policy)
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).
-  fn = jax.checkpoint(lambda p, x, m, r, s, k: stage_fn(_index(p, r), x, m, r, s, k),
+  fn = jax.checkpoint(lambda p, x, m, r, s, k, d: stage_fn(_index(p, r), x, m, r, s, k, d),
                       policy=policy)
   stats_like = jax.eval_shape(
-      lambda p, x: stage_fn(p, x, 0, 0, 0, rng)[1],
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0])
+      lambda p, x, d: stage_fn(p, x, 0, 0, 0, rng, d)[1],
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0],
+      jax.tree.map(lambda a: a[0], side))
   params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
-  local = lambda p, x, k: _pipeline_local(p, x, k, stage_fn=fn, stats_like=stats_like,
-                                         stages=stages, repeats=repeats)
+  local = lambda p, x, k, d: _pipeline_local(p, x, k, d, stage_fn=fn, stats_like=stats_like,
+                                            stages=stages, repeats=repeats)
   if stages == 1:
-    return local(stage_params, xs, rng)
+    return local(stage_params, xs, rng, side)
   run = jax.shard_map(
-      local, in_specs=(params_spec, P(mesh_lib.PP), P()),
+      local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side)),
       out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
-  return run(stage_params, xs, rng)
+  return run(stage_params, xs, rng, side)

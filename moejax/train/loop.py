@@ -38,7 +38,7 @@ def make_source(plan: Plan) -> Source:
   lay, vocab, seed = plan.layout, plan.model.vocab_size, plan.run.seed
   shape = (lay.num_micro_batches, lay.micro_batch_size, lay.seq_len)
   if plan.data.source == 'tokens':
-    return TokenSource(plan.data.path, *shape, seed, vocab)
+    return TokenSource(plan.data.path, *shape, seed, vocab, pack=plan.data.pack)
   return SyntheticSource(plan.data.source, vocab, *shape, seed)
 
 

@@ -94,10 +94,11 @@ class Plan:
       return mesh_lib.sharding(self.mesh, logical)
 
   def batch_abstract(self) -> jax.ShapeDtypeStruct:
-    """A token batch [M, B, T+1] as an abstract, sharded array."""
+    """A token batch [M, B, T+1] (packed: [M, B, 3, T+1]) as an abstract, sharded array."""
     lay = self.layout
-    return jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size, lay.seq_len + 1),
-                                np.int32, sharding=self.batch_sharding)
+    rows = (3,) if self.data.pack else ()           # packed rows: tokens, segments, positions
+    return jax.ShapeDtypeStruct((lay.num_micro_batches, lay.micro_batch_size) + rows +
+                                (lay.seq_len + 1,), np.int32, sharding=self.batch_sharding)
 
   def train_step(self) -> Active:
     """jit(train_step)(state, tokens [M, B, T+1]) -> (state, metrics); state is donated."""
