@@ -4,7 +4,7 @@ import functools
 import numpy as np
 import pytest
 
-from moejax.parallel.pipeline import from_stages
+from moejax.model.params import from_stages
 
 from tests.helpers import assert_trees_close, loss_and_grads, small_config, train_steps
 
