@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       micro_batch_size=2 if tiny else 8,  # sequences per micro-batch
       num_micro_batches=16,               # micro-batches per step (gradient accumulation)
       pack=False,                         # source='tokens': rows of whole documents, masked apart
+      buckets='',                         # e.g. '32,64,128': row lengths per step, tokens per step fixed
   ))
   c.optim = defaults.adamw(3e-3 if tiny else 1e-4, warmup_steps=20 if tiny else 2000,
                            decay_steps=1000 if tiny else 100_000)

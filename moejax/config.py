@@ -92,6 +92,7 @@ class DataConfig:
   source: str              # 'random', 'learnable' or 'tokens'
   path: str                # token dataset directory (source='tokens')
   pack: bool = False       # rows of whole documents (segment ids, positions) instead of windows
+  buckets: tuple[int, ...] = ()   # row lengths of the steps (tokens per step fixed); () = seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,21 @@ class RunConfig:
 
 
 def data_config(config: ml_collections.ConfigDict) -> DataConfig:
-  return DataConfig(source=config.data.source, path=config.data.path, pack=bool(config.data.pack))
+  from moejax.data import buckets
+  return DataConfig(source=config.data.source, path=config.data.path, pack=bool(config.data.pack),
+                    buckets=buckets.parse(config.data.buckets))
+
+
+def bucket_layouts(config: ml_collections.ConfigDict) -> list[Layout]:
+  """The layout of each sequence-length bucket (just the config's without buckets): rows of
+  length Tb, micro_batch_size * seq_len / Tb of them per micro-batch."""
+  lay = layout(config)
+  lengths = data_config(config).buckets
+  if not lengths:
+    return [lay]
+  budget = lay.micro_batch_size * lay.seq_len
+  return [dataclasses.replace(lay, seq_len=t, micro_batch_size=max(budget // t, 1))
+          for t in lengths]
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
@@ -185,7 +200,8 @@ SCHEMA: dict[str, tuple[str, ...]] = {
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
             'normalize_gates', 'bias_update_rate', 'dispatch'),
     'pipeline': ('repeats', 'remat_policy'),
-    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack'),
+    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack',
+             'buckets'),
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
               'grad_clip'),
     '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
@@ -226,6 +242,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check_positive(config, m, lay)
   errors: list[str] = []
   _check_layout(errors, m, lay)
+  _check_buckets(errors, config, m, lay)
   _check_model_values(errors, m)
   _check_run_values(errors, config, lay)
   if num_devices is not None:
@@ -296,6 +313,29 @@ def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
            f'data.seq_len / moe.group_size = {groups} routing groups per sequence is not '
            f'divisible by mesh.tp={tp}: each tp shard of the sequence holds whole groups; '
            f'use a smaller moe.group_size or a tp dividing {groups}.')
+
+
+def _check_buckets(errors: list[str], config: ml_collections.ConfigDict, m: ModelConfig,
+                   lay: Layout) -> None:
+  """Every bucket keeps the tokens per step and fits the mesh like data.seq_len must."""
+  try:
+    lengths = data_config(config).buckets
+  except ValueError:
+    errors.append(f'data.buckets={config.data.buckets!r}: expected comma-separated sequence '
+                  f'lengths, e.g. "128,256,512".')
+    return
+  budget = lay.micro_batch_size * lay.seq_len
+  for t in lengths:
+    if t <= 0 or budget % t:
+      errors.append(f'data.buckets: {t} does not divide the tokens per micro-batch '
+                    f'data.micro_batch_size * data.seq_len = {budget}; use divisors of it.')
+  if errors:
+    return
+  for bucket in bucket_layouts(config)[1 if not lengths else 0:]:
+    before = len(errors)
+    _check_layout(errors, m, bucket)
+    errors[before:] = [f'bucket {bucket.seq_len} (data.micro_batch_size becomes '
+                       f'{bucket.micro_batch_size}): {e}' for e in errors[before:]]
 
 
 def _check_model_values(errors: list[str], m: ModelConfig) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from moejax import config as config_lib, runtime
 from moejax.errors import (CheckpointError, ClusterError, ConfigError, DeviceMemoryError,
                            DivergedError)
+from moejax.data import buckets as buckets_lib
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
@@ -83,7 +84,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   plan = Plan(config)
   source = make_source(plan)             # checks the data before anything is compiled
   cfg, lay, run, data_sharding = plan.model, plan.layout, plan.run, plan.batch_sharding
-  train_step = _compile(plan)
+  buckets = plan.buckets()
+  sources = [make_source(b) for b in buckets] if len(buckets) > 1 else [source]
+  train_steps = _compile(buckets)
   ckpt = Checkpointer(workdir, plan)
   state = _initial_state(plan, ckpt)
   start = int(state.step)
@@ -101,7 +104,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       done = step + 1
       if profile and done == profile.start:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
-      state, metrics = train_step(state, global_batch(source, step, data_sharding))
+      b = buckets_lib.choose(run.seed, step, len(buckets))
+      state, metrics = train_steps[b](state, global_batch(sources[b], step, data_sharding))
       guard.confirm(metrics, done)
       if profile and done == profile[-1]:
         jax.block_until_ready(state)
@@ -117,6 +121,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return record
       if done % run.log_every == 0 or done == run.num_steps:
         record = clock.record(jax.device_get(metrics), done)   # the host sync: at log time
+        if len(buckets) > 1:
+          record['seq_len'] = buckets[b].layout.seq_len
         guard.check(record, done)
         _say(metrics_lib.format_line(record, total=run.num_steps))
         writer.write(record)
@@ -137,20 +143,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return record
 
 
-def _compile(plan: Plan):
-  """The train step compiled ahead of time from abstract inputs, after a memory check that
-  runs before anything is allocated."""
+def _compile(plans: list[Plan]) -> list:
+  """The train step of each bucket compiled ahead of time from abstract inputs, after a memory
+  check that runs before anything is allocated."""
+  plan = plans[0]
   cfg, lay = plan.model, plan.layout
   platform = plan.mesh.devices.flat[0].platform
   experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all'
              if cfg.dispatch == 'dropless' else 'experts at capacity')
+  shapes = (f'buckets {", ".join(f"{p.layout.micro_batch_size}x{p.layout.seq_len}" for p in plans)}'
+            f' rows x tokens' if len(plans) > 1 else f'{lay.micro_batch_size}x{lay.seq_len}')
   _say(f'Compiling the train step for {lay.devices} {platform} devices '
-       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step, '
-       f'{experts})...')
+       f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step as '
+       f'{lay.num_micro_batches} micro-batches of {shapes}, {experts})...')
   started = time.perf_counter()
-  compiled = plan.train_step().lower(plan.abstract_state, plan.batch_abstract()).compile()
+  compiled = []
+  for p in plans:
+    compiled.append(p.train_step().lower(p.abstract_state, p.batch_abstract()).compile())
+    check_memory(compiled[-1], p.mesh)
   _say(f'Compiled in {time.perf_counter() - started:.0f}s.')
-  check_memory(compiled, plan.mesh)
   return compiled
 
 

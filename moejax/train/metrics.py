@@ -52,6 +52,8 @@ def format_line(record: dict[str, Any], prefix: str = 'step', total: int | None 
   parts = [step, f"loss {record['loss']:.4f}"]
   if 'aux_loss' in record:
     parts.append(f"aux {record['aux_loss']:.4f}")
+  if 'seq_len' in record:
+    parts.append(f"T={record['seq_len']}")
   if 'tokens_per_sec' in record:
     parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
   if 'seconds_left' in record:

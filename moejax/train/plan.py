@@ -84,6 +84,19 @@ class Plan:
     other.canonical_abstract = jax.tree.map(move_abstract, self.canonical_abstract)
     return other
 
+  def buckets(self) -> list[Plan]:
+    """One plan per sequence-length bucket (data.buckets; just this one without): the same
+    mesh and shardings (parameters do not depend on the row length), each bucket's layout."""
+    if not self.data.buckets:
+      return [self]
+    out = []
+    for lay in config_lib.bucket_layouts(self.config):
+      other = object.__new__(Plan)
+      other.__dict__.update({k: v for k, v in self.__dict__.items() if not isinstance(v, Active)})
+      other.layout = lay
+      out.append(other)
+    return out
+
   def jit(self, fn: Callable, **jit_kwargs) -> Active:
     """jax.jit(fn) that traces, lowers and runs with this plan active."""
     return Active(jax.jit(fn, **jit_kwargs), self)
