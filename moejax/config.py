@@ -308,11 +308,13 @@ def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
          f'data.seq_len={lay.seq_len} is not divisible by moe.group_size={m.group_size}: routing '
          f'groups are contiguous chunks of one sequence.')
   if lay.seq_len % m.group_size == 0:
-    groups = lay.seq_len // m.group_size
-    _check(errors, groups % tp == 0,
-           f'data.seq_len / moe.group_size = {groups} routing groups per sequence is not '
-           f'divisible by mesh.tp={tp}: each tp shard of the sequence holds whole groups; '
-           f'use a smaller moe.group_size or a tp dividing {groups}.')
+    groups, share = lay.seq_len // m.group_size, lay.seq_len // tp
+    spans = lay.seq_len % tp == 0 and m.group_size % max(share, 1) == 0
+    _check(errors, groups % tp == 0 or spans,
+           f'data.seq_len / moe.group_size = {groups} routing groups per sequence do not divide '
+           f'over mesh.tp={tp}: each tp shard of the sequence ({share} tokens) must hold whole '
+           f'groups, or each group whole shards; use a moe.group_size that divides or is a '
+           f'multiple of {share}.')
 
 
 def _check_buckets(errors: list[str], config: ml_collections.ConfigDict, m: ModelConfig,

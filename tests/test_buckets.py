@@ -30,7 +30,8 @@ def test_each_bucket_compiles_once_and_steps_reuse_it(tmp_path, monkeypatch):
 def test_a_bucket_must_divide_the_tokens_and_fit_the_mesh():
   with pytest.raises(ConfigError, match='24 does not divide'):
     validate(small_config(1, 1, **{'data.buckets': '16,24'}), 16)
-  with pytest.raises(ConfigError, match='bucket 8 .*routing groups per sequence'):
-    validate(small_config(2, 1, **{'data.buckets': '8,32'}), 16)
+  with pytest.raises(ConfigError, match='bucket 24 .*routing groups per sequence'):
+    validate(small_config(2, 1, **{'data.buckets': '24,48', 'data.seq_len': 48,
+                                   'model.max_len': 48}), 16)
   with pytest.raises(ConfigError, match='expected comma-separated'):
     validate(small_config(1, 1, **{'data.buckets': '16;32'}), 16)

@@ -9,6 +9,7 @@ E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -35,15 +36,15 @@ GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B, nG, S, D] token 
 
 
 def _dispatched_row_ids(b_: int, ng_: int, num_experts: int, capacity: int,
-                        axes: tuple[str, ...], group_spec: P) -> jax.Array:
+                        axes: tuple[str, ...], group_spec: P, span: int = 1) -> jax.Array:
   """Mesh-independent name of every row of the dispatched buffer [E/ep, ep*G_*C]:
   (global group * E + global expert) * C + slot, a global group being b * nG + g of the
-  micro-batch's [B, nG] groups."""
+  micro-batch's [B, nG] groups (each made of `span` consecutive parts)."""
   (b0, _), (g0, ng) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)
   ep = b0.shape[0]
   batch = b0[:, None, None] + jnp.arange(b_)[None, :, None]            # [ep, B_, 1]
-  group = g0[:, None, None] + jnp.arange(ng_)[None, None, :]           # [ep, 1, nG_]
-  gid = (batch * ng + group).reshape(ep, b_ * ng_)                     # [ep, G_]
+  group = (g0[:, None, None] + jnp.arange(ng_)[None, None, :]) // span  # [ep, 1, nG_]
+  gid = (batch * (ng // span) + group).reshape(ep, b_ * ng_)           # [ep, G_]
   local = num_experts // ep
   expert = jax.lax.axis_index(axes) * local + jnp.arange(local)       # [E/ep] global ids
   ids = ((gid[None, :, :, None] * num_experts + expert[:, None, None, None]) * capacity
@@ -52,20 +53,39 @@ def _dispatched_row_ids(b_: int, ng_: int, num_experts: int, capacity: int,
 
 
 def _assignment_ids(b_: int, ng_: int, top_k: int, s: int, axes: tuple[str, ...],
-                    group_spec: P) -> jax.Array:
+                    group_spec: P, span: int = 1) -> jax.Array:
   """Mesh-independent name of each of this shard's token assignments [G_*K*S] in (g, k, s)
-  order: (global group * K + k) * S + s, a global group being b * nG + g."""
+  order: (global group * K + k) * span*S + position in the group, a global group being
+  b * nG + g (each made of `span` consecutive parts of S tokens)."""
   (b0, _), (g0, ng) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)
   me = jax.lax.axis_index(axes)
-  gid = ((b0[me] + jnp.arange(b_))[:, None] * ng + g0[me] + jnp.arange(ng_)).reshape(-1)  # [G_]
-  return ((gid[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * s
-          + jnp.arange(s)).reshape(-1)                                  # [G_*K*S]
+  part = (g0[me] + jnp.arange(ng_))                                     # [nG_] global parts
+  gid = ((b0[me] + jnp.arange(b_))[:, None] * (ng // span) + part // span).reshape(-1)  # [G_]
+  at = (jnp.broadcast_to(part % span, (b_, ng_)).reshape(-1)[:, None, None] * s
+        + jnp.arange(s))                                                # [G_, 1, S]
+  return ((gid[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * (span * s)
+          + at).reshape(-1)                                             # [G_*K*S]
+
+
+def _group_share(b_: int, ng_: int, span: int, axes: tuple[str, ...], group_spec: P):
+  """routing.route's `share` for groups of `span` consecutive parts on different shards: a
+  small all-gather of every part's statistics [G_, X], summed over each group's parts."""
+  (b0, _), (g0, _) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)   # [P] per shard
+  me = jax.lax.axis_index(axes)
+  same = (b0 == b0[me]) & (g0 // span == g0[me] // span)                # [P] my group's parts
+  earlier = same & (g0 < g0[me])
+
+  def share(part: jax.Array) -> tuple[jax.Array, jax.Array]:
+    every = jax.lax.all_gather(part, axes)                              # [P, G_, X]
+    pick = lambda mask: jnp.einsum('P,PGX->GX', mask.astype(part.dtype), every)
+    return pick(same), pick(earlier)
+  return share
 
 
 def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
                       rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
-                      groups: tuple[int, int], capacity: int, dropout_rate: float, compute_dtype,
-                      gelu: str) -> jax.Array:
+                      groups: tuple[int, int], span: int, capacity: int, dropout_rate: float,
+                      compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
   per group, full or not (assignments past them were dropped by routing)."""
   g_, s, d = tokens_.shape
@@ -74,7 +94,7 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
   if dropout_rate > 0.0:   # a unit's mask follows its token, slot and expert, not the device
-    rows = _dispatched_row_ids(*groups, num_experts, capacity, axes, token_spec)
+    rows = _dispatched_row_ids(*groups, num_experts, capacity, axes, token_spec, span)
     keep = routing.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
   cast = lambda a: a.astype(compute_dtype)
   local_experts = lambda rows_: routing.expert_ffn(                     # [E/ep, ep*G_*C, D]
@@ -87,8 +107,8 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
 
 def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
                       rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
-                      groups: tuple[int, int], capacity: int, dropout_rate: float, compute_dtype,
-                      gelu: str) -> jax.Array:
+                      groups: tuple[int, int], span: int, capacity: int, dropout_rate: float,
+                      compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
   sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
   exactly the rows it received (grouped matmuls)."""
@@ -104,7 +124,7 @@ def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   send = jnp.bincount(expert // local, length=num_experts // local)     # [ep] rows per shard
   keys = (expert[order] % local)[:, None]                               # [A_, 1] local expert
   if dropout_rate > 0.0:   # a unit's mask follows its (token, choice), not the device
-    ids = _assignment_ids(*groups, k, s, axes, token_spec)[order]      # [A_]
+    ids = _assignment_ids(*groups, k, s, axes, token_spec, span)[order]  # [A_]
     keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
   cast = lambda a: a.astype(compute_dtype)
   local_experts = lambda rows, keys_: routing.grouped_expert_ffn(       # [ep*A_, D]
@@ -121,21 +141,22 @@ EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
                token_spec: P, top_k: int, capacity: int, dropout_rate: float, compute_dtype,
-               gelu: str, normalize_gates: bool, dispatch: str
+               gelu: str, normalize_gates: bool, dispatch: str, span: int
                ) -> tuple[jax.Array, routing.GroupStats]:
   """Shard-local MoE: (x_ [B, nG_, S, D], valid_ [B, nG_, S] or None) -> ([B, nG_, S, D],
-  per-group stats)."""
+  per-part stats); a routing group is `span` consecutive parts of S tokens."""
   x_, valid_ = inputs_
   b, ng_, s, d = x_.shape
   if dispatch == 'dropless':
-    capacity = top_k * s                                                # room for every choice
+    capacity = top_k * s * span                                         # room for every choice
   tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
   valid_ = None if valid_ is None else valid_.reshape(b * ng_, s)      # [G_, S]
+  share = _group_share(b, ng_, span, axes, token_spec) if span > 1 else None
   r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
-                           w_.select_bias, valid_)
+                           w_.select_bias, valid_, share)
   y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, token_spec=token_spec,
-                              groups=(b, ng_), capacity=capacity, dropout_rate=dropout_rate,
-                              compute_dtype=compute_dtype, gelu=gelu)   # [G_, S, D]
+                              groups=(b, ng_), span=span, capacity=capacity,
+                              dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu)   # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
   return y_.reshape(b, ng_, s, d), stats
 
@@ -145,23 +166,36 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
         gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity',
         valid: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
-  per-group stats with leading axes [B, T/group_size].
+  per-part stats with leading axes [B, T/part]: a part is a routing group, or, when a group
+  (group_size tokens) is longer than a tp shard's share of the sequence, the share of it on one
+  shard (its stats count that part's tokens; aux and z are the whole group's).
 
   dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
   'dropless' (every assignment is computed; `capacity` is not used). valid [B, T]: tokens of
   packed rows that are not padding (padding takes no capacity and is not in the stats).
   """
   b, t, d = x.shape
-  groups = x.reshape(b, t // group_size, group_size, d)                 # [B, T, D] -> [B, nG, S, D]
+  part = group_size if (t // group_size) % _group_shards() == 0 else t // _group_shards()
+  span = group_size // part                                             # shards one group spans
+  groups = x.reshape(b, t // part, part, d)                             # [B, T, D] -> [B, nG, S, D]
   groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
   fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity, dropout_rate=dropout_rate,
                          compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates,
-                         dispatch=dispatch)
+                         dispatch=dispatch, span=span)
   axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
   if valid is not None:
-    valid = mesh_lib.constrain(valid.reshape(b, t // group_size, group_size), GROUP_AXES + (None,))
+    valid = mesh_lib.constrain(valid.reshape(b, t // part, part), GROUP_AXES + (None,))
   y, stats = ep_lib.expert_parallel(fn, weights, axes, (groups, valid), GROUP_AXES, rng)
   return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
+
+
+def _group_shards() -> int:
+  """Devices a sequence's routing groups are split over (the 'act_groups' rule; 1 without a
+  mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in mesh_lib.axes_of(mesh_lib.spec(('act_groups',))[0]))
 
 
 def select_bias_step(assigned: jax.Array, rate: float) -> jax.Array:

@@ -32,7 +32,7 @@ class GroupStats(NamedTuple):
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
           normalize_gates: bool = False, select_bias: jax.Array | None = None,
-          valid: jax.Array | None = None) -> tuple[Routing, GroupStats]:
+          valid: jax.Array | None = None, share=None) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
@@ -43,6 +43,12 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   probabilities for choosing experts only; gates stay the chosen experts' probabilities.
   valid [G, S] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
   in none of the stats; the losses average over a group's valid tokens.
+
+  share: None when each row of x is a whole routing group; else x's rows are parts of groups
+  spread over devices, and share(part [G, X]) -> (group [G, X], earlier [G, X]) sums a float
+  statistic over the parts of each row's group, and over the parts before it. The claims of
+  earlier parts then come first in every expert's queue (so the same tokens drop as with the
+  whole group on one device), and aux and z are the whole group's (every part reports them).
   """
   num_experts = w_router.shape[-1]
   logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
@@ -60,6 +66,19 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
+  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, S]
+  part = jnp.concatenate([jnp.sum(onehot, axis=2).reshape(g, k * e).astype(jnp.float32),
+                          jnp.sum(probs * weight[..., None], axis=1),
+                          jnp.sum(weight, axis=-1, keepdims=True),
+                          jnp.sum(lse2 * weight, axis=-1, keepdims=True)], axis=-1)  # [G, X]
+  whole = part
+  if share is not None:
+    whole, earlier = share(part)
+    claims = lambda a: a[:, :k * e].reshape(g, k, e)                   # [G, K, E] per rank
+    others = claims(whole) - claims(part)                              # other parts, any order
+    prefix = (jnp.cumsum(others, axis=1) - others) + claims(earlier)   # ranks < k; earlier k
+    position = position + jnp.repeat(prefix.astype(position.dtype), s, axis=1)
   slot = jnp.sum(position * flat, axis=-1).reshape(g, k, s)            # [G, K, S]
   keep = slot < capacity
   if valid is not None:
@@ -67,14 +86,13 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   if normalize_gates:
     kept_gate = jnp.where(keep, gate, 0.0)                             # [G, K, S]
     gate = kept_gate / jnp.maximum(jnp.sum(kept_gate, axis=1, keepdims=True), 1e-9)
-  assigned = jnp.sum(flat, axis=1)                                     # [G, E]
+  assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
-  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
-  count = jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), 1.0)   # [G, 1] valid tokens
-  frac = assigned.astype(jnp.float32) / (k * count)                    # f_i
-  mean_prob = jnp.sum(probs * weight[..., None], axis=1) / count       # P_i [G, E]
+  count = jnp.maximum(whole[:, -2:-1], 1.0)                            # [G, 1] valid tokens
+  frac = jnp.sum(whole[:, :k * e].reshape(g, k, e), axis=1) / (k * count)  # f_i [G, E]
+  mean_prob = whole[:, k * e:k * e + e] / count                        # P_i [G, E]
   aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
-  z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * weight, axis=-1) / count[:, 0]  # [G]
+  z = whole[:, -1] / count[:, 0]                                       # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
           GroupStats(aux, z, assigned, kept))
 
