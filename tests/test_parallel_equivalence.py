@@ -103,3 +103,39 @@ def test_bias_balancing_is_mesh_independent(tp, pp, dp, folded):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(bias, ref_bias)
   assert np.abs(ref_bias).max() > 0                         # the biases really moved
+
+
+SEQUENCE_GROUPS = {'moe.group_size': 32}    # one routing group per sequence: spans the tp shards
+
+
+@functools.lru_cache(maxsize=None)
+def sequence_group_reference(top_k: int, dispatch: str = 'capacity', dropout: float = 0.0):
+  return loss_and_grads(small_config(1, 1, **{**SEQUENCE_GROUPS, **DROPOUT,
+      'moe.top_k': top_k, 'moe.dispatch': dispatch, 'moe.dropout': dropout}))
+
+
+@pytest.mark.parametrize('tp,pp,dp,folded,top_k', [
+    (4, 1, 1, False, 2), (4, 4, 1, False, 1), (2, 2, 4, True, 2)])
+def test_groups_spanning_tp_shards_match_1x1(tp, pp, dp, folded, top_k):
+  """A group of a whole sequence on tp shards drops the same tokens as on one device: each
+  shard's claims queue after the earlier shards' (drops included, loads equal exactly)."""
+  config = small_config(tp, pp, dp=dp, **{**SEQUENCE_GROUPS, **DROPOUT,
+      'moe.top_k': top_k, 'moe.dropout': 0.0, 'mesh.experts_over_dp': folded})
+  loss, metrics, grads = loss_and_grads(config)
+  ref_loss, ref_metrics, ref_grads = sequence_group_reference(top_k)
+  assert ref_metrics['dropped_frac'] > 0.02
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
+def test_dropout_of_groups_spanning_tp_shards_is_mesh_independent(dispatch):
+  config = small_config(4, 2, dp=2, **{**SEQUENCE_GROUPS, **DROPOUT,
+      'moe.top_k': 2, 'moe.dispatch': dispatch, 'moe.dropout': 0.1})
+  loss, metrics, grads = loss_and_grads(config)
+  ref_loss, _, ref_grads = sequence_group_reference(2, dispatch, 0.1)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert_trees_close(grads, ref_grads, rtol=1e-5)

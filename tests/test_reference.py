@@ -65,6 +65,14 @@ def test_1x1_dropless_equals_numpy_reference(top_k):
   assert stats['dropped_frac'] == 0.0
 
 
+def test_groups_spanning_tp_shards_equal_numpy_reference():
+  """One routing group per sequence, spread over the 4 tp shards of a 4x4 mesh."""
+  config, params, tokens = _case(4, 4, **{'data.seq_len': 32, 'moe.group_size': 32,
+                                          'moe.top_k': 2})
+  stats = assert_matches(config, params, tokens)
+  assert stats['dropped_frac'] > 0.02
+
+
 def test_4x4_mesh_equals_numpy_reference():
   config, params, tokens = _case(4, 4, **{'data.seq_len': 32})   # 4 groups: one per tp shard
   assert_matches(config, params, tokens)
