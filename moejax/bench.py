@@ -254,17 +254,6 @@ def main(argv):
       json.dump(results if sweep else results[0], f, indent=1)
 
 
-def _seconds(fn, *args, reps: int = 1) -> float:
-  """Seconds per call of an already compiled fn (one warm-up call first)."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / reps
-
-
 def decode_speed(config, prompt_len: int, new_tokens: int) -> dict:
   """Greedy generation of `new_tokens` after a `prompt_len` prompt, one sequence, on the config's
   tp (pp=1: one stage-group): with the KV cache and with the windowed re-run of data.seq_len."""
@@ -273,6 +262,7 @@ def decode_speed(config, prompt_len: int, new_tokens: int) -> dict:
   import numpy as np
   from moejax import generate as gen
   from moejax.model import decode, params as params_lib
+  from moejax.perf.timing import timed
   from moejax.train.plan import Plan
   c = config.copy_and_resolve_references()
   c.mesh.update(pp=1, dp=1, experts_over_dp=False)
@@ -284,20 +274,20 @@ def decode_speed(config, prompt_len: int, new_tokens: int) -> dict:
                        jnp.int32)
   key = jax.random.key(0)
   cached = gen.cached_program(plan, prompt_len, new_tokens, greedy)
-  cached_s = _seconds(cached, params, prompt, key)
+  cached_s = timed(cached, params, prompt, key)
   window = np.zeros((1, 1, plan.layout.seq_len), np.int32)
   window[0, 0, :prompt_len] = np.asarray(prompt)[0]
   window = jax.device_put(window, plan.batch_sharding)
-  windowed_s = _seconds(gen.windowed_program(plan, prompt_len, new_tokens, greedy),
-                        params, window, key)
+  windowed_s = timed(gen.windowed_program(plan, prompt_len, new_tokens, greedy),
+                     params, window, key)
   cfg, length = plan.model, prompt_len + new_tokens
   step = plan.jit(lambda p, cache, tok, at: decode.extend(p, cache, tok, at, cfg=cfg))
   canonical = plan.jit(params_lib.tree_from_stages)(params)
   cache = plan.jit(lambda: decode.empty_cache(cfg, 1, length))()
   _, cache = step(canonical, cache, prompt, jnp.int32(0))                # prefill
   token = prompt[:, -1:]
-  step_s = _seconds(step, canonical, cache, token, jnp.int32(prompt_len), reps=20)
-  prefill_s = _seconds(step, canonical, cache, prompt, jnp.int32(0), reps=3)
+  step_s = timed(step, canonical, cache, token, jnp.int32(prompt_len), steps=20)
+  prefill_s = timed(step, canonical, cache, prompt, jnp.int32(0), steps=3)
   return {'mesh': f'tp={c.mesh.tp} pp=1', 'prompt_len': prompt_len, 'new_tokens': new_tokens,
           'window': plan.layout.seq_len,
           'decode_tokens_per_sec': new_tokens / cached_s,

@@ -12,25 +12,15 @@ devices. Runs anywhere (on CPU it checks itself, with CPU-sized matmuls).
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from moejax.perf.timing import timed
+
 config_flags.DEFINE_config_file('config', 'configs/tp4pp4.py', 'Config of the stage to time.')
 flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 flags.DEFINE_integer('steps', 10, 'Timed repetitions of each measurement.')
-
-
-def _timed(fn, *args, steps: int) -> float:
-  """Mean seconds per call, after one warm-up call."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
 
 
 def matmul_rate(device, dtype: str, n: int, steps: int) -> float:
@@ -38,7 +28,7 @@ def matmul_rate(device, dtype: str, n: int, steps: int) -> float:
   import jax
   import jax.numpy as jnp
   a = jax.device_put(jnp.ones((n, n), dtype), device)
-  return 2 * n ** 3 / _timed(jax.jit(lambda x: x @ x), a, steps=steps)
+  return 2 * n ** 3 / timed(jax.jit(lambda x: x @ x), a, steps=steps)
 
 
 def stage_mfu(config, device, peak: float, steps: int) -> dict:
@@ -67,7 +57,7 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
   params = jax.tree.map(lambda a: a[0, 0], plan.init_params(0)['blocks'])   # [L, ...]
   x = jax.device_put(jax.random.normal(
       jax.random.key(1), (lay.micro_batch_size, lay.seq_len, cfg.d_model), cfg.dtype), device)
-  seconds = _timed(plan.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
+  seconds = timed(plan.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
   tokens = lay.micro_batch_size * lay.seq_len
   flops = model_flops.block_flops_per_token(stage) * stage.model.num_blocks * tokens
   return {'stage_blocks': stage.model.num_blocks, 'stage_tokens': tokens,
@@ -91,7 +81,7 @@ def forward_latency(config, device, steps: int) -> float:
                                           lay.seq_len, 0).batch(0), device)
   forward = plan.jit(lambda p, t: transformer.loss_fn(p, t, jax.random.key(0), cfg=cfg,
                                                       lay=lay, train=False)[0])
-  return _timed(forward, params, tokens, steps=steps)
+  return timed(forward, params, tokens, steps=steps)
 
 
 def equivalence(accelerators: list) -> dict:
