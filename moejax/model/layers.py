@@ -54,8 +54,8 @@ class Embedder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, ids: jax.Array, positions: jax.Array | None = None
-               ) -> jax.Array:  # [M, B, T] int (positions [M, B, T]: default 0..T-1) -> [M, B, T, D]
+  def __call__(self, ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """ids [M, B, T] int (positions [M, B, T]: default 0..T-1) -> [M, B, T, D]."""
     c = self.cfg
     tok = _param(self, 'tok', (c.padded_vocab, c.d_model), ('vocab', 'embed'),
                  _normal(c.init_std))

@@ -4,7 +4,8 @@ expert-parallel axes (moejax.parallel.experts moves the rows between shards). Tw
 (assignments sorted by expert, ragged exchange, grouped matmuls; nothing dropped).
 
 Legend: B batch, T seq, D d_model, nG groups per sequence, S tokens per group, G_ local groups,
-E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names ending in `_` are shard-local.
+E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names ending in `_`
+are shard-local.
 """
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
                            w_.select_bias, valid_, share)
   y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, token_spec=token_spec,
                               groups=(b, ng_), span=span, capacity=capacity,
-                              dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu)   # [G_, S, D]
+                              dropout_rate=dropout_rate, compute_dtype=compute_dtype,
+                              gelu=gelu)                                # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
   return y_.reshape(b, ng_, s, d), stats
 

@@ -66,12 +66,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
-  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
-  lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, S]
-  part = jnp.concatenate([jnp.sum(onehot, axis=2).reshape(g, k * e).astype(jnp.float32),
-                          jnp.sum(probs * weight[..., None], axis=1),
-                          jnp.sum(weight, axis=-1, keepdims=True),
-                          jnp.sum(lse2 * weight, axis=-1, keepdims=True)], axis=-1)  # [G, X]
+  part = _statistics(onehot, probs, logits, valid)                     # [G, K*E + E + 2]
   whole = part
   if share is not None:
     whole, earlier = share(part)
@@ -95,6 +90,19 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   z = whole[:, -1] / count[:, 0]                                       # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
           GroupStats(aux, z, assigned, kept))
+
+
+def _statistics(onehot: jax.Array, probs: jax.Array, logits: jax.Array,
+                valid: jax.Array | None) -> jax.Array:
+  """Sums over a group's (valid) tokens [G, K*E + E + 2]: claims per rank and expert, router
+  probabilities per expert, the token count, and the squared log-partition (z) sum."""
+  g, k, s, e = onehot.shape
+  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, S]
+  return jnp.concatenate([jnp.sum(onehot, axis=2).reshape(g, k * e).astype(jnp.float32),
+                          jnp.sum(probs * weight[..., None], axis=1),
+                          jnp.sum(weight, axis=-1, keepdims=True),
+                          jnp.sum(lse2 * weight, axis=-1, keepdims=True)], axis=-1)
 
 
 def dispatch(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Array:

@@ -1,6 +1,7 @@
 """Expert parallelism, independent of what the experts compute: the all_to_all exchanges around
-the local experts (fixed-size buffers, or ragged rows with per-peer sizes), and the shard_map that runs a function of one shard's tokens and experts
-over the mesh axes the experts are split over (tp, or dp x tp when folded).
+the local experts (fixed-size buffers, or ragged rows with per-peer sizes), and the shard_map
+that runs a function of one shard's tokens and experts over the mesh axes the experts are split
+over (tp, or dp x tp when folded).
 
 The MoE maths (routing, dispatch, the expert FFN, combine) is moejax.model.moe's; it hands this
 module a shard-local function. Names ending in `_` are shard-local.
@@ -118,8 +119,8 @@ def expert_parallel(fn: Callable[..., Any], weights: Any, weight_axes: Any, toke
   """fn(weights_, tokens_, rng, axes=, token_spec=) on every shard, manual over the expert axes.
 
   weights: a tree with logical axes `weight_axes` (same structure); tokens: an array or a tree
-  of arrays whose leading axes are laid out as `token_axes`. Every output of fn has the tokens' leading layout. Other mesh axes (dp when
-  the experts are not folded over it) stay automatic.
+  of arrays whose leading axes are laid out as `token_axes`. Every output of fn has the tokens'
+  leading layout. Other mesh axes (dp when the experts are not folded over it) stay automatic.
   """
   axes = expert_axes()
   manual = lambda p: mesh_lib.restrict(p, axes)

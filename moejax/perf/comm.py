@@ -6,8 +6,9 @@ rematerialised forward repeats its tensor-parallel collectives and all-to-alls) 
 what the layout requires:
   tp: sequence-parallel attention (all-gather in, reduce-scatter out; the reverse in backward);
       expert all-to-alls (dispatch + return, forward and backward: E*C capacity rows per group,
-      or with dropless dispatch the K rows of every token, in ragged all-to-alls); vocab-parallel embedding and
-      head (reduce-scatter / all-gather of [B, T, D]) and the softmax statistics;
+      or with dropless dispatch the K rows of every token, in ragged all-to-alls);
+      vocab-parallel embedding and head (reduce-scatter / all-gather of [B, T, D]) and the
+      softmax statistics;
   pp: one activation permute per tick and direction; micro-batches to the first stage and
       outputs from the last stage;
   gradients of weights replicated over devices that see different tokens (all-reduce).

@@ -86,8 +86,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg, lay, run, data_sharding = plan.model, plan.layout, plan.run, plan.batch_sharding
   buckets = plan.buckets()
   sources = [make_source(b) for b in buckets] if len(buckets) > 1 else [source]
-  train_steps = _compile(buckets)
-  ckpt = Checkpointer(workdir, plan)
+  train_steps, ckpt = _compile(buckets), Checkpointer(workdir, plan)
   state = _initial_state(plan, ckpt)
   start = int(state.step)
   evaluate = make_eval(plan, source)
