@@ -55,18 +55,48 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-  """How blocks and batches are laid over the mesh and the pipeline schedule."""
+class MeshShape:
+  """The device mesh: sizes of its axes and what is split over dp."""
   tp: int
   pp: int
   dp: int                  # data parallel: micro-batch sequences split over dp
   experts_over_dp: bool    # experts split over dp x tp ("parallel folding") instead of tp
   shard_optimizer: bool    # Adam moments sharded over dp as well (ZeRO-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The pipeline schedule: micro-batches, circular repeats, what the backward recomputes."""
   repeats: int             # circular pipeline repeats (r)
   num_micro_batches: int   # M
+  remat_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+  """One micro-batch: sequences and their length."""
   micro_batch_size: int    # sequences per micro-batch
   seq_len: int
-  remat_policy: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How blocks and batches are laid over the mesh: the mesh, the pipeline schedule and the
+  micro-batch shape (each its own type), with their fields readable here directly."""
+  mesh: MeshShape
+  schedule: Schedule
+  batch: BatchShape
+
+  tp = property(lambda self: self.mesh.tp)
+  pp = property(lambda self: self.mesh.pp)
+  dp = property(lambda self: self.mesh.dp)
+  experts_over_dp = property(lambda self: self.mesh.experts_over_dp)
+  shard_optimizer = property(lambda self: self.mesh.shard_optimizer)
+  repeats = property(lambda self: self.schedule.repeats)
+  num_micro_batches = property(lambda self: self.schedule.num_micro_batches)
+  remat_policy = property(lambda self: self.schedule.remat_policy)
+  micro_batch_size = property(lambda self: self.batch.micro_batch_size)
+  seq_len = property(lambda self: self.batch.seq_len)
 
   @property
   def global_batch(self) -> int:
@@ -136,8 +166,7 @@ def bucket_layouts(config: ml_collections.ConfigDict) -> list[Layout]:
   if not lengths:
     return [lay]
   budget = lay.micro_batch_size * lay.seq_len
-  return [dataclasses.replace(lay, seq_len=t, micro_batch_size=max(budget // t, 1))
-          for t in lengths]
+  return [dataclasses.replace(lay, batch=BatchShape(max(budget // t, 1), t)) for t in lengths]
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
@@ -171,13 +200,16 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
+  m = config.mesh
   return Layout(
-      tp=config.mesh.tp, pp=config.mesh.pp, dp=config.mesh.dp,
-      experts_over_dp=bool(config.mesh.experts_over_dp) and config.mesh.dp > 1,
-      shard_optimizer=bool(config.mesh.shard_optimizer), repeats=config.pipeline.repeats,
-      num_micro_batches=config.data.num_micro_batches,
-      micro_batch_size=config.data.micro_batch_size, seq_len=config.data.seq_len,
-      remat_policy=config.pipeline.remat_policy)
+      mesh=MeshShape(tp=m.tp, pp=m.pp, dp=m.dp,
+                     experts_over_dp=bool(m.experts_over_dp) and m.dp > 1,
+                     shard_optimizer=bool(m.shard_optimizer)),
+      schedule=Schedule(repeats=config.pipeline.repeats,
+                        num_micro_batches=config.data.num_micro_batches,
+                        remat_policy=config.pipeline.remat_policy),
+      batch=BatchShape(micro_batch_size=config.data.micro_batch_size,
+                       seq_len=config.data.seq_len))
 
 
 def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
