@@ -2,6 +2,7 @@
 and 4x4); padding takes no expert capacity and no part in the routing statistics; the packed
 token source is a pure function of (seed, step) and serves every document once per epoch."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from moejax.cli.prepare import prepare
 from moejax.data import packing
 from moejax.data.tokens import TokenSource
 from moejax.model import params as params_lib, routing, transformer
+from moejax.train import loop
 from moejax.train.plan import Plan
 from tests.helpers import perturbed_params, small_config
 
@@ -111,3 +113,21 @@ def test_packed_source_is_a_function_of_seed_and_step(tmp_path):
   seen = sorted((d, s) for row in epoch for d, s, _ in row)
   assert len(seen) == len(set(seen))
   assert {d for d, _ in seen} == set(range(len(a.bounds['train']) - 1))
+
+
+def test_a_packed_run_resumes_exactly(tmp_path):
+  text = tmp_path / 'docs.txt'
+  text.write_text('\n\n'.join(f'document {i} ' + 'ab' * (i * 5 % 40) for i in range(80)))
+  prepare([str(text)], str(tmp_path / 'data'), val_fraction=0.1, doc_separator='\n\n')
+
+  def config(steps):
+    c = small_config(1, 1, **{'data.num_micro_batches': 2, 'data.source': 'tokens',
+                              'data.path': str(tmp_path / 'data'), 'data.pack': True,
+                              'model.vocab_size': 257})
+    c.update(dict(num_steps=steps, checkpoint_every=0, log_every=1))
+    return c
+  loop.train(config(3), str(tmp_path / 'straight'))
+  loop.train(config(2), str(tmp_path / 'resumed'))
+  loop.train(config(3), str(tmp_path / 'resumed'))
+  losses = lambda d: [json.loads(line)['loss'] for line in open(tmp_path / d / 'metrics.jsonl')]
+  assert losses('resumed') == losses('straight')
