@@ -23,8 +23,9 @@ flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate.')
 flags.DEFINE_float('temperature', 0.8, 'Softmax temperature; 0 = greedy.')
 flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
 flags.DEFINE_float('top_p', 1.0, 'Sample among the likeliest tokens holding this probability.')
-flags.DEFINE_bool('cache', True, 'Generate with a KV cache (pp=1 meshes); --nocache re-runs '
-                  'the context window for every token (any mesh).')
+flags.DEFINE_bool('cache', True, 'Generate with a KV cache (meshes with pp=1; with pp>1 the '
+                  'windowed sampler runs instead); --nocache re-runs the context window for '
+                  'every token on any mesh.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: newest).')
 flags.DEFINE_integer('tp', 1, 'Mesh tp for sampling.')
@@ -44,6 +45,11 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
   if c.data.source == 'tokens' and not os.path.isdir(c.data.path):
     c.data.source, c.data.pack = 'random', False   # the dataset is not needed to sample
   run = run_dir.restore(workdir, c, step)
+  if cache and run.plan.layout.pp > 1:
+    print(f'pp={run.plan.layout.pp}: the KV cache runs on meshes without pipeline stages; '
+          f'sampling by re-running the context window instead (--pp=1 for the cache).',
+          file=sys.stderr, flush=True)
+    cache = False
   if cache:
     gen.check_cached(run.plan, len(prompt_ids), max_new_tokens)
   return gen.generate(run.plan, run.params, prompt_ids, max_new_tokens, sampling, seed, cache)
