@@ -53,7 +53,12 @@ def main(argv):
     if os.environ.get('MOEJAX_TRACEBACK'):
       raise
     if isinstance(e, KeyboardInterrupt):
-      sys.exit('Interrupted before training started; nothing was saved.')
+      # Exit now: tearing down the interpreter while XLA's compiler threads are still busy can
+      # crash or hang it. The run lock is already released and nothing was being saved.
+      print('Interrupted before training started; nothing was saved.', file=sys.stderr,
+            flush=True)
+      sys.stdout.flush()
+      os._exit(130)
     sys.exit(f'error: {e}' if isinstance(e, MoejaxError) else
              f'error: {e.strerror or e} ({e.filename or ""}). Set MOEJAX_TRACEBACK=1 for the '
              f'traceback.')
