@@ -36,8 +36,31 @@ def parse_flags(argv):
     sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
+def _take_signals() -> None:
+  """SIGINT and SIGTERM blocked in every thread (threads inherit the mask: XLA's and Orbax's
+  are never interrupted mid-call, which could hang or crash the process) and taken by one
+  waiting thread, which hands them to the running loop (finish the step, save, exit) or, with
+  no loop running, exits at once."""
+  import signal
+  import threading
+  taken = {signal.SIGINT, signal.SIGTERM}
+  signal.pthread_sigmask(signal.SIG_BLOCK, taken)
+
+  def wait() -> None:
+    while True:
+      signum = signal.sigwait(taken)
+      from moejax.train import loop
+      if not loop.deliver(signum):
+        print(f'{signal.Signals(signum).name}: no training step in progress; exiting without '
+              f'saving.', file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+  threading.Thread(target=wait, name='signals', daemon=True).start()
+
+
 def main(argv):
   del argv
+  _take_signals()
   console.quiet_logs()
   from moejax import runtime   # sets up devices before JAX's first use
   from moejax.errors import MoejaxError

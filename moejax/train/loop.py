@@ -338,6 +338,18 @@ def _changes(ckpt: Checkpointer, step: int) -> str:
   return (' Changed since the checkpoint: ' + ', '.join(diffs) + '.') if diffs else ''
 
 
+_ACTIVE: list = []    # the running loop's _StopFlag, for signals taken by another thread
+
+
+def deliver(signum: int) -> bool:
+  """Hands a signal taken by a waiting thread (moejax.cli.train) to the running loop; False
+  when no loop is running."""
+  if not _ACTIVE:
+    return False
+  _ACTIVE[-1]._handle(signum, None)
+  return True
+
+
 class _StopFlag:
   """SIGTERM and a first SIGINT become a flag checked at step boundaries (save, then exit);
   a second SIGINT exits at once (an unfinished save stays invisible under its temporary name)."""
@@ -345,6 +357,7 @@ class _StopFlag:
   def __init__(self):
     self.signal = ''
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    _ACTIVE.append(self)
 
   def _handle(self, signum, frame):
     del frame
@@ -358,3 +371,4 @@ class _StopFlag:
   def restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+    _ACTIVE.remove(self)
