@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import ModelConfig
+from moejax.model import routing
 from moejax.model.layers import Head, LayerNorm
 from moejax.model.positions import rope
 from moejax.parallel import vocab
@@ -100,13 +101,16 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   if cfg.normalize_gates:
     gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
   weight = jnp.sum(jax.nn.one_hot(expert, cfg.num_experts) * gate[..., None], axis=2)  # [B, T, E]
-  # Every local expert on every new token (few tokens per step: the weights' reads dominate),
-  # weighted by the routing; the experts stay split over tp and the sum over them is reduced.
+  # Every local expert (routing.expert_ffn) on every new token (few tokens per step: the
+  # weights' reads dominate), weighted by the routing; experts stay split over tp, their sum is
+  # reduced.
   dt = cfg.dtype
-  h = jnp.einsum('BTD,EDF->BTEF', x.astype(dt), p['w1'].astype(dt)) + p['b1'].astype(dt)
-  h = jax.nn.gelu(h, approximate=cfg.gelu == 'tanh')
-  y = jnp.einsum('BTEF,EFD->BTED', h, p['w2'].astype(dt)) + p['b2'].astype(dt)
-  y = jnp.einsum('BTED,BTE->BTD', y, weight.astype(dt))
+  b, t, d = x.shape
+  rows = jnp.broadcast_to(x.astype(dt).reshape(1, b * t, d), (cfg.num_experts, b * t, d))
+  cast = lambda a: a.astype(dt)
+  y = routing.expert_ffn(rows, cast(p['w1']), cast(p['b1']), cast(p['w2']), cast(p['b2']),
+                         gelu=cfg.gelu)                                 # [E, B*T, D]
+  y = jnp.einsum('EBTD,BTE->BTD', y.reshape(cfg.num_experts, b, t, d), weight.astype(dt))
   return constrain(y, TOKENS), history
 
 

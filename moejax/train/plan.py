@@ -101,11 +101,6 @@ class Plan:
     """jax.jit(fn) that traces, lowers and runs with this plan active."""
     return Active(jax.jit(fn, **jit_kwargs), self)
 
-  def sharding(self, logical: Sequence[str | None]) -> NamedSharding:
-    """The NamedSharding of logical axes under this plan's rules."""
-    with self.active():
-      return mesh_lib.sharding(self.mesh, logical)
-
   def batch_abstract(self) -> jax.ShapeDtypeStruct:
     """A token batch [M, B, T+1] (packed: [M, B, 3, T+1]) as an abstract, sharded array."""
     lay = self.layout
