@@ -31,7 +31,7 @@ class ModelConfig:
   top_k: int               # K
   capacity_factor: float   # training capacity factor
   eval_capacity_factor: float
-  group_size: int          # tokens per routing group (a contiguous chunk of one sequence)
+  group_size: int          # tokens per routing group: a chunk of a sequence, or whole sequences
   expert_dropout: float
   aux_loss_weight: float
   z_loss_weight: float
@@ -336,12 +336,24 @@ def _check_layout(errors: list[str], m: ModelConfig, lay: Layout) -> None:
   _check(errors, lay.seq_len <= m.max_len or m.positions == 'rope',
          f'data.seq_len={lay.seq_len} is longer than the position table model.max_len='
          f'{m.max_len}; raise model.max_len or shorten data.seq_len.')
-  _check(errors, lay.seq_len % m.group_size == 0,
-         f'data.seq_len={lay.seq_len} is not divisible by moe.group_size={m.group_size}: routing '
-         f'groups are contiguous chunks of one sequence.')
-  if lay.seq_len % m.group_size == 0:
-    groups, share = lay.seq_len // m.group_size, lay.seq_len // tp
-    spans = lay.seq_len % tp == 0 and m.group_size % max(share, 1) == 0
+  t, g = lay.seq_len, m.group_size
+  if g > t:
+    _check(errors, g % t == 0 and lay.micro_batch_size % (g // t) == 0,
+           f'moe.group_size={g} is longer than data.seq_len={t} but is not a whole number of '
+           f'the micro-batch\'s sequences (data.micro_batch_size={lay.micro_batch_size}): a '
+           f'routing group is a chunk of one sequence or whole sequences; use a divisor of {t} '
+           f'or {t} x a divisor of {lay.micro_batch_size}.')
+    _check(errors, t % tp == 0,
+           f'data.seq_len={t} is not divisible by mesh.tp={tp}: a group of whole sequences is '
+           f'routed in the sequence\'s tp shards; use a seq_len that is a multiple of {tp}.')
+    return
+  _check(errors, t % g == 0,
+         f'data.seq_len={t} is not divisible by moe.group_size={g}: routing groups are '
+         f'contiguous chunks of one sequence (or whole sequences); use a divisor of {t} or a '
+         f'multiple of it.')
+  if t % g == 0:
+    groups, share = t // g, t // tp
+    spans = t % tp == 0 and g % max(share, 1) == 0
     _check(errors, groups % tp == 0 or spans,
            f'data.seq_len / moe.group_size = {groups} routing groups per sequence do not divide '
            f'over mesh.tp={tp}: each tp shard of the sequence ({share} tokens) must hold whole '

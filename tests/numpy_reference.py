@@ -102,31 +102,32 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
   inputs, labels = tokens[..., :-1], tokens[..., 1:]
   m, bsz, t = inputs.shape
   logits = np.zeros((m, bsz, t, vocab_size))
-  aux = np.zeros((num_blocks, m, bsz, t // group_size))
+  aux = np.zeros((num_blocks, m, bsz * t // group_size))   # a group: a chunk of the micro-batch
   z = np.zeros_like(aux)
   kept = assigned = 0
   for mi in range(m):
-    for bi in range(bsz):
-      x = emb['tok'][inputs[mi, bi]] + emb['pos'][:t]                  # [T, D]
-      for nb in range(num_blocks):
-        p = block(nb)
-        x = x + attention(layer_norm(x, p['ln1']['scale'], p['ln1']['bias']), p['attn'])
-        h = layer_norm(x, p['ln2']['scale'], p['ln2']['bias'])
-        y = np.zeros_like(h)
-        for g in range(t // group_size):
-          sl = slice(g * group_size, (g + 1) * group_size)
-          y[sl], aux[nb, mi, bi, g], z[nb, mi, bi, g], kk, aa = moe_group(
-              h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
-              normalize_gates=normalize_gates)
-          kept, assigned = kept + kk, assigned + aa
-        x = x + y
-      x = layer_norm(x, head['ln_f']['scale'], head['ln_f']['bias'])
-      logits[mi, bi] = x @ head['w'][:, :vocab_size]
+    x = emb['tok'][inputs[mi]] + emb['pos'][:t]                        # [B, T, D]
+    for nb in range(num_blocks):
+      p = block(nb)
+      for bi in range(bsz):
+        x[bi] = x[bi] + attention(layer_norm(x[bi], p['ln1']['scale'], p['ln1']['bias']),
+                                  p['attn'])
+      h = layer_norm(x, p['ln2']['scale'], p['ln2']['bias']).reshape(bsz * t, -1)  # [B*T, D]
+      y = np.zeros_like(h)
+      for g in range(bsz * t // group_size):
+        sl = slice(g * group_size, (g + 1) * group_size)
+        y[sl], aux[nb, mi, g], z[nb, mi, g], kk, aa = moe_group(
+            h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
+            normalize_gates=normalize_gates)
+        kept, assigned = kept + kk, assigned + aa
+      x = x + y.reshape(bsz, t, -1)
+    x = layer_norm(x, head['ln_f']['scale'], head['ln_f']['bias'])
+    logits[mi] = x @ head['w'][:, :vocab_size]
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
   ce = float(np.mean(lse - label_logit))
-  aux_loss = aux_weight * float(aux.mean(axis=(1, 2, 3)).sum())
-  z_loss = z_weight * float(z.mean(axis=(1, 2, 3)).sum())
+  aux_loss = aux_weight * float(aux.mean(axis=(1, 2)).sum())
+  z_loss = z_weight * float(z.mean(axis=(1, 2)).sum())
   stats = {'ce': ce, 'aux_loss': aux_loss, 'z_loss': z_loss,
            'dropped_frac': 1.0 - kept / assigned}
   return ce + aux_loss + z_loss, logits, stats

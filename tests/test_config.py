@@ -56,6 +56,8 @@ def test_full_config_is_the_seed_model():
     ({'moe.group_size': 12}, 'is not divisible by moe.group_size=12'),
     ({'moe.group_size': 16, 'data.seq_len': 96, 'model.max_len': 96},
      'routing groups per sequence do not divide over mesh.tp=4'),
+    ({'moe.group_size': 96, 'data.micro_batch_size': 2},
+     'moe.group_size=96 is longer than data.seq_len=32 but is not a whole number'),
     ({'moe.top_k': 9}, 'moe.top_k=9 > moe.num_experts=8'),
     ({'moe.capacity_factor': 0.0}, 'capacity_factor'),
     ({'model.dtype': 'float8'}, "model.dtype='float8'"),

@@ -106,23 +106,29 @@ def test_bias_balancing_is_mesh_independent(tp, pp, dp, folded):
 
 
 SEQUENCE_GROUPS = {'moe.group_size': 32}    # one routing group per sequence: spans the tp shards
+BATCH_GROUPS = {'moe.group_size': 128}      # one group per micro-batch of 4 sequences
+GROUPS = {'sequence': SEQUENCE_GROUPS, 'batch': BATCH_GROUPS}
 
 
 @functools.lru_cache(maxsize=None)
-def sequence_group_reference(top_k: int, dispatch: str = 'capacity', dropout: float = 0.0):
-  return loss_and_grads(small_config(1, 1, **{**SEQUENCE_GROUPS, **DROPOUT,
+def group_reference(groups: str, top_k: int, dispatch: str = 'capacity', dropout: float = 0.0):
+  return loss_and_grads(small_config(1, 1, **{**GROUPS[groups], **DROPOUT,
       'moe.top_k': top_k, 'moe.dispatch': dispatch, 'moe.dropout': dropout}))
 
 
-@pytest.mark.parametrize('tp,pp,dp,folded,top_k', [
-    (4, 1, 1, False, 2), (4, 4, 1, False, 1), (2, 2, 4, True, 2)])
-def test_groups_spanning_tp_shards_match_1x1(tp, pp, dp, folded, top_k):
-  """A group of a whole sequence on tp shards drops the same tokens as on one device: each
-  shard's claims queue after the earlier shards' (drops included, loads equal exactly)."""
-  config = small_config(tp, pp, dp=dp, **{**SEQUENCE_GROUPS, **DROPOUT,
+@pytest.mark.parametrize('groups,tp,pp,dp,folded,top_k', [
+    ('sequence', 4, 1, 1, False, 2), ('sequence', 4, 4, 1, False, 1),
+    ('sequence', 2, 2, 4, True, 2),
+    ('batch', 4, 4, 1, False, 2), ('batch', 2, 2, 4, True, 1), ('batch', 1, 4, 4, True, 2),
+    ('batch', 1, 2, 2, False, 1)])
+def test_groups_spanning_shards_match_1x1(groups, tp, pp, dp, folded, top_k):
+  """A group of a whole sequence, or of a whole micro-batch, split over tp and dp shards drops
+  the same tokens as on one device: each part's claims queue after the earlier parts' (drops
+  included, loads equal exactly)."""
+  config = small_config(tp, pp, dp=dp, **{**GROUPS[groups], **DROPOUT,
       'moe.top_k': top_k, 'moe.dropout': 0.0, 'mesh.experts_over_dp': folded})
   loss, metrics, grads = loss_and_grads(config)
-  ref_loss, ref_metrics, ref_grads = sequence_group_reference(top_k)
+  ref_loss, ref_metrics, ref_grads = group_reference(groups, top_k)
   assert ref_metrics['dropped_frac'] > 0.02
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
@@ -131,11 +137,20 @@ def test_groups_spanning_tp_shards_match_1x1(tp, pp, dp, folded, top_k):
   assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
-@pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
-def test_dropout_of_groups_spanning_tp_shards_is_mesh_independent(dispatch):
-  config = small_config(4, 2, dp=2, **{**SEQUENCE_GROUPS, **DROPOUT,
+def test_larger_groups_drop_other_tokens():
+  """The tests above can fail: a micro-batch group keeps other tokens than sequence groups."""
+  _, batch, _ = group_reference('batch', 1)
+  _, sequence, _ = group_reference('sequence', 1)
+  assert not np.array_equal(batch['expert_load'], sequence['expert_load'])
+
+
+@pytest.mark.parametrize('groups,dispatch', [
+    ('sequence', 'capacity'), ('sequence', 'dropless'), ('batch', 'capacity'),
+    ('batch', 'dropless')])
+def test_dropout_of_groups_spanning_shards_is_mesh_independent(groups, dispatch):
+  config = small_config(4, 2, dp=2, **{**GROUPS[groups], **DROPOUT,
       'moe.top_k': 2, 'moe.dispatch': dispatch, 'moe.dropout': 0.1})
   loss, metrics, grads = loss_and_grads(config)
-  ref_loss, _, ref_grads = sequence_group_reference(2, dispatch, 0.1)
+  ref_loss, _, ref_grads = group_reference(groups, 2, dispatch, 0.1)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert_trees_close(grads, ref_grads, rtol=1e-5)

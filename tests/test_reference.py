@@ -73,6 +73,15 @@ def test_groups_spanning_tp_shards_equal_numpy_reference():
   assert stats['dropped_frac'] > 0.02
 
 
+@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
+def test_groups_of_whole_sequences_equal_numpy_reference(tp, pp):
+  """One routing group per micro-batch of 2 sequences (on 4x4: over 8 parts on 4 shards)."""
+  config, params, tokens = _case(tp, pp, **{'data.seq_len': 32, 'data.micro_batch_size': 2,
+                                            'moe.group_size': 64, 'moe.top_k': 2})
+  stats = assert_matches(config, params, tokens)
+  assert stats['dropped_frac'] > 0.02
+
+
 def test_4x4_mesh_equals_numpy_reference():
   config, params, tokens = _case(4, 4, **{'data.seq_len': 32})   # 4 groups: one per tp shard
   assert_matches(config, params, tokens)

@@ -3,7 +3,8 @@ expert-parallel axes (moejax.parallel.experts moves the rows between shards). Tw
 'capacity' (fixed [E, C] buffers per group, overflow dropped; the seed's) and 'dropless'
 (assignments sorted by expert, ragged exchange, grouped matmuls; nothing dropped).
 
-Legend: B batch, T seq, D d_model, nG groups per sequence, S tokens per group, G_ local groups,
+Legend: B batch, T seq, D d_model; the tokens are routed in parts [B', nG, S] (B' rows of nG
+parts of S tokens; a part is a routing group or one shard's piece of one), G_ local parts,
 E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names ending in `_`
 are shard-local.
 """
@@ -33,69 +34,81 @@ class ExpertWeights(NamedTuple):
 WEIGHT_AXES = ExpertWeights(
     router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
     w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,))
-GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B, nG, S, D] token groups
+GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, S, D] token parts
 
 
-def _dispatched_row_ids(b_: int, ng_: int, num_experts: int, capacity: int,
-                        axes: tuple[str, ...], group_spec: P, span: int = 1) -> jax.Array:
-  """Mesh-independent name of every row of the dispatched buffer [E/ep, ep*G_*C]:
-  (global group * E + global expert) * C + slot, a global group being b * nG + g of the
-  micro-batch's [B, nG] groups (each made of `span` consecutive parts)."""
+class Groups(NamedTuple):
+  """Where routing groups sit in the MoE's token parts [B', nG, S] (moe() lays x [B, T, D] out
+  so): a group is `rows` consecutive rows of `span` consecutive parts each."""
+  rows: int
+  span: int
+
+  @property
+  def parts(self) -> int:
+    return self.rows * self.span
+
+
+def _part_names(b_: int, ng_: int, s: int, groups: Groups, axes: tuple[str, ...],
+                group_spec: P) -> tuple[jax.Array, jax.Array]:
+  """Mesh-independent names of every shard's local parts [P, G_] (all_to_all order over
+  `axes`, G_ = b_*ng_): the global routing group of the micro-batch each part belongs to, and
+  the position of its first token in that group (groups are ordered sequence-major)."""
   (b0, _), (g0, ng) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)
-  ep = b0.shape[0]
-  batch = b0[:, None, None] + jnp.arange(b_)[None, :, None]            # [ep, B_, 1]
-  group = (g0[:, None, None] + jnp.arange(ng_)[None, None, :]) // span  # [ep, 1, nG_]
-  gid = (batch * (ng // span) + group).reshape(ep, b_ * ng_)           # [ep, G_]
+  row = b0[:, None, None] + jnp.arange(b_)[None, :, None]              # [P, B_, 1]
+  part = g0[:, None, None] + jnp.arange(ng_)[None, None, :]            # [P, 1, nG_]
+  gid = (row // groups.rows) * (ng // groups.span) + part // groups.span  # [P, B_, nG_]
+  start = ((row % groups.rows) * groups.span + part % groups.span) * s  # [P, B_, nG_]
+  return gid.reshape(b0.shape[0], -1), start.reshape(b0.shape[0], -1)
+
+
+def _dispatched_row_ids(gid: jax.Array, num_experts: int, capacity: int,
+                        axes: tuple[str, ...]) -> jax.Array:
+  """Mesh-independent name of every row of the dispatched buffer [E/ep, ep*G_*C]:
+  (global group * E + global expert) * C + slot; gid [ep, G_] every source's part groups."""
+  ep = gid.shape[0]
   local = num_experts // ep
   expert = jax.lax.axis_index(axes) * local + jnp.arange(local)       # [E/ep] global ids
   ids = ((gid[None, :, :, None] * num_experts + expert[:, None, None, None]) * capacity
          + jnp.arange(capacity))                                       # [E/ep, ep, G_, C]
-  return ids.reshape(local, ep * b_ * ng_ * capacity)                  # [E/ep, ep*G_*C]
+  return ids.reshape(local, -1)                                        # [E/ep, ep*G_*C]
 
 
-def _assignment_ids(b_: int, ng_: int, top_k: int, s: int, axes: tuple[str, ...],
-                    group_spec: P, span: int = 1) -> jax.Array:
+def _assignment_ids(gid_: jax.Array, start_: jax.Array, top_k: int, s: int,
+                    group_size: int) -> jax.Array:
   """Mesh-independent name of each of this shard's token assignments [G_*K*S] in (g, k, s)
-  order: (global group * K + k) * span*S + position in the group, a global group being
-  b * nG + g (each made of `span` consecutive parts of S tokens)."""
-  (b0, _), (g0, ng) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)
-  me = jax.lax.axis_index(axes)
-  part = (g0[me] + jnp.arange(ng_))                                     # [nG_] global parts
-  gid = ((b0[me] + jnp.arange(b_))[:, None] * (ng // span) + part // span).reshape(-1)  # [G_]
-  at = (jnp.broadcast_to(part % span, (b_, ng_)).reshape(-1)[:, None, None] * s
-        + jnp.arange(s))                                                # [G_, 1, S]
-  return ((gid[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * (span * s)
-          + at).reshape(-1)                                             # [G_*K*S]
+  order: (global group * K + k) * group_size + position in the group; gid_, start_ [G_]."""
+  at = start_[:, None, None] + jnp.arange(s)                           # [G_, 1, S]
+  return ((gid_[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * group_size
+          + at).reshape(-1)                                            # [G_*K*S]
 
 
-def _group_share(b_: int, ng_: int, span: int, axes: tuple[str, ...], group_spec: P):
-  """routing.route's `share` for groups of `span` consecutive parts on different shards: a
-  small all-gather of every part's statistics [G_, X], summed over each group's parts."""
-  (b0, _), (g0, _) = ep_lib.source_offsets(group_spec, (b_, ng_), axes)   # [P] per shard
+def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
+  """routing.route's `share` for groups made of several parts (here or on other shards): a
+  small all-gather of every part's statistics [G_, X], summed over each local part's group,
+  and over the group's parts before it. gid, start [P, G_]: every shard's part names."""
   me = jax.lax.axis_index(axes)
-  same = (b0 == b0[me]) & (g0 // span == g0[me] // span)                # [P] my group's parts
-  earlier = same & (g0 < g0[me])
+  same = gid[:, :, None] == gid[me][None, None, :]                      # [P, G_, G_] (p, j) ~ i
+  earlier = same & (start[:, :, None] < start[me][None, None, :])
 
   def share(part: jax.Array) -> tuple[jax.Array, jax.Array]:
     every = jax.lax.all_gather(part, axes)                              # [P, G_, X]
-    pick = lambda mask: jnp.einsum('P,PGX->GX', mask.astype(part.dtype), every)
+    pick = lambda mask: jnp.einsum('PJI,PJX->IX', mask.astype(part.dtype), every)
     return pick(same), pick(earlier)
   return share
 
 
 def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
-                      groups: tuple[int, int], span: int, capacity: int, dropout_rate: float,
-                      compute_dtype, gelu: str) -> jax.Array:
+                      rng: jax.Array, *, axes: tuple[str, ...], names: tuple, group_size: int,
+                      capacity: int, dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
-  per group, full or not (assignments past them were dropped by routing)."""
+  per part, full or not (assignments past them were dropped by routing)."""
   g_, s, d = tokens_.shape
   num_experts = w_.router.shape[-1]
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
   if dropout_rate > 0.0:   # a unit's mask follows its token, slot and expert, not the device
-    rows = _dispatched_row_ids(*groups, num_experts, capacity, axes, token_spec, span)
+    rows = _dispatched_row_ids(names[0], num_experts, capacity, axes)
     keep = routing.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
   cast = lambda a: a.astype(compute_dtype)
   local_experts = lambda rows_: routing.expert_ffn(                     # [E/ep, ep*G_*C, D]
@@ -107,9 +120,8 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
 
 
 def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...], token_spec: P,
-                      groups: tuple[int, int], span: int, capacity: int, dropout_rate: float,
-                      compute_dtype, gelu: str) -> jax.Array:
+                      rng: jax.Array, *, axes: tuple[str, ...], names: tuple, group_size: int,
+                      capacity: int, dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
   sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
   exactly the rows it received (grouped matmuls)."""
@@ -125,7 +137,8 @@ def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   send = jnp.bincount(expert // local, length=num_experts // local)     # [ep] rows per shard
   keys = (expert[order] % local)[:, None]                               # [A_, 1] local expert
   if dropout_rate > 0.0:   # a unit's mask follows its (token, choice), not the device
-    ids = _assignment_ids(*groups, k, s, axes, token_spec, span)[order]  # [A_]
+    me = jax.lax.axis_index(axes)
+    ids = _assignment_ids(names[0][me], names[1][me], k, s, group_size)[order]  # [A_]
     keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
   cast = lambda a: a.astype(compute_dtype)
   local_experts = lambda rows, keys_: routing.grouped_expert_ffn(       # [ep*A_, D]
@@ -141,26 +154,28 @@ EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
-               token_spec: P, top_k: int, capacity: int, dropout_rate: float, compute_dtype,
-               gelu: str, normalize_gates: bool, dispatch: str, span: int
+               token_spec: P, groups: Groups, top_k: int, capacity: int, dropout_rate: float,
+               compute_dtype, gelu: str, normalize_gates: bool, dispatch: str
                ) -> tuple[jax.Array, routing.GroupStats]:
-  """Shard-local MoE: (x_ [B, nG_, S, D], valid_ [B, nG_, S] or None) -> ([B, nG_, S, D],
-  per-part stats); a routing group is `span` consecutive parts of S tokens."""
+  """Shard-local MoE: (x_ [B_, nG_, S, D], valid_ [B_, nG_, S] or None) -> ([B_, nG_, S, D],
+  per-part stats); `groups` says which parts make one routing group."""
   x_, valid_ = inputs_
-  b, ng_, s, d = x_.shape
+  b_, ng_, s, d = x_.shape
+  group_size = groups.parts * s
   if dispatch == 'dropless':
-    capacity = top_k * s * span                                         # room for every choice
-  tokens_ = x_.reshape(b * ng_, s, d)                                   # [G_, S, D]
-  valid_ = None if valid_ is None else valid_.reshape(b * ng_, s)      # [G_, S]
-  share = _group_share(b, ng_, span, axes, token_spec) if span > 1 else None
+    capacity = top_k * group_size                                       # room for every choice
+  tokens_ = x_.reshape(b_ * ng_, s, d)                                  # [G_, S, D]
+  valid_ = None if valid_ is None else valid_.reshape(b_ * ng_, s)     # [G_, S]
+  names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [P, G_] x 2
+  share = _group_share(*names, axes) if groups.parts > 1 else None
   r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
                            w_.select_bias, valid_, share)
-  y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, token_spec=token_spec,
-                              groups=(b, ng_), span=span, capacity=capacity,
+  y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, names=names,
+                              group_size=group_size, capacity=capacity,
                               dropout_rate=dropout_rate, compute_dtype=compute_dtype,
                               gelu=gelu)                                # [G_, S, D]
-  stats = jax.tree.map(lambda a: a.reshape((b, ng_) + a.shape[1:]), stats)
-  return y_.reshape(b, ng_, s, d), stats
+  stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)
+  return y_.reshape(b_, ng_, s, d), stats
 
 
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
@@ -168,36 +183,53 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
         gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity',
         valid: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
-  per-part stats with leading axes [B, T/part]: a part is a routing group, or, when a group
-  (group_size tokens) is longer than a tp shard's share of the sequence, the share of it on one
-  shard (its stats count that part's tokens; aux and z are the whole group's).
+  per-part stats (leading axes [B', nG]; aux and z are the whole group's in every part, the
+  loads the part's own).
+
+  A routing group is group_size consecutive tokens of a sequence (group_size dividing T), or
+  group_size / T whole consecutive sequences (a multiple of T): a micro-batch's groups are the
+  same on every mesh. Where one group lies on several shards (or in several parts of this one),
+  its parts share their claim counts, so the same tokens are kept as on one device.
 
   dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
   'dropless' (every assignment is computed; `capacity` is not used). valid [B, T]: tokens of
   packed rows that are not padding (padding takes no capacity and is not in the stats).
   """
   b, t, d = x.shape
-  part = group_size if (t // group_size) % _group_shards() == 0 else t // _group_shards()
-  span = group_size // part                                             # shards one group spans
-  groups = x.reshape(b, t // part, part, d)                             # [B, T, D] -> [B, nG, S, D]
-  groups = mesh_lib.constrain(groups, GROUP_AXES + (None, 'act_embed'))
-  fn = functools.partial(_moe_local, top_k=top_k, capacity=capacity, dropout_rate=dropout_rate,
-                         compute_dtype=compute_dtype, gelu=gelu, normalize_gates=normalize_gates,
-                         dispatch=dispatch, span=span)
+  shape, groups = _layout(b, t, group_size)                             # [B', nG, S]
+  parts = mesh_lib.constrain(x.reshape(shape + (d,)), GROUP_AXES + (None, 'act_embed'))
+  fn = functools.partial(_moe_local, groups=groups, top_k=top_k, capacity=capacity,
+                         dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu,
+                         normalize_gates=normalize_gates, dispatch=dispatch)
   axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
   if valid is not None:
-    valid = mesh_lib.constrain(valid.reshape(b, t // part, part), GROUP_AXES + (None,))
-  y, stats = ep_lib.expert_parallel(fn, weights, axes, (groups, valid), GROUP_AXES, rng)
-  return y.reshape(b, t, d), stats                                      # [B, nG, S, D] -> [B, T, D]
+    valid = mesh_lib.constrain(valid.reshape(shape), GROUP_AXES + (None,))
+  y, stats = ep_lib.expert_parallel(fn, weights, axes, (parts, valid), GROUP_AXES, rng)
+  return y.reshape(b, t, d), stats                                      # [B', nG, S, D] -> [B, T, D]
 
 
-def _group_shards() -> int:
-  """Devices a sequence's routing groups are split over (the 'act_groups' rule; 1 without a
-  mesh)."""
+def _layout(b: int, t: int, group_size: int) -> tuple[tuple[int, int, int], Groups]:
+  """The parts [B', nG, S] x [B, T] is cut into for routing, and how they make groups. A part
+  is one shard's piece of a group: a whole group where a shard holds whole groups (several
+  whole sequences merged into one row where the batch split allows), else the group's tokens
+  on one tp shard."""
+  shards = _shards('act_groups')                                        # a sequence's split
+  if group_size <= t:
+    part = group_size if (t // group_size) % shards == 0 else t // shards
+    return (b, t // part, part), Groups(rows=1, span=group_size // part)
+  seqs = group_size // t                                                # sequences per group
+  if shards > 1:
+    return (b, shards, t // shards), Groups(rows=seqs, span=shards)
+  merge = math.gcd(seqs, b // _shards('act_batch'))                      # rows a shard holds whole
+  return (b // merge, 1, merge * t), Groups(rows=seqs // merge, span=1)
+
+
+def _shards(name: str) -> int:
+  """Devices the logical activation axis `name` is split over (1 without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  return math.prod(mesh.shape[a] for a in mesh_lib.axes_of(mesh_lib.spec(('act_groups',))[0]))
+  return math.prod(mesh.shape[a] for a in mesh_lib.axes_of(mesh_lib.spec((name,))[0]))
 
 
 def select_bias_step(assigned: jax.Array, rate: float) -> jax.Array:
