@@ -42,13 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       d_ff=128 if tiny else 2048,          # expert hidden width
       capacity_factor=1.1,                # slots = ceil(cf * group_size * top_k / num_experts)
       eval_capacity_factor=2.0,
-      group_size=16 if tiny else 256,     # tokens per routing group (a chunk of one sequence)
+      group_size=16 if tiny else 256,     # tokens per routing group: a chunk of a sequence, or k whole sequences
       dropout=0.0 if tiny else 0.1,       # dropout on expert hidden activations
       aux_loss_weight=0.01,               # Switch load-balancing loss weight (per layer)
       z_loss_weight=0.0,                  # router z-loss weight (ST-MoE); 0 disables
       gelu='exact',                       # expert GELU: 'exact' (erf, the seed's nn.GELU()) or 'tanh'
       normalize_gates=False,              # top-k>1: renormalise a token's kept gates to sum to 1
-      bias_update_rate=0.0,               # >0: aux-loss-free balancing (DeepSeek-V3), e.g. 1e-3
+      bias_update_rate=0.0,               # >0: aux-loss-free balancing (a selection bias on the logits)
+      bias_update_rule='sign',            # 'sign' (DeepSeek-V3: +-rate) or 'relative' (rate x load error)
       dispatch='capacity',                # 'capacity' (the seed's: drop past capacity) or 'dropless'
   ))
   c.pipeline = ml_collections.ConfigDict(dict(

@@ -207,7 +207,7 @@ def measure(config, steps: int, rounds: int) -> dict:
       'dropped_frac': float(m['dropped_frac']),
       'tokens_per_expert': {'min': float(kept.min()), 'mean': float(kept.mean()),
                             'max': float(kept.max())},
-      'balance': metrics_lib.expert_balance(kept),
+      'balance': metrics_lib.expert_balance(m['expert_assigned']),
       # The same work with pp=1 takes ref_time; idle ticks add (ratio - 1) / ratio of the time.
       'bubble_measured': 1.0 - ref_time / step_time, 'bubble_formula': formula,
       'idle_tick_factor': 1.0 / (1.0 - formula),

@@ -41,6 +41,7 @@ class ModelConfig:
   gelu: str = 'exact'      # expert activation: 'exact' (erf, torch nn.GELU()) or 'tanh'
   normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
   bias_update_rate: float = 0.0  # aux-loss-free balancing: per-step nudge of the selection bias
+  bias_update_rule: str = 'sign'  # 'sign' (DeepSeek-V3) or 'relative' (by the load's error)
   dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
   positions: str = 'learned'     # 'learned' (a [max_len, D] table, the seed's) or 'rope'
 
@@ -195,7 +196,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
       z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
       attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
-      bias_update_rate=float(moe.bias_update_rate), dispatch=moe.dispatch,
+      bias_update_rate=float(moe.bias_update_rate), bias_update_rule=moe.bias_update_rule,
+      dispatch=moe.dispatch,
       positions=m.positions)
 
 
@@ -221,6 +223,7 @@ REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'save_dots_and_collect
 DTYPES = ('float32', 'bfloat16')
 GELUS = ('exact', 'tanh')
 DISPATCHES = ('capacity', 'dropless')
+BIAS_RULES = ('sign', 'relative')
 DATA_SOURCES = ('random', 'learnable', 'tokens')
 
 
@@ -230,7 +233,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               'init_std', 'attn_bias', 'positions'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
-            'normalize_gates', 'bias_update_rate', 'dispatch'),
+            'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'dispatch'),
     'pipeline': ('repeats', 'remat_policy'),
     'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack',
              'buckets'),
@@ -400,6 +403,8 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   _check(errors, m.gelu in GELUS, f'moe.gelu={m.gelu!r} not one of {GELUS}.')
   _check(errors, m.dispatch in DISPATCHES,
          f'moe.dispatch={m.dispatch!r} not one of {DISPATCHES}.')
+  _check(errors, m.bias_update_rule in BIAS_RULES,
+         f'moe.bias_update_rule={m.bias_update_rule!r} not one of {BIAS_RULES}.')
   _check(errors, m.bias_update_rate >= 0,
          f'moe.bias_update_rate={m.bias_update_rate} must be >= 0 (0 turns bias balancing off).')
 

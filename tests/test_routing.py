@@ -35,7 +35,7 @@ def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None):
       logits = tokens @ w.router
       probs = np.exp(logits - logits.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
-      scores = probs if select_bias is None else probs + np.asarray(select_bias)
+      scores = logits if select_bias is None else logits + np.asarray(select_bias)
       choices = np.argsort(-scores, axis=-1)[:, :top_k]      # the gate stays probs[e]
       used = np.zeros(w.router.shape[1], int)
       for k in range(top_k):
@@ -162,3 +162,5 @@ def test_selection_bias_chooses_but_does_not_weigh(tp):
 def test_selection_bias_step_moves_toward_underloaded_experts():
   assigned = jnp.array([[10.0, 2.0, 4.0, 4.0]])              # mean 5
   np.testing.assert_array_equal(moe_lib.select_bias_step(assigned, 0.5), [[-0.5, 0.5, 0.5, 0.5]])
+  np.testing.assert_allclose(moe_lib.select_bias_step(assigned, 0.5, 'relative'),
+                             [[-0.5, 0.3, 0.1, 0.1]], rtol=1e-6)   # (5 - load) / 5, clipped

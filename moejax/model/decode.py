@@ -91,7 +91,7 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   """Top-k experts of new tokens x [B, T, D]; returns y [B, T, D] and the updated choices."""
   logits = jnp.einsum('BTD,DE->BTE', x.astype(jnp.float32), p['router'].astype(jnp.float32))
   probs = jax.nn.softmax(logits, axis=-1)                               # [B, T, E]
-  select = probs if 'select_bias' not in p else probs + p['select_bias'].astype(jnp.float32)
+  select = logits if 'select_bias' not in p else logits + p['select_bias'].astype(jnp.float32)
   _, expert = jax.lax.top_k(select, cfg.top_k)                          # [B, T, K]
   gate = jnp.take_along_axis(probs, expert, axis=-1)
   history = jax.lax.dynamic_update_slice_in_dim(

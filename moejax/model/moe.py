@@ -232,9 +232,13 @@ def _shards(name: str) -> int:
   return math.prod(mesh.shape[a] for a in mesh_lib.axes_of(mesh_lib.spec((name,))[0]))
 
 
-def select_bias_step(assigned: jax.Array, rate: float) -> jax.Array:
-  """One aux-loss-free balancing update (DeepSeek-V3) of the selection biases [..., E]: `rate`
-  toward under-loaded experts, by the sign of (mean load - load). assigned [..., E]: the step's
-  token assignments per expert (identical on every mesh)."""
+def select_bias_step(assigned: jax.Array, rate: float, rule: str = 'sign') -> jax.Array:
+  """One aux-loss-free balancing update of the selection biases [..., E] toward under-loaded
+  experts. assigned [..., E]: the step's token assignments per expert (integers, identical on
+  every mesh, so the update is too). rule 'sign': `rate` times sign(mean - load) (DeepSeek-V3);
+  'relative': `rate` times (mean - load) / mean, clipped to [-1, 1] (still at balance)."""
   mean = jnp.mean(assigned, axis=-1, keepdims=True)
-  return rate * jnp.sign(mean - assigned).astype(jnp.float32)
+  if rule == 'sign':
+    return rate * jnp.sign(mean - assigned).astype(jnp.float32)
+  error = (mean - assigned) / jnp.maximum(mean, 1.0)
+  return rate * jnp.clip(error, -1.0, 1.0).astype(jnp.float32)

@@ -40,7 +40,8 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   renormalised after capacity, so a token with one kept choice weighs it 1). The aux loss
   counts f_i over all K*S assignments, so it is 1 for uniform routing at any K; Mixtral's
   (counts over S) is K times it. select_bias [E] (aux-loss-free balancing) is added to the
-  probabilities for choosing experts only; gates stay the chosen experts' probabilities.
+  logits for choosing experts only (a prior multiplying the probabilities, so its scale does
+  not depend on E); gates stay the chosen experts' unbiased probabilities.
   valid [G, S] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
   in none of the stats; the losses average over a group's valid tokens.
 
@@ -57,7 +58,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   if select_bias is None:
     gate, expert = jax.lax.top_k(probs, top_k)                         # [G, S, K]
   else:
-    _, expert = jax.lax.top_k(probs + select_bias.astype(jnp.float32), top_k)
+    _, expert = jax.lax.top_k(logits + select_bias.astype(jnp.float32), top_k)
     gate = jnp.take_along_axis(probs, expert, axis=-1)                 # [G, S, K]
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [G, K, S, E]

@@ -274,9 +274,10 @@ def make_eval(plan: Plan, source: Source):
     loss = float(np.mean([r['loss'] for r in results]))
     ce = float(np.mean([r['ce'] for r in results]))
     kept = np.sum([r['expert_load'] for r in results], axis=0)
+    routed = np.sum([r['expert_assigned'] for r in results], axis=0)
     return {'loss': loss, 'ce': ce, 'ppl': float(np.exp(ce)),
             'dropped_frac': float(np.mean([r['dropped_frac'] for r in results])),
-            'balance': metrics_lib.expert_balance(kept),
+            'balance': metrics_lib.expert_balance(routed),
             'expert_share': metrics_lib.expert_share(kept)}
   return evaluate
 

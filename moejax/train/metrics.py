@@ -13,11 +13,12 @@ import numpy as np
 from moejax.errors import ConfigError
 
 
-def expert_balance(kept: np.ndarray) -> float:
-  """Mean over layers of mean/max tokens per expert (1.0 = perfectly balanced)."""
-  kept = np.asarray(kept, np.float64)                      # [NB, E]
-  peak = np.maximum(kept.max(axis=-1), 1e-9)
-  return float(np.mean(kept.mean(axis=-1) / peak))
+def expert_balance(load: np.ndarray) -> float:
+  """Mean over layers of mean/max tokens per expert (1.0 = perfectly balanced); load [NB, E]:
+  the router's assignments per expert (before capacity drops)."""
+  load = np.asarray(load, np.float64)                      # [NB, E]
+  peak = np.maximum(load.max(axis=-1), 1e-9)
+  return float(np.mean(load.mean(axis=-1) / peak))
 
 
 def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
     if k in metrics:
       out[k] = float(metrics[k])
   out['tokens_per_sec'] = float(tokens_per_sec)
-  out['balance'] = expert_balance(kept)
+  routed = np.asarray(metrics.get('expert_assigned', kept))          # [NB, E] before drops
+  out['balance'] = expert_balance(routed)
   out['expert_load_min'] = float(kept.min())
   out['expert_load_mean'] = float(kept.mean())
   out['expert_load_max'] = float(kept.max())
@@ -37,7 +39,7 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
     assigned = np.asarray(metrics['expert_assigned'], np.float64)    # [NB, E]
     out['dropped_frac_per_layer'] = [
         float(x) for x in 1.0 - kept.sum(-1) / np.maximum(assigned.sum(-1), 1e-9)]
-  out['balance_per_layer'] = [expert_balance(k[None]) for k in kept]
+  out['balance_per_layer'] = [expert_balance(a[None]) for a in routed]
   return out
 
 

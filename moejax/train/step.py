@@ -30,7 +30,7 @@ def train_step_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformatio
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.bias_update_rate > 0:   # aux-loss-free balancing: not a gradient step
-      params = _nudge_select_bias(params, metrics['expert_assigned'], cfg.bias_update_rate, lay)
+      params = _nudge_select_bias(params, metrics['expert_assigned'], cfg, lay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -46,10 +46,11 @@ def eval_step_fn(cfg: ModelConfig, lay: Layout) -> Callable:
   return eval_step
 
 
-def _nudge_select_bias(params, assigned: jax.Array, rate: float, lay: Layout):
+def _nudge_select_bias(params, assigned: jax.Array, cfg: ModelConfig, lay: Layout):
   """params with each MoE layer's selection bias nudged by the step's loads [NB, E]."""
   moe = params['blocks']['moe']
-  delta = params_lib.to_stages(moe_lib.select_bias_step(assigned, rate),  # [NB, E] ->
+  step = moe_lib.select_bias_step(assigned, cfg.bias_update_rate, cfg.bias_update_rule)
+  delta = params_lib.to_stages(step,                                     # [NB, E] ->
                                lay.pp, lay.repeats)                      # [S, R, L, E]
   moe = dict(moe, select_bias=moe['select_bias'] + delta)
   return dict(params, blocks=dict(params['blocks'], moe=moe))
