@@ -82,6 +82,8 @@ def test_expert_dropout_changes_the_loss():
 
 
 BIAS = {'moe.bias_update_rate': 0.01, 'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
+BIAS_CASES = {'sign': {},   # the relative rule with routing groups of a whole micro-batch:
+              'relative': {'moe.bias_update_rule': 'relative', 'moe.group_size': 128}}
 
 
 def _bias_after_3_steps(config):
@@ -90,16 +92,18 @@ def _bias_after_3_steps(config):
 
 
 @functools.lru_cache(maxsize=None)
-def bias_reference():
-  return _bias_after_3_steps(small_config(1, 1, **BIAS))
+def bias_reference(case: str):
+  return _bias_after_3_steps(small_config(1, 1, **BIAS, **BIAS_CASES[case]))
 
 
-@pytest.mark.parametrize('tp,pp,dp,folded', [(4, 4, 1, False), (2, 2, 4, True)])
-def test_bias_balancing_is_mesh_independent(tp, pp, dp, folded):
+@pytest.mark.parametrize('case,tp,pp,dp,folded', [
+    ('sign', 4, 4, 1, False), ('sign', 2, 2, 4, True), ('relative', 4, 4, 1, False),
+    ('relative', 1, 2, 4, True)])
+def test_bias_balancing_is_mesh_independent(case, tp, pp, dp, folded):
   """Three steps with aux-loss-free balancing: the same losses and exactly the same biases."""
-  bias, loss = _bias_after_3_steps(small_config(tp, pp, dp=dp, **BIAS,
+  bias, loss = _bias_after_3_steps(small_config(tp, pp, dp=dp, **BIAS, **BIAS_CASES[case],
                                                 **{'mesh.experts_over_dp': folded}))
-  ref_bias, ref_loss = bias_reference()
+  ref_bias, ref_loss = bias_reference(case)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(bias, ref_bias)
   assert np.abs(ref_bias).max() > 0                         # the biases really moved
