@@ -2,7 +2,7 @@
 
 On one device by default, the quickest way to train on a CPU; the seed's layout is
 --config.mesh.tp=4 --config.mesh.pp=4 (simulated on CPU, same numbers, much slower: a routing
-group then spans 32 parts on 4 shards, each with the whole group's capacity buffers).
+group then spans 64 parts on 4 shards, each with the whole group's capacity buffers).
 
   python -m moejax.cli.prepare --input=book.txt --out=/tmp/moejax_data
   python main.py --config=configs/text.py:/tmp/moejax_data --workdir=/tmp/moejax_text
@@ -22,11 +22,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = 'tokens'
   c.data.path = arg or '/tmp/moejax_data'
   c.model.max_len = 128
-  c.data.update(seq_len=128, micro_batch_size=8, num_micro_batches=8)  # 8,192 tokens per step
-  # Routing groups of a whole micro-batch (8 sequences, 1,024 tokens: 71 slots per expert at
-  # capacity factor 1.1) and selection-bias balancing on top of the aux loss: on this text
-  # about 5% of assignments drop at step 300 (16-token groups drop about 20%). BENCHMARKS.md.
-  c.moe.update(group_size=1024, bias_update_rate=0.03, bias_update_rule='relative')
+  c.data.update(seq_len=128, micro_batch_size=16, num_micro_batches=4)  # 8,192 tokens per step
+  # Routing groups of a whole micro-batch (16 sequences, 2,048 tokens: 141 slots per expert at
+  # capacity factor 1.1) and selection-bias balancing on top of the aux loss: on the
+  # walkthrough text about 3% of assignments drop at step 300 (16-token groups: about 18%).
+  c.moe.update(group_size=2048, bias_update_rate=0.03, bias_update_rule='relative')
   c.optim.update(lr=3e-3, warmup_steps=30, decay_steps=300)
   c.num_steps = 300                   # about five minutes on 2 CPU cores
   c.log_every = 20
