@@ -1,9 +1,10 @@
-"""moejax.cli.plot on hand-written metrics.jsonl files (no training)."""
+"""moejax.cli.plot on hand-written metrics.jsonl files (no training), run as the CLI."""
 import json
+import os
+import subprocess
+import sys
 
-import pytest
-
-from moejax.cli import plot
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(path, drop):
@@ -17,15 +18,23 @@ def _run(path, drop):
   return str(path)
 
 
+def _plot(*args):
+  return subprocess.run([sys.executable, '-m', 'moejax.cli.plot', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
 def test_compare_draws_runs_side_by_side(tmp_path):
-  runs = [_run(tmp_path / 'a', 0.1), _run(tmp_path / 'b', 0.0)]
-  path = plot.compare(runs, ['moe', 'dense'], str(tmp_path / 'out'))
-  with open(path, 'rb') as f:
+  runs = ','.join([_run(tmp_path / 'a', 0.1), _run(tmp_path / 'b', 0.0)])
+  out = _plot(f'--compare={runs}', '--labels=moe,dense', f'--out={tmp_path}/out')
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(tmp_path / 'out' / 'compare.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  with pytest.raises(ValueError, match='1 names for 2 runs'):
-    plot.compare(runs, ['moe'])
+  bad = _plot(f'--compare={runs}', '--labels=moe')
+  assert bad.returncode != 0 and '1 names for 2 runs' in bad.stderr
 
 
 def test_one_run_writes_its_pngs(tmp_path):
-  paths = plot.plot(_run(tmp_path / 'a', 0.1))
-  assert [p.rsplit('/', 1)[1] for p in paths] == ['loss.png', 'expert_load.png', 'dropped.png']
+  out = _plot(f'--workdir={_run(tmp_path / "a", 0.1)}')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / 'a' / 'plots')) == ['dropped.png', 'expert_load.png',
+                                                          'loss.png']
