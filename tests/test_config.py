@@ -31,7 +31,9 @@ def test_config_files_load_and_validate(path, tmp_path):
   else:
     tiny = load(path, 'tiny')
   config_lib.validate(full, num_devices=full.mesh.tp * full.mesh.pp)
-  for tp, pp in ((4, 4), (2, 8), (1, 1)):
+  # text.py's 4 micro-batches of 16 sequences (one routing group each) fill up to 4 stages.
+  layouts = ((4, 4), (1, 1)) if full.data.source == 'tokens' else ((4, 4), (2, 8), (1, 1))
+  for tp, pp in layouts:
     tiny.mesh.tp, tiny.mesh.pp = tp, pp
     config_lib.validate(tiny, num_devices=16)
 
