@@ -28,6 +28,7 @@ def small_text_config(path, **kw):
   c = text_config.get_config(path)
   c.data.update(seq_len=32, micro_batch_size=2, num_micro_batches=2)
   c.model.max_len = 32
+  c.moe.group_size = 64               # a whole micro-batch, like text.py's groups
   c.update(kw)
   return c
 
