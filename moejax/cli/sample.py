@@ -42,6 +42,8 @@ def generate(workdir: str, config, step: int, prompt_ids: list[int], *, max_new_
   from moejax.cli import run_dir
   c = config.copy_and_resolve_references()
   c.data.update(num_micro_batches=c.mesh.pp, micro_batch_size=1)
+  if c.moe.group_size > c.data.seq_len:   # groups of several sequences: one sequence is here
+    c.moe.group_size = c.data.seq_len
   if c.data.source == 'tokens' and not os.path.isdir(c.data.path):
     c.data.source, c.data.pack = 'random', False   # the dataset is not needed to sample
   run = run_dir.restore(workdir, c, step)
