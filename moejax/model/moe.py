@@ -98,8 +98,9 @@ def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
 
 
 def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...], names: tuple, group_size: int,
-                      capacity: int, dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
+                      rng: jax.Array, *, axes: tuple[str, ...],
+                      names: tuple[jax.Array, jax.Array], group_size: int, capacity: int,
+                      dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
   per part, full or not (assignments past them were dropped by routing)."""
   g_, s, d = tokens_.shape
@@ -120,8 +121,9 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
 
 
 def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...], names: tuple, group_size: int,
-                      capacity: int, dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
+                      rng: jax.Array, *, axes: tuple[str, ...],
+                      names: tuple[jax.Array, jax.Array], group_size: int, capacity: int,
+                      dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
   sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
   exactly the rows it received (grouped matmuls)."""
@@ -205,7 +207,7 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
   if valid is not None:
     valid = mesh_lib.constrain(valid.reshape(shape), GROUP_AXES + (None,))
   y, stats = ep_lib.expert_parallel(fn, weights, axes, (parts, valid), GROUP_AXES, rng)
-  return y.reshape(b, t, d), stats                                      # [B', nG, S, D] -> [B, T, D]
+  return y.reshape(b, t, d), stats                                      # -> [B, T, D]
 
 
 def _layout(b: int, t: int, group_size: int) -> tuple[tuple[int, int, int], Groups]:
