@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       normalize_gates=False,              # top-k>1: renormalise a token's kept gates to sum to 1
       bias_update_rate=0.0,               # >0: aux-loss-free balancing (a selection bias on the logits)
       bias_update_rule='sign',            # 'sign' (DeepSeek-V3: +-rate) or 'relative' (rate x load error)
+      sinkhorn_iters=0,                   # >0: balance each routing group's choices in training (Sinkhorn)
       dispatch='capacity',                # 'capacity' (the seed's: drop past capacity) or 'dropless'
   ))
   c.pipeline = ml_collections.ConfigDict(dict(

@@ -42,6 +42,7 @@ class ModelConfig:
   normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
   bias_update_rate: float = 0.0  # aux-loss-free balancing: per-step nudge of the selection bias
   bias_update_rule: str = 'sign'  # 'sign' (DeepSeek-V3) or 'relative' (by the load's error)
+  sinkhorn_iters: int = 0        # >0: balance each routing group's choices in training (Sinkhorn)
   dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
   positions: str = 'learned'     # 'learned' (a [max_len, D] table, the seed's) or 'rope'
 
@@ -197,7 +198,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
       attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
       bias_update_rate=float(moe.bias_update_rate), bias_update_rule=moe.bias_update_rule,
-      dispatch=moe.dispatch,
+      sinkhorn_iters=moe.sinkhorn_iters, dispatch=moe.dispatch,
       positions=m.positions)
 
 
@@ -233,7 +234,8 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               'init_std', 'attn_bias', 'positions'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
-            'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'dispatch'),
+            'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'sinkhorn_iters',
+            'dispatch'),
     'pipeline': ('repeats', 'remat_policy'),
     'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack',
              'buckets'),
@@ -407,6 +409,9 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
          f'moe.bias_update_rule={m.bias_update_rule!r} not one of {BIAS_RULES}.')
   _check(errors, m.bias_update_rate >= 0,
          f'moe.bias_update_rate={m.bias_update_rate} must be >= 0 (0 turns bias balancing off).')
+  _check(errors, isinstance(m.sinkhorn_iters, int) and m.sinkhorn_iters >= 0,
+         f'moe.sinkhorn_iters={m.sinkhorn_iters!r} must be an integer >= 0 (0 turns in-group '
+         'balancing off; 10-20 is typical).')
 
 
 def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay: Layout) -> None:

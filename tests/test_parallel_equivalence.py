@@ -83,7 +83,10 @@ def test_expert_dropout_changes_the_loss():
 
 BIAS = {'moe.bias_update_rate': 0.01, 'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
 BIAS_CASES = {'sign': {},   # the relative rule with routing groups of a whole micro-batch:
-              'relative': {'moe.bias_update_rule': 'relative', 'moe.group_size': 128}}
+              'relative': {'moe.bias_update_rule': 'relative', 'moe.group_size': 128},
+              # ... and with in-group balancing: the bias learns from the unbalanced choices
+              'sinkhorn': {'moe.bias_update_rule': 'relative', 'moe.group_size': 128,
+                           'moe.sinkhorn_iters': 20}}
 
 
 def _bias_after_3_steps(config):
@@ -98,7 +101,7 @@ def bias_reference(case: str):
 
 @pytest.mark.parametrize('case,tp,pp,dp,folded', [
     ('sign', 4, 4, 1, False), ('sign', 2, 2, 4, True), ('relative', 4, 4, 1, False),
-    ('relative', 1, 2, 4, True)])
+    ('relative', 1, 2, 4, True), ('sinkhorn', 2, 2, 4, True)])
 def test_bias_balancing_is_mesh_independent(case, tp, pp, dp, folded):
   """Three steps with aux-loss-free balancing: the same losses and exactly the same biases."""
   bias, loss = _bias_after_3_steps(small_config(tp, pp, dp=dp, **BIAS, **BIAS_CASES[case],
@@ -115,9 +118,11 @@ GROUPS = {'sequence': SEQUENCE_GROUPS, 'batch': BATCH_GROUPS}
 
 
 @functools.lru_cache(maxsize=None)
-def group_reference(groups: str, top_k: int, dispatch: str = 'capacity', dropout: float = 0.0):
+def group_reference(groups: str, top_k: int, dispatch: str = 'capacity', dropout: float = 0.0,
+                    sinkhorn_iters: int = 0):
   return loss_and_grads(small_config(1, 1, **{**GROUPS[groups], **DROPOUT,
-      'moe.top_k': top_k, 'moe.dispatch': dispatch, 'moe.dropout': dropout}))
+      'moe.top_k': top_k, 'moe.dispatch': dispatch, 'moe.dropout': dropout,
+      'moe.sinkhorn_iters': sinkhorn_iters}))
 
 
 @pytest.mark.parametrize('groups,tp,pp,dp,folded,top_k', [
@@ -158,3 +163,30 @@ def test_dropout_of_groups_spanning_shards_is_mesh_independent(groups, dispatch)
   ref_loss, _, ref_grads = group_reference(groups, 2, dispatch, 0.1)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize('groups,tp,pp,dp,folded', [
+    ('sequence', 4, 4, 1, False), ('batch', 4, 2, 2, False), ('batch', 2, 2, 4, True)])
+def test_sinkhorn_balancing_of_groups_spanning_shards_matches_1x1(groups, tp, pp, dp, folded):
+  """In-group balancing sums each Sinkhorn iteration over the group's parts on every shard: the
+  same experts are chosen as on one device (loads equal exactly)."""
+  config = small_config(tp, pp, dp=dp, **{**GROUPS[groups], **DROPOUT, 'moe.top_k': 1,
+      'moe.dropout': 0.0, 'moe.sinkhorn_iters': 20, 'mesh.experts_over_dp': folded})
+  loss, metrics, grads = loss_and_grads(config)
+  ref_loss, ref_metrics, ref_grads = group_reference(groups, 1, sinkhorn_iters=20)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in ('ce', 'aux_loss', 'dropped_frac'):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  for key in ('expert_load', 'expert_assigned', 'expert_preferred'):
+    np.testing.assert_array_equal(metrics[key], ref_metrics[key], err_msg=key)
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+def test_sinkhorn_balances_the_choices():
+  """The test above can fail: balancing changes the choices, toward equal loads."""
+  _, plain, _ = group_reference('batch', 1)
+  _, balanced, _ = group_reference('batch', 1, sinkhorn_iters=20)
+  # The first layer sees the same inputs either way: its scores prefer what plain routing chose.
+  np.testing.assert_array_equal(balanced['expert_preferred'][0], plain['expert_assigned'][0])
+  peak = lambda a: np.max(a / a.mean(-1, keepdims=True))
+  assert peak(balanced['expert_assigned']) < peak(plain['expert_assigned']) - 0.2

@@ -18,14 +18,33 @@ def _gelu(x):
   return 0.5 * x * (1 + _erf(x / math.sqrt(2)))   # exact GELU (torch nn.GELU())
 
 
-def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None):
+def naive_sinkhorn_offset(scores, iters, anneal=0.03):
+  """Expert offsets [E] balancing one group's scores [S, E]: Sinkhorn in probability space
+  (float64) at temperatures from the scores' standard deviation (about each token's mean) down
+  to `anneal` of it."""
+  s, e = scores.shape
+  centred = scores - scores.mean(-1, keepdims=True)
+  spread = np.sqrt((centred ** 2).mean()) + 1e-6
+  scale = np.ones(e)                                       # column scaling = exp(offset / tau)
+  offset = np.zeros(e)
+  for i in range(iters):
+    tau = spread * anneal ** (i / max(iters - 1, 1))
+    kernel = np.exp((scores - scores.max()) / tau) * np.exp(offset / tau)   # [S, E]
+    rows = kernel / kernel.sum(-1, keepdims=True)           # each token's mass is 1
+    scale = (s / e) / rows.sum(0)                           # columns to an equal share
+    offset = offset + tau * np.log(scale)
+  return offset
+
+
+def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None, group=None,
+              sinkhorn_iters=0):
   """Each group in token order; all first choices claim slots before any second choice.
 
-  Returns (y, kept mask [B, T, K], kept count per expert [B, T/GROUP, E])."""
+  Returns (y, kept mask [B, T, K], kept count per expert [B, T/group, E])."""
   x = np.asarray(x, np.float64)
   w = moe_lib.ExpertWeights(*(None if a is None else np.asarray(a, np.float64) for a in w))
   b, t, d = x.shape
-  group = GROUP
+  group = group or GROUP
   out = np.zeros_like(x)
   kept_mask = np.zeros((b, t, top_k), bool)
   kept_count = np.zeros((b, t // group, w.router.shape[1]), int)
@@ -36,6 +55,8 @@ def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None):
       probs = np.exp(logits - logits.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
       scores = logits if select_bias is None else logits + np.asarray(select_bias)
+      if sinkhorn_iters:
+        scores = scores + naive_sinkhorn_offset(scores, sinkhorn_iters)
       choices = np.argsort(-scores, axis=-1)[:, :top_k]      # the gate stays probs[e]
       used = np.zeros(w.router.shape[1], int)
       for k in range(top_k):
@@ -73,8 +94,9 @@ def _inputs(seed=0, b=2, t=32):
 def run_moe(x, w, tp, top_k, capacity, **kwargs):
   mesh = mesh_lib.make_mesh(tp, 1)
   with bare(mesh):
-    fn = jax.jit(lambda w, x: moe_lib.moe(w, x, jax.random.key(0), group_size=GROUP,
-                                          top_k=top_k, capacity=capacity, **kwargs))
+    kwargs = {'group_size': GROUP, **kwargs}
+    fn = jax.jit(lambda w, x: moe_lib.moe(w, x, jax.random.key(0), top_k=top_k,
+                                          capacity=capacity, **kwargs))
     return jax.device_get(fn(w, x))
 
 
@@ -164,3 +186,31 @@ def test_selection_bias_step_moves_toward_underloaded_experts():
   np.testing.assert_array_equal(moe_lib.select_bias_step(assigned, 0.5), [[-0.5, 0.5, 0.5, 0.5]])
   np.testing.assert_allclose(moe_lib.select_bias_step(assigned, 0.5, 'relative'),
                              [[-0.5, 0.3, 0.1, 0.1]], rtol=1e-6)   # (5 - load) / 5, clipped
+
+
+@pytest.mark.parametrize('tp', [1, 4])
+def test_sinkhorn_balances_choices_like_the_reference(tp):
+  """In-group balancing: offsets from the reference's Sinkhorn choose the experts, the gates
+  stay the unbiased probabilities, and a router that sends most tokens to two experts ends up
+  balanced."""
+  x, w = _inputs(t=64)
+  bias = jnp.zeros(E).at[:2].set(2.0)                       # experts 0 and 1 are preferred
+  ref, _, ref_count = naive_moe(x, w, 1, 64, select_bias=bias, group=64, sinkhorn_iters=20)
+  y, stats = run_moe(x, w._replace(select_bias=bias), tp, 1, 64, group_size=64,
+                     sinkhorn_iters=20)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  per_group = lambda a: a.sum(1, keepdims=True)              # tp > 1: the group's parts
+  np.testing.assert_array_equal(per_group(stats.assigned), ref_count)
+  _, _, plain = naive_moe(x, w, 1, 64, select_bias=bias, group=64)
+  np.testing.assert_array_equal(per_group(stats.preferred), plain)      # what the scores alone choose
+  assert plain.max() > 2.5 * plain.mean()                    # without it: far from balanced
+  assert ref_count.max() <= 1.5 * ref_count.mean()           # with it: near 8 per expert
+
+
+def test_sinkhorn_offset_is_scale_free():
+  """The annealed temperature follows the scores' spread: scaled logits, the same choices."""
+  scores = jax.random.normal(jax.random.key(3), (2, 256, 8)) + jnp.linspace(0, 2, 8)
+  choose = lambda a: jnp.argmax(a + routing.balancing_offset(a, None, 20)[:, None], -1)
+  np.testing.assert_array_equal(choose(scores), choose(scores * 10.0))
+  counts = np.stack([np.bincount(np.asarray(c), minlength=8) for c in choose(scores)])
+  assert counts.max() <= 1.2 * counts.mean()

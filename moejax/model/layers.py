@@ -150,7 +150,8 @@ class MoE(nn.Module):
     return moe_lib.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
                        capacity=c.capacity(self.train), dropout_rate=rate,
                        compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
-                       normalize_gates=c.normalize_gates, dispatch=c.dispatch, valid=valid)
+                       normalize_gates=c.normalize_gates, dispatch=c.dispatch, valid=valid,
+                       sinkhorn_iters=c.sinkhorn_iters if self.train else 0)
 
 
 class Block(nn.Module):

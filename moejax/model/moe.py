@@ -157,8 +157,8 @@ EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
                token_spec: P, groups: Groups, top_k: int, capacity: int, dropout_rate: float,
-               compute_dtype, gelu: str, normalize_gates: bool, dispatch: str
-               ) -> tuple[jax.Array, routing.GroupStats]:
+               compute_dtype, gelu: str, normalize_gates: bool, dispatch: str,
+               sinkhorn_iters: int) -> tuple[jax.Array, routing.GroupStats]:
   """Shard-local MoE: (x_ [B_, nG_, S, D], valid_ [B_, nG_, S] or None) -> ([B_, nG_, S, D],
   per-part stats); `groups` says which parts make one routing group."""
   x_, valid_ = inputs_
@@ -171,7 +171,7 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
   names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [P, G_] x 2
   share = _group_share(*names, axes) if groups.parts > 1 else None
   r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
-                           w_.select_bias, valid_, share)
+                           w_.select_bias, valid_, share, sinkhorn_iters)
   y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, names=names,
                               group_size=group_size, capacity=capacity,
                               dropout_rate=dropout_rate, compute_dtype=compute_dtype,
@@ -183,7 +183,8 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
         capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32,
         gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity',
-        valid: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
+        valid: jax.Array | None = None, sinkhorn_iters: int = 0
+        ) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
   per-part stats (leading axes [B', nG]; aux and z are the whole group's in every part, the
   loads the part's own).
@@ -196,13 +197,15 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
   dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
   'dropless' (every assignment is computed; `capacity` is not used). valid [B, T]: tokens of
   packed rows that are not padding (padding takes no capacity and is not in the stats).
+  sinkhorn_iters > 0: each group's choices are balanced in-group (routing.route).
   """
   b, t, d = x.shape
   shape, groups = _layout(b, t, group_size)                             # [B', nG, S]
   parts = mesh_lib.constrain(x.reshape(shape + (d,)), GROUP_AXES + (None, 'act_embed'))
   fn = functools.partial(_moe_local, groups=groups, top_k=top_k, capacity=capacity,
                          dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu,
-                         normalize_gates=normalize_gates, dispatch=dispatch)
+                         normalize_gates=normalize_gates, dispatch=dispatch,
+                         sinkhorn_iters=sinkhorn_iters)
   axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
   if valid is not None:
     valid = mesh_lib.constrain(valid.reshape(shape), GROUP_AXES + (None,))

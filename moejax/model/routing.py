@@ -28,11 +28,13 @@ class GroupStats(NamedTuple):
   z: jax.Array         # [G] router z-loss mean_s logsumexp(logits)^2 (unweighted)
   assigned: jax.Array  # [G, E] assignments per expert before capacity
   kept: jax.Array      # [G, E] assignments per expert within capacity
+  preferred: jax.Array  # [G, E] assignments the scores alone would make (before in-group balancing)
 
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
           normalize_gates: bool = False, select_bias: jax.Array | None = None,
-          valid: jax.Array | None = None, share=None) -> tuple[Routing, GroupStats]:
+          valid: jax.Array | None = None, share=None,
+          sinkhorn_iters: int = 0) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
@@ -45,6 +47,11 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   valid [G, S] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
   in none of the stats; the losses average over a group's valid tokens.
 
+  sinkhorn_iters > 0 balances each group's choices (Sinkhorn, as Megatron's 'sinkhorn' router;
+  for training): a per-group offset per expert, found so that softmax(scores + offset) gives
+  every expert an equal share of the group's tokens, is added to the selection scores. Gates
+  stay the unbiased probabilities; `preferred` counts the choices without the offset.
+
   share: None when each row of x is a whole routing group; else x's rows are parts of groups
   spread over devices, and share(part [G, X]) -> (group [G, X], earlier [G, X]) sums a float
   statistic over the parts of each row's group, and over the parts before it. The claims of
@@ -55,15 +62,16 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
                       w_router.astype(jnp.float32))                   # [G, S, E]
   probs = jax.nn.softmax(logits, axis=-1)                              # [G, S, E]
-  if select_bias is None:
-    gate, expert = jax.lax.top_k(probs, top_k)                         # [G, S, K]
-  else:
-    _, expert = jax.lax.top_k(logits + select_bias.astype(jnp.float32), top_k)
-    gate = jnp.take_along_axis(probs, expert, axis=-1)                 # [G, S, K]
+  scores = logits if select_bias is None else logits + select_bias.astype(jnp.float32)
+  _, expert = jax.lax.top_k(scores, top_k)                             # [G, S, K]
+  onehot = _choices(expert, num_experts, valid)                        # [G, K, S, E]
+  preferred = jnp.sum(onehot, axis=(1, 2))                             # [G, E]
+  if sinkhorn_iters > 0:
+    offset = balancing_offset(scores, valid, sinkhorn_iters, share)    # [G, E]
+    _, expert = jax.lax.top_k(scores + offset[:, None, :], top_k)      # [G, S, K]
+    onehot = _choices(expert, num_experts, valid)
+  gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [G, S, K]
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
-  onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)        # [G, K, S, E]
-  if valid is not None:
-    onehot = onehot * valid[:, None, :, None].astype(jnp.int32)
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
@@ -90,7 +98,43 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
   z = whole[:, -1] / count[:, 0]                                       # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
-          GroupStats(aux, z, assigned, kept))
+          GroupStats(aux, z, assigned, kept, preferred))
+
+
+def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> jax.Array:
+  """One-hot choices [G, K, S, E] of expert [G, S, K]; invalid tokens choose nothing."""
+  onehot = jax.nn.one_hot(expert.transpose(0, 2, 1), num_experts, dtype=jnp.int32)
+  if valid is not None:
+    onehot = onehot * valid[:, None, :, None].astype(jnp.int32)
+  return onehot
+
+
+def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
+                     share=None) -> jax.Array:
+  """Per-group expert offsets [G, E] that balance the top choices of scores [G, S, E] over a
+  group's valid tokens: `iters` Sinkhorn iterations in log space (rows normalised by a softmax,
+  columns scaled toward an equal share per expert) at a temperature annealed from the group's
+  score spread to 3% of it, so the soft shares approach the hard choices' counts whatever the
+  logits' scale. `share` as in route (sums over a group's parts)."""
+  g, s, e = scores.shape
+  scores = jax.lax.stop_gradient(scores)
+  weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
+  total = (lambda a: a) if share is None else (lambda a: share(a)[0])  # over the whole group
+  centred = scores - jnp.mean(scores, axis=-1, keepdims=True)          # [G, S, E]
+  sums = total(jnp.stack([jnp.sum(weight, axis=-1),
+                          jnp.einsum('GSE,GS->G', centred ** 2, weight)], axis=-1))  # [G, 2]
+  even = jnp.maximum(sums[:, :1], 1.0) / e                             # [G, 1] tokens/expert
+  spread = jnp.sqrt(sums[:, 1:] / (even * e * e)) + 1e-6               # [G, 1] score std
+
+  def step(i, offset):
+    tau = spread * ANNEAL ** (i / max(iters - 1, 1))                   # [G, 1]
+    p = jax.nn.softmax((scores + offset[:, None, :]) / tau[:, :, None], axis=-1)  # [G, S, E]
+    column = total(jnp.einsum('GSE,GS->GE', p, weight))                # [G, E]
+    return offset - tau * jnp.log(jnp.maximum(column, 1e-30) / even)
+  return jax.lax.fori_loop(0, iters, step, jnp.zeros((g, e), jnp.float32))
+
+
+ANNEAL = 0.03   # the last Sinkhorn temperature, as a fraction of the score spread
 
 
 def _statistics(onehot: jax.Array, probs: jax.Array, logits: jax.Array,

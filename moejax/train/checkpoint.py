@@ -30,7 +30,7 @@ MODEL_SECTIONS = ('model', 'moe')
 RUN_KEYS = {('model', 'dtype'), ('model', 'init_std'), ('moe', 'dispatch'),
             ('moe', 'capacity_factor'), ('moe', 'eval_capacity_factor'), ('moe', 'dropout'),
             ('moe', 'aux_loss_weight'), ('moe', 'z_loss_weight'), ('moe', 'bias_update_rule'),
-            ('moe', 'group_size')}
+            ('moe', 'group_size'), ('moe', 'sinkhorn_iters')}
 def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of a run's newest (or given) complete checkpoint, read without JAX.
 

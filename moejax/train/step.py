@@ -30,7 +30,7 @@ def train_step_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformatio
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.bias_update_rate > 0:   # aux-loss-free balancing: not a gradient step
-      params = _nudge_select_bias(params, metrics['expert_assigned'], cfg, lay)
+      params = _nudge_select_bias(params, metrics['expert_preferred'], cfg, lay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -47,7 +47,8 @@ def eval_step_fn(cfg: ModelConfig, lay: Layout) -> Callable:
 
 
 def _nudge_select_bias(params, assigned: jax.Array, cfg: ModelConfig, lay: Layout):
-  """params with each MoE layer's selection bias nudged by the step's loads [NB, E]."""
+  """params with each MoE layer's selection bias nudged by the step's loads [NB, E] (the
+  choices the biased scores make without in-group balancing: the bias is what inference uses)."""
   moe = params['blocks']['moe']
   step = moe_lib.select_bias_step(assigned, cfg.bias_update_rate, cfg.bias_update_rule)
   delta = params_lib.to_stages(step,                                     # [NB, E] ->
