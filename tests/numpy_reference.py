@@ -9,6 +9,8 @@ group by routing group; nothing is vectorised that could hide a mistake the mode
   attn:   q,k,v = x Wq + bq, ... ; causal softmax(q k^T / sqrt(H)) v ; concat heads ; Wo + bo
   moe:    p = softmax(x Wr) ; top-k ; capacity per group (all first choices before any second,
           earlier tokens first) ; y = sum_kept gate * (gelu(x W1[e] + b1[e]) W2[e] + b2[e])
+          (with in-group balancing, top-k of x Wr + per-expert offsets from Sinkhorn-Knopp
+          scaling of the group's exp(logits / temperature); f_e counts the plain top-k)
   loss:   mean CE over real vocabulary + aux_w * sum_blocks mean_groups E sum_e f_e P_e
           + z_w * sum_blocks mean_groups mean_tokens logsumexp(router logits)^2
 """
@@ -55,14 +57,35 @@ def attention(x: np.ndarray, p: dict) -> np.ndarray:
   return y + p['bo'] if 'bo' in p else y
 
 
+def sinkhorn_offsets(scores: np.ndarray, iters: int, anneal: float = 0.03) -> np.ndarray:
+  """Per-expert offsets [E] that balance a group's top choices of scores [S, E]: Sinkhorn-Knopp
+  scaling of exp(scores / tau) to rows summing to 1 and columns to S/E, at temperatures tau
+  from the scores' standard deviation (about each token's mean) down to `anneal` of it; the
+  offset is tau * log(column scale)."""
+  s, e = scores.shape
+  spread = math.sqrt(float(((scores - scores.mean(-1, keepdims=True)) ** 2).mean())) + 1e-6
+  offset = np.zeros(e)
+  for i in range(iters):
+    tau = spread * anneal ** (i / max(iters - 1, 1))
+    kernel = np.exp((scores - scores.max() + offset) / tau)   # [S, E] columns scaled already
+    rows = kernel / kernel.sum(-1, keepdims=True)
+    offset = offset + tau * np.log((s / e) / rows.sum(0))
+  return offset
+
+
 def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: str,
-              normalize_gates: bool) -> tuple[np.ndarray, float, float, int, int]:
+              normalize_gates: bool, sinkhorn_iters: int = 0
+              ) -> tuple[np.ndarray, float, float, int, int]:
   """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned)."""
   s = x.shape[0]
   num_experts = p['router'].shape[1]
   logits = x @ p['router']                              # [S, E]
   probs = softmax(logits)
-  choice = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]   # [S, K]
+  plain = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]    # [S, K]
+  choice = plain
+  if sinkhorn_iters:
+    balanced = logits + sinkhorn_offsets(logits, sinkhorn_iters)
+    choice = np.argsort(-balanced, axis=-1, kind='stable')[:, :top_k]
   used = np.zeros(num_experts, int)
   kept = np.zeros((s, top_k), bool)
   for k in range(top_k):                                # priority: choice rank, then position
@@ -82,7 +105,7 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
       gate = gates[k] / total if normalize_gates else gates[k]
       hidden = gelu(x[i] @ p['w1'][e] + p['b1'][e], gelu_form)
       y[i] += gate * (hidden @ p['w2'][e] + p['b2'][e])
-  frac = np.bincount(choice.reshape(-1), minlength=num_experts) / (s * top_k)
+  frac = np.bincount(plain.reshape(-1), minlength=num_experts) / (s * top_k)
   aux = num_experts * float(np.sum(frac * probs.mean(0)))
   lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
   z = float(np.mean(lse ** 2))
@@ -91,7 +114,8 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
 
 def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: int, top_k: int,
             capacity: int, aux_weight: float, z_weight: float, gelu_form: str = 'exact',
-            normalize_gates: bool = False) -> tuple[float, np.ndarray, dict]:
+            normalize_gates: bool = False, sinkhorn_iters: int = 0
+            ) -> tuple[float, np.ndarray, dict]:
   """tokens [M, B, T+1] -> (loss, logits [M, B, T, vocab_size], stats)."""
   f64 = lambda tree: {k: f64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
                       for k, v in tree.items()}
@@ -118,7 +142,7 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
         sl = slice(g * group_size, (g + 1) * group_size)
         y[sl], aux[nb, mi, g], z[nb, mi, g], kk, aa = moe_group(
             h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
-            normalize_gates=normalize_gates)
+            normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters)
         kept, assigned = kept + kk, assigned + aa
       x = x + y.reshape(bsz, t, -1)
     x = layer_norm(x, head['ln_f']['scale'], head['ln_f']['bias'])

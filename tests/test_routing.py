@@ -9,6 +9,7 @@ import pytest
 from moejax.model import moe as moe_lib, routing
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.plan import bare
+from tests import numpy_reference
 
 
 _erf = np.vectorize(math.erf)
@@ -16,24 +17,6 @@ _erf = np.vectorize(math.erf)
 
 def _gelu(x):
   return 0.5 * x * (1 + _erf(x / math.sqrt(2)))   # exact GELU (torch nn.GELU())
-
-
-def naive_sinkhorn_offset(scores, iters, anneal=0.03):
-  """Expert offsets [E] balancing one group's scores [S, E]: Sinkhorn in probability space
-  (float64) at temperatures from the scores' standard deviation (about each token's mean) down
-  to `anneal` of it."""
-  s, e = scores.shape
-  centred = scores - scores.mean(-1, keepdims=True)
-  spread = np.sqrt((centred ** 2).mean()) + 1e-6
-  scale = np.ones(e)                                       # column scaling = exp(offset / tau)
-  offset = np.zeros(e)
-  for i in range(iters):
-    tau = spread * anneal ** (i / max(iters - 1, 1))
-    kernel = np.exp((scores - scores.max()) / tau) * np.exp(offset / tau)   # [S, E]
-    rows = kernel / kernel.sum(-1, keepdims=True)           # each token's mass is 1
-    scale = (s / e) / rows.sum(0)                           # columns to an equal share
-    offset = offset + tau * np.log(scale)
-  return offset
 
 
 def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None, group=None,
@@ -56,7 +39,7 @@ def naive_moe(x, w, top_k, capacity, normalize_gates=False, select_bias=None, gr
       probs /= probs.sum(-1, keepdims=True)
       scores = logits if select_bias is None else logits + np.asarray(select_bias)
       if sinkhorn_iters:
-        scores = scores + naive_sinkhorn_offset(scores, sinkhorn_iters)
+        scores = scores + numpy_reference.sinkhorn_offsets(scores, sinkhorn_iters)
       choices = np.argsort(-scores, axis=-1)[:, :top_k]      # the gate stays probs[e]
       used = np.zeros(w.router.shape[1], int)
       for k in range(top_k):

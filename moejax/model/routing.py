@@ -24,7 +24,8 @@ class Routing(NamedTuple):
 
 
 class GroupStats(NamedTuple):
-  aux: jax.Array       # [G] Switch load-balancing loss E * sum_i f_i P_i (unweighted)
+  aux: jax.Array       # [G] Switch load-balancing loss E * sum_i f_i P_i (unweighted; f_i of
+                       #     the preferred choices)
   z: jax.Array         # [G] router z-loss mean_s logsumexp(logits)^2 (unweighted)
   assigned: jax.Array  # [G, E] assignments per expert before capacity
   kept: jax.Array      # [G, E] assignments per expert within capacity
@@ -50,7 +51,8 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   sinkhorn_iters > 0 balances each group's choices (Sinkhorn, as Megatron's 'sinkhorn' router;
   for training): a per-group offset per expert, found so that softmax(scores + offset) gives
   every expert an equal share of the group's tokens, is added to the selection scores. Gates
-  stay the unbiased probabilities; `preferred` counts the choices without the offset.
+  stay the unbiased probabilities; `preferred` counts the choices without the offset, and the
+  aux loss's f_i counts those too (it trains the router's own preferences toward balance).
 
   share: None when each row of x is a whole routing group; else x's rows are parts of groups
   spread over devices, and share(part [G, X]) -> (group [G, X], earlier [G, X]) sums a float
@@ -75,7 +77,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
-  part = _statistics(onehot, probs, logits, valid)                     # [G, K*E + E + 2]
+  part = _statistics(onehot, preferred, probs, logits, valid)          # [G, K*E + 2E + 2]
   whole = part
   if share is not None:
     whole, earlier = share(part)
@@ -93,8 +95,8 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   count = jnp.maximum(whole[:, -2:-1], 1.0)                            # [G, 1] valid tokens
-  frac = jnp.sum(whole[:, :k * e].reshape(g, k, e), axis=1) / (k * count)  # f_i [G, E]
-  mean_prob = whole[:, k * e:k * e + e] / count                        # P_i [G, E]
+  frac = whole[:, k * e:k * e + e] / (k * count)                       # f_i [G, E]
+  mean_prob = whole[:, k * e + e:k * e + 2 * e] / count                # P_i [G, E]
   aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
   z = whole[:, -1] / count[:, 0]                                       # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
@@ -137,14 +139,16 @@ def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
 ANNEAL = 0.03   # the last Sinkhorn temperature, as a fraction of the score spread
 
 
-def _statistics(onehot: jax.Array, probs: jax.Array, logits: jax.Array,
+def _statistics(onehot: jax.Array, preferred: jax.Array, probs: jax.Array, logits: jax.Array,
                 valid: jax.Array | None) -> jax.Array:
-  """Sums over a group's (valid) tokens [G, K*E + E + 2]: claims per rank and expert, router
-  probabilities per expert, the token count, and the squared log-partition (z) sum."""
+  """Sums over a group's (valid) tokens [G, K*E + 2E + 2]: claims per rank and expert,
+  preferred choices [G, E] per expert, router probabilities per expert, the token count, and
+  the squared log-partition (z) sum."""
   g, k, s, e = onehot.shape
   weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
   lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, S]
   return jnp.concatenate([jnp.sum(onehot, axis=2).reshape(g, k * e).astype(jnp.float32),
+                          preferred.astype(jnp.float32),
                           jnp.sum(probs * weight[..., None], axis=1),
                           jnp.sum(weight, axis=-1, keepdims=True),
                           jnp.sum(lse2 * weight, axis=-1, keepdims=True)], axis=-1)
