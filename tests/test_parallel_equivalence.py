@@ -175,7 +175,7 @@ def test_sinkhorn_balancing_of_groups_spanning_shards_matches_1x1(groups, tp, pp
   loss, metrics, grads = loss_and_grads(config)
   ref_loss, ref_metrics, ref_grads = group_reference(groups, 1, sinkhorn_iters=20)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  for key in ('ce', 'aux_loss', 'dropped_frac'):
+  for key in ('ce', 'aux_loss', 'dropped_frac', 'rerouted_frac'):
     np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
   for key in ('expert_load', 'expert_assigned', 'expert_preferred'):
     np.testing.assert_array_equal(metrics[key], ref_metrics[key], err_msg=key)
@@ -190,3 +190,4 @@ def test_sinkhorn_balances_the_choices():
   np.testing.assert_array_equal(balanced['expert_preferred'][0], plain['expert_assigned'][0])
   peak = lambda a: np.max(a / a.mean(-1, keepdims=True))
   assert peak(balanced['expert_assigned']) < peak(plain['expert_assigned']) - 0.2
+  assert plain['rerouted_frac'] == 0.0 < balanced['rerouted_frac'] < 0.5

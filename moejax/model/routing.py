@@ -30,6 +30,7 @@ class GroupStats(NamedTuple):
   assigned: jax.Array  # [G, E] assignments per expert before capacity
   kept: jax.Array      # [G, E] assignments per expert within capacity
   preferred: jax.Array  # [G, E] assignments the scores alone would make (before in-group balancing)
+  rerouted: jax.Array   # [G] assignments in-group balancing sent to an expert not preferred
 
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
@@ -68,10 +69,13 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   _, expert = jax.lax.top_k(scores, top_k)                             # [G, S, K]
   onehot = _choices(expert, num_experts, valid)                        # [G, K, S, E]
   preferred = jnp.sum(onehot, axis=(1, 2))                             # [G, E]
+  rerouted = jnp.zeros(onehot.shape[0], jnp.int32)                     # [G]
   if sinkhorn_iters > 0:
     offset = balancing_offset(scores, valid, sinkhorn_iters, share)    # [G, E]
     _, expert = jax.lax.top_k(scores + offset[:, None, :], top_k)      # [G, S, K]
+    wanted = jnp.sum(onehot, axis=1, keepdims=True)                    # [G, 1, S, E] 0/1
     onehot = _choices(expert, num_experts, valid)
+    rerouted = jnp.sum(onehot * (1 - wanted), axis=(1, 2, 3))          # [G]
   gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [G, S, K]
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   g, k, s, e = onehot.shape
@@ -100,7 +104,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
   z = whole[:, -1] / count[:, 0]                                       # [G]
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
-          GroupStats(aux, z, assigned, kept, preferred))
+          GroupStats(aux, z, assigned, kept, preferred, rerouted))
 
 
 def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> jax.Array:

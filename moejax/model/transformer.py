@@ -28,6 +28,7 @@ def _layer_stats(stats) -> dict[str, jax.Array]:
       'assigned': jnp.sum(stats.assigned, axis=(0, 1)).astype(jnp.float32),  # [E]
       'kept': jnp.sum(stats.kept, axis=(0, 1)).astype(jnp.float32),          # [E]
       'preferred': jnp.sum(stats.preferred, axis=(0, 1)).astype(jnp.float32),  # [E]
+      'rerouted': jnp.sum(stats.rerouted).astype(jnp.float32),
   }
 
 
@@ -129,6 +130,7 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   metrics = {
       'ce': ce, 'aux_loss': aux, 'z_loss': z, 'targets': targets,
       'dropped_frac': 1.0 - jnp.sum(kept) / jnp.sum(assigned),
+      'rerouted_frac': jnp.sum(stats['rerouted']) / jnp.sum(assigned),
       'expert_load': kept, 'expert_assigned': assigned, 'expert_preferred': stats['preferred'],
   }
   return ce + aux + z, metrics

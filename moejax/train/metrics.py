@@ -25,7 +25,8 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
   """Host-side scalars of one step's metrics (after device_get)."""
   kept = np.asarray(metrics['expert_load'])
   out = {'step': step}
-  for k in ('loss', 'ce', 'aux_loss', 'z_loss', 'dropped_frac', 'grad_norm', 'lr'):
+  for k in ('loss', 'ce', 'aux_loss', 'z_loss', 'dropped_frac', 'rerouted_frac', 'grad_norm',
+            'lr'):
     if k in metrics:
       out[k] = float(metrics[k])
   out['tokens_per_sec'] = float(tokens_per_sec)
@@ -62,6 +63,8 @@ def format_line(record: dict[str, Any], prefix: str = 'step', total: int | None 
     parts.append(f"{_duration(record['seconds_left'])} left")
   parts.append(f"dropped {100 * record['dropped_frac']:.2f}%")
   parts.append(f"balance {record['balance']:.2f}")
+  if record.get('rerouted_frac', 0.0) > 0.0:
+    parts.append(f"rerouted {100 * record['rerouted_frac']:.1f}%")
   if 'ppl' in record:
     parts.append(f"ppl {record['ppl']:.2f}")
   return ' | '.join(parts)
