@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from moejax.config import ConfigError, validate
+from moejax.errors import ConfigError
+from moejax.validation import validate
 from moejax.data import buckets
 from moejax.train import loop
 from moejax.train.plan import Plan

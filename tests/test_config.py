@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from moejax import config as config_lib
+from moejax import config as config_lib, validation
 from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +30,12 @@ def test_config_files_load_and_validate(path, tmp_path):
     full = tiny = load(path, str(tmp_path / 'data'))
   else:
     tiny = load(path, 'tiny')
-  config_lib.validate(full, num_devices=full.mesh.tp * full.mesh.pp)
+  validation.validate(full, num_devices=full.mesh.tp * full.mesh.pp)
   # text.py's 4 micro-batches of 16 sequences (one routing group each) fill up to 4 stages.
   layouts = ((4, 4), (1, 1)) if full.data.source == 'tokens' else ((4, 4), (2, 8), (1, 1))
   for tp, pp in layouts:
     tiny.mesh.tp, tiny.mesh.pp = tp, pp
-    config_lib.validate(tiny, num_devices=16)
+    validation.validate(tiny, num_devices=16)
 
 
 def test_full_config_is_the_seed_model():
@@ -70,23 +70,23 @@ def test_full_config_is_the_seed_model():
 def test_validation_errors_name_the_keys(overrides, message):
   config = small_config(4, 4, **overrides)
   with pytest.raises(config_lib.ConfigError, match=message.replace('*', r'\*').replace('(', r'\(')):
-    config_lib.validate(config, num_devices=16)
+    validation.validate(config, num_devices=16)
 
 
 def test_too_few_devices():
   with pytest.raises(config_lib.ConfigError, match='only 8 are available'):
-    config_lib.validate(small_config(4, 4), num_devices=8)
+    validation.validate(small_config(4, 4), num_devices=8)
 
 
 def test_unknown_and_missing_keys():
   config = small_config(1, 1)
   config.moe.capacity = 2
   with pytest.raises(config_lib.ConfigError, match=r"Unknown config keys: \['moe.capacity'\]"):
-    config_lib.validate(config, num_devices=16)
+    validation.validate(config, num_devices=16)
   config = small_config(1, 1)
   del config.moe['gelu']
   with pytest.raises(config_lib.ConfigError, match=r"Missing config keys: \['moe.gelu'\]"):
-    config_lib.validate(config, num_devices=16)
+    validation.validate(config, num_devices=16)
 
 
 def test_derived_numbers_are_computed():

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moejax import config as config_lib, runtime
+from moejax import config as config_lib, runtime, validation
 from moejax.errors import (CheckpointError, ClusterError, ConfigError, DeviceMemoryError,
                            DivergedError)
 from moejax.data import buckets as buckets_lib
@@ -45,7 +45,7 @@ def make_source(plan: Plan) -> Source:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.num_steps; returns the last logged record."""
-  config_lib.validate(config, jax.device_count())
+  validation.validate(config, jax.device_count())
   if jax.process_count() > 1 and config_lib.layout(config).devices != jax.device_count():
     raise ClusterError(
         f'mesh.dp * mesh.tp * mesh.pp = {config_lib.layout(config).devices} but the '

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import config as config_lib
+from moejax import config as config_lib, validation
 from moejax.model import params as params_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.train import optimizer, state as state_lib, step as step_lib
@@ -35,7 +35,7 @@ class Plan:
   def __init__(self, config: ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None):
     devices = list(jax.devices() if devices is None else devices)
-    config_lib.validate(config, len(devices))
+    validation.validate(config, len(devices))
     self.config = config
     self.model = config_lib.model_config(config)
     self.layout = config_lib.layout(config)
