@@ -62,6 +62,7 @@ def test_full_config_is_the_seed_model():
      'moe.group_size=96 is longer than data.seq_len=32 but is not a whole number'),
     ({'moe.top_k': 9}, 'moe.top_k=9 > moe.num_experts=8'),
     ({'moe.capacity_factor': 0.0}, 'capacity_factor'),
+    ({'moe.sinkhorn_iters': -1}, 'moe.sinkhorn_iters=-1 must be an integer >= 0'),
     ({'model.dtype': 'float8'}, "model.dtype='float8'"),
     ({'pipeline.remat_policy': 'bogus'}, "pipeline.remat_policy='bogus'"),
     ({'data.source': 'nope'}, "data.source='nope'"),
