@@ -115,6 +115,9 @@ def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> ja
   return onehot
 
 
+ANNEAL = 0.03   # the last Sinkhorn temperature, as a fraction of the score spread
+
+
 def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
                      share=None) -> jax.Array:
   """Per-group expert offsets [G, E] that balance the top choices of scores [G, S, E] over a
@@ -138,9 +141,6 @@ def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
     column = total(jnp.einsum('GSE,GS->GE', p, weight))                # [G, E]
     return offset - tau * jnp.log(jnp.maximum(column, 1e-30) / even)
   return jax.lax.fori_loop(0, iters, step, jnp.zeros((g, e), jnp.float32))
-
-
-ANNEAL = 0.03   # the last Sinkhorn temperature, as a fraction of the score spread
 
 
 def _statistics(onehot: jax.Array, preferred: jax.Array, probs: jax.Array, logits: jax.Array,
