@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import text as text_config
-from moejax import config as config_lib
+from moejax import validation
 from moejax.cli.prepare import prepare
 from moejax.config import ConfigError
 from moejax.data import tokenizer as tokenizer_lib
@@ -87,8 +87,8 @@ def test_bpe_tokenizer_from_a_local_file(tmp_path):
   assert loaded.decode(loaded.encode(TEXT[:200])) == TEXT[:200]
   # A model with the byte vocabulary cannot take this tokenizer's ids.
   with pytest.raises(ConfigError, match='model.vocab_size=257'):
-    config_lib.validate(small_text_config(str(tmp_path / 'bpe')))
-  config_lib.validate(_with_vocab(small_text_config(str(tmp_path / 'bpe')), vocab))
+    validation.validate(small_text_config(str(tmp_path / 'bpe')))
+  validation.validate(_with_vocab(small_text_config(str(tmp_path / 'bpe')), vocab))
   with pytest.raises(ConfigError, match=f'has {vocab} ids but the model only 257'):
     tokenizer_lib.for_model(small_text_config(str(tmp_path / 'bpe')), str(tmp_path / 'tokenizer.json'))
 
@@ -100,7 +100,7 @@ def _with_vocab(c, vocab):
 
 def test_bad_inputs_are_clear_errors(dataset, tmp_path):
   with pytest.raises(ConfigError, match='not a token dataset'):
-    config_lib.validate(small_text_config(str(tmp_path / 'nowhere')))
+    validation.validate(small_text_config(str(tmp_path / 'nowhere')))
   with pytest.raises(ConfigError, match='does not exist'):
     prepare([str(tmp_path / 'missing.txt')], str(tmp_path / 'x'))
   (tmp_path / 'empty.txt').write_text('   \n')
@@ -109,23 +109,23 @@ def test_bad_inputs_are_clear_errors(dataset, tmp_path):
   # A binary emptied or truncated after preparing.
   open(os.path.join(dataset, 'val.bin'), 'wb').close()
   with pytest.raises(ConfigError, match='val.bin is empty'):
-    config_lib.validate(small_text_config(dataset))
+    validation.validate(small_text_config(dataset))
   (tmp_path / 'short.txt').write_text('a text shorter than one window')
   prepare([str(tmp_path / 'short.txt')], str(tmp_path / 'short'), val_fraction=0.5)
   with pytest.raises(ConfigError, match='fewer than one window'):
-    config_lib.validate(small_text_config(str(tmp_path / 'short')))
+    validation.validate(small_text_config(str(tmp_path / 'short')))
   c = small_text_config(str(tmp_path / 'short'))
   c.model.vocab_size = 200
   (tmp_path / 'b.txt').write_text(TEXT)
   prepare([str(tmp_path / 'b.txt')], str(tmp_path / 'ok'))
   c.data.path = str(tmp_path / 'ok')
   with pytest.raises(ConfigError, match='of 257 ids but model.vocab_size=200'):
-    config_lib.validate(c)
+    validation.validate(c)
   # Ids beyond the vocabulary even where the recorded tokenizer would fit (a hand-made dataset).
   meta_file = tmp_path / 'ok' / 'meta.json'
   meta = json.loads(meta_file.read_text())
   meta_file.write_text(json.dumps(dict(meta, vocab_size=150)))
   with pytest.raises(ConfigError, match='holds token id 256 but model.vocab_size=200'):
-    config_lib.validate(c)
+    validation.validate(c)
   with pytest.raises(ConfigError, match='does not exist'):
     tokenizer_lib.load(str(tmp_path / 'no_tokenizer.json'))
