@@ -112,6 +112,24 @@ def test_bias_balancing_is_mesh_independent(case, tp, pp, dp, folded):
   assert np.abs(ref_bias).max() > 0                         # the biases really moved
 
 
+def test_bias_learns_from_the_routers_own_choices_under_sinkhorn():
+  """With in-group balancing the bias moves by the loads the biased scores choose without the
+  offsets (what inference routes by), by the relative rule's formula, not by the balanced loads."""
+  from moejax.data.source import global_batch
+  from moejax.train import loop
+  from moejax.train.plan import Plan
+  plan = Plan(small_config(1, 1, **BIAS, **BIAS_CASES['sinkhorn']))
+  state, source = plan.create_state(), loop.make_source(plan)
+  state, metrics = plan.train_step()(state, global_batch(source, 0, plan.batch_sharding))
+  bias = np.asarray(from_stages(state.params['blocks'])['moe']['select_bias'])   # [NB, E]
+  rule = lambda load: 0.01 * np.clip((load.mean(-1, keepdims=True) - load)
+                                     / load.mean(-1, keepdims=True), -1, 1)
+  preferred = np.asarray(metrics['expert_preferred'], np.float64)
+  np.testing.assert_allclose(bias, rule(preferred), rtol=1e-5, atol=1e-7)
+  assigned = np.asarray(metrics['expert_assigned'], np.float64)
+  assert np.abs(rule(assigned) - rule(preferred)).max() > 1e-3   # the two really differ
+
+
 SEQUENCE_GROUPS = {'moe.group_size': 32}    # one routing group per sequence: spans the tp shards
 BATCH_GROUPS = {'moe.group_size': 128}      # one group per micro-batch of 4 sequences
 GROUPS = {'sequence': SEQUENCE_GROUPS, 'batch': BATCH_GROUPS}

@@ -46,11 +46,11 @@ def eval_step_fn(cfg: ModelConfig, lay: Layout) -> Callable:
   return eval_step
 
 
-def _nudge_select_bias(params, assigned: jax.Array, cfg: ModelConfig, lay: Layout):
+def _nudge_select_bias(params, preferred: jax.Array, cfg: ModelConfig, lay: Layout):
   """params with each MoE layer's selection bias nudged by the step's loads [NB, E] (the
   choices the biased scores make without in-group balancing: the bias is what inference uses)."""
   moe = params['blocks']['moe']
-  step = moe_lib.select_bias_step(assigned, cfg.bias_update_rate, cfg.bias_update_rule)
+  step = moe_lib.select_bias_step(preferred, cfg.bias_update_rate, cfg.bias_update_rule)
   delta = params_lib.to_stages(step,                                     # [NB, E] ->
                                lay.pp, lay.repeats)                      # [S, R, L, E]
   moe = dict(moe, select_bias=moe['select_bias'] + delta)
