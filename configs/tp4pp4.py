@@ -35,6 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init_std=0.02,                      # normal init std (output projections scaled by depth)
       attn_bias=True,                     # q/k/v and output-projection biases (the seed's Megatron layers)
       positions='learned',                # 'learned' table (GPT-2, the seed's) or 'rope' (rotary: any length)
+      rope_base=10_000.0,                 # rotary base (positions='rope'; Mixtral and Qwen3 use 1e6)
+      norm='layernorm',                   # 'layernorm' (GPT-2, the seed's) or 'rmsnorm' (OLMoE, Qwen3, Mixtral)
+      norm_eps=1e-5,                      # epsilon of every norm
+      num_kv_heads=0,                     # grouped-query attention: key/value heads (0: num_heads)
+      qk_norm='none',                     # RMSNorm of q and k: 'none', 'full' (whole width, OLMoE) or 'head' (Qwen3)
   ))
   c.moe = ml_collections.ConfigDict(dict(
       num_experts=16 if tiny else 64,
@@ -52,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       bias_update_rule='sign',            # 'sign' (DeepSeek-V3: +-rate) or 'relative' (rate x load error)
       sinkhorn_iters=0,                   # >0: balance each routing group's choices in training (Sinkhorn)
       dispatch='capacity',                # 'capacity' (the seed's: drop past capacity) or 'dropless'
+      ffn='gelu',                         # expert FFN: 'gelu' MLP (the seed's) or 'swiglu' (gate w1, up w3, down w2)
+      expert_bias=True,                   # biases in the expert FFNs (the seed's Megatron layers)
+      normalize_gates_over='kept',        # normalize_gates over the 'kept' gates (after capacity) or 'top_k' (before; HF)
   ))
   c.pipeline = ml_collections.ConfigDict(dict(
       repeats=1,                          # circular repeats: each device holds r block groups

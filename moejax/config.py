@@ -45,6 +45,24 @@ class ModelConfig:
   sinkhorn_iters: int = 0        # >0: balance each routing group's choices in training (Sinkhorn)
   dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
   positions: str = 'learned'     # 'learned' (a [max_len, D] table, the seed's) or 'rope'
+  rope_base: float = 10_000.0    # rotary base (Mixtral, Qwen3: 1e6)
+  norm: str = 'layernorm'        # 'layernorm' (GPT-2, the seed's) or 'rmsnorm' (Llama family)
+  norm_eps: float = 1e-5
+  num_kv_heads: int = 0          # grouped-query attention: key/value heads (0: num_heads)
+  qk_norm: str = 'none'          # RMSNorm of queries and keys: 'none', 'full' (OLMoE), 'head' (Qwen3)
+  ffn: str = 'gelu'              # expert FFN: 'gelu' (w1, w2) or 'swiglu' (silu(x w1) * x w3, w2)
+  expert_bias: bool = True       # biases in the expert FFNs (the seed's)
+  normalize_gates_over: str = 'kept'  # with normalize_gates: over the 'kept' gates (after
+                                      # capacity; NLLB) or the 'top_k' choices (before; HF)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def gate_norm(self) -> str:
+    """'none', 'kept' or 'top_k': which gates a token's gates are renormalised over."""
+    return self.normalize_gates_over if self.normalize_gates else 'none'
 
   @property
   def padded_vocab(self) -> int:
@@ -199,7 +217,22 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
       attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
       bias_update_rate=float(moe.bias_update_rate), bias_update_rule=moe.bias_update_rule,
       sinkhorn_iters=moe.sinkhorn_iters, dispatch=moe.dispatch,
-      positions=m.positions)
+      positions=m.positions, **{k: _get(config, s, k) for s, k in ARCH_KEYS})
+
+
+# Architecture keys added for the open model families, with the values that keep the seed's
+# model; a config (or a checkpoint's saved config) without them means these values.
+ARCH_DEFAULTS: dict[tuple[str, str], object] = {
+    ('model', 'rope_base'): 10_000.0, ('model', 'norm'): 'layernorm', ('model', 'norm_eps'): 1e-5,
+    ('model', 'num_kv_heads'): 0, ('model', 'qk_norm'): 'none', ('moe', 'ffn'): 'gelu',
+    ('moe', 'expert_bias'): True, ('moe', 'normalize_gates_over'): 'kept'}
+ARCH_KEYS = tuple(ARCH_DEFAULTS)
+
+
+def _get(config: ml_collections.ConfigDict, section: str, key: str):
+  """config.section.key, or its ARCH_DEFAULTS value where a config predates the key."""
+  value = config[section].get(key, None)
+  return ARCH_DEFAULTS[(section, key)] if value is None else value
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
@@ -226,16 +259,21 @@ GELUS = ('exact', 'tanh')
 DISPATCHES = ('capacity', 'dropless')
 BIAS_RULES = ('sign', 'relative')
 DATA_SOURCES = ('random', 'learnable', 'tokens')
+NORMS = ('layernorm', 'rmsnorm')
+QK_NORMS = ('none', 'full', 'head')
+FFNS = ('gelu', 'swiglu')
+GATE_NORMS_OVER = ('kept', 'top_k')
 
 
 SCHEMA: dict[str, tuple[str, ...]] = {
     'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
     'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
-              'init_std', 'attn_bias', 'positions'),
+              'init_std', 'attn_bias', 'positions', 'rope_base', 'norm', 'norm_eps',
+              'num_kv_heads', 'qk_norm'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
             'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'sinkhorn_iters',
-            'dispatch'),
+            'dispatch', 'ffn', 'expert_bias', 'normalize_gates_over'),
     'pipeline': ('repeats', 'remat_policy'),
     'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack',
              'buckets'),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from moejax.config import (BIAS_RULES, DATA_SOURCES, DISPATCHES, DTYPES, GELUS, REMAT_POLICIES,
-                           Layout, ModelConfig, bucket_layouts, data_config, known_keys, layout,
+from moejax.config import (ARCH_DEFAULTS, BIAS_RULES, DATA_SOURCES, DISPATCHES, DTYPES, FFNS,
+                           GATE_NORMS_OVER, GELUS, NORMS, QK_NORMS, REMAT_POLICIES, Layout, ModelConfig, bucket_layouts, data_config, known_keys, layout,
                            model_config, profile_steps)
 from moejax.errors import ConfigError
 
@@ -19,7 +19,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
     else:
       have.add(key)
   known = set(known_keys())
-  unknown, missing = sorted(have - known), sorted(known - have)
+  optional = {f'{s}.{k}' for s, k in ARCH_DEFAULTS}   # older configs: the seed's values
+  unknown, missing = sorted(have - known), sorted(known - have - optional)
   if unknown or missing:
     raise ConfigError(
         (f'Unknown config keys: {unknown}. ' if unknown else '') +
@@ -163,6 +164,7 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   _check(errors, m.positions != 'rope' or m.head_dim % 2 == 0,
          f'model.head_dim={m.head_dim} must be even for rotary positions (model.positions=rope).')
   _check(errors, m.gelu in GELUS, f'moe.gelu={m.gelu!r} not one of {GELUS}.')
+  _check_architecture(errors, m)
   _check(errors, m.dispatch in DISPATCHES,
          f'moe.dispatch={m.dispatch!r} not one of {DISPATCHES}.')
   _check(errors, m.bias_update_rule in BIAS_RULES,
@@ -172,6 +174,20 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   _check(errors, isinstance(m.sinkhorn_iters, int) and m.sinkhorn_iters >= 0,
          f'moe.sinkhorn_iters={m.sinkhorn_iters!r} must be an integer >= 0 (0 turns in-group '
          'balancing off; 10-20 is typical).')
+
+
+def _check_architecture(errors: list[str], m: ModelConfig) -> None:
+  """The open families' architecture keys (norms, grouped-query heads, SwiGLU, gates)."""
+  _check(errors, m.norm in NORMS, f'model.norm={m.norm!r} not one of {NORMS}.')
+  _check(errors, m.norm_eps > 0, f'model.norm_eps={m.norm_eps} must be > 0 (1e-5 or 1e-6).')
+  _check(errors, m.qk_norm in QK_NORMS, f'model.qk_norm={m.qk_norm!r} not one of {QK_NORMS}.')
+  _check(errors, m.ffn in FFNS, f'moe.ffn={m.ffn!r} not one of {FFNS}.')
+  _check(errors, m.normalize_gates_over in GATE_NORMS_OVER,
+         f'moe.normalize_gates_over={m.normalize_gates_over!r} not one of {GATE_NORMS_OVER}.')
+  _check(errors, m.rope_base > 1, f'model.rope_base={m.rope_base} must be > 1 (1e4 or 1e6).')
+  _check(errors, m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0,
+         f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} '
+         f'(grouped-query attention; 0 means num_heads).')
 
 
 def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay: Layout) -> None:

@@ -1,11 +1,13 @@
 """Flax Linen layers of the transformer: embedding, attention, MoE feed-forward, block, LM head.
 
-Legend: B batch, T sequence, D d_model, N heads, H head_dim, V padded vocabulary, E experts,
-F expert hidden. Every parameter is declared once here with its shape, logical axes and
+Legend: B batch, T sequence, L cache length, D d_model, N heads, K key/value heads, H head_dim,
+V padded vocabulary, E experts, F expert hidden. Every parameter is declared once here with its shape, logical axes and
 initializer; shardings are derived from those axes (moejax.parallel.mesh.RULES).
 The residual stream [B, T, D] is split over tp along T (sequence parallelism).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,19 +34,34 @@ def _normal(std: float):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over D in float32, on the local sequence slice."""
+  """LayerNorm (scale and bias) or RMSNorm (scale only) over the last axis, in float32, on the
+  local sequence slice."""
   dtype: str = 'float32'
+  kind: str = 'layernorm'
+  eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     scale = _param(self, 'scale', (d,), ('embed',), nn.initializers.ones)
-    bias = _param(self, 'bias', (d,), ('embed',), nn.initializers.zeros)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-    return y.astype(self.dtype)
+    return _normalize(self, x, scale, self.kind, self.eps).astype(self.dtype)
+
+
+def _normalize(module: nn.Module, x: jax.Array, scale: jax.Array, kind: str, eps: float,
+               axes: tuple[int, ...] = (-1,)) -> jax.Array:
+  """x normalised over `axes` in float32 and scaled (LayerNorm adds the module's 'bias')."""
+  x32 = x.astype(jnp.float32)
+  if kind == 'rmsnorm':
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + eps) * scale
+  bias = _param(module, 'bias', scale.shape, ('embed',), nn.initializers.zeros)
+  mean = jnp.mean(x32, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+  return (x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def norm(cfg: ModelConfig, name: str) -> LayerNorm:
+  """The model's normalisation layer (cfg.norm, cfg.norm_eps)."""
+  return LayerNorm(cfg.dtype, cfg.norm, cfg.norm_eps, name=name)
 
 
 class Embedder(nn.Module):
@@ -70,58 +87,125 @@ class Embedder(nn.Module):
     return constrain(x, ('act_micro',) + RESIDUAL)
 
 
-class Attention(nn.Module):
-  """Causal multi-head self-attention: q/k/v split by heads over tp, output row-split.
+class KVCache(NamedTuple):
+  """One block's keys and values of every position so far, for cached decoding."""
+  k: jax.Array       # [B, L, K, H]
+  v: jax.Array       # [B, L, K, H]
 
-  With cfg.attn_bias, q/k/v carry biases [3, N, H] (split like their heads) and the output
-  projection a bias [D] (replicated), as Megatron's Column/RowParallelLinear do by default.
+
+HEADS = ('act_batch', None, 'act_heads', None)          # [B, T, N, H] split by heads over tp
+KV_HEADS = ('act_batch', None, 'act_kv_heads', None)    # [B, T, K, H] (replicated if tp > K)
+TOKENS = ('act_batch', None, 'act_embed')               # [B, T, D] whole on every tp shard
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped-query heads (K key/value heads shared by N/K query
+  heads each; K = N is multi-head): q/k/v split by heads over tp, output row-split.
+
+  With cfg.attn_bias, q/k/v carry biases (split like their heads) and the output projection a
+  bias [D] (replicated), as Megatron's Column/RowParallelLinear do by default. cfg.qk_norm
+  RMS-normalises queries and keys before the rotation: over each whole projection ('full',
+  OLMoE: the statistics span every head, wherever tp puts them) or over each head ('head',
+  Qwen3). Training and evaluation attend within the given tokens; cached decoding (`cache`)
+  appends them to the cache and attends over everything in it.
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-               segments: jax.Array | None = None) -> jax.Array:  # [B, T, D] -> [B, T, D]
-    """positions [B, T] (default 0..T-1) rotate q/k with rotary positions; segments [B, T]
-    (packed documents) keep attention within a document."""
+               segments: jax.Array | None = None, cache: KVCache | None = None,
+               start: jax.Array | int = 0):
+    """x [B, T, D] -> y [B, T, D] (with a cache: (y, the cache holding these tokens too)).
+    positions [B, T] (default start..start+T-1) rotate q/k with rotary positions; segments
+    [B, T] (packed documents) keep attention within a document; start: the position of x's
+    first token in the cache."""
     c = self.cfg
-    out_std = c.init_std / (2 * c.num_blocks) ** 0.5
-    # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
-    # input gradient to reduce over tp instead of three.
-    wqkv = _param(self, 'wqkv', (3, c.d_model, c.num_heads, c.head_dim),
-                  (None, 'embed', 'heads', 'head_dim'), _normal(c.init_std))
-    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
-                _normal(out_std))
-    heads = ('act_batch', None, 'act_heads', None)
+    dt = c.dtype
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
-    x = constrain(x.astype(c.dtype), ('act_batch', None, 'act_embed'))  # [B, T, D]
+    x = constrain(x.astype(dt), TOKENS)                                  # [B, T, D]
     x = checkpoint_name(x, remat.ATTN_GATHERED)
-    qkv = jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype))       # [3, B, T, N, H]
-    if c.attn_bias:
-      bqkv = _param(self, 'bqkv', (3, c.num_heads, c.head_dim), (None, 'heads', 'head_dim'),
-                    nn.initializers.zeros)
-      qkv = qkv + bqkv[:, None, None].astype(c.dtype)                   # split by heads like wqkv
-    qkv = constrain(qkv, (None,) + heads)
-    q, k, v = qkv[0], qkv[1], qkv[2]                                    # [B, T, N, H]
+    q, k, v = self._project(x)                                          # [B, T, N|K, H]
+    if c.qk_norm != 'none':
+      q, k = self._qk_norm('q_norm', q), self._qk_norm('k_norm', k)
     if c.positions == 'rope':
       if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
-      q, k = rope(q, positions), rope(k, positions)
-    mask = None if segments is None else (
-        segments[:, None, :, None] == segments[:, None, None, :])      # [B, 1, T, T]
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)  # [B, T, N, H]
-    o = constrain(o, heads)
-    y = jnp.einsum('BTNH,NHD->BTD', o, wo.astype(c.dtype))              # reduce-scatter over T
-    y = constrain(y, RESIDUAL)
+        positions = jnp.broadcast_to(start + jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
+      q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
+    if cache is None:
+      mask = None if segments is None else (
+          segments[:, None, :, None] == segments[:, None, None, :])    # [B, 1, T, T]
+      o = _attend(q, k, v, mask, causal=True)                          # [B, T, N, H]
+    else:
+      cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
+                        for a, b in zip(cache, (k, v))))                 # [B, L, K, H]
+      t, length = x.shape[1], cache.k.shape[1]
+      visible = jnp.arange(length)[None, :] <= start + jnp.arange(t)[:, None]  # [T, L]
+      o = _attend(q, cache.k, cache.v, visible[None, None], causal=False)
+    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
+                _normal(c.init_std / (2 * c.num_blocks) ** 0.5))
+    y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), wo.astype(dt))  # reduce(-scatter) over N
+    y = constrain(y, RESIDUAL if cache is None else TOKENS)
     if c.attn_bias:
       # Replicated and added once, after the reduction over heads (not once per tp shard).
-      y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(c.dtype)
-    return checkpoint_name(y, remat.ATTN_REDUCED)
+      y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(dt)
+    y = checkpoint_name(y, remat.ATTN_REDUCED)
+    return y if cache is None else (y, cache)
+
+  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, N, H], k and v [B, T, K, H] of x [B, T, D]."""
+    c = self.cfg
+    n, kv, h, d = c.num_heads, c.kv_heads, c.head_dim, c.d_model
+    if kv == n:
+      # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
+      # input gradient to reduce over tp instead of three.
+      wqkv = _param(self, 'wqkv', (3, d, n, h), (None, 'embed', 'heads', 'head_dim'),
+                    _normal(c.init_std))
+      qkv = jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype))      # [3, B, T, N, H]
+      if c.attn_bias:
+        qkv = qkv + _param(self, 'bqkv', (3, n, h), (None, 'heads', 'head_dim'),
+                           nn.initializers.zeros)[:, None, None].astype(c.dtype)
+      qkv = constrain(qkv, (None,) + HEADS)
+      return qkv[0], qkv[1], qkv[2]
+    wq = _param(self, 'wq', (d, n, h), ('embed', 'heads', 'head_dim'), _normal(c.init_std))
+    wkv = _param(self, 'wkv', (2, d, kv, h), (None, 'embed', 'kv_heads', 'head_dim'),
+                 _normal(c.init_std))
+    q = jnp.einsum('BTD,DNH->BTNH', x, wq.astype(c.dtype))              # [B, T, N, H]
+    kv_ = jnp.einsum('BTD,CDKH->CBTKH', x, wkv.astype(c.dtype))         # [2, B, T, K, H]
+    if c.attn_bias:
+      q = q + _param(self, 'bq', (n, h), ('heads', 'head_dim'), nn.initializers.zeros).astype(c.dtype)
+      kv_ = kv_ + _param(self, 'bkv', (2, kv, h), (None, 'kv_heads', 'head_dim'),
+                         nn.initializers.zeros)[:, None, None].astype(c.dtype)
+    kv_ = constrain(kv_, (None,) + KV_HEADS)
+    return constrain(q, HEADS), kv_[0], kv_[1]
+
+  def _qk_norm(self, name: str, x: jax.Array) -> jax.Array:
+    """RMSNorm of x [B, T, N, H] over all heads ('full') or each head ('head'), float32."""
+    c = self.cfg
+    if c.qk_norm == 'full':
+      heads = 'heads' if x.shape[2] == c.num_heads else 'kv_heads'
+      scale = _param(self, name, x.shape[2:], (heads, 'head_dim'), nn.initializers.ones)
+      y = _normalize(self, x, scale, 'rmsnorm', c.norm_eps, axes=(-2, -1))
+    else:
+      scale = _param(self, name, x.shape[3:], ('head_dim',), nn.initializers.ones)
+      y = _normalize(self, x, scale, 'rmsnorm', c.norm_eps)
+    return y.astype(x.dtype)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+            causal: bool) -> jax.Array:
+  """Softmax attention of q [B, T, N, H] over k, v [B, L, K, H]: each key/value head serves
+  N/K query heads (repeated to N heads, split over tp like the queries)."""
+  n, kv = q.shape[2], k.shape[2]
+  if kv != n:
+    k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, L, N, H]
+  o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # [B, T, N, H]
+  return constrain(o, HEADS)
 
 
 class MoE(nn.Module):
   """Top-k Mixture-of-Experts feed-forward, expert-parallel over tp.
 
-  Returns (y [B, T, D], per-group stats with leading axes [B, T/group_size]).
+  Returns (y [B, T, D], per-part routing stats with leading axes [B', nG]: moe.moe's parts).
   """
   cfg: ModelConfig
   train: bool
@@ -133,14 +217,19 @@ class MoE(nn.Module):
     c = self.cfg
     e, d, f = c.num_experts, c.d_model, c.d_ff
     ax = moe_lib.WEIGHT_AXES
+    bias = lambda name, shape: (_param(self, name, shape, getattr(ax, name), nn.initializers.zeros)
+                                if c.expert_bias else None)
+    swiglu = c.ffn == 'swiglu'
     w = moe_lib.ExpertWeights(
         router=_param(self, 'router', (d, e), ax.router, _normal(c.init_std)),
         w1=_param(self, 'w1', (e, d, f), ax.w1, _normal(c.init_std)),
-        b1=_param(self, 'b1', (e, f), ax.b1, nn.initializers.zeros),
+        b1=bias('b1', (e, f)),
         w2=_param(self, 'w2', (e, f, d), ax.w2, _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
-        b2=_param(self, 'b2', (e, d), ax.b2, nn.initializers.zeros),
+        b2=bias('b2', (e, d)),
         select_bias=_param(self, 'select_bias', (e,), ax.select_bias, nn.initializers.zeros)
-        if c.bias_update_rate > 0 else None)
+        if c.bias_update_rate > 0 else None,
+        w3=_param(self, 'w3', (e, d, f), ax.w3, _normal(c.init_std)) if swiglu else None,
+        b3=bias('b3', (e, f)) if swiglu else None)
     if self.is_initializing():
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
       # keeps init independent of how the example input divides over the mesh.
@@ -150,12 +239,12 @@ class MoE(nn.Module):
     return moe_lib.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
                        capacity=c.capacity(self.train), dropout_rate=rate,
                        compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
-                       normalize_gates=c.normalize_gates, dispatch=c.dispatch, valid=valid,
+                       normalize_gates=c.gate_norm, dispatch=c.dispatch, valid=valid,
                        sinkhorn_iters=c.sinkhorn_iters if self.train else 0)
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x += attn(ln(x)); x += moe(ln(x))."""
+  """Pre-norm transformer block: x += attn(norm(x)); x += moe(norm(x))."""
   cfg: ModelConfig
   train: bool
 
@@ -165,21 +254,21 @@ class Block(nn.Module):
     """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding)."""
     c = self.cfg
     with jax.named_scope('attention'):
-      x = x + Attention(c, name='attn')(LayerNorm(c.dtype, name='ln1')(x), positions, segments)
+      x = x + Attention(c, name='attn')(norm(c, 'ln1')(x), positions, segments)
     valid = None if segments is None else segments != 0
     with jax.named_scope('moe'):
-      y, stats = MoE(c, self.train, name='moe')(LayerNorm(c.dtype, name='ln2')(x), valid)
+      y, stats = MoE(c, self.train, name='moe')(norm(c, 'ln2')(x), valid)
     return constrain(x + y, RESIDUAL), stats
 
 
 class Head(nn.Module):
-  """Final LayerNorm and the vocab-parallel LM head; padded vocab entries get -inf logits."""
+  """Final norm and the vocab-parallel LM head; padded vocab entries get -inf logits."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., T, D] -> [..., T, V] float32
     c = self.cfg
-    x = LayerNorm(c.dtype, name='ln_f')(x)
+    x = norm(c, 'ln_f')(x)
     w = _param(self, 'w', (c.d_model, c.padded_vocab), ('embed', 'vocab'), _normal(c.init_std))
     logits = jnp.einsum('...D,DV->...V', x, w.astype(c.dtype)).astype(jnp.float32)
     vocab_ids = jnp.arange(c.padded_vocab)

@@ -18,22 +18,29 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.model import routing
+from moejax.model import ffn as ffn_lib, routing
 from moejax.parallel import experts as ep_lib, mesh as mesh_lib
 
 
 class ExpertWeights(NamedTuple):
   router: jax.Array  # [D, E]
-  w1: jax.Array      # [E, D, F]
-  b1: jax.Array      # [E, F]
+  w1: jax.Array      # [E, D, F] (SwiGLU: the gate projection)
+  b1: jax.Array | None  # [E, F] (None: experts without biases)
   w2: jax.Array      # [E, F, D]
-  b2: jax.Array      # [E, D]
+  b2: jax.Array | None  # [E, D]
   select_bias: jax.Array | None = None  # [E] aux-loss-free balancing (not trained by gradient)
+  w3: jax.Array | None = None  # [E, D, F] SwiGLU's up projection (None: GELU MLP)
+  b3: jax.Array | None = None  # [E, F]
+
+  def ffn(self, dtype) -> ffn_lib.FFNWeights:
+    """The expert FFN's weights in the compute dtype."""
+    return ffn_lib.FFNWeights(self.w1, self.b1, self.w2, self.b2, self.w3, self.b3).cast(dtype)
 
 
 WEIGHT_AXES = ExpertWeights(
     router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
-    w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,))
+    w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,),
+    w3=('experts', 'embed', 'mlp'), b3=('experts', 'mlp'))
 GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, S, D] token parts
 
 
@@ -110,11 +117,9 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   keep = None
   if dropout_rate > 0.0:   # a unit's mask follows its token, slot and expert, not the device
     rows = _dispatched_row_ids(names[0], num_experts, capacity, axes)
-    keep = routing.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
-  cast = lambda a: a.astype(compute_dtype)
-  local_experts = lambda rows_: routing.expert_ffn(                     # [E/ep, ep*G_*C, D]
-      rows_, cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2), gelu=gelu,
-      dropout_rate=dropout_rate, dropout_keep=keep)
+    keep = ffn_lib.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
+  local_experts = lambda rows_: ffn_lib.expert_ffn(                     # [E/ep, ep*G_*C, D]
+      rows_, w_.ffn(compute_dtype), gelu=gelu, dropout_rate=dropout_rate, dropout_keep=keep)
   out_ = ep_lib.exchange(buf_, local_experts, axes)                     # [E, G_*C, D]
   out_ = out_.reshape(num_experts, g_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
   return routing.combine(out_, r)                                       # [G_, S, D]
@@ -142,10 +147,9 @@ def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
     me = jax.lax.axis_index(axes)
     ids = _assignment_ids(names[0][me], names[1][me], k, s, group_size)[order]  # [A_]
     keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
-  cast = lambda a: a.astype(compute_dtype)
-  local_experts = lambda rows, keys_: routing.grouped_expert_ffn(       # [ep*A_, D]
-      rows, keys_[:, 0], cast(w_.w1), cast(w_.b1), cast(w_.w2), cast(w_.b2), gelu=gelu,
-      dropout_rate=dropout_rate, dropout_rng=rng, row_ids=keys_[:, -1])
+  local_experts = lambda rows, keys_: ffn_lib.grouped_expert_ffn(       # [ep*A_, D]
+      rows, keys_[:, 0], w_.ffn(compute_dtype), gelu=gelu, dropout_rate=dropout_rate,
+      dropout_rng=rng, row_ids=keys_[:, -1])
   out_ = ep_lib.ragged_exchange(rows_, keys, send, local_experts, axes, pad_key=local)  # [A_, D]
   out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s) order
   weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)            # [G_, K, S]
@@ -157,7 +161,7 @@ EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
                token_spec: P, groups: Groups, top_k: int, capacity: int, dropout_rate: float,
-               compute_dtype, gelu: str, normalize_gates: bool, dispatch: str,
+               compute_dtype, gelu: str, normalize_gates: bool | str, dispatch: str,
                sinkhorn_iters: int) -> tuple[jax.Array, routing.GroupStats]:
   """Shard-local MoE: (x_ [B_, nG_, S, D], valid_ [B_, nG_, S] or None) -> ([B_, nG_, S, D],
   per-part stats); `groups` says which parts make one routing group."""
@@ -182,7 +186,7 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
 
 def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
         capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32,
-        gelu: str = 'exact', normalize_gates: bool = False, dispatch: str = 'capacity',
+        gelu: str = 'exact', normalize_gates: bool | str = False, dispatch: str = 'capacity',
         valid: jax.Array | None = None, sinkhorn_iters: int = 0
         ) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
@@ -206,7 +210,7 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int
                          dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu,
                          normalize_gates=normalize_gates, dispatch=dispatch,
                          sinkhorn_iters=sinkhorn_iters)
-  axes = WEIGHT_AXES if weights.select_bias is not None else WEIGHT_AXES._replace(select_bias=None)
+  axes = WEIGHT_AXES._replace(**{name: None for name, w in weights._asdict().items() if w is None})
   if valid is not None:
     valid = mesh_lib.constrain(valid.reshape(shape), GROUP_AXES + (None,))
   y, stats = ep_lib.expert_parallel(fn, weights, axes, (parts, valid), GROUP_AXES, rng)

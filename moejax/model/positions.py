@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 
 ROPE_BASE = 10_000.0
-POSITIONS = ('learned', 'rope')
 
 
-def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
   """x [B, T, N, H] rotated by positions [B, T] (any integers; computed in float32)."""
   half = x.shape[-1] // 2
-  freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [H/2]
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [H/2]
   angle = positions.astype(jnp.float32)[..., None, None] * freq         # [B, T, 1, H/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)                  # [B, T, N, H/2] each

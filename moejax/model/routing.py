@@ -1,4 +1,5 @@
-"""Top-k routing with per-group capacity, and the dispatch / combine steps around the experts.
+"""Top-k routing with per-group capacity, and the dispatch / combine steps around the experts
+(the experts' FFNs are in moejax.model.ffn).
 
 Legend: G routing groups, S tokens per group, D d_model, E experts, K top-k, C capacity.
 Priority at capacity: every token's first choice before any second choice (GShard); within one
@@ -11,9 +12,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
-
-from moejax.parallel import remat
 
 
 class Routing(NamedTuple):
@@ -34,14 +32,16 @@ class GroupStats(NamedTuple):
 
 
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
-          normalize_gates: bool = False, select_bias: jax.Array | None = None,
+          normalize_gates: bool | str = False, select_bias: jax.Array | None = None,
           valid: jax.Array | None = None, share=None,
           sinkhorn_iters: int = 0) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
-  with normalize_gates, a token's kept gates are divided by their sum (fairseq/NLLB top-2:
-  renormalised after capacity, so a token with one kept choice weighs it 1). The aux loss
+  with normalize_gates True or 'kept', a token's kept gates are divided by their sum
+  (fairseq/NLLB top-2: renormalised after capacity, so a token with one kept choice weighs it
+  1); with 'top_k', by the sum over all its top-k choices, before capacity (Mixtral, Qwen3-MoE
+  and transformers' `norm_topk_prob`: a dropped choice keeps its share of the weight). The aux loss
   counts f_i over all K*S assignments, so it is 1 for uniform routing at any K; Mixtral's
   (counts over S) is K times it. select_bias [E] (aux-loss-free balancing) is added to the
   logits for choosing experts only (a prior multiplying the probabilities, so its scale does
@@ -93,9 +93,10 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   keep = slot < capacity
   if valid is not None:
     keep = keep & valid[:, None, :]
-  if normalize_gates:
-    kept_gate = jnp.where(keep, gate, 0.0)                             # [G, K, S]
-    gate = kept_gate / jnp.maximum(jnp.sum(kept_gate, axis=1, keepdims=True), 1e-9)
+  over = 'kept' if normalize_gates is True else (normalize_gates or 'none')
+  if over != 'none':   # 'top_k': over every choice, before capacity; 'kept': the kept ones
+    norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)  # [G, K, S]
+    gate = norm_gate / jnp.maximum(jnp.sum(norm_gate, axis=1, keepdims=True), 1e-9)
   assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   count = jnp.maximum(whole[:, -2:-1], 1.0)                            # [G, 1] valid tokens
@@ -177,49 +178,3 @@ def combine(y: jax.Array, r: Routing) -> jax.Array:
   out = y[groups, r.expert, slot]                                      # [G, K, S, D]
   weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)              # [G, K, S]
   return jnp.einsum('GKSD,GKS->GSD', out, weight)
-
-
-def expert_ffn(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
-               gelu: str = 'exact', dropout_rate: float = 0.0,
-               dropout_keep: jax.Array | None = None) -> jax.Array:
-  """Applies each expert's GELU MLP to its rows: x [E, C, D], w1 [E, D, F], w2 [E, F, D].
-
-  gelu: 'exact' (erf) or 'tanh'. dropout_keep [E, C, F] bool: hidden units kept by dropout.
-  """
-  h = jnp.einsum('ECD,EDF->ECF', x, w1) + b1[:, None, :]               # [E, C, F]
-  h = jax.nn.gelu(h, approximate=gelu == 'tanh')
-  if dropout_keep is not None:
-    h = jnp.where(dropout_keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
-  return jnp.einsum('ECF,EFD->ECD', h, w2) + b2[:, None, :]            # [E, C, D]
-
-
-def grouped_expert_ffn(x: jax.Array, key: jax.Array, w1: jax.Array, b1: jax.Array,
-                       w2: jax.Array, b2: jax.Array, *, gelu: str = 'exact',
-                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                       row_ids: jax.Array | None = None) -> jax.Array:
-  """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
-  padding rows, which return 0); w1 [E, D, F], w2 [E, F, D]. Rows are sorted by expert and each
-  expert's weights multiply exactly its rows (grouped matmuls, jax.lax.ragged_dot).
-  With dropout, row i's hidden-unit mask is dropout_keep(dropout_rng, row_ids[i]).
-  """
-  num_experts = w1.shape[0]
-  order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
-  sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
-  expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
-  grouped = lambda a, w: checkpoint_name(jax.lax.ragged_dot(a, w, sizes), remat.GROUPED_MATMUL)
-  h = grouped(x[order], w1) + b1[expert]                               # [R, F]
-  h = jax.nn.gelu(h, approximate=gelu == 'tanh')
-  if dropout_rate > 0.0:
-    keep = dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate)  # [R, F]
-    h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0).astype(h.dtype)
-  y = grouped(h, w2) + b2[expert]                                      # [R, D]
-  y = jnp.where((key[order] < num_experts)[:, None], y, 0)
-  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [R, D] input order
-
-
-def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:
-  """Keep mask [..., width] for rows named by row_ids [...] (int): row i's mask is a function
-  of (rng, i) only, so it does not depend on where the row is computed."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids.reshape(-1))
-  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (width,)))(keys)
-  return keep.reshape(row_ids.shape + (width,))

@@ -19,10 +19,9 @@ from moejax.errors import MoejaxError
 DP = 'dp'
 TP = 'tp'
 PP = 'pp'
-# Mesh axes from outermost to innermost in device order; tp is innermost so that tensor-parallel
-# neighbours are adjacent device ids (same NVLink island), dp outermost (across hosts first).
-AXES_BY_DISTANCE = (DP, PP, TP)
-AXES = (DP, TP, PP)   # the Mesh's axis order
+# The Mesh's axis order. In device order tp is innermost (make_mesh), so tensor-parallel
+# neighbours are adjacent device ids (same NVLink island), and dp outermost (across hosts first).
+AXES = (DP, TP, PP)
 
 # Logical axis -> mesh axis. One table for params and activations; no fallbacks.
 RULES: tuple[tuple[str, str | None], ...] = (
@@ -30,6 +29,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('vocab', TP),        # embedding rows, LM head columns: vocab-parallel
     ('embed', None),      # d_model
     ('heads', TP),        # q/k/v column split, output projection row split
+    ('kv_heads', TP),     # grouped-query key/value heads (replicated when tp does not divide them)
     ('head_dim', None),
     ('experts', TP),      # expert parallelism inside a stage
     ('mlp', None),        # expert hidden width (experts are already split)
@@ -43,6 +43,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('act_seq', TP),      # sequence parallelism for the residual stream
     ('act_embed', None),
     ('act_heads', TP),
+    ('act_kv_heads', TP),
     ('act_vocab', TP),
     ('act_groups', TP),   # routing groups: tokens are split over tp before the all-to-all
 )
@@ -51,11 +52,17 @@ RULES: tuple[tuple[str, str | None], ...] = (
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-def rules_for(lay: Layout | None) -> Rules:
-  """RULES, with experts over (dp, tp) when the layout folds expert parallelism over dp."""
-  if lay is None or not lay.experts_over_dp:
+def rules_for(lay: Layout | None, kv_heads: int = 0) -> Rules:
+  """RULES, with experts over (dp, tp) when the layout folds expert parallelism over dp, and
+  key/value heads replicated when tp does not divide their number `kv_heads`."""
+  if lay is None:
     return RULES
-  return tuple((name, (DP, TP)) if name == 'experts' else (name, axis) for name, axis in RULES)
+  place = dict(RULES)
+  if lay.experts_over_dp:
+    place['experts'] = (DP, TP)
+  if kv_heads % lay.tp:
+    place['kv_heads'] = place['act_kv_heads'] = None
+  return tuple(place.items())
 
 
 def make_mesh(tp: int, pp: int, dp: int = 1,
@@ -75,7 +82,7 @@ def make_mesh(tp: int, pp: int, dp: int = 1,
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
   """Makes `mesh` and the logical-axis `rules` current for tracing model code (called by
-  moejax.train.plan.Plan.active only)."""
+  moejax.train.plan: Plan.active, and plan.bare for one layer outside a run)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 

@@ -29,7 +29,7 @@ class Plan:
   """One config laid out on devices (default: all of jax.devices()).
 
   Typed views: model (ModelConfig), layout (Layout), data, optim, run; `config` is the
-  ConfigDict as given, kept only to be written into checkpoints.
+  ConfigDict as given (written into checkpoints, compared at resume).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
@@ -44,7 +44,7 @@ class Plan:
     self.run = config_lib.run_config(config)
     lay = self.layout
     self.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
-    self.rules = mesh_lib.rules_for(lay)
+    self.rules = mesh_lib.rules_for(lay, self.model.kv_heads)
     self.tx = optimizer.make(self.optim)
     self.schedule = optimizer.schedule(self.optim)
     with self.active():

@@ -1,0 +1,90 @@
+"""The experts' feed-forward networks: a GELU MLP (the seed's, with biases) or SwiGLU (the Llama
+family's: silu(x w1) * (x w3), then w2; biases optional), on fixed buffers or on ragged rows.
+
+Legend: E experts, C rows per expert, R rows in any order, D d_model, F expert hidden.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax.parallel import remat
+
+
+class FFNWeights(NamedTuple):
+  w1: jax.Array               # [E, D, F] input projection (SwiGLU: the gate)
+  b1: jax.Array | None        # [E, F]
+  w2: jax.Array               # [E, F, D] output projection
+  b2: jax.Array | None        # [E, D]
+  w3: jax.Array | None = None  # [E, D, F] SwiGLU's up projection (None: GELU MLP)
+  b3: jax.Array | None = None  # [E, F]
+
+  def cast(self, dtype) -> 'FFNWeights':
+    return FFNWeights(*(None if a is None else a.astype(dtype) for a in self))
+
+
+def _bias(h: jax.Array, b: jax.Array | None) -> jax.Array:
+  return h if b is None else h + b
+
+
+def _hidden(first: jax.Array, up: jax.Array | None, gelu: str) -> jax.Array:
+  """The activation of the input projection(s): GELU, or silu(gate) * up."""
+  if up is None:
+    return jax.nn.gelu(first, approximate=gelu == 'tanh')
+  return jax.nn.silu(first) * up
+
+
+def _drop(h: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+  if keep is None:
+    return h
+  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
+
+
+def expert_ffn(x: jax.Array, w: FFNWeights, *, gelu: str = 'exact', dropout_rate: float = 0.0,
+               dropout_keep: jax.Array | None = None) -> jax.Array:
+  """Each expert's FFN on its rows: x [E, C, D] -> [E, C, D].
+
+  gelu: 'exact' (erf) or 'tanh' (GELU MLP only). dropout_keep [E, C, F] bool: hidden units kept.
+  """
+  bias = lambda b: None if b is None else b[:, None, :]
+  first = _bias(jnp.einsum('ECD,EDF->ECF', x, w.w1), bias(w.b1))        # [E, C, F]
+  up = None if w.w3 is None else _bias(jnp.einsum('ECD,EDF->ECF', x, w.w3), bias(w.b3))
+  h = _drop(_hidden(first, up, gelu), dropout_keep, dropout_rate)       # [E, C, F]
+  return _bias(jnp.einsum('ECF,EFD->ECD', h, w.w2), bias(w.b2))         # [E, C, D]
+
+
+def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str = 'exact',
+                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+                       row_ids: jax.Array | None = None) -> jax.Array:
+  """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
+  padding rows, which return 0). Rows are sorted by expert and each expert's weights multiply
+  exactly its rows (grouped matmuls, jax.lax.ragged_dot). With dropout, row i's hidden-unit
+  mask is dropout_keep(dropout_rng, row_ids[i]).
+  """
+  num_experts = w.w1.shape[0]
+  order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
+  sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
+  expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
+  grouped = lambda a, m: checkpoint_name(jax.lax.ragged_dot(a, m, sizes), remat.GROUPED_MATMUL)
+  bias = lambda b: None if b is None else b[expert]                    # [R, F] or [R, D]
+  rows = x[order]                                                      # [R, D]
+  first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]
+  up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))
+  h = _hidden(first, up, gelu)
+  if dropout_rate > 0.0:
+    h = _drop(h, dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate),
+              dropout_rate)
+  y = _bias(grouped(h, w.w2), bias(w.b2))                              # [R, D]
+  y = jnp.where((key[order] < num_experts)[:, None], y, 0)
+  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [R, D] input order
+
+
+def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:
+  """Keep mask [..., width] for rows named by row_ids [...] (int): row i's mask is a function
+  of (rng, i) only, so it does not depend on where the row is computed."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids.reshape(-1))
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (width,)))(keys)
+  return keep.reshape(row_ids.shape + (width,))
