@@ -28,3 +28,45 @@ def adamw(lr: float, *, warmup_steps: int, decay_steps: int) -> ml_collections.C
       weight_decay=0.1,           # decoupled decay on matrices (not norms or biases)
       grad_clip=1.0,              # global-norm clip (0 disables)
   ))
+
+
+def open_family(arg: str | None, family: str, variants: dict[str, dict]) -> ml_collections.ConfigDict:
+  """A config of an open MoE family: `arg` names a variant (a transformers config.json's fields
+  in `variants`: 'tiny' trains on CPU, the others are the published sizes) or is a Hugging Face
+  checkpoint directory whose config.json decides the model (`DIR,cpu`: with CPU-sized run
+  settings: one device, short sequences). Run settings come from configs/tp4pp4.py's ('tiny'
+  and ',cpu': its CPU variant)."""
+  import os
+
+  from configs import tp4pp4
+  from moejax.convert import families
+  from moejax.errors import ConfigError
+
+  arg = arg or 'tiny'
+  hf_dir, _, size = arg.partition(',')
+  if hf_dir in variants:
+    hf, hf_dir = dict(variants[hf_dir], model_type=family), ''
+    cpu = arg == 'tiny'
+  elif os.path.isdir(hf_dir):
+    hf = families.read_hf_config(hf_dir)
+    cpu = size == 'cpu'
+    if hf.get('model_type') != family:
+      raise ConfigError(f'{hf_dir}/config.json is a {hf.get("model_type")!r} model, not '
+                        f'{family!r}: use configs/{hf.get("model_type")}.py.')
+  else:
+    raise ConfigError(f'configs/{family}.py:{arg}: expected one of {sorted(variants)} or a '
+                      f'Hugging Face checkpoint directory (optionally DIR,cpu).')
+  c = tp4pp4.get_config('tiny' if cpu else 'full')
+  for section, keys in families.sections(hf).items():
+    c[section].update(keys)
+  c.hf_dir = os.path.abspath(hf_dir) if hf_dir else ''
+  if cpu:
+    c.model.dtype = 'float32'
+    c.moe.group_size = c.data.seq_len
+    if hf_dir:   # a real checkpoint on a CPU: one device, whatever its head and expert counts
+      c.mesh.tp = c.mesh.pp = 1
+      c.data.update(num_micro_batches=4, micro_batch_size=2)
+  else:
+    c.model.dtype = 'bfloat16'
+    c.moe.group_size = c.data.seq_len
+  return c

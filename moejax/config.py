@@ -52,6 +52,7 @@ class ModelConfig:
   qk_norm: str = 'none'          # RMSNorm of queries and keys: 'none', 'full' (OLMoE), 'head' (Qwen3)
   ffn: str = 'gelu'              # expert FFN: 'gelu' (w1, w2) or 'swiglu' (silu(x w1) * x w3, w2)
   expert_bias: bool = True       # biases in the expert FFNs (the seed's)
+  family: str = ''               # the open family (convert/families.py) or '' (moejax's own)
   normalize_gates_over: str = 'kept'  # with normalize_gates: over the 'kept' gates (after
                                       # capacity; NLLB) or the 'top_k' choices (before; HF)
 
@@ -225,7 +226,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 ARCH_DEFAULTS: dict[tuple[str, str], object] = {
     ('model', 'rope_base'): 10_000.0, ('model', 'norm'): 'layernorm', ('model', 'norm_eps'): 1e-5,
     ('model', 'num_kv_heads'): 0, ('model', 'qk_norm'): 'none', ('moe', 'ffn'): 'gelu',
-    ('moe', 'expert_bias'): True, ('moe', 'normalize_gates_over'): 'kept'}
+    ('moe', 'expert_bias'): True, ('moe', 'normalize_gates_over'): 'kept', ('model', 'family'): ''}
 ARCH_KEYS = tuple(ARCH_DEFAULTS)
 
 
@@ -269,7 +270,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
     'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
               'init_std', 'attn_bias', 'positions', 'rope_base', 'norm', 'norm_eps',
-              'num_kv_heads', 'qk_norm'),
+              'num_kv_heads', 'qk_norm', 'family'),
     'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
             'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
             'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'sinkhorn_iters',
@@ -280,7 +281,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
               'grad_clip'),
     '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
-         'eval_batches', 'init_from', 'profile_steps'),
+         'eval_batches', 'init_from', 'profile_steps', 'hf_dir'),
 }
 
 

@@ -19,7 +19,7 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
     else:
       have.add(key)
   known = set(known_keys())
-  optional = {f'{s}.{k}' for s, k in ARCH_DEFAULTS}   # older configs: the seed's values
+  optional = {f'{s}.{k}' for s, k in ARCH_DEFAULTS} | {'hf_dir'}  # older configs: the seed's
   unknown, missing = sorted(have - known), sorted(known - have - optional)
   if unknown or missing:
     raise ConfigError(
@@ -43,6 +43,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check_buckets(errors, config, m, lay)
   _check_model_values(errors, m)
   _check_run_values(errors, config, lay)
+  _check_imported(errors, config)
   if num_devices is not None:
     _check(errors, lay.devices <= num_devices,
            f'mesh.dp * mesh.tp * mesh.pp = {lay.dp}*{lay.tp}*{lay.pp} = {lay.devices} devices, '
@@ -179,6 +180,9 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
 def _check_architecture(errors: list[str], m: ModelConfig) -> None:
   """The open families' architecture keys (norms, grouped-query heads, SwiGLU, gates)."""
   _check(errors, m.norm in NORMS, f'model.norm={m.norm!r} not one of {NORMS}.')
+  from moejax.convert.families import FAMILIES
+  _check(errors, m.family in ('',) + tuple(FAMILIES),
+         f'model.family={m.family!r} not one of {("",) + tuple(FAMILIES)} ("": moejax\'s own).')
   _check(errors, m.norm_eps > 0, f'model.norm_eps={m.norm_eps} must be > 0 (1e-5 or 1e-6).')
   _check(errors, m.qk_norm in QK_NORMS, f'model.qk_norm={m.qk_norm!r} not one of {QK_NORMS}.')
   _check(errors, m.ffn in FFNS, f'moe.ffn={m.ffn!r} not one of {FFNS}.')
@@ -188,6 +192,21 @@ def _check_architecture(errors: list[str], m: ModelConfig) -> None:
   _check(errors, m.num_kv_heads >= 0 and m.num_heads % m.kv_heads == 0,
          f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} '
          f'(grouped-query attention; 0 means num_heads).')
+
+
+def _check_imported(errors: list[str], config: ml_collections.ConfigDict) -> None:
+  """A config made from a Hugging Face directory keeps that checkpoint's shape keys."""
+  hf_dir = config.get('hf_dir', '')
+  if not hf_dir:
+    return
+  from moejax.convert import families
+  want = families.sections(families.read_hf_config(hf_dir))
+  for key in families.SHAPE_KEYS + ('model.family',):
+    section, name = key.split('.')
+    have, given = config[section][name], want[section][name]
+    _check(errors, have == given,
+           f'{key}={have!r} conflicts with {hf_dir}/config.json, which gives {given!r} (the '
+           f'checkpoint\'s weights have that shape); drop the override or use another checkpoint.')
 
 
 def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay: Layout) -> None:

@@ -1,0 +1,190 @@
+"""The open MoE families moejax imports and exports: how a transformers `config.json` maps onto
+moejax's config keys, and back.
+
+A family is configuration of the one model (RMSNorm, SwiGLU experts without biases, rotary
+positions, optional grouped-query heads and QK-norm), not a copy of it. transformers'
+`router_aux_loss_coef` counts expert fractions over tokens (K times moejax's per-assignment
+fractions), so it maps to moe.aux_loss_weight = coef x top_k.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from moejax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str                 # transformers' model_type
+  architecture: str         # transformers' class, written into an exported config.json
+  experts_prefix: str       # 'mlp' or 'block_sparse_moe' in the per-expert tensor names
+  expert_names: tuple[str, str, str]   # per-expert (gate, up, down) tensor names
+  qk_norm: str              # 'none', 'full' or 'head'
+  gates_renormalised: bool | None      # fixed by the family (None: config's norm_topk_prob)
+
+
+FAMILIES = {f.name: f for f in (
+    Family('olmoe', 'OlmoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), 'full',
+           None),
+    Family('qwen3_moe', 'Qwen3MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
+           'head', None),
+    Family('mixtral', 'MixtralForCausalLM', 'block_sparse_moe', ('w1', 'w3', 'w2'), 'none', True),
+)}
+
+# moejax keys an imported config takes from config.json (a user override of one of them is an
+# error naming both values: the weights have that shape).
+SHAPE_KEYS = ('model.vocab_size', 'model.d_model', 'model.num_heads', 'model.head_dim',
+              'model.num_kv_heads', 'model.num_blocks', 'model.rope_base', 'model.norm',
+              'model.norm_eps', 'model.qk_norm', 'model.attn_bias', 'model.positions',
+              'moe.num_experts', 'moe.top_k', 'moe.d_ff', 'moe.ffn', 'moe.expert_bias',
+              'moe.normalize_gates', 'moe.normalize_gates_over')
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, 'config.json')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot read ({e.strerror}); pass the directory of a Hugging '
+                      f'Face checkpoint (config.json and *.safetensors).') from e
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}).') from e
+
+
+def family_of(hf: dict[str, Any]) -> Family:
+  name = hf.get('model_type')
+  if name not in FAMILIES:
+    raise ConfigError(f'config.json model_type={name!r}: moejax converts {sorted(FAMILIES)}.')
+  return FAMILIES[name]
+
+
+def _rope_base(hf: dict[str, Any]) -> float:
+  params = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if params.get('rope_type', 'default') not in ('default', None):
+    raise ConfigError(f'config.json rope type {params.get("rope_type")!r}: moejax has plain '
+                      f'rotary positions only (rope_type "default").')
+  return float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+
+
+def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
+  """Architecture options of the families that moejax's model does not have."""
+  checks = {
+      'tie_word_embeddings': (hf.get('tie_word_embeddings', False), False),
+      'hidden_act': (hf.get('hidden_act', 'silu'), 'silu'),
+      'clip_qkv': (hf.get('clip_qkv'), None),
+      'mlp_only_layers': (list(hf.get('mlp_only_layers') or []), []),
+      'decoder_sparse_step': (hf.get('decoder_sparse_step', 1), 1),
+      'use_sliding_window': (bool(hf.get('use_sliding_window', False)), False),
+      'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
+                                   else None, None),
+  }
+  bad = [f'{k}={have!r} (moejax needs {want!r})' for k, (have, want) in checks.items()
+         if have != want]
+  if bad:
+    raise ConfigError(f'config.json of a {family.name} model uses options moejax\'s model does '
+                      f'not have: {"; ".join(bad)}.')
+
+
+def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
+  """moejax config keys ('section.key': value) of a transformers config.json's model."""
+  family = family_of(hf)
+  _refuse_unsupported(hf, family)
+  heads = hf['num_attention_heads']
+  top_k = hf['num_experts_per_tok']
+  renorm = family.gates_renormalised
+  if renorm is None:
+    renorm = bool(hf.get('norm_topk_prob', False))
+  return {
+      'model.vocab_size': hf['vocab_size'],
+      'model.d_model': hf['hidden_size'],
+      'model.num_heads': heads,
+      'model.head_dim': hf.get('head_dim') or hf['hidden_size'] // heads,
+      'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
+      'model.num_blocks': hf['num_hidden_layers'],
+      'model.max_len': hf.get('max_position_embeddings', 4096),
+      'model.positions': 'rope',
+      'model.rope_base': _rope_base(hf),
+      'model.norm': 'rmsnorm',
+      'model.norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
+      'model.qk_norm': family.qk_norm,
+      'model.attn_bias': bool(hf.get('attention_bias', False)),
+      'model.init_std': float(hf.get('initializer_range', 0.02)),
+      'moe.num_experts': hf.get('num_experts') or hf['num_local_experts'],
+      'moe.top_k': top_k,
+      'moe.d_ff': hf.get('moe_intermediate_size') or hf['intermediate_size'],
+      'moe.ffn': 'swiglu',
+      'moe.expert_bias': False,
+      'moe.normalize_gates': renorm,
+      'moe.normalize_gates_over': 'top_k',
+      'moe.aux_loss_weight': float(hf.get('router_aux_loss_coef', 0.0)) * top_k,
+  }
+
+
+# The model and moe keys config.json does not decide: what an imported model trains with unless
+# a config says otherwise (dropless like transformers; nothing dropped at evaluation either).
+TRAINING_KEYS = {
+    'model.dtype': 'float32', 'moe.capacity_factor': 1.25, 'moe.group_size': 256,
+    'moe.dropout': 0.0, 'moe.z_loss_weight': 0.0, 'moe.gelu': 'exact',
+    'moe.bias_update_rate': 0.0, 'moe.bias_update_rule': 'sign', 'moe.sinkhorn_iters': 0,
+    'moe.dispatch': 'dropless'}
+
+
+def sections(hf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Complete model and moe config sections of a config.json's model."""
+  keys = {**TRAINING_KEYS, **model_keys(hf), 'model.family': family_of(hf).name}
+  # Evaluation keeps every assignment: one expert can take every choice of a group.
+  keys['moe.eval_capacity_factor'] = float(keys['moe.num_experts']) / keys['moe.top_k']
+  out: dict[str, dict[str, Any]] = {'model': {}, 'moe': {}}
+  for key, value in keys.items():
+    section, name = key.split('.')
+    out[section][name] = value
+  return out
+
+
+def hf_config(family: Family, m) -> dict[str, Any]:
+  """A transformers config.json for moejax's ModelConfig `m` of `family` (export)."""
+  out = {
+      'architectures': [family.architecture], 'model_type': family.name,
+      'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'num_attention_heads': m.num_heads,
+      'num_key_value_heads': m.kv_heads, 'head_dim': m.head_dim,
+      'num_hidden_layers': m.num_blocks, 'max_position_embeddings': m.max_len,
+      'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_base,
+      'rope_parameters': {'rope_theta': m.rope_base, 'rope_type': 'default'},
+      'attention_bias': m.attn_bias, 'hidden_act': 'silu', 'tie_word_embeddings': False,
+      'num_experts_per_tok': m.top_k, 'initializer_range': m.init_std,
+      'router_aux_loss_coef': m.aux_loss_weight / m.top_k, 'torch_dtype': 'float32',
+      'use_cache': True,
+  }
+  if family.name == 'mixtral':
+    out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff, sliding_window=None)
+  elif family.name == 'qwen3_moe':
+    out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
+               intermediate_size=m.d_ff, norm_topk_prob=m.normalize_gates,
+               decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+  else:
+    out.update(num_experts=m.num_experts, intermediate_size=m.d_ff,
+               norm_topk_prob=m.normalize_gates, clip_qkv=None)
+  return out
+
+
+def check_exportable(family: Family | None, m) -> None:
+  """The model of a moejax run must be one the family's transformers class computes."""
+  if family is None:
+    raise ConfigError('This run is moejax\'s own GPT-2-style family (LayerNorm, GELU experts, '
+                      'learned positions), which has no Hugging Face architecture to export to; '
+                      'export runs of configs/olmoe.py, qwen3_moe.py or mixtral.py.')
+  want = {'positions': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu', 'expert_bias': False,
+          'qk_norm': family.qk_norm}
+  bad = [f'{k}={getattr(m, k)!r} (needs {v!r})' for k, v in want.items() if getattr(m, k) != v]
+  if m.normalize_gates and m.normalize_gates_over != 'top_k':
+    bad.append('normalize_gates_over=kept (transformers renormalises over the top-k choices)')
+  if family.gates_renormalised is not None and m.normalize_gates != family.gates_renormalised:
+    bad.append(f'normalize_gates={m.normalize_gates} (needs {family.gates_renormalised})')
+  if m.attn_bias and family.name == 'mixtral':
+    bad.append('attn_bias=True (Mixtral has no attention biases)')
+  if bad:
+    raise ConfigError(f'This run\'s model is not a {family.name} model: {"; ".join(bad)}.')

@@ -1,0 +1,191 @@
+"""Hugging Face checkpoints in and out.
+
+`import_checkpoint`: a transformers checkpoint of an open family -> a params-only moejax
+checkpoint (<workdir>/checkpoints/0/{params, config}) that a run loads with init_from. Tensors
+are read one at a time into the canonical parameters (the model once in host memory, float32);
+every tensor must be used exactly once and every parameter filled exactly once.
+`export_checkpoint`: any moejax checkpoint of such a family (from any mesh) -> safetensors shards,
+their index and config.json, one parameter array restored at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from moejax import config as config_lib
+from moejax.config import ModelConfig
+from moejax.convert import families, mapping
+from moejax.convert.safetensors_io import Reader, Writer
+from moejax.errors import ConfigError
+from moejax.model import params as params_lib
+
+# moejax parameters with no Hugging Face counterpart: they start at their init on import.
+MOEJAX_ONLY = {('blocks', 'moe', 'select_bias')}
+
+
+def canonical_shapes(m: ModelConfig) -> dict[Path, tuple[int, ...]]:
+  tree = jax.eval_shape(lambda k: params_lib.init_canonical(m, k), jax.random.key(0))
+  return {tuple(k.key for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+Path = tuple[str, ...]
+
+
+def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+  more = f' and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
+  """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory."""
+  reader = Reader(hf_dir)
+  names = set(reader.names())
+  fused = any(n.endswith('experts.gate_up_proj') for n in names)
+  table = mapping.rules(m, family, fused_experts=fused)
+  shapes = canonical_shapes(m)
+  params = {p: np.zeros(s, np.float32) for p, s in shapes.items()}
+  filled = {p: np.zeros(s[:2] if _scope_of(table, p) == 'expert' else s[:1], np.int32)
+            for p, s in shapes.items() if _scope_of(table, p) in ('block', 'expert')}
+  used: dict[str, int] = {}
+  missing, misshaped = [], []
+  expected: dict[int, tuple] = {}
+  for use in mapping.uses(table, m):
+    rule = use.rule
+    if id(rule) not in expected:   # HF shapes of one application, from the table itself
+      slices = tuple(np.zeros(shapes[p][len(use.index):], np.float32) for p in rule.paths)
+      expected[id(rule)] = tuple(a.shape for a in rule.to_hf(slices))
+    absent = [n for n in use.names if n not in names]
+    if absent:
+      missing += absent
+      continue
+    wrong = [f'{n} {list(reader.shape(n))} (expected {list(s)})'
+             for n, s in zip(use.names, expected[id(rule)]) if reader.shape(n) != s]
+    if wrong:
+      misshaped += wrong
+      continue
+    for n in use.names:
+      used[n] = used.get(n, 0) + 1
+    for path, value in zip(rule.paths, rule.to_moejax(tuple(reader.get(n) for n in use.names))):
+      params[path][use.index] = value
+      if path in filled:
+        filled[path][use.index] += 1
+  extra = sorted(names - set(used))
+  twice = sorted(n for n, c in used.items() if c > 1)
+  unfilled = [f'{"/".join(p)}' for p, f in filled.items()
+              if p not in MOEJAX_ONLY and not np.all(f == 1)]
+  unmapped = ['/'.join(p) for p in shapes
+              if p not in MOEJAX_ONLY and not any(p in r.paths for r in table)]
+  problems = [(f'missing tensors: {_listing(missing)}' if missing else ''),
+              (f'tensors of the wrong shape: {_listing(misshaped)}' if misshaped else ''),
+              (f'tensors moejax has no place for: {_listing(extra)}' if extra else ''),
+              (f'tensors used twice: {_listing(twice)}' if twice else ''),
+              (f'parameters not filled exactly once: {_listing(unfilled + unmapped)}'
+               if unfilled or unmapped else '')]
+  problems = [p for p in problems if p]
+  if problems:
+    raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
+                      f'({m.num_blocks} layers, {m.num_experts} experts): ' +
+                      '; '.join(problems) + '. Nothing was written.')
+  return _nest(params)
+
+
+def _scope_of(table: list[mapping.Rule], path: Path) -> str | None:
+  return next((r.scope for r in table if path in r.paths), None)
+
+
+def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The model and moe sections of an imported checkpoint (what init_from compares)."""
+  sections = families.sections(hf)
+  return ml_collections.ConfigDict({k: dict(v) for k, v in sections.items()})
+
+
+def import_checkpoint(hf_dir: str, workdir: str) -> str:
+  """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint;
+  returns the checkpoint directory."""
+  hf = families.read_hf_config(hf_dir)
+  family = families.family_of(hf)
+  config = imported_config(hf)
+  m = config_lib.model_config(config)
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if os.path.exists(os.path.join(directory, '0')) or any(
+      n.isdigit() for n in (os.listdir(directory) if os.path.isdir(directory) else [])):
+    raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
+  params = load_params(hf_dir, m, family)
+  manager = ocp.CheckpointManager(directory, item_names=('params', 'config'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                          config=ocp.args.JsonSave(config.to_dict())))
+  manager.wait_until_finished()
+  manager.close()
+  return os.path.join(directory, '0')
+
+
+def _params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
+  """The item directory holding params in a checkpoint step, and the params' key prefix."""
+  if os.path.isdir(os.path.join(step_dir, 'params')):
+    return os.path.join(step_dir, 'params'), ()
+  return os.path.join(step_dir, 'state'), ('params',)
+
+
+def restore_array(item_dir: str, path: tuple[str, ...]) -> np.ndarray:
+  """One array of a saved tree, restored alone into host memory."""
+  leaf = ocp.RestoreArgs(restore_type=np.ndarray)
+  item = restore = None
+  for key in reversed(path):
+    item = {key: 0 if item is None else item}
+    restore = {key: leaf if restore is None else restore}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore, partial_restore=True))
+  for key in path:
+    tree = tree[key]
+  return np.asarray(tree)
+
+
+def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = 'bfloat16',
+                      max_shard_bytes: int = 5 * 10**9, tokenizer_dir: str = '') -> list[str]:
+  """Writes a transformers checkpoint of a run's newest (or given) complete step; returns the
+  files written."""
+  from moejax.train.checkpoint import saved_config
+  step, saved = saved_config(workdir, step)
+  m = config_lib.model_config(saved)
+  name = saved.model.get('family', '') if 'model' in saved else ''
+  families.check_exportable(families.FAMILIES.get(name), m)
+  family = families.FAMILIES[name]
+  item_dir, prefix = _params_item(os.path.join(workdir, 'checkpoints', str(step)))
+  writer = Writer(out_dir, max_shard_bytes, dtype)
+  for rule in mapping.rules(m, family):
+    arrays = [restore_array(item_dir, prefix + p) for p in rule.paths]
+    for use in mapping.uses([rule], m):
+      for n, a in zip(use.names, rule.to_hf(tuple(a[use.index] for a in arrays))):
+        writer.add(n, a)
+    del arrays
+  files = writer.finish()
+  hf = families.hf_config(family, m)
+  hf['torch_dtype'] = hf['dtype'] = dtype
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2)
+  files.append('config.json')
+  for tok in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+    if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, tok)):
+      shutil.copy(os.path.join(tokenizer_dir, tok), os.path.join(out_dir, tok))
+      files.append(tok)
+  return files

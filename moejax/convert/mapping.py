@@ -1,0 +1,144 @@
+"""The weight-name table between moejax's canonical parameters (blocks stacked [NB, ...]) and a
+Hugging Face checkpoint of the open families: data that both conversions walk, one Rule per
+moejax parameter (or pair, for fused experts) with small named hooks for the transposes.
+
+Names: '{b}' a block, '{e}' an expert. transformers' Linear weights are [out, in]; moejax's are
+[in, out] with heads as their own axis ([D, N, H]), experts leading ([E, D, F]).
+Legend: V vocabulary (Vp padded), D d_model, N heads, K key/value heads, H head_dim, E experts,
+F expert hidden.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.convert.families import Family
+
+Path = tuple[str, ...]
+Arrays = tuple[np.ndarray, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """moejax params `paths` <-> HF tensors `names`. scope: 'model' (whole arrays), 'block'
+  (the [b] slice of each path), 'expert' (the [b, e] slice)."""
+  paths: tuple[Path, ...]
+  names: tuple[str, ...]
+  scope: str
+  to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices
+  to_hf: Callable[[Arrays], Arrays]         # moejax slices -> HF tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One application of a rule: concrete HF names and the index of each moejax slice."""
+  rule: Rule
+  names: tuple[str, ...]
+  index: tuple[int, ...]     # () whole array, (b,) or (b, e)
+
+
+# Hooks: HF Linear [out, in] -> moejax [in, ...out split...] and back.
+def _t(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(a.T)
+
+
+def _heads_in(n: int, h: int):
+  """[N*H, D] (a q/k/v projection) -> [D, N, H]."""
+  return lambda a: _t(a).reshape(a.shape[1], n, h)
+
+
+def _heads_out(a: np.ndarray) -> np.ndarray:
+  """[D, N, H] -> [N*H, D]."""
+  return _t(a.reshape(a.shape[0], -1))
+
+
+def _one(fn):
+  return lambda arrays: (fn(arrays[0]),)
+
+
+def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[Rule]:
+  """The table for model m; fused_experts: the checkpoint stores each block's experts as
+  `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only)."""
+  n, kv, h, d, f = m.num_heads, m.kv_heads, m.head_dim, m.d_model, m.d_ff
+  vp = m.padded_vocab
+  pad_rows = lambda a: np.concatenate([a, np.zeros((vp - a.shape[0],) + a.shape[1:], a.dtype)])
+  layer = 'model.layers.{b}.'
+  attn = layer + 'self_attn.'
+  out = [
+      Rule((('embed', 'tok'),), ('model.embed_tokens.weight',), 'model',
+           _one(pad_rows), _one(lambda a: a[:m.vocab_size])),
+      Rule((('head', 'w'),), ('lm_head.weight',), 'model',
+           _one(lambda a: _t(pad_rows(a))), _one(lambda a: _t(a[:, :m.vocab_size]))),
+      Rule((('head', 'ln_f', 'scale'),), ('model.norm.weight',), 'model',
+           _one(lambda a: a), _one(lambda a: a)),
+      Rule((('blocks', 'ln1', 'scale'),), (layer + 'input_layernorm.weight',), 'block',
+           _one(lambda a: a), _one(lambda a: a)),
+      Rule((('blocks', 'ln2', 'scale'),), (layer + 'post_attention_layernorm.weight',), 'block',
+           _one(lambda a: a), _one(lambda a: a)),
+      Rule((('blocks', 'attn', 'wo'),), (attn + 'o_proj.weight',), 'block',
+           _one(lambda a: _t(a).reshape(n, h, d)), _one(lambda a: _t(a.reshape(n * h, d)))),
+  ]
+  qkv = [attn + f'{p}_proj.weight' for p in 'qkv']
+  if kv == n:
+    out.append(Rule((('blocks', 'attn', 'wqkv'),), tuple(qkv), 'block',
+                    lambda arrays: (np.stack([_heads_in(n, h)(a) for a in arrays]),),
+                    lambda arrays: tuple(_heads_out(a) for a in arrays[0])))
+  else:
+    out += [Rule((('blocks', 'attn', 'wq'),), (qkv[0],), 'block',
+                 _one(_heads_in(n, h)), _one(_heads_out)),
+            Rule((('blocks', 'attn', 'wkv'),), tuple(qkv[1:]), 'block',
+                 lambda arrays: (np.stack([_heads_in(kv, h)(a) for a in arrays]),),
+                 lambda arrays: tuple(_heads_out(a) for a in arrays[0]))]
+  if m.attn_bias:
+    out += _bias_rules(m, attn)
+  if m.qk_norm != 'none':
+    shape = {'q': (n, h), 'k': (kv, h)} if m.qk_norm == 'full' else {'q': (h,), 'k': (h,)}
+    for p in 'qk':
+      out.append(Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block',
+                      _one(lambda a, s=shape[p]: a.reshape(s)), _one(lambda a: a.reshape(-1))))
+  moe = layer + family.experts_prefix + '.'
+  out.append(Rule((('blocks', 'moe', 'router'),), (moe + 'gate.weight',), 'block',
+                  _one(_t), _one(_t)))
+  ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
+  if fused_experts:
+    out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'block',
+                 lambda arrays: tuple(np.ascontiguousarray(np.swapaxes(p, 1, 2))
+                                      for p in np.split(arrays[0], [f], axis=1)),
+                 lambda arrays: (np.concatenate([np.swapaxes(a, 1, 2) for a in arrays], 1),)),
+            Rule((ffn[2],), (moe + 'experts.down_proj',), 'block',
+                 _one(lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))),
+                 _one(lambda a: np.swapaxes(a, 1, 2)))]
+  else:
+    out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))
+            for path, name in zip(ffn, family.expert_names)]
+  return out
+
+
+def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
+  n, kv, h = m.num_heads, m.kv_heads, m.head_dim
+  names = tuple(attn + f'{p}_proj.bias' for p in 'qkv')
+  if kv == n:
+    return [Rule((('blocks', 'attn', 'bqkv'),), names, 'block',
+                 lambda arrays: (np.stack([a.reshape(n, h) for a in arrays]),),
+                 lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
+  return [Rule((('blocks', 'attn', 'bq'),), names[:1], 'block',
+               _one(lambda a: a.reshape(n, h)), _one(lambda a: a.reshape(-1))),
+          Rule((('blocks', 'attn', 'bkv'),), names[1:], 'block',
+               lambda arrays: (np.stack([a.reshape(kv, h) for a in arrays]),),
+               lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
+
+
+def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
+  """Every application of every rule, blocks in order."""
+  for rule in table:
+    if rule.scope == 'model':
+      yield Use(rule, rule.names, ())
+      continue
+    for b in range(m.num_blocks):
+      experts = range(m.num_experts) if rule.scope == 'expert' else [None]
+      for e in experts:
+        names = tuple(name.format(b=b, e=e) for name in rule.names)
+        yield Use(rule, names, (b,) if e is None else (b, e))
