@@ -19,7 +19,9 @@ import time
 import ml_collections
 import orbax.checkpoint as ocp
 
-from moejax.config import ConfigError
+from typing import Any
+
+from moejax.config import ARCH_DEFAULTS, ConfigError
 from moejax.errors import CheckpointError
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
@@ -51,6 +53,14 @@ def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.Conf
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f'Checkpoint {directory}/{step} has no readable config ({e}); it is '
                           f'corrupt or not a moejax checkpoint.') from e
+
+
+def _saved_value(saved: dict, section: str, key: str):
+  """A saved config's value; a key the checkpoint predates means its ARCH_DEFAULTS value."""
+  values = saved.get(section, {})
+  if key in values:
+    return values[key]
+  return ARCH_DEFAULTS.get((section, key))
 
 
 class Checkpointer:
@@ -139,13 +149,32 @@ class Checkpointer:
     except (OSError, json.JSONDecodeError) as e:
       raise CheckpointError(f'Checkpoint {os.path.join(directory, str(step))} has no readable '
                             f'config ({e}); it is corrupt or not a moejax checkpoint.') from e
-    diffs = [f'{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs config {v!r}'
+    diffs = [f'{s}.{k}: checkpoint {_saved_value(saved, s, k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
-             if saved.get(s, {}).get(k) != v and (s, k) not in RUN_KEYS]
+             if _saved_value(saved, s, k) != v and (s, k) not in RUN_KEYS]
     if diffs:
       raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} is of a different '
                         'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
                         'checkpoint\'s model settings.')
+
+  def restore_params(self, directory: str) -> Any:
+    """Params (training layout) of the newest checkpoint under `directory`: a run's, or a
+    params-only one (moejax.cli.convert import)."""
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    if not steps or not os.path.isdir(os.path.join(directory, str(steps[-1]), 'params')):
+      return self.restore(directory=directory).params
+    step = steps[-1]
+    self.check_compatible(step, directory)
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=('params', 'config'),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      params = manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(self.plan.canonical_abstract.params)))['params']
+    except Exception as e:
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f'Cannot restore params from {directory}/{step}: '
+                            f'{type(e).__name__}: {first}') from e
+    return self.plan.params_to_training(params)
 
   def restore(self, step: int | None = None, directory: str | None = None) -> TrainState:
     """The newest (or given) complete checkpoint, re-sharded onto the current mesh."""

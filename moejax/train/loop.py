@@ -297,8 +297,7 @@ def _initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
       source = os.path.join(source, 'checkpoints')
     if not os.path.isdir(source):
       raise ConfigError(f'init_from={init_from!r}: no such directory.')
-    params = ckpt.restore(directory=source).params
-    state = state.replace(params=params)
+    state = state.replace(params=ckpt.restore_params(source))
     print(f'Initialised params from {source} (optimizer state fresh, step 0).', flush=True)
   return state
 

@@ -142,6 +142,12 @@ class Plan:
     return self.jit(params_lib.tree_from_stages, out_shardings=self.canonical_sharding)
 
   @functools.cached_property
+  def params_to_training(self) -> Active:
+    """Params in the checkpoint layout -> the training layout."""
+    return self.jit(lambda p: params_lib.tree_to_stages(p, self.layout),
+                    out_shardings=self.param_sharding)
+
+  @functools.cached_property
   def to_training(self) -> Active:
     """A train state in the checkpoint layout -> the training layout."""
     return self.jit(lambda s: params_lib.tree_to_stages(s, self.layout),

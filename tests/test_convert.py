@@ -1,0 +1,182 @@
+"""The open families against transformers, and the conversions both ways.
+
+tests/data/hf/<family> holds tiny random checkpoints and transformers' float32 logits on them
+(made by tests/data/make_hf_families.py, transformers 5.24.0): the imported model must give those
+logits on 1x1 and 4x4 meshes (dropless), and through the KV cache. Export then re-import is
+bit-identical; a wrong, missing or extra tensor is one error naming it.
+"""
+import importlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from moejax import config as config_lib, validation
+from moejax.config import ConfigError
+from moejax.convert import families, hf as hf_lib, mapping
+from moejax.convert.safetensors_io import Reader
+from moejax.model import decode
+from moejax.train.plan import Plan
+from tests.helpers import model_forward
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'hf')
+FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral')
+
+
+def _config(family, tp=1, pp=1):
+  config = importlib.import_module(f'configs.{family}').get_config(
+      os.path.join(DATA, family) + ',cpu')
+  config.mesh.tp, config.mesh.pp = tp, pp
+  config.data.update(seq_len=16, micro_batch_size=2, num_micro_batches=4, source='random')
+  config.moe.group_size = 16
+  return config
+
+
+def _load(family, config=None):
+  m = config_lib.model_config(config or _config(family))
+  return hf_lib.load_params(os.path.join(DATA, family), m, families.FAMILIES[family])
+
+
+def _reference(family):
+  ref = np.load(os.path.join(DATA, family, 'logits.npz'))
+  return ref['ids'], ref['logits']                                     # [8, 16], [8, 16, V]
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
+def test_imported_model_gives_transformers_logits(family, tp, pp):
+  config = _config(family, tp, pp)
+  ids, expected = _reference(family)
+  tokens = np.concatenate([ids.reshape(4, 2, 16), np.zeros((4, 2, 1), np.int32)], -1)
+  _, metrics, logits = model_forward(config, _load(family, config), tokens, train=False)
+  got = logits[..., :config.model.vocab_size].reshape(expected.shape)
+  err = np.abs(got - expected).max() / np.abs(expected).max()
+  assert err <= 1e-5, f'{family} on {tp}x{pp}: relative error {err:.2e}'
+  assert metrics['dropped_frac'] == 0.0
+
+
+@pytest.mark.parametrize('family,tp', [('olmoe', 4), ('mixtral', 4), ('qwen3_moe', 1)])
+def test_cached_decoding_gives_transformers_logits(family, tp):
+  """The KV-cache decoder (grouped-query heads, QK-norm, renormalised gates) on the same
+  checkpoints: a prefill of 12 tokens, then 4 single-token steps."""
+  config = _config(family, tp, 1)
+  config.data.num_micro_batches = 1
+  plan, params = Plan(config), _load(family, config)
+  ids, expected = _reference(family)
+  cfg = plan.model
+  step = plan.jit(lambda p, c, x, at: decode.extend(p, c, x, at, cfg=cfg))
+  cache = plan.jit(lambda: decode.empty_cache(cfg, 8, 16))()
+  logits, cache = step(params, cache, jnp.asarray(ids[:, :12]), 0)
+  outs = [np.asarray(logits)]
+  for t in range(12, 16):
+    logits, cache = step(params, cache, jnp.asarray(ids[:, t:t + 1]), t)
+    outs.append(np.asarray(logits))
+  got = np.concatenate(outs, axis=1)[..., :cfg.vocab_size]
+  assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_export_then_import_is_bit_identical(family, tmp_path):
+  src = os.path.join(DATA, family)
+  hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
+  files = hf_lib.export_checkpoint(str(tmp_path / 'run'), str(tmp_path / 'out'),
+                                   dtype='float32', max_shard_bytes=100_000)
+  assert sum(f.endswith('.safetensors') for f in files) > 1     # sharded, with an index
+  original, exported = Reader(src), Reader(str(tmp_path / 'out'))
+  assert exported.names() == original.names()                   # every expert, nothing more
+  for name in original.names():
+    np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
+  again = _load_dir(family, str(tmp_path / 'out'))
+  jax.tree.map(np.testing.assert_array_equal, again, _load(family))
+  hf = json.load(open(tmp_path / 'out' / 'config.json'))
+  assert families.sections(hf) == families.sections(families.read_hf_config(src))
+
+
+def _load_dir(family, directory):
+  return hf_lib.load_params(directory, config_lib.model_config(_config(family)),
+                            families.FAMILIES[family])
+
+
+def _copy(family, tmp_path, edit):
+  """A copy of a family's checkpoint with its tensors edited by edit(dict) -> dict."""
+  out = tmp_path / f'{family}_edited'
+  out.mkdir()
+  shutil.copy(os.path.join(DATA, family, 'config.json'), out)
+  reader = Reader(os.path.join(DATA, family))
+  save_file(edit({n: reader.get(n) for n in reader.names()}), str(out / 'model.safetensors'))
+  return str(out)
+
+
+def test_fused_expert_tensors_are_accepted(tmp_path):
+  """transformers' in-memory layout (experts.gate_up_proj [E, 2F, D], experts.down_proj
+  [E, D, F]) imports to the same parameters as the per-expert tensors."""
+  def fuse(tensors):
+    out = {n: a for n, a in tensors.items() if '.experts.' not in n}
+    for b in range(4):
+      p = f'model.layers.{b}.mlp.experts'
+      gate = [tensors[f'{p}.{e}.gate_proj.weight'] for e in range(8)]
+      up = [tensors[f'{p}.{e}.up_proj.weight'] for e in range(8)]
+      out[f'{p}.gate_up_proj'] = np.stack([np.concatenate(gu) for gu in zip(gate, up)])
+      out[f'{p}.down_proj'] = np.stack([tensors[f'{p}.{e}.down_proj.weight'] for e in range(8)])
+    return out
+  fused = _load_dir('olmoe', _copy('olmoe', tmp_path, fuse))
+  jax.tree.map(np.testing.assert_array_equal, fused, _load('olmoe'))
+
+
+@pytest.mark.parametrize('edit,message', [
+    (lambda t: {n: a for n, a in t.items() if n != 'model.layers.2.mlp.experts.5.up_proj.weight'},
+     'missing tensors: model.layers.2.mlp.experts.5.up_proj.weight'),
+    (lambda t: {**t, 'model.layers.0.mlp.shared_expert.weight': np.zeros((4, 4), np.float32)},
+     'no place for: model.layers.0.mlp.shared_expert.weight'),
+    (lambda t: {**t, 'model.layers.1.self_attn.q_norm.weight': np.ones(8, np.float32)},
+     r'model.layers.1.self_attn.q_norm.weight \[8\] \(expected \[32\]\)'),
+])
+def test_a_wrong_checkpoint_is_one_error_naming_the_tensor(tmp_path, edit, message):
+  bad = _copy('olmoe', tmp_path, edit)
+  with pytest.raises(ConfigError, match=message):
+    hf_lib.import_checkpoint(bad, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()                      # nothing written
+
+
+def test_the_mapping_uses_every_tensor_and_fills_every_parameter_once():
+  """Walking the table both ways: every HF name of a checkpoint appears in exactly one
+  application, and every parameter slice is the target of exactly one."""
+  for family in FAMILIES:
+    m = config_lib.model_config(_config(family))
+    table = mapping.rules(m, families.FAMILIES[family])
+    names = [n for use in mapping.uses(table, m) for n in use.names]
+    assert sorted(names) == Reader(os.path.join(DATA, family)).names()
+    paths = [p for rule in table for p in rule.paths]
+    assert len(paths) == len(set(paths))
+
+
+def test_own_family_export_and_conflicting_overrides_are_refused(tmp_path):
+  from configs import tp4pp4
+  with pytest.raises(ConfigError, match='no Hugging Face architecture'):
+    families.check_exportable(None, config_lib.model_config(tp4pp4.get_config('tiny')))
+  config = _config('mixtral')
+  config.model.num_kv_heads = 4
+  with pytest.raises(ConfigError, match=r'model.num_kv_heads=4 conflicts with .*gives 2'):
+    validation.validate(config, 16)
+
+
+def test_transformers_loads_the_export(tmp_path):
+  """Runs where torch and transformers are installed (not CI's requirements; see
+  tests/data/make_hf_families.py): transformers' logits of an export equal the original's."""
+  torch = pytest.importorskip('torch', reason='torch is not in CI; run by hand (README)')
+  transformers = pytest.importorskip('transformers')
+  for family in FAMILIES:
+    hf_lib.import_checkpoint(os.path.join(DATA, family), str(tmp_path / family))
+    out = str(tmp_path / f'{family}_out')
+    hf_lib.export_checkpoint(str(tmp_path / family), out, dtype='float32')
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, attn_implementation='eager')
+    ids, expected = _reference(family)
+    with torch.no_grad():
+      got = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
