@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # End-to-end modules (runs in subprocesses, several processes, whole CLIs): the quick tier
 # (`pytest -m "not slow"`) leaves them out.
 SLOW_MODULES = {'test_bench', 'test_checkpoint', 'test_faults', 'test_multiprocess', 'test_plot',
+                'test_open_models',
                 'test_train', 'test_walkthrough', 'test_text_data'}
 
 

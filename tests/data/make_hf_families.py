@@ -44,6 +44,25 @@ def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
         p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
 
 
+TEXT = """Mixture-of-Experts models route each token to a few experts. The router picks the
+experts, the experts transform the token, and the gates weigh what they return. A model that
+starts from an open checkpoint keeps what it learned and learns the new text on top of it.
+"""
+
+
+def write_tokenizer(path: str) -> None:
+  """A BPE tokenizer.json of VOCAB ids (characters it never saw map to <unk>; </s> ends
+  documents), for the README's import -> fine-tune -> sample -> export walkthrough."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token='<unk>'))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  tok.train_from_iterator([TEXT] * 4, trainers.BpeTrainer(
+      vocab_size=VOCAB, special_tokens=['<unk>', '</s>'], limit_alphabet=50))
+  assert tok.get_vocab_size() <= VOCAB
+  tok.save(path)
+
+
 def main() -> None:
   print(f'transformers {transformers.__version__}, torch {torch.__version__}')
   for i, (family, cfg) in enumerate(FAMILIES.items()):
@@ -59,6 +78,7 @@ def main() -> None:
     np.savez_compressed(os.path.join(out, 'logits.npz'), ids=ids.numpy().astype(np.int32),
                         logits=logits.astype(np.float32))
     print(family, sorted(os.listdir(out)), logits.shape)
+  write_tokenizer(os.path.join(OUT, 'mixtral', 'tokenizer.json'))
 
 
 if __name__ == '__main__':
