@@ -4,9 +4,10 @@ Shares no code with moejax: only the canonical parameter tree's names and shapes
 (blocks stacked [NB, ...] in block order). One token at a time through its experts, routing
 group by routing group; nothing is vectorised that could hide a mistake the model shares.
 
-  embed:  x = tok[id] + pos[t]
-  block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block)
-  attn:   q,k,v = x Wq + bq, ... ; causal softmax(q k^T / sqrt(H)) v ; concat heads ; Wo + bo
+  embed:  x = tok[id] + pos[t]          (rotary positions: x = tok[id]; q, k rotated)
+  block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block; or RMSNorm)
+  attn:   q,k,v = x Wq + bq, ... ; (QK-norm) ; causal softmax(q k^T / sqrt(H)) v ; concat heads ;
+          Wo + bo   (grouped-query: query head n reads key/value head n // (N/K))
   moe:    p = softmax(x Wr) ; top-k ; capacity per group (all first choices before any second,
           earlier tokens first) ; y = sum_kept gate * (gelu(x W1[e] + b1[e]) W2[e] + b2[e])
           (with in-group balancing, top-k of x Wr + per-expert offsets from Sinkhorn-Knopp
@@ -29,10 +30,27 @@ def gelu(x: np.ndarray, form: str = 'exact') -> np.ndarray:
   return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None,
+               eps: float = 1e-5) -> np.ndarray:
+  """LayerNorm with a bias; RMSNorm (no centring) without one."""
+  if bias is None:
+    return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * scale
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def norm(x: np.ndarray, p: dict, eps: float) -> np.ndarray:
+  return layer_norm(x, p['scale'], p.get('bias'), eps)
+
+
+def rotate(x: np.ndarray, base: float) -> np.ndarray:
+  """Rotary positions of x [T, H] (position t = row t): pairs (i, i + H/2) by t * base^(-2i/H)."""
+  t, h = x.shape
+  angle = np.arange(t)[:, None] * base ** (-2.0 * np.arange(h // 2) / h)   # [T, H/2]
+  x1, x2 = x[:, :h // 2], x[:, h // 2:]
+  return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
+                         x2 * np.cos(angle) + x1 * np.sin(angle)], axis=1)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -40,19 +58,37 @@ def softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def attention(x: np.ndarray, p: dict) -> np.ndarray:
-  """x [T, D] one sequence -> [T, D]."""
+def attention(x: np.ndarray, p: dict, arch: dict | None = None) -> np.ndarray:
+  """x [T, D] one sequence -> [T, D]. arch: rope_base (None: no rotation), qk_norm, eps."""
+  arch = arch or {}
   t = x.shape[0]
-  w, b = p['wqkv'], p.get('bqkv')                       # [3, D, N, H], [3, N, H]
-  n, h = w.shape[2], w.shape[3]
+  if 'wqkv' in p:
+    wq, wk, wv = p['wqkv'][0], p['wqkv'][1], p['wqkv'][2]              # [D, N, H] each
+    b = p.get('bqkv')
+    bq, bk, bv = (None, None, None) if b is None else (b[0], b[1], b[2])
+  else:
+    wq, (wk, wv) = p['wq'], p['wkv']                                    # [D, N, H], [D, K, H]
+    bq, bk, bv = p.get('bq'), *((None, None) if 'bkv' not in p else p['bkv'])
+  n, h, kv = wq.shape[1], wq.shape[2], wk.shape[1]
+  proj = lambda w, bias: np.einsum('td,dnh->tnh', x, w) + (0.0 if bias is None else bias)
+  q, k, v = proj(wq, bq), proj(wk, bk), proj(wv, bv)                    # [T, N|K, H]
+  eps = arch.get('eps', 1e-5)
+  if arch.get('qk_norm') == 'full':                                     # over all heads
+    q = (q.reshape(t, -1) / np.sqrt((q.reshape(t, -1) ** 2).mean(-1, keepdims=True) + eps)
+         ).reshape(q.shape) * p['q_norm']
+    k = (k.reshape(t, -1) / np.sqrt((k.reshape(t, -1) ** 2).mean(-1, keepdims=True) + eps)
+         ).reshape(k.shape) * p['k_norm']
+  elif arch.get('qk_norm') == 'head':
+    q = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + eps) * p['q_norm']
+    k = k / np.sqrt((k ** 2).mean(-1, keepdims=True) + eps) * p['k_norm']
   out = np.zeros((t, n * h))
   for head in range(n):
-    q = x @ w[0, :, head] + (b[0, head] if b is not None else 0.0)    # [T, H]
-    k = x @ w[1, :, head] + (b[1, head] if b is not None else 0.0)
-    v = x @ w[2, :, head] + (b[2, head] if b is not None else 0.0)
-    scores = q @ k.T / math.sqrt(h)
+    qh, kh, vh = q[:, head], k[:, head // (n // kv)], v[:, head // (n // kv)]
+    if arch.get('rope_base'):
+      qh, kh = rotate(qh, arch['rope_base']), rotate(kh, arch['rope_base'])
+    scores = qh @ kh.T / math.sqrt(h)
     scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    out[:, head * h:(head + 1) * h] = softmax(scores) @ v
+    out[:, head * h:(head + 1) * h] = softmax(scores) @ vh
   y = out @ p['wo'].reshape(n * h, -1)
   return y + p['bo'] if 'bo' in p else y
 
@@ -74,7 +110,7 @@ def sinkhorn_offsets(scores: np.ndarray, iters: int, anneal: float = 0.03) -> np
 
 
 def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: str,
-              normalize_gates: bool, sinkhorn_iters: int = 0
+              normalize_gates: bool | str, sinkhorn_iters: int = 0
               ) -> tuple[np.ndarray, float, float, int, int]:
   """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned)."""
   s = x.shape[0]
@@ -95,16 +131,23 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
         used[e] += 1
         kept[i, k] = True
   y = np.zeros_like(x)
+  bias = lambda name, e: p[name][e] if name in p else 0.0
   for i in range(s):
     gates = [probs[i, choice[i, k]] if kept[i, k] else 0.0 for k in range(top_k)]
-    total = sum(gates)
+    # normalize_gates True/'kept': over the kept gates; 'top_k': over all top-k choices
+    total = (sum(probs[i, choice[i, k]] for k in range(top_k)) if normalize_gates == 'top_k'
+             else sum(gates))
     for k in range(top_k):
       if not kept[i, k]:
         continue
       e = choice[i, k]
       gate = gates[k] / total if normalize_gates else gates[k]
-      hidden = gelu(x[i] @ p['w1'][e] + p['b1'][e], gelu_form)
-      y[i] += gate * (hidden @ p['w2'][e] + p['b2'][e])
+      first = x[i] @ p['w1'][e] + bias('b1', e)
+      if 'w3' in p:                                     # SwiGLU: silu(x W1) * (x W3)
+        hidden = first / (1.0 + np.exp(-first)) * (x[i] @ p['w3'][e] + bias('b3', e))
+      else:
+        hidden = gelu(first, gelu_form)
+      y[i] += gate * (hidden @ p['w2'][e] + bias('b2', e))
   frac = np.bincount(plain.reshape(-1), minlength=num_experts) / (s * top_k)
   aux = num_experts * float(np.sum(frac * probs.mean(0)))
   lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
@@ -114,9 +157,12 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
 
 def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: int, top_k: int,
             capacity: int, aux_weight: float, z_weight: float, gelu_form: str = 'exact',
-            normalize_gates: bool = False, sinkhorn_iters: int = 0
-            ) -> tuple[float, np.ndarray, dict]:
-  """tokens [M, B, T+1] -> (loss, logits [M, B, T, vocab_size], stats)."""
+            normalize_gates: bool | str = False, sinkhorn_iters: int = 0,
+            arch: dict | None = None) -> tuple[float, np.ndarray, dict]:
+  """tokens [M, B, T+1] -> (loss, logits [M, B, T, vocab_size], stats). arch: the open
+  families' options (rope_base for rotary positions, qk_norm, eps of the norms)."""
+  arch = arch or {}
+  eps = arch.get('eps', 1e-5)
   f64 = lambda tree: {k: f64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
                       for k, v in tree.items()}
   params = f64(params)
@@ -130,13 +176,12 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
   z = np.zeros_like(aux)
   kept = assigned = 0
   for mi in range(m):
-    x = emb['tok'][inputs[mi]] + emb['pos'][:t]                        # [B, T, D]
+    x = emb['tok'][inputs[mi]] + (emb['pos'][:t] if 'pos' in emb else 0.0)  # [B, T, D]
     for nb in range(num_blocks):
       p = block(nb)
       for bi in range(bsz):
-        x[bi] = x[bi] + attention(layer_norm(x[bi], p['ln1']['scale'], p['ln1']['bias']),
-                                  p['attn'])
-      h = layer_norm(x, p['ln2']['scale'], p['ln2']['bias']).reshape(bsz * t, -1)  # [B*T, D]
+        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch)
+      h = norm(x, p['ln2'], eps).reshape(bsz * t, -1)                 # [B*T, D]
       y = np.zeros_like(h)
       for g in range(bsz * t // group_size):
         sl = slice(g * group_size, (g + 1) * group_size)
@@ -145,7 +190,7 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
             normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters)
         kept, assigned = kept + kk, assigned + aa
       x = x + y.reshape(bsz, t, -1)
-    x = layer_norm(x, head['ln_f']['scale'], head['ln_f']['bias'])
+    x = norm(x, head['ln_f'], eps)
     logits[mi] = x @ head['w'][:, :vocab_size]
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]

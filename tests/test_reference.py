@@ -26,10 +26,15 @@ def reference(config, params, tokens, **kwargs):
   c = config
   capacity = math.ceil(c.moe.capacity_factor * c.moe.group_size * c.moe.top_k
                        / c.moe.num_experts)                  # DESIGN.md's formula
+  m = c.model
+  over = c.moe.get('normalize_gates_over', 'kept')
+  arch = dict(rope_base=m.get('rope_base', 1e4) if m.positions == 'rope' else None,
+              qk_norm=m.get('qk_norm', 'none'), eps=m.get('norm_eps', 1e-5))
   args = dict(vocab_size=c.model.vocab_size, group_size=c.moe.group_size, top_k=c.moe.top_k,
               capacity=capacity, aux_weight=c.moe.aux_loss_weight,
               z_weight=c.moe.z_loss_weight, gelu_form=c.moe.gelu,
-              normalize_gates=c.moe.normalize_gates, sinkhorn_iters=c.moe.sinkhorn_iters)
+              normalize_gates=over if c.moe.normalize_gates else False,
+              sinkhorn_iters=c.moe.sinkhorn_iters, arch=arch)
   return numpy_reference.forward(params, np.asarray(tokens), **{**args, **kwargs})
 
 
@@ -115,3 +120,37 @@ def test_reference_sees_the_gelu_form_and_the_attention_biases():
   _, _, logits = model_forward(config, params, tokens)
   _, ref_logits, _ = reference(config, no_bias, tokens)
   assert np.abs(logits[..., :config.model.vocab_size] - ref_logits).max() > 1e-3
+
+
+# The open families' block options (configs/olmoe.py, qwen3_moe.py, mixtral.py), with capacity
+# drops (transformers' models drop nothing, so tests/test_convert.py cannot see them).
+ARCHES = {
+    'olmoe': {'model.norm': 'rmsnorm', 'model.qk_norm': 'full', 'model.positions': 'rope',
+              'model.attn_bias': False, 'moe.ffn': 'swiglu', 'moe.expert_bias': False},
+    'qwen3': {'model.norm': 'rmsnorm', 'model.norm_eps': 1e-6, 'model.num_kv_heads': 2,
+              'model.qk_norm': 'head', 'model.positions': 'rope', 'model.rope_base': 1e6,
+              'model.attn_bias': False, 'moe.ffn': 'swiglu', 'moe.expert_bias': False,
+              'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k'},
+    'mixtral_biased': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
+                       'moe.ffn': 'swiglu', 'moe.normalize_gates': True,
+                       'moe.normalize_gates_over': 'top_k'},
+}
+
+
+@pytest.mark.parametrize('arch', sorted(ARCHES))
+@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
+def test_open_family_blocks_equal_numpy_reference(arch, tp, pp):
+  """RMSNorm, QK-norm (whole width and per head), grouped-query heads (2 key/value heads:
+  replicated over tp=4), SwiGLU with and without biases, rope base, top-k renormalisation
+  before capacity: the model on 1x1 and 4x4 against the reference, with drops."""
+  config, params, tokens = _case(tp, pp, **{'data.seq_len': 32, 'moe.top_k': 2,
+                                            **ARCHES[arch]})
+  stats = assert_matches(config, params, tokens)
+  assert stats['dropped_frac'] > 0.02
+
+
+def test_reference_sees_the_renormalisation_point():
+  """Renormalising over the kept gates instead of the top-k choices is outside tolerance."""
+  config, params, tokens = _case(**{'moe.top_k': 2, **ARCHES['qwen3']})
+  with pytest.raises(AssertionError):
+    assert_matches(config, params, tokens, normalize_gates='kept')
