@@ -180,3 +180,13 @@ def test_transformers_loads_the_export(tmp_path):
     with torch.no_grad():
       got = model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('family,kv_spec', [('qwen3_moe', 'tp'), ('mixtral', None)])
+def test_key_value_heads_split_over_tp_where_they_divide(family, kv_spec):
+  """4 key/value heads split over tp=4; 2 are replicated. Experts and query heads split."""
+  config = importlib.import_module(f'configs.{family}').get_config('tiny')
+  plan = Plan(config)
+  attn, moe = plan.param_sharding['blocks']['attn'], plan.param_sharding['blocks']['moe']
+  assert attn['wkv'].spec[-2] == kv_spec
+  assert attn['wq'].spec[-2] == 'tp' and moe['w3'].spec[3] == 'tp'

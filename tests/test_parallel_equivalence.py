@@ -209,3 +209,19 @@ def test_sinkhorn_balances_the_choices():
   peak = lambda a: np.max(a / a.mean(-1, keepdims=True))
   assert peak(balanced['expert_assigned']) < peak(plain['expert_assigned']) - 0.2
   assert plain['rerouted_frac'] == 0.0 < balanced['rerouted_frac'] < 0.5
+
+
+@pytest.mark.parametrize('tp,pp,kv_heads,qk_norm', [(4, 4, 2, 'head'), (2, 2, 2, 'full')])
+def test_open_family_blocks_match_1x1(tp, pp, kv_heads, qk_norm):
+  """Grouped-query heads (replicated over tp=4; split over tp=2), QK-norm (per head; over the
+  whole width, whose statistics cross the tp shards), RMSNorm, SwiGLU, top-k renormalisation:
+  loss and gradients of every parameter equal the 1x1 mesh's."""
+  arch = {'model.norm': 'rmsnorm', 'model.num_kv_heads': kv_heads, 'model.qk_norm': qk_norm,
+          'model.positions': 'rope', 'moe.ffn': 'swiglu', 'moe.expert_bias': False,
+          'moe.top_k': 2, 'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k'}
+  loss, metrics, grads = loss_and_grads(small_config(tp, pp, **arch))
+  ref_loss, ref_metrics, ref_grads = loss_and_grads(small_config(1, 1, **arch))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
+  assert metrics['dropped_frac'] > 0.02
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
