@@ -190,3 +190,18 @@ def test_key_value_heads_split_over_tp_where_they_divide(family, kv_spec):
   attn, moe = plan.param_sharding['blocks']['attn'], plan.param_sharding['blocks']['moe']
   assert attn['wkv'].spec[-2] == kv_spec
   assert attn['wq'].spec[-2] == 'tp' and moe['w3'].spec[3] == 'tp'
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_tiny_family_configs_train(family):
+  """Each family's :tiny config takes train steps on a 2x2 mesh; the loss falls."""
+  from tests.helpers import train_steps
+  config = importlib.import_module(f'configs.{family}').get_config('tiny')
+  config.mesh.tp, config.mesh.pp = 2, 2
+  config.model.num_blocks = 4
+  config.data.update(num_micro_batches=4, seq_len=32)
+  config.moe.group_size = 32
+  config.optim.warmup_steps = 1
+  _, first = train_steps(config, 1)
+  _, later = train_steps(config, 6)
+  assert np.isfinite(later) and later < first
