@@ -1,17 +1,20 @@
 """Hugging Face checkpoints in and out.
 
 `import_checkpoint`: a transformers checkpoint of an open family -> a params-only moejax
-checkpoint (<workdir>/checkpoints/0/{params, config}) that a run loads with init_from. Tensors
-are read one at a time into the canonical parameters (the model once in host memory, float32);
-every tensor must be used exactly once and every parameter filled exactly once.
+checkpoint (<workdir>/checkpoints/0/{params, config}) that a run loads with init_from. The
+checkpoint is checked first from its headers (every tensor used exactly once, every parameter
+filled exactly once); then each canonical parameter array is filled from its tensors and written
+before the next is read (host memory: about one parameter array, not the model).
 `export_checkpoint`: any moejax checkpoint of such a family (from any mesh) -> safetensors shards,
 their index and config.json, one parameter array restored at a time.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -26,6 +29,8 @@ from moejax.convert.safetensors_io import Reader, Writer
 from moejax.errors import ConfigError
 from moejax.model import params as params_lib
 
+Path = tuple[str, ...]
+
 # moejax parameters with no Hugging Face counterpart: they start at their init on import.
 MOEJAX_ONLY = {('blocks', 'moe', 'select_bias')}
 
@@ -34,9 +39,6 @@ def canonical_shapes(m: ModelConfig) -> dict[Path, tuple[int, ...]]:
   tree = jax.eval_shape(lambda k: params_lib.init_canonical(m, k), jax.random.key(0))
   return {tuple(k.key for k in path): leaf.shape
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-Path = tuple[str, ...]
 
 
 def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
@@ -54,17 +56,13 @@ def _listing(names: list[str], limit: int = 8) -> str:
   return ', '.join(names[:limit]) + more
 
 
-def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
-  """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory."""
-  reader = Reader(hf_dir)
+def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
+           shapes: dict[Path, tuple[int, ...]]) -> list[str]:
+  """Problems of a checkpoint against the table, from its headers alone: missing, misshaped,
+  extra or twice-used tensors, parameters not filled exactly once."""
   names = set(reader.names())
-  fused = any(n.endswith('experts.gate_up_proj') for n in names)
-  table = mapping.rules(m, family, fused_experts=fused)
-  shapes = canonical_shapes(m)
-  params = {p: np.zeros(s, np.float32) for p, s in shapes.items()}
-  filled = {p: np.zeros(s[:2] if _scope_of(table, p) == 'expert' else s[:1], np.int32)
-            for p, s in shapes.items() if _scope_of(table, p) in ('block', 'expert')}
   used: dict[str, int] = {}
+  filled: dict[Path, np.ndarray] = {}
   missing, misshaped = [], []
   expected: dict[int, tuple] = {}
   for use in mapping.uses(table, m):
@@ -73,42 +71,56 @@ def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[st
       slices = tuple(np.zeros(shapes[p][len(use.index):], np.float32) for p in rule.paths)
       expected[id(rule)] = tuple(a.shape for a in rule.to_hf(slices))
     absent = [n for n in use.names if n not in names]
-    if absent:
-      missing += absent
-      continue
     wrong = [f'{n} {list(reader.shape(n))} (expected {list(s)})'
-             for n, s in zip(use.names, expected[id(rule)]) if reader.shape(n) != s]
-    if wrong:
-      misshaped += wrong
-      continue
+             for n, s in zip(use.names, expected[id(rule)]) if n in names and reader.shape(n) != s]
+    missing += absent
+    misshaped += wrong
     for n in use.names:
       used[n] = used.get(n, 0) + 1
-    for path, value in zip(rule.paths, rule.to_moejax(tuple(reader.get(n) for n in use.names))):
-      params[path][use.index] = value
-      if path in filled:
-        filled[path][use.index] += 1
+    for path in rule.paths:
+      count = filled.setdefault(path, np.zeros(shapes[path][:len(use.index)], np.int32))
+      count[use.index] += 1
   extra = sorted(names - set(used))
   twice = sorted(n for n, c in used.items() if c > 1)
-  unfilled = [f'{"/".join(p)}' for p, f in filled.items()
-              if p not in MOEJAX_ONLY and not np.all(f == 1)]
-  unmapped = ['/'.join(p) for p in shapes
-              if p not in MOEJAX_ONLY and not any(p in r.paths for r in table)]
+  unfilled = ['/'.join(p) for p in shapes
+              if p not in MOEJAX_ONLY and not (p in filled and np.all(filled[p] == 1))]
   problems = [(f'missing tensors: {_listing(missing)}' if missing else ''),
               (f'tensors of the wrong shape: {_listing(misshaped)}' if misshaped else ''),
               (f'tensors moejax has no place for: {_listing(extra)}' if extra else ''),
               (f'tensors used twice: {_listing(twice)}' if twice else ''),
-              (f'parameters not filled exactly once: {_listing(unfilled + unmapped)}'
-               if unfilled or unmapped else '')]
-  problems = [p for p in problems if p]
+              (f'parameters not filled exactly once: {_listing(unfilled)}' if unfilled else '')]
+  return [p for p in problems if p]
+
+
+def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
+                  ) -> Iterator[tuple[Path, np.ndarray]]:
+  """(path, canonical float32 array) of every parameter, one rule's arrays at a time, after the
+  whole checkpoint was checked against the table (ConfigError naming what is wrong)."""
+  reader = Reader(hf_dir)
+  fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
+  table = mapping.rules(m, family, fused_experts=fused)
+  shapes = canonical_shapes(m)
+  problems = _check(reader, table, m, shapes)
   if problems:
     raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
                       f'({m.num_blocks} layers, {m.num_experts} experts): ' +
                       '; '.join(problems) + '. Nothing was written.')
-  return _nest(params)
+  for rule in table:
+    arrays = {p: np.zeros(shapes[p], np.float32) for p in rule.paths}
+    for use in mapping.uses([rule], m):
+      values = rule.to_moejax(tuple(reader.get(n) for n in use.names))
+      for path, value in zip(rule.paths, values):
+        target = arrays[path][use.index]
+        target[tuple(slice(0, n) for n in value.shape)] = value   # padded vocabulary rows: zero
+    yield from arrays.items()
+    del arrays
+  for path in MOEJAX_ONLY & set(shapes):   # no Hugging Face counterpart: their init (zeros)
+    yield path, np.zeros(shapes[path], np.float32)
 
 
-def _scope_of(table: list[mapping.Rule], path: Path) -> str | None:
-  return next((r.scope for r in table if path in r.paths), None)
+def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
+  """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory, whole."""
+  return _nest(dict(stream_params(hf_dir, m, family)))
 
 
 def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -118,30 +130,37 @@ def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def import_checkpoint(hf_dir: str, workdir: str) -> str:
-  """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint;
-  returns the checkpoint directory."""
+  """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint, one
+  parameter array at a time (Orbax partial saves, finalised into one tree); returns the
+  checkpoint directory. It appears under its step number only when complete."""
+  from orbax.checkpoint.experimental import v1 as ocp_v1
   hf = families.read_hf_config(hf_dir)
   family = families.family_of(hf)
   config = imported_config(hf)
   m = config_lib.model_config(config)
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if os.path.exists(os.path.join(directory, '0')) or any(
-      n.isdigit() for n in (os.listdir(directory) if os.path.isdir(directory) else [])):
+  if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
     raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
-  params = load_params(hf_dir, m, family)
-  manager = ocp.CheckpointManager(directory, item_names=('params', 'config'),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                          config=ocp.args.JsonSave(config.to_dict())))
-  manager.wait_until_finished()
-  manager.close()
+  leaves = stream_params(hf_dir, m, family)
+  first = next(leaves)                                   # the whole checkpoint is checked here
+  tmp = os.path.join(directory, '0.import-tmp')
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, 'config'))
+  for path, array in itertools.chain([first], leaves):
+    ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
+    del array
+  ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
+  with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:
+    json.dump(config.to_dict(), f)
+  os.rename(tmp, os.path.join(directory, '0'))
   return os.path.join(directory, '0')
 
 
-def _params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
-  """The item directory holding params in a checkpoint step, and the params' key prefix."""
+def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
+  """The Orbax tree holding params in a checkpoint step, and the params' key prefix in it: an
+  imported checkpoint's `params` tree, or a run's train `state`."""
   if os.path.isdir(os.path.join(step_dir, 'params')):
-    return os.path.join(step_dir, 'params'), ()
+    return os.path.join(step_dir, 'params', 'state'), ()
   return os.path.join(step_dir, 'state'), ('params',)
 
 
@@ -170,7 +189,7 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
   name = saved.model.get('family', '') if 'model' in saved else ''
   families.check_exportable(families.FAMILIES.get(name), m)
   family = families.FAMILIES[name]
-  item_dir, prefix = _params_item(os.path.join(workdir, 'checkpoints', str(step)))
+  item_dir, prefix = params_item(os.path.join(workdir, 'checkpoints', str(step)))
   writer = Writer(out_dir, max_shard_bytes, dtype)
   for rule in mapping.rules(m, family):
     arrays = [restore_array(item_dir, prefix + p) for p in rule.paths]

@@ -28,7 +28,7 @@ class Rule:
   paths: tuple[Path, ...]
   names: tuple[str, ...]
   scope: str
-  to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices
+  to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices (vocabulary: real rows)
   to_hf: Callable[[Arrays], Arrays]         # moejax slices -> HF tensors
 
 
@@ -42,7 +42,7 @@ class Use:
 
 # Hooks: HF Linear [out, in] -> moejax [in, ...out split...] and back.
 def _t(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(a.T)
+  return a.T   # a view: the import copies it into its parameter once
 
 
 def _heads_in(n: int, h: int):
@@ -63,15 +63,14 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
   """The table for model m; fused_experts: the checkpoint stores each block's experts as
   `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only)."""
   n, kv, h, d, f = m.num_heads, m.kv_heads, m.head_dim, m.d_model, m.d_ff
-  vp = m.padded_vocab
-  pad_rows = lambda a: np.concatenate([a, np.zeros((vp - a.shape[0],) + a.shape[1:], a.dtype)])
+  # Vocabulary rows: the import writes the real ones (padded rows stay zero), export drops them.
   layer = 'model.layers.{b}.'
   attn = layer + 'self_attn.'
   out = [
       Rule((('embed', 'tok'),), ('model.embed_tokens.weight',), 'model',
-           _one(pad_rows), _one(lambda a: a[:m.vocab_size])),
+           _one(lambda a: a), _one(lambda a: a[:m.vocab_size])),
       Rule((('head', 'w'),), ('lm_head.weight',), 'model',
-           _one(lambda a: _t(pad_rows(a))), _one(lambda a: _t(a[:, :m.vocab_size]))),
+           _one(_t), _one(lambda a: _t(a[:, :m.vocab_size]))),
       Rule((('head', 'ln_f', 'scale'),), ('model.norm.weight',), 'model',
            _one(lambda a: a), _one(lambda a: a)),
       Rule((('blocks', 'ln1', 'scale'),), (layer + 'input_layernorm.weight',), 'block',
@@ -105,11 +104,10 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
   ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
   if fused_experts:
     out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'block',
-                 lambda arrays: tuple(np.ascontiguousarray(np.swapaxes(p, 1, 2))
-                                      for p in np.split(arrays[0], [f], axis=1)),
+                 lambda arrays: tuple(np.swapaxes(p, 1, 2) for p in np.split(arrays[0], [f], axis=1)),
                  lambda arrays: (np.concatenate([np.swapaxes(a, 1, 2) for a in arrays], 1),)),
             Rule((ffn[2],), (moe + 'experts.down_proj',), 'block',
-                 _one(lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))),
+                 _one(lambda a: np.swapaxes(a, 1, 2)),
                  _one(lambda a: np.swapaxes(a, 1, 2)))]
   else:
     out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))

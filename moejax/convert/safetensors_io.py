@@ -9,7 +9,6 @@ import re
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moejax.errors import ConfigError
@@ -18,43 +17,57 @@ INDEX = 'model.safetensors.index.json'
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
 
 
+_NUMPY = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F64': np.float64}
+
+
+def _header(path: str) -> tuple[dict, int]:
+  """A safetensors file's header {name: {dtype, shape, data_offsets}} and where data starts."""
+  with open(path, 'rb') as f:
+    size = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(size))
+  header.pop('__metadata__', None)
+  return header, 8 + size
+
+
 class Reader:
-  """The tensors of a checkpoint directory, read one at a time on demand."""
+  """The tensors of a checkpoint directory, each read from its file when asked for (plain
+  reads, not a memory map: host memory holds the tensors asked for, not the files)."""
 
   def __init__(self, directory: str):
     index = os.path.join(directory, INDEX)
     if os.path.exists(index):
       with open(index) as f:
-        weight_map = json.load(f)['weight_map']
+        files = sorted(set(json.load(f)['weight_map'].values()))
     else:
       files = sorted(n for n in os.listdir(directory) if n.endswith('.safetensors'))
       if not files:
         raise ConfigError(f'{directory} has no *.safetensors files (and no {INDEX}).')
-      weight_map = {}
-      for name in files:
-        with safe_open(os.path.join(directory, name), 'numpy') as f:
-          weight_map.update({k: name for k in f.keys()})
-    self.directory, self.weight_map = directory, weight_map
-    self._open: dict[str, object] = {}
+    self.directory = directory
+    self.entries: dict[str, tuple[str, dict, int]] = {}
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise ConfigError(f'{path} (listed in {INDEX}) does not exist.')
+      header, start = _header(path)
+      self.entries.update({k: (path, v, start) for k, v in header.items()})
 
   def names(self) -> list[str]:
-    return sorted(self.weight_map)
-
-  def _file(self, name: str):
-    file = self.weight_map[name]
-    if file not in self._open:
-      path = os.path.join(self.directory, file)
-      if not os.path.exists(path):
-        raise ConfigError(f'{path} (holding {name}, per {INDEX}) does not exist.')
-      self._open[file] = safe_open(path, 'numpy')
-    return self._open[file]
+    return sorted(self.entries)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._file(name).get_slice(name).get_shape())
+    return tuple(self.entries[name][1]['shape'])
 
   def get(self, name: str) -> np.ndarray:
     """The tensor in float32."""
-    return np.asarray(self._file(name).get_tensor(name), np.float32)
+    path, entry, start = self.entries[name]
+    if entry['dtype'] not in _NUMPY:
+      raise ConfigError(f'{name} in {path} has dtype {entry["dtype"]}; moejax reads '
+                        f'{sorted(_NUMPY)}.')
+    dtype = np.dtype(_NUMPY[entry['dtype']])
+    begin, end = entry['data_offsets']
+    count = (end - begin) // dtype.itemsize
+    array = np.fromfile(path, dtype=dtype, count=count, offset=start + begin)
+    return array.reshape(entry['shape']).astype(np.float32, copy=False)
 
 
 def parse_size(text: str) -> int:

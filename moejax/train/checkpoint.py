@@ -165,11 +165,12 @@ class Checkpointer:
       return self.restore(directory=directory).params
     step = steps[-1]
     self.check_compatible(step, directory)
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=('params', 'config'),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    from moejax.convert.hf import params_item
+    tree, _ = params_item(os.path.join(directory, str(step)))
     try:
-      params = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(self.plan.canonical_abstract.params)))['params']
+      with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
+        params = reader.restore(tree, args=ocp.args.StandardRestore(
+            self.plan.canonical_abstract.params))
     except Exception as e:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise CheckpointError(f'Cannot restore params from {directory}/{step}: '
