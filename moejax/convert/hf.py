@@ -10,6 +10,7 @@ their index and config.json, one parameter array restored at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -56,6 +57,20 @@ def _listing(names: list[str], limit: int = 8) -> str:
   return ', '.join(names[:limit]) + more
 
 
+def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The shape of every Hugging Face tensor of model m, from the table itself (each rule's hook
+  applied to one application's worth of zeros)."""
+  shapes = canonical_shapes(dataclasses.replace(m, num_blocks=1))
+  out = {}
+  for rule in table:
+    skip = {'model': 0, 'block': 1, 'expert': 2}[rule.scope]
+    hf = [a.shape for a in rule.to_hf(tuple(np.zeros(shapes[p][skip:], np.float32)
+                                            for p in rule.paths))]
+    for use in mapping.uses([rule], m):
+      out.update(zip(use.names, hf))
+  return out
+
+
 def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
            shapes: dict[Path, tuple[int, ...]]) -> list[str]:
   """Problems of a checkpoint against the table, from its headers alone: missing, misshaped,
@@ -64,15 +79,12 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
   used: dict[str, int] = {}
   filled: dict[Path, np.ndarray] = {}
   missing, misshaped = [], []
-  expected: dict[int, tuple] = {}
+  expected = hf_shapes(table, m)
   for use in mapping.uses(table, m):
     rule = use.rule
-    if id(rule) not in expected:   # HF shapes of one application, from the table itself
-      slices = tuple(np.zeros(shapes[p][len(use.index):], np.float32) for p in rule.paths)
-      expected[id(rule)] = tuple(a.shape for a in rule.to_hf(slices))
     absent = [n for n in use.names if n not in names]
-    wrong = [f'{n} {list(reader.shape(n))} (expected {list(s)})'
-             for n, s in zip(use.names, expected[id(rule)]) if n in names and reader.shape(n) != s]
+    wrong = [f'{n} {list(reader.shape(n))} (expected {list(expected[n])})'
+             for n in use.names if n in names and reader.shape(n) != expected[n]]
     missing += absent
     misshaped += wrong
     for n in use.names:
@@ -146,10 +158,17 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   tmp = os.path.join(directory, '0.import-tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'config'))
-  for path, array in itertools.chain([first], leaves):
-    ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
-    del array
-  ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
+  # Nothing changes an array while it is written, so Orbax need not copy it first; float32 of
+  # trained weights barely compresses. Either would double the peak.
+  options = ocp_v1.options
+  context = ocp_v1.Context(
+      memory_options=options.MemoryOptions(deepcopy_host_arrays=False),
+      array_options=options.ArrayOptions(saving=options.ArrayOptions.Saving(use_compression=False)))
+  with context:
+    for path, array in itertools.chain([first], leaves):
+      ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
+      del array
+    ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
   with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:
     json.dump(config.to_dict(), f)
   os.rename(tmp, os.path.join(directory, '0'))
@@ -190,8 +209,11 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
   families.check_exportable(families.FAMILIES.get(name), m)
   family = families.FAMILIES[name]
   item_dir, prefix = params_item(os.path.join(workdir, 'checkpoints', str(step)))
-  writer = Writer(out_dir, max_shard_bytes, dtype)
-  for rule in mapping.rules(m, family):
+  table = mapping.rules(m, family)
+  shapes = hf_shapes(table, m)
+  writer = Writer(out_dir, [(n, shapes[n]) for use in mapping.uses(table, m) for n in use.names],
+                  max_shard_bytes, dtype)
+  for rule in table:
     arrays = [restore_array(item_dir, prefix + p) for p in rule.paths]
     for use in mapping.uses([rule], m):
       for n, a in zip(use.names, rule.to_hf(tuple(a[use.index] for a in arrays))):

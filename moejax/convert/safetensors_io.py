@@ -1,6 +1,6 @@
-"""Reading and writing Hugging Face safetensors checkpoints with NumPy alone: a lazy reader over
-one file or an indexed set of shards, and a writer that flushes a shard whenever it reaches the
-size limit (so at most one shard's tensors wait in host memory) and writes the index."""
+"""Reading and writing Hugging Face safetensors checkpoints with NumPy alone: a reader over one
+file or an indexed set of shards that reads a tensor when asked, and a writer that lays the
+shards out first and writes each tensor into place as it comes, then the index."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import re
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 from moejax.errors import ConfigError
 
@@ -82,44 +81,66 @@ def parse_size(text: str) -> int:
 
 
 class Writer:
-  """Shards of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
+  """Safetensors shards of at most `max_bytes`, laid out before anything is written: every
+  tensor's name and shape is known up front (the weight-name table), so each shard's header is
+  written first and each tensor goes straight to its place in its file when it arrives. Host
+  memory holds one tensor at a time."""
 
-  def __init__(self, directory: str, max_bytes: int, dtype: str):
+  def __init__(self, directory: str, specs: list[tuple[str, tuple[int, ...]]], max_bytes: int,
+               dtype: str):
     os.makedirs(directory, exist_ok=True)
-    self.directory, self.max_bytes, self.dtype = directory, max_bytes, DTYPES[dtype]
-    self.pending: dict[str, np.ndarray] = {}
-    self.pending_bytes = 0
-    self.files: list[list[str]] = []
+    self.directory, self.dtype = directory, np.dtype(DTYPES[dtype])
+    code = {v: k for k, v in _NUMPY.items()}[DTYPES[dtype]]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in specs:
+      nbytes = int(np.prod(shape)) * self.dtype.itemsize
+      if shards[-1] and size + nbytes > max_bytes:
+        shards.append([])
+        size = 0
+      shards[-1].append((name, shape))
+      size += nbytes
+    count = len(shards)
+    self.files = [('model.safetensors' if count == 1 else
+                   f'model-{i + 1:05d}-of-{count:05d}.safetensors') for i in range(count)]
+    self.place: dict[str, tuple[str, int, tuple[int, ...]]] = {}
     self.total = 0
+    for file, shard in zip(self.files, shards):
+      header, offset = {'__metadata__': {'format': 'pt'}}, 0
+      for name, shape in shard:
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        header[name] = {'dtype': code, 'shape': list(shape), 'data_offsets': [offset, offset + nbytes]}
+        offset += nbytes
+      text = json.dumps(header, separators=(',', ':')).encode()
+      text += b' ' * (-len(text) % 8)                                   # 8-byte aligned data
+      path = os.path.join(directory, file + '.tmp')
+      with open(path, 'wb') as f:
+        f.write(len(text).to_bytes(8, 'little') + text)
+        f.truncate(8 + len(text) + offset)
+      for name, shape in shard:
+        self.place[name] = (path, 8 + len(text) + header[name]['data_offsets'][0], tuple(shape))
+      self.total += offset
+    self.written: set[str] = set()
 
   def add(self, name: str, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array.astype(self.dtype))
-    if self.pending and self.pending_bytes + array.nbytes > self.max_bytes:
-      self._flush()
-    self.pending[name] = array
-    self.pending_bytes += array.nbytes
-    self.total += array.nbytes
-
-  def _flush(self) -> None:
-    number = len(self.files)
-    save_file(self.pending, os.path.join(self.directory, f'part-{number}.tmp'),
-              metadata={'format': 'pt'})
-    self.files.append(sorted(self.pending))
-    self.pending, self.pending_bytes = {}, 0
+    path, offset, shape = self.place[name]
+    if tuple(array.shape) != shape or name in self.written:
+      raise ValueError(f'{name}: shape {array.shape} (planned {shape}) or written twice')
+    with open(path, 'r+b') as f:
+      f.seek(offset)
+      f.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+    self.written.add(name)
 
   def finish(self) -> list[str]:
-    """Names the shards model-0000i-of-0000n.safetensors, writes the index; returns the files."""
-    if self.pending:
-      self._flush()
-    count = len(self.files)
-    weight_map, out = {}, []
-    for i, names in enumerate(self.files):
-      name = ('model.safetensors' if count == 1 else
-              f'model-{i + 1:05d}-of-{count:05d}.safetensors')
-      os.replace(os.path.join(self.directory, f'part-{i}.tmp'), os.path.join(self.directory, name))
-      weight_map.update({n: name for n in names})
-      out.append(name)
-    if count > 1:
+    """Renames the complete shards into place and writes the index; returns the files."""
+    left = sorted(set(self.place) - self.written)
+    if left:
+      raise ValueError(f'tensors never written: {left[:5]}')
+    for file in self.files:
+      os.replace(os.path.join(self.directory, file + '.tmp'), os.path.join(self.directory, file))
+    if len(self.files) > 1:
+      weight_map = {name: os.path.basename(path)[:-len('.tmp')]
+                    for name, (path, _, _) in self.place.items()}
       with open(os.path.join(self.directory, INDEX), 'w') as f:
         json.dump({'metadata': {'total_size': self.total}, 'weight_map': weight_map}, f, indent=2)
-    return out
+    return list(self.files)

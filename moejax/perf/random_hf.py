@@ -3,8 +3,8 @@ layers), written locally to measure conversions at real size (nothing is downloa
 
   python -m moejax.perf.random_hf --config=configs/olmoe.py:1b-7b --layers=4 --out=/tmp/olmoe_random
 
-Tensors are drawn one at a time and written through the sharded writer (5 GB shards), so host
-memory stays about one shard.
+Tensors are drawn one at a time and written into place in 5 GB shards (host memory: about one
+tensor).
 """
 from __future__ import annotations
 
@@ -29,23 +29,19 @@ def write(config, out: str, layers: int, dtype: str) -> int:
 
   from moejax import config as config_lib
   from moejax.convert import families, mapping
+  from moejax.convert.hf import hf_shapes
   from moejax.convert.safetensors_io import Writer
   m = config_lib.model_config(config)
   if layers:
     m = dataclasses.replace(m, num_blocks=layers)
   family = families.FAMILIES[m.family]
   rng = np.random.default_rng(0)
-  writer = Writer(out, 5 * 10**9, dtype)
-  from moejax.convert.hf import canonical_shapes
-  shapes = canonical_shapes(dataclasses.replace(m, num_blocks=1))
-  for rule in mapping.rules(m, family):
-    slices = tuple(np.zeros(shapes[p][1 if rule.scope == 'block' else
-                                      2 if rule.scope == 'expert' else 0:], np.float32)
-                   for p in rule.paths)
-    hf_shapes = [a.shape for a in rule.to_hf(slices)]
-    for use in mapping.uses([rule], m):
-      for name, shape in zip(use.names, hf_shapes):
-        writer.add(name, 0.02 * rng.standard_normal(shape, dtype=np.float32))
+  table = mapping.rules(m, family)
+  shapes = hf_shapes(table, m)
+  names = [n for use in mapping.uses(table, m) for n in use.names]
+  writer = Writer(out, [(n, shapes[n]) for n in names], 5 * 10**9, dtype)
+  for name in names:
+    writer.add(name, 0.02 * rng.standard_normal(shapes[name], dtype=np.float32))
   writer.finish()
   hf = families.hf_config(family, m)
   with open(os.path.join(out, 'config.json'), 'w') as f:
@@ -55,7 +51,6 @@ def write(config, out: str, layers: int, dtype: str) -> int:
 
 def main(argv):
   del argv
-  from ml_collections import config_flags  # noqa: F401
   import importlib.util
   path, _, arg = flags.FLAGS.config.partition(':')
   spec = importlib.util.spec_from_file_location('family_config', path)
