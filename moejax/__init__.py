@@ -1,1 +1,2 @@
-"""moejax: a JAX/Flax trainer for Mixture-of-Experts language models on a (tp, pp) device mesh."""
+"""moejax: a JAX/Flax trainer for Mixture-of-Experts language models on a (dp, tp, pp) device mesh,
+and the open MoE families (OLMoE, Qwen3-MoE, Mixtral) in and out of Hugging Face format."""

@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from moejax.errors import ConfigError  # noqa: F401  (re-exported: raised throughout)
+from moejax.errors import ConfigError
 
 VOCAB_MULTIPLE = 128  # Megatron-style vocab padding: mesh-independent, divides every tp up to 128.
 

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.errors import ClusterError
 
 

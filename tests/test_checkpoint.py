@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.train import loop
 from moejax.train.checkpoint import saved_config
 from tests.helpers import assert_trees_close, small_config, without_key_bias

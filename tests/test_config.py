@@ -6,6 +6,7 @@ import os
 import pytest
 
 from moejax import config as config_lib, validation
+from moejax.errors import ConfigError
 from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,23 +77,23 @@ def test_full_config_is_the_seed_model():
 ])
 def test_validation_errors_name_the_keys(overrides, message):
   config = small_config(4, 4, **overrides)
-  with pytest.raises(config_lib.ConfigError, match=message.replace('*', r'\*').replace('(', r'\(')):
+  with pytest.raises(ConfigError, match=message.replace('*', r'\*').replace('(', r'\(')):
     validation.validate(config, num_devices=16)
 
 
 def test_too_few_devices():
-  with pytest.raises(config_lib.ConfigError, match='only 8 are available'):
+  with pytest.raises(ConfigError, match='only 8 are available'):
     validation.validate(small_config(4, 4), num_devices=8)
 
 
 def test_unknown_and_missing_keys():
   config = small_config(1, 1)
   config.moe.capacity = 2
-  with pytest.raises(config_lib.ConfigError, match=r"Unknown config keys: \['moe.capacity'\]"):
+  with pytest.raises(ConfigError, match=r"Unknown config keys: \['moe.capacity'\]"):
     validation.validate(config, num_devices=16)
   config = small_config(1, 1)
   del config.moe['gelu']
-  with pytest.raises(config_lib.ConfigError, match=r"Missing config keys: \['moe.gelu'\]"):
+  with pytest.raises(ConfigError, match=r"Missing config keys: \['moe.gelu'\]"):
     validation.validate(config, num_devices=16)
 
 

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from moejax import config as config_lib, validation
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.convert import families, hf as hf_lib, mapping
 from moejax.convert.safetensors_io import Reader
 from moejax.model import decode

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moejax import generate as gen
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.model import decode, params as params_lib
 from moejax.train.plan import Plan
 from tests.helpers import model_forward, perturbed_params, small_config

@@ -47,3 +47,48 @@ def test_no_import_cycles():
   for m in graph:
     if m not in state:
       visit(m, [m])
+
+
+def _functions():
+  for directory, _, files in os.walk(ROOT):
+    for name in files:
+      if name.endswith('.py'):
+        path = os.path.join(directory, name)
+        for node in ast.walk(ast.parse(open(path).read())):
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield os.path.relpath(path, ROOT), node
+
+
+def test_no_function_over_60_lines():
+  long = [(path, f.name, f.end_lineno - f.lineno + 1) for path, f in _functions()
+          if f.end_lineno - f.lineno + 1 > 60]
+  assert not long, long
+
+
+def test_nothing_in_the_package_imports_the_repositorys_configs():
+  for path, node in ((p, n) for d, _, fs in os.walk(ROOT) for p in [os.path.join(d, f)
+                     for f in fs if f.endswith('.py')]
+                     for n in ast.walk(ast.parse(open(p).read()))):
+    if isinstance(node, ast.ImportFrom):
+      assert not (node.module or '').startswith('configs'), path
+    elif isinstance(node, ast.Import):
+      assert not any(a.name.startswith('configs') for a in node.names), path
+
+
+def test_one_attention_module():
+  """Cached decoding uses the training model's attention, not a copy of it."""
+  graph = imports()
+  assert 'moejax.model.layers.Attention' in {d for d in graph['moejax.model.decode']} | {
+      'moejax.model.layers.' + n for n in ('Attention',)
+      if 'moejax.model.layers' in graph['moejax.model.decode']}
+  decode = open(os.path.join(ROOT, 'model', 'decode.py')).read()
+  assert 'dot_product_attention' not in decode and 'wqkv' not in decode
+
+
+def test_no_large_tracked_files():
+  import subprocess
+  top = os.path.dirname(ROOT)
+  files = subprocess.run(['git', 'ls-files'], cwd=top, capture_output=True, text=True).stdout
+  large = [f for f in files.split() if os.path.isfile(os.path.join(top, f))
+           and os.path.getsize(os.path.join(top, f)) > 512 * 1024]
+  assert not large, large

@@ -8,7 +8,7 @@ import pytest
 from configs import text as text_config
 from moejax import validation
 from moejax.cli.prepare import prepare
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.data import tokenizer as tokenizer_lib
 from moejax.data.tokens import TokenSource
 from moejax.train import loop

@@ -19,6 +19,8 @@ from ml_collections import config_flags
 from moejax.perf.timing import timed
 
 config_flags.DEFINE_config_file('config', 'configs/tp4pp4.py', 'Config of the stage to time.')
+config_flags.DEFINE_config_file('equivalence_config', 'configs/tp4pp4.py:tiny',
+                                'Small config whose 4x4 mesh is checked against its 1x1 mesh.')
 flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 flags.DEFINE_integer('steps', 10, 'Timed repetitions of each measurement.')
 
@@ -84,17 +86,16 @@ def forward_latency(config, device, steps: int) -> float:
   return timed(forward, params, tokens, steps=steps)
 
 
-def equivalence(accelerators: list) -> dict:
-  """The tiny config: 4x4 against 1x1, float32 with full-precision matmuls."""
+def equivalence(accelerators: list, tiny) -> dict:
+  """A small config (`tiny`): 4x4 against 1x1, float32 with full-precision matmuls."""
   import jax
-  from configs import tp4pp4
   from moejax.train import check
   four = accelerators if len(accelerators) >= 16 else jax.devices('cpu')
   with jax.default_matmul_precision('highest'):
     results = {}
     for name, (tp, pp, devices) in {'1x1': (1, 1, accelerators[:1]),
                                     '4x4': (4, 4, four[:16])}.items():
-      c = tp4pp4.get_config('tiny')
+      c = tiny.copy_and_resolve_references()
       c.mesh.tp, c.mesh.pp = tp, pp
       c.data.source = 'random'
       results[name] = check.loss_and_grads(c, devices=devices)
@@ -128,7 +129,7 @@ def main(argv):
   result['forward_latency_s'] = forward_latency(f.config, device, f.steps)
   print(f"forward latency of one micro-batch: {result['forward_latency_s'] * 1e3:.1f} ms",
         flush=True)
-  result.update(equivalence(accelerators))
+  result.update(equivalence(accelerators, flags.FLAGS.equivalence_config))
   print(f"tiny 4x4 ({result['equivalence_4x4_devices']}) vs 1x1 on "
         f"{result['equivalence_1x1_device']}: loss rel. error "
         f"{result['equivalence_loss_rel_error']:.1e}, gradients "

@@ -45,7 +45,7 @@ def _split(docs: list[list[int]], val_fraction: float) -> dict[str, list[list[in
 def prepare(inputs: list[str], out: str, tokenizer_spec: str = 'byte',
             val_fraction: float = 0.05, doc_separator: str = '') -> dict:
   """Tokenizes `inputs` into `out`; returns the metadata written."""
-  from moejax.config import ConfigError
+  from moejax.errors import ConfigError
   from moejax.data import tokenizer as tokenizer_lib
   if not 0.0 < val_fraction < 1.0:
     raise ConfigError(f'--val_fraction={val_fraction} must be between 0 and 1.')

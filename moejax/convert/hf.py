@@ -6,7 +6,8 @@ checkpoint is checked first from its headers (every tensor used exactly once, ev
 filled exactly once); then each canonical parameter array is filled from its tensors and written
 before the next is read (host memory: about one parameter array, not the model).
 `export_checkpoint`: any moejax checkpoint of such a family (from any mesh) -> safetensors shards,
-their index and config.json, one parameter array restored at a time.
+their index and config.json, reading one block's (or expert's) slice at a time and writing each
+tensor into its place in its shard.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from moejax.convert import families, mapping
 from moejax.convert.safetensors_io import Reader, Writer
 from moejax.errors import ConfigError
 from moejax.model import params as params_lib
+from moejax.train import checkpoint
 
 Path = tuple[str, ...]
 
@@ -175,14 +177,6 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   return os.path.join(directory, '0')
 
 
-def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
-  """The Orbax tree holding params in a checkpoint step, and the params' key prefix in it: an
-  imported checkpoint's `params` tree, or a run's train `state`."""
-  if os.path.isdir(os.path.join(step_dir, 'params')):
-    return os.path.join(step_dir, 'params', 'state'), ()
-  return os.path.join(step_dir, 'state'), ('params',)
-
-
 def restore_array(item_dir: str, path: tuple[str, ...]) -> np.ndarray:
   """One array of a saved tree, restored alone into host memory."""
   leaf = ocp.RestoreArgs(restore_type=np.ndarray)
@@ -198,25 +192,48 @@ def restore_array(item_dir: str, path: tuple[str, ...]) -> np.ndarray:
   return np.asarray(tree)
 
 
+def _open_array(item_dir: str, path: tuple[str, ...]):
+  """One saved array, opened for reading slices of it (a block's, an expert's): the
+  tensorstore array inside Orbax's OCDBT store, else (another layout) the array restored whole."""
+  import tensorstore as ts
+  spec = {'driver': 'zarr', 'path': '.'.join(path),
+          'kvstore': {'driver': 'ocdbt', 'base': f'file://{os.path.abspath(item_dir)}'}}
+  try:
+    array = ts.open(spec, open=True, read=True).result()
+  except Exception:   # not an OCDBT/zarr checkpoint: Orbax reads it
+    return restore_array(item_dir, path)
+  return _Slices(array)
+
+
+class _Slices:
+  """array[index] reads just that slice from disk."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def __getitem__(self, index):
+    return self.array[index].read().result()
+
+
 def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = 'bfloat16',
                       max_shard_bytes: int = 5 * 10**9, tokenizer_dir: str = '') -> list[str]:
   """Writes a transformers checkpoint of a run's newest (or given) complete step; returns the
   files written."""
-  from moejax.train.checkpoint import saved_config
-  step, saved = saved_config(workdir, step)
+  step, saved = checkpoint.saved_config(workdir, step)
   m = config_lib.model_config(saved)
   name = saved.model.get('family', '') if 'model' in saved else ''
   families.check_exportable(families.FAMILIES.get(name), m)
   family = families.FAMILIES[name]
-  item_dir, prefix = params_item(os.path.join(workdir, 'checkpoints', str(step)))
+  item_dir, prefix = checkpoint.params_item(os.path.join(workdir, 'checkpoints', str(step)))
   table = mapping.rules(m, family)
   shapes = hf_shapes(table, m)
   writer = Writer(out_dir, [(n, shapes[n]) for use in mapping.uses(table, m) for n in use.names],
                   max_shard_bytes, dtype)
   for rule in table:
-    arrays = [restore_array(item_dir, prefix + p) for p in rule.paths]
+    arrays = [_open_array(item_dir, prefix + p) for p in rule.paths]
     for use in mapping.uses([rule], m):
-      for n, a in zip(use.names, rule.to_hf(tuple(a[use.index] for a in arrays))):
+      slices = tuple(np.asarray(a[use.index], np.float32) for a in arrays)
+      for n, a in zip(use.names, rule.to_hf(slices)):
         writer.add(n, a)
     del arrays
   files = writer.finish()

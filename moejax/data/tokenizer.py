@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 
 class ByteTokenizer:

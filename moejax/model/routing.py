@@ -80,8 +80,36 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
-  position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
   part = _statistics(onehot, preferred, probs, logits, valid)          # [G, K*E + 2E + 2]
+  slot, whole = _slots(flat, part, share, k)                           # [G, K, S], [G, X]
+  keep = slot < capacity
+  if valid is not None:
+    keep = keep & valid[:, None, :]
+  gate = _normalize(gate, keep, normalize_gates)
+  assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
+  kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
+  aux, z = _losses(whole, k, e)                                        # [G] each
+  return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
+          GroupStats(aux, z, assigned, kept, preferred, rerouted))
+
+
+def _losses(whole: jax.Array, k: int, e: int) -> tuple[jax.Array, jax.Array]:
+  """The group's Switch aux loss E * sum_i f_i P_i and z-loss [G] from its statistics [G, X]
+  (_statistics: f_i counts the preferred choices)."""
+  count = jnp.maximum(whole[:, -2:-1], 1.0)                            # [G, 1] valid tokens
+  frac = whole[:, k * e:k * e + e] / (k * count)                       # f_i [G, E]
+  mean_prob = whole[:, k * e + e:k * e + 2 * e] / count                # P_i [G, E]
+  return e * jnp.sum(frac * mean_prob, axis=-1), whole[:, -1] / count[:, 0]
+
+
+def _slots(flat: jax.Array, part: jax.Array, share, k: int) -> tuple[jax.Array, jax.Array]:
+  """Each assignment's place in its expert's queue [G, K, S] (claims of earlier ranks, earlier
+  tokens and, through `share`, earlier parts of the group come first) and the group's whole
+  statistics [G, X] (this part's own when the part is the whole group). flat [G, K*S, E]
+  one-hot choices, k-major; part [G, X] this part's statistics (_statistics)."""
+  g, ks, e = flat.shape
+  s = ks // k
+  position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
   whole = part
   if share is not None:
     whole, earlier = share(part)
@@ -89,23 +117,17 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
     others = claims(whole) - claims(part)                              # other parts, any order
     prefix = (jnp.cumsum(others, axis=1) - others) + claims(earlier)   # ranks < k; earlier k
     position = position + jnp.repeat(prefix.astype(position.dtype), s, axis=1)
-  slot = jnp.sum(position * flat, axis=-1).reshape(g, k, s)            # [G, K, S]
-  keep = slot < capacity
-  if valid is not None:
-    keep = keep & valid[:, None, :]
+  return jnp.sum(position * flat, axis=-1).reshape(g, k, s), whole
+
+
+def _normalize(gate: jax.Array, keep: jax.Array, normalize_gates: bool | str) -> jax.Array:
+  """Gates [G, K, S] renormalised per token: True or 'kept' over the kept ones (after
+  capacity), 'top_k' over every choice (before capacity), False or 'none' not at all."""
   over = 'kept' if normalize_gates is True else (normalize_gates or 'none')
-  if over != 'none':   # 'top_k': over every choice, before capacity; 'kept': the kept ones
-    norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)  # [G, K, S]
-    gate = norm_gate / jnp.maximum(jnp.sum(norm_gate, axis=1, keepdims=True), 1e-9)
-  assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
-  kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
-  count = jnp.maximum(whole[:, -2:-1], 1.0)                            # [G, 1] valid tokens
-  frac = whole[:, k * e:k * e + e] / (k * count)                       # f_i [G, E]
-  mean_prob = whole[:, k * e + e:k * e + 2 * e] / count                # P_i [G, E]
-  aux = num_experts * jnp.sum(frac * mean_prob, axis=-1)               # [G]
-  z = whole[:, -1] / count[:, 0]                                       # [G]
-  return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
-          GroupStats(aux, z, assigned, kept, preferred, rerouted))
+  if over == 'none':
+    return gate
+  norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)  # [G, K, S]
+  return norm_gate / jnp.maximum(jnp.sum(norm_gate, axis=1, keepdims=True), 1e-9)
 
 
 def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> jax.Array:

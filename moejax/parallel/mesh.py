@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import ConfigError, Layout
+from moejax.config import Layout
+from moejax.errors import ConfigError
 from moejax.errors import MoejaxError
 
 DP = 'dp'

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 GPUS = ('h100', 'a100', 'h200')
 TARGETS = ('cpu',) + GPUS

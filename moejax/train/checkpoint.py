@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 
 from typing import Any
 
-from moejax.config import ARCH_DEFAULTS, ConfigError
+from moejax.config import ARCH_DEFAULTS
+from moejax.errors import ConfigError
 from moejax.errors import CheckpointError
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
@@ -53,6 +54,14 @@ def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.Conf
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f'Checkpoint {directory}/{step} has no readable config ({e}); it is '
                           f'corrupt or not a moejax checkpoint.') from e
+
+
+def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
+  """The Orbax tree holding params in a checkpoint step, and the params' key prefix in it: an
+  imported checkpoint's `params` tree (moejax.convert.hf), or a run's train `state`."""
+  if os.path.isdir(os.path.join(step_dir, 'params')):
+    return os.path.join(step_dir, 'params', 'state'), ()
+  return os.path.join(step_dir, 'state'), ('params',)
 
 
 def _saved_value(saved: dict, section: str, key: str):
@@ -165,7 +174,6 @@ class Checkpointer:
       return self.restore(directory=directory).params
     step = steps[-1]
     self.check_compatible(step, directory)
-    from moejax.convert.hf import params_item
     tree, _ = params_item(os.path.join(directory, str(step)))
     try:
       with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
