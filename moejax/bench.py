@@ -342,7 +342,8 @@ def _write(result: dict) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  from moejax.cli import console
+  console.run(main, __name__)
 
 
 if __name__ == '__main__':

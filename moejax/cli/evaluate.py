@@ -53,7 +53,8 @@ def main(argv):
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  from moejax.cli import console
+  console.run(main, __name__)
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 (or, installed, moejax-train with the same flags).
 
 Multi-process (one process per host, or several per host on CPU):
-  python main.py --config=... --workdir=... --coordinator_address=HOST:PORT \
+  python main.py --config=... --workdir=... --coordinator_address=HOST:PORT
       --num_processes=N --process_id=I
 Under SLURM or Open MPI with several tasks, the flags can be left out.
 """
@@ -89,7 +89,7 @@ def main(argv):
 
 def run() -> None:
   """Console-script entry point (moejax-train) and main.py's."""
-  app.run(main, flags_parser=parse_flags)
+  console.run(main, __name__, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':
