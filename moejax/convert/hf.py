@@ -34,6 +34,8 @@ from moejax.train import checkpoint
 
 Path = tuple[str, ...]
 
+CHUNK = 64 * 2**20   # bytes per stored chunk of an imported array
+
 # moejax parameters with no Hugging Face counterpart: they start at their init on import.
 MOEJAX_ONLY = {('blocks', 'moe', 'select_bias')}
 
@@ -162,10 +164,12 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   os.makedirs(os.path.join(tmp, 'config'))
   # Nothing changes an array while it is written, so Orbax need not copy it first; float32 of
   # trained weights barely compresses. Either would double the peak.
-  options = ocp_v1.options
-  context = ocp_v1.Context(
-      memory_options=options.MemoryOptions(deepcopy_host_arrays=False),
-      array_options=options.ArrayOptions(saving=options.ArrayOptions.Saving(use_compression=False)))
+  # Chunks of at most 64 MiB: written (and later read, a block at a time) without holding
+  # whole-array buffers.
+  context = ocp_v1.Context()
+  context.memory.deepcopy_host_arrays = False
+  context.array.saving.use_compression = False
+  context.array.saving.storage_options.chunk_byte_size = CHUNK
   with context:
     for path, array in itertools.chain([first], leaves):
       ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
@@ -196,13 +200,14 @@ def _open_array(item_dir: str, path: tuple[str, ...]):
   """One saved array, opened for reading slices of it (a block's, an expert's): the
   tensorstore array inside Orbax's OCDBT store, else (another layout) the array restored whole."""
   import tensorstore as ts
-  spec = {'driver': 'zarr', 'path': '.'.join(path),
-          'kvstore': {'driver': 'ocdbt', 'base': f'file://{os.path.abspath(item_dir)}'}}
-  try:
-    array = ts.open(spec, open=True, read=True).result()
-  except Exception:   # not an OCDBT/zarr checkpoint: Orbax reads it
-    return restore_array(item_dir, path)
-  return _Slices(array)
+  kvstore = {'driver': 'ocdbt', 'base': f'file://{os.path.abspath(item_dir)}'}
+  for driver in ('zarr3', 'zarr'):   # imported checkpoints are zarr3, a run's zarr (v2)
+    try:
+      spec = {'driver': driver, 'path': '.'.join(path), 'kvstore': kvstore}
+      return _Slices(ts.open(spec, open=True, read=True).result())
+    except Exception:
+      continue
+  return restore_array(item_dir, path)   # another layout: Orbax reads the array whole
 
 
 class _Slices:
