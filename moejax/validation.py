@@ -211,6 +211,10 @@ def _check_imported(errors: list[str], config: ml_collections.ConfigDict) -> Non
 
 def _check_run_values(errors: list[str], config: ml_collections.ConfigDict, lay: Layout) -> None:
   """Choices and ranges of the pipeline, data and run-control keys."""
+  import os
+  _check(errors, not config.init_from or os.path.isdir(config.init_from),
+         f'init_from={config.init_from!r}: no such directory (a run directory, its '
+         f'checkpoints/, or a `moejax.cli.convert import` --workdir).')
   _check(errors, lay.remat_policy in REMAT_POLICIES,
          f'pipeline.remat_policy={lay.remat_policy!r} not one of {REMAT_POLICIES}.')
   _check(errors, config.data.source in DATA_SOURCES,

@@ -169,6 +169,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   context = ocp_v1.Context()
   context.memory.deepcopy_host_arrays = False
   context.array.saving.use_compression = False
+  context.array.saving.use_ocdbt = False   # OCDBT buffers a whole array's chunks until commit
   context.array.saving.storage_options.chunk_byte_size = CHUNK
   with context:
     for path, array in itertools.chain([first], leaves):
@@ -198,12 +199,15 @@ def restore_array(item_dir: str, path: tuple[str, ...]) -> np.ndarray:
 
 def _open_array(item_dir: str, path: tuple[str, ...]):
   """One saved array, opened for reading slices of it (a block's, an expert's): the
-  tensorstore array inside Orbax's OCDBT store, else (another layout) the array restored whole."""
+  tensorstore array Orbax wrote, else (another layout) the array restored whole."""
   import tensorstore as ts
-  kvstore = {'driver': 'ocdbt', 'base': f'file://{os.path.abspath(item_dir)}'}
-  for driver in ('zarr3', 'zarr'):   # imported checkpoints are zarr3, a run's zarr (v2)
+  name = '.'.join(path)
+  item = os.path.abspath(item_dir)
+  specs = [   # an imported checkpoint: zarr3 arrays in files; a run's: zarr (v2) in OCDBT
+      {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': os.path.join(item, name)}},
+      {'driver': 'zarr', 'path': name, 'kvstore': {'driver': 'ocdbt', 'base': f'file://{item}'}}]
+  for spec in specs:
     try:
-      spec = {'driver': driver, 'path': '.'.join(path), 'kvstore': kvstore}
       return _Slices(ts.open(spec, open=True, read=True).result())
     except Exception:
       continue
