@@ -164,13 +164,14 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   os.makedirs(os.path.join(tmp, 'config'))
   # Nothing changes an array while it is written, so Orbax need not copy it first; float32 of
   # trained weights barely compresses. Either would double the peak.
-  # Chunks of at most 64 MiB: written (and later read, a block at a time) without holding
-  # whole-array buffers.
+  # Chunks of at most 64 MiB, cut along blocks, then experts, first: export reads a block's
+  # (an expert's) slice from its own chunks.
   context = ocp_v1.Context()
   context.memory.deepcopy_host_arrays = False
   context.array.saving.use_compression = False
   context.array.saving.use_ocdbt = False   # OCDBT buffers a whole array's chunks until commit
   context.array.saving.storage_options.chunk_byte_size = CHUNK
+  context.array.saving.storage_options.shard_axes = (0, 1)
   with context:
     for path, array in itertools.chain([first], leaves):
       ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
