@@ -145,6 +145,21 @@ def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: dict(v) for k, v in sections.items()})
 
 
+def _save_context(ndim: int):
+  """How an imported array is written: nothing changes it meanwhile, so Orbax need not copy it
+  first; float32 weights barely compress; OCDBT would buffer all its chunks until the commit
+  (each of these doubles the peak); chunks of at most 64 MiB cut along blocks, then experts,
+  first, so export reads a block's (an expert's) slice from its own chunks."""
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+  context = ocp_v1.Context()
+  context.memory.deepcopy_host_arrays = False
+  context.array.saving.use_compression = False
+  context.array.saving.use_ocdbt = False
+  context.array.saving.storage_options.chunk_byte_size = CHUNK
+  context.array.saving.storage_options.shard_axes = tuple(range(min(ndim, 2)))
+  return context
+
+
 def import_checkpoint(hf_dir: str, workdir: str) -> str:
   """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint, one
   parameter array at a time (Orbax partial saves, finalised into one tree); returns the
@@ -162,21 +177,11 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   tmp = os.path.join(directory, '0.import-tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'config'))
-  # Nothing changes an array while it is written, so Orbax need not copy it first; float32 of
-  # trained weights barely compresses. Either would double the peak.
-  # Chunks of at most 64 MiB, cut along blocks, then experts, first: export reads a block's
-  # (an expert's) slice from its own chunks.
-  context = ocp_v1.Context()
-  context.memory.deepcopy_host_arrays = False
-  context.array.saving.use_compression = False
-  context.array.saving.use_ocdbt = False   # OCDBT buffers a whole array's chunks until commit
-  context.array.saving.storage_options.chunk_byte_size = CHUNK
-  context.array.saving.storage_options.shard_axes = (0, 1)
-  with context:
-    for path, array in itertools.chain([first], leaves):
+  for path, array in itertools.chain([first], leaves):
+    with _save_context(array.ndim):
       ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
-      del array
-    ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
+    del array
+  ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
   with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:
     json.dump(config.to_dict(), f)
   os.rename(tmp, os.path.join(directory, '0'))
