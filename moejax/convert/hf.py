@@ -109,9 +109,10 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
 
 
 def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
-                  ) -> Iterator[tuple[Path, np.ndarray]]:
-  """(path, canonical float32 array) of every parameter, one rule's arrays at a time, after the
-  whole checkpoint was checked against the table (ConfigError naming what is wrong)."""
+                  ) -> Iterator[tuple[Path, np.ndarray, str]]:
+  """(path, canonical float32 array, scope) of every parameter, one rule's arrays at a time,
+  after the whole checkpoint was checked against the table (ConfigError naming what is wrong).
+  scope: the rule's ('model', 'block' or 'expert')."""
   reader = Reader(hf_dir)
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
   table = mapping.rules(m, family, fused_experts=fused)
@@ -128,15 +129,15 @@ def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
       for path, value in zip(rule.paths, values):
         target = arrays[path][use.index]
         target[tuple(slice(0, n) for n in value.shape)] = value   # padded vocabulary rows: zero
-    yield from arrays.items()
+    yield from ((path, array, rule.scope) for path, array in arrays.items())
     del arrays
   for path in MOEJAX_ONLY & set(shapes):   # no Hugging Face counterpart: their init (zeros)
-    yield path, np.zeros(shapes[path], np.float32)
+    yield path, np.zeros(shapes[path], np.float32), 'block'
 
 
 def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
   """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory, whole."""
-  return _nest(dict(stream_params(hf_dir, m, family)))
+  return _nest({path: array for path, array, _ in stream_params(hf_dir, m, family)})
 
 
 def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -145,7 +146,7 @@ def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: dict(v) for k, v in sections.items()})
 
 
-def _save_context(ndim: int):
+def _save_context(scope: str):
   """How an imported array is written: nothing changes it meanwhile, so Orbax need not copy it
   first; float32 weights barely compress; OCDBT would buffer all its chunks until the commit
   (each of these doubles the peak); chunks of at most 64 MiB cut along blocks, then experts,
@@ -156,7 +157,9 @@ def _save_context(ndim: int):
   context.array.saving.use_compression = False
   context.array.saving.use_ocdbt = False
   context.array.saving.storage_options.chunk_byte_size = CHUNK
-  context.array.saving.storage_options.shard_axes = tuple(range(min(ndim, 2)))
+  # Orbax cuts the listed axes to single entries first (a whole-model array: no such axis).
+  context.array.saving.storage_options.shard_axes = {'model': (), 'block': (0,),
+                                                     'expert': (0, 1)}[scope]
   return context
 
 
@@ -177,8 +180,8 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   tmp = os.path.join(directory, '0.import-tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'config'))
-  for path, array in itertools.chain([first], leaves):
-    with _save_context(array.ndim):
+  for path, array, scope in itertools.chain([first], leaves):
+    with _save_context(scope):
       ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
     del array
   ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
