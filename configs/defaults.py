@@ -66,7 +66,6 @@ def open_family(arg: str | None, family: str, variants: dict[str, dict]) -> ml_c
     if hf_dir:   # a real checkpoint on a CPU: one device, whatever its head and expert counts
       c.mesh.tp = c.mesh.pp = 1
       c.data.update(num_micro_batches=4, micro_batch_size=2)
-  else:
+  else:   # routing groups of tp4pp4's (each tp shard of a sequence holds whole groups)
     c.model.dtype = 'bfloat16'
-    c.moe.group_size = c.data.seq_len
   return c
