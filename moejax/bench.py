@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from moejax.model import flops as model_flops

@@ -92,3 +92,11 @@ def test_no_large_tracked_files():
   large = [f for f in files.split() if os.path.isfile(os.path.join(top, f))
            and os.path.getsize(os.path.join(top, f)) > 512 * 1024]
   assert not large, large
+
+
+def test_the_loop_is_the_loop_alone():
+  """Signals, the save guard, resume and evaluation live in modules of their own."""
+  lines = open(os.path.join(ROOT, 'train', 'loop.py')).read().count('\n')
+  assert lines <= 250, lines
+  for name in ('signals', 'guard', 'resume', 'evaluation', 'memory'):
+    assert os.path.exists(os.path.join(ROOT, 'train', f'{name}.py')), name

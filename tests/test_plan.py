@@ -49,3 +49,16 @@ def test_only_the_plan_makes_a_mesh_current():
                if not text[max(0, m.start() - 4):m.start()].endswith('def ')
                and not (m.group(1) == 'set_mesh' and path.endswith('mesh.py'))]   # activate's body
       assert not calls, f'{path} makes a mesh current: use moejax.train.plan.Plan'
+
+
+def test_plans_made_from_parts_name_every_part():
+  """Plan.on / Plan.buckets build plans from Plan.PARTS: the constructor derives exactly those,
+  so a new derived part cannot be left behind (or carried over stale) by them."""
+  from moejax.train.plan import Plan
+  from tests.helpers import small_config
+  plan = Plan(small_config(1, 1, **{'data.buckets': '16,32'}))
+  assert set(vars(plan)) == set(Plan.PARTS)
+  short, full = plan.buckets()
+  assert (short.layout.seq_len, full.layout.seq_len) == (16, 32)
+  assert short.mesh is plan.mesh and short.state_sharding is plan.state_sharding
+  assert set(vars(short)) == set(Plan.PARTS)

@@ -77,9 +77,9 @@ def _inputs(seed=0, b=2, t=32):
 def run_moe(x, w, tp, top_k, capacity, **kwargs):
   mesh = mesh_lib.make_mesh(tp, 1)
   with bare(mesh):
-    kwargs = {'group_size': GROUP, **kwargs}
-    fn = jax.jit(lambda w, x: moe_lib.moe(w, x, jax.random.key(0), top_k=top_k,
-                                          capacity=capacity, **kwargs))
+    settings = moe_lib.MoESettings(**{'group_size': GROUP, 'top_k': top_k,
+                                      'capacity': capacity, **kwargs})
+    fn = jax.jit(lambda w, x: moe_lib.moe(w, x, jax.random.key(0), settings))
     return jax.device_get(fn(w, x))
 
 
@@ -143,8 +143,8 @@ def test_aux_loss_is_one_when_uniform_and_grows_when_skewed():
 def test_router_gets_gradient_through_the_gate():
   x, w = _inputs()
   def loss(router):
-    y, _ = moe_lib.moe(w._replace(router=router), x, jax.random.key(0), group_size=GROUP,
-                       top_k=1, capacity=4)
+    y, _ = moe_lib.moe(w._replace(router=router), x, jax.random.key(0),
+                       moe_lib.MoESettings(group_size=GROUP, top_k=1, capacity=4))
     return jnp.sum(y ** 2)
   with bare(mesh_lib.make_mesh(1, 1)):
     g = jax.jit(jax.grad(loss))(w.router)

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string('hf_dir', None, 'import: the Hugging Face checkpoint directory (config.json, '
                     '*.safetensors); export: the directory to write.')

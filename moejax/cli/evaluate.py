@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string('workdir', None, 'Run directory (with checkpoints/).')
 flags.DEFINE_integer('eval_batches', 0, 'Batches to average (0: the run\'s eval_batches).')
@@ -23,11 +23,11 @@ flags.mark_flags_as_required(['workdir'])
 def evaluate(workdir: str, config, step: int, eval_batches: int) -> dict:
   """Mean validation metrics of the checkpoint at `step` (config from `run_dir.open_config`)."""
   from moejax.cli import run_dir
-  from moejax.train import loop
+  from moejax.train import evaluation, loop
   if eval_batches:
     config.eval_batches = eval_batches
   run = run_dir.restore(workdir, config, step)
-  evaluate_fn = loop.make_eval(run.plan, loop.make_source(run.plan))
+  evaluate_fn = evaluation.make_eval(run.plan, loop.make_source(run.plan))
   result = evaluate_fn(run.params)
   result.pop('expert_share')
   return dict(step=step, batches=config.eval_batches, **result)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from moejax.perf.timing import timed

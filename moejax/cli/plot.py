@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string('workdir', None, 'Run directory (holds metrics.jsonl).')
 flags.DEFINE_list('compare', [], 'Run directories to draw side by side in compare.png.')

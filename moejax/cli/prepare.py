@@ -15,7 +15,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_list('input', None, 'Text files (UTF-8), comma-separated.')
 flags.DEFINE_string('out', None, 'Output directory.')

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_string('workdir', None, 'Run directory (with checkpoints/).')
 flags.DEFINE_string('prompt', '', 'Text to continue.')

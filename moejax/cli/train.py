@@ -9,7 +9,7 @@ Under SLURM or Open MPI with several tasks, the flags can be left out.
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from moejax.cli import console
@@ -49,8 +49,8 @@ def _take_signals() -> None:
   def wait() -> None:
     while True:
       signum = signal.sigwait(taken)
-      from moejax.train import loop
-      if not loop.deliver(signum):
+      from moejax.train import signals
+      if not signals.deliver(signum):
         print(f'{signal.Signals(signum).name}: no training step in progress; exiting without '
               f'saving.', file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -234,13 +234,9 @@ class MoE(nn.Module):
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
       # keeps init independent of how the example input divides over the mesh.
       return jnp.zeros_like(x), None
-    rate = c.expert_dropout if self.train else 0.0
-    rng = self.make_rng('dropout') if rate > 0.0 else jax.random.key(0)
-    return moe_lib.moe(w, x, rng, group_size=c.group_size, top_k=c.top_k,
-                       capacity=c.capacity(self.train), dropout_rate=rate,
-                       compute_dtype=jnp.dtype(c.dtype), gelu=c.gelu,
-                       normalize_gates=c.gate_norm, dispatch=c.dispatch, valid=valid,
-                       sinkhorn_iters=c.sinkhorn_iters if self.train else 0)
+    settings = moe_lib.MoESettings.of(c, self.train)
+    rng = self.make_rng('dropout') if settings.dropout_rate > 0.0 else jax.random.key(0)
+    return moe_lib.moe(w, x, rng, settings, valid)
 
 
 class Block(nn.Module):

@@ -10,9 +10,10 @@ are shard-local.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,33 @@ WEIGHT_AXES = ExpertWeights(
     w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,),
     w3=('experts', 'embed', 'mlp'), b3=('experts', 'mlp'))
 GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, S, D] token parts
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESettings:
+  """How one MoE layer routes and computes (everything but its weights and tokens)."""
+  group_size: int                 # tokens per routing group (moe() docstring)
+  top_k: int
+  capacity: int = 0               # slots per expert per group ('capacity' dispatch only)
+  dispatch: str = 'capacity'      # 'capacity' (drop past the slots) or 'dropless'
+  dropout_rate: float = 0.0       # on expert hidden units
+  compute_dtype: Any = jnp.float32
+  gelu: str = 'exact'             # GELU experts: 'exact' or 'tanh'
+  normalize_gates: bool | str = False   # False, True / 'kept' or 'top_k' (routing.route)
+  sinkhorn_iters: int = 0         # > 0: in-group balancing (training)
+
+  @classmethod
+  def of(cls, cfg, train: bool) -> MoESettings:
+    """The settings of a ModelConfig's MoE layers, in training or evaluation."""
+    return cls(group_size=cfg.group_size, top_k=cfg.top_k, capacity=cfg.capacity(train),
+               dispatch=cfg.dispatch, dropout_rate=cfg.expert_dropout if train else 0.0,
+               compute_dtype=jnp.dtype(cfg.dtype), gelu=cfg.gelu,
+               normalize_gates=cfg.gate_norm, sinkhorn_iters=cfg.sinkhorn_iters if train else 0)
+
+  @property
+  def route_capacity(self) -> int:
+    """Slots routing allots: the capacity, or room for every choice when dropless."""
+    return self.capacity if self.dispatch == 'capacity' else self.top_k * self.group_size
 
 
 class Groups(NamedTuple):
@@ -106,12 +134,13 @@ def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
 
 def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
                       rng: jax.Array, *, axes: tuple[str, ...],
-                      names: tuple[jax.Array, jax.Array], group_size: int, capacity: int,
-                      dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
+                      names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
   per part, full or not (assignments past them were dropped by routing)."""
   g_, s, d = tokens_.shape
   num_experts = w_.router.shape[-1]
+  capacity, dropout_rate = settings.capacity, settings.dropout_rate
+  compute_dtype, gelu = settings.compute_dtype, settings.gelu
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
@@ -127,13 +156,13 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
 
 def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
                       rng: jax.Array, *, axes: tuple[str, ...],
-                      names: tuple[jax.Array, jax.Array], group_size: int, capacity: int,
-                      dropout_rate: float, compute_dtype, gelu: str) -> jax.Array:
+                      names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
   """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
   sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
   exactly the rows it received (grouped matmuls)."""
-  del capacity
   g_, s, d = tokens_.shape
+  group_size, dropout_rate = settings.group_size, settings.dropout_rate
+  compute_dtype, gelu = settings.compute_dtype, settings.gelu
   k = r.expert.shape[1]
   num_experts = w_.router.shape[-1]
   local = w_.w1.shape[0]                                                # E/ep on this shard
@@ -160,56 +189,45 @@ EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
 
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
-               token_spec: P, groups: Groups, top_k: int, capacity: int, dropout_rate: float,
-               compute_dtype, gelu: str, normalize_gates: bool | str, dispatch: str,
-               sinkhorn_iters: int) -> tuple[jax.Array, routing.GroupStats]:
+               token_spec: P, groups: Groups, settings: MoESettings
+               ) -> tuple[jax.Array, routing.GroupStats]:
   """Shard-local MoE: (x_ [B_, nG_, S, D], valid_ [B_, nG_, S] or None) -> ([B_, nG_, S, D],
   per-part stats); `groups` says which parts make one routing group."""
   x_, valid_ = inputs_
   b_, ng_, s, d = x_.shape
-  group_size = groups.parts * s
-  if dispatch == 'dropless':
-    capacity = top_k * group_size                                       # room for every choice
   tokens_ = x_.reshape(b_ * ng_, s, d)                                  # [G_, S, D]
   valid_ = None if valid_ is None else valid_.reshape(b_ * ng_, s)     # [G_, S]
   names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [P, G_] x 2
   share = _group_share(*names, axes) if groups.parts > 1 else None
-  r, stats = routing.route(tokens_, w_.router, top_k, capacity, normalize_gates,
-                           w_.select_bias, valid_, share, sinkhorn_iters)
-  y_ = EXPERT_PATHS[dispatch](w_, tokens_, r, rng, axes=axes, names=names,
-                              group_size=group_size, capacity=capacity,
-                              dropout_rate=dropout_rate, compute_dtype=compute_dtype,
-                              gelu=gelu)                                # [G_, S, D]
+  r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
+                           settings.normalize_gates, w_.select_bias, valid_, share,
+                           settings.sinkhorn_iters)
+  y_ = EXPERT_PATHS[settings.dispatch](w_, tokens_, r, rng, axes=axes, names=names,
+                                       settings=settings)              # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)
   return y_.reshape(b_, ng_, s, d), stats
 
 
-def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, *, group_size: int, top_k: int,
-        capacity: int, dropout_rate: float = 0.0, compute_dtype=jnp.float32,
-        gelu: str = 'exact', normalize_gates: bool | str = False, dispatch: str = 'capacity',
-        valid: jax.Array | None = None, sinkhorn_iters: int = 0
-        ) -> tuple[jax.Array, routing.GroupStats]:
+def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, settings: MoESettings,
+        valid: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
   """Expert-parallel MoE. x: [B, T, D] (sequence split over tp). Returns y [B, T, D] and
   per-part stats (leading axes [B', nG]; aux and z are the whole group's in every part, the
   loads the part's own).
 
-  A routing group is group_size consecutive tokens of a sequence (group_size dividing T), or
+  A routing group is settings.group_size consecutive tokens of a sequence (dividing T), or
   group_size / T whole consecutive sequences (a multiple of T): a micro-batch's groups are the
   same on every mesh. Where one group lies on several shards (or in several parts of this one),
   its parts share their claim counts, so the same tokens are kept as on one device.
 
-  dispatch: 'capacity' (each expert takes `capacity` tokens per group; the rest are dropped) or
-  'dropless' (every assignment is computed; `capacity` is not used). valid [B, T]: tokens of
-  packed rows that are not padding (padding takes no capacity and is not in the stats).
-  sinkhorn_iters > 0: each group's choices are balanced in-group (routing.route).
+  dispatch 'capacity': each expert takes `capacity` tokens per group, the rest are dropped;
+  'dropless': every assignment is computed. valid [B, T]: tokens of packed rows that are not
+  padding (padding takes no capacity and is not in the stats). sinkhorn_iters > 0: each group's
+  choices are balanced in-group (routing.route).
   """
   b, t, d = x.shape
-  shape, groups = _layout(b, t, group_size)                             # [B', nG, S]
+  shape, groups = _layout(b, t, settings.group_size)                    # [B', nG, S]
   parts = mesh_lib.constrain(x.reshape(shape + (d,)), GROUP_AXES + (None, 'act_embed'))
-  fn = functools.partial(_moe_local, groups=groups, top_k=top_k, capacity=capacity,
-                         dropout_rate=dropout_rate, compute_dtype=compute_dtype, gelu=gelu,
-                         normalize_gates=normalize_gates, dispatch=dispatch,
-                         sinkhorn_iters=sinkhorn_iters)
+  fn = functools.partial(_moe_local, groups=groups, settings=settings)
   axes = WEIGHT_AXES._replace(**{name: None for name, w in weights._asdict().items() if w is None})
   if valid is not None:
     valid = mesh_lib.constrain(valid.reshape(shape), GROUP_AXES + (None,))

@@ -67,35 +67,42 @@ class Plan:
     with mesh_lib.activate(self.mesh, self.rules):
       yield self.mesh
 
+  # What the constructor derives: a plan made from parts (`_with`) names each of them, and
+  # nothing else (the jitted steps and cached properties are rebuilt on first use).
+  PARTS = ('config', 'model', 'layout', 'data', 'optim', 'run', 'mesh', 'rules', 'tx',
+           'schedule', 'state_sharding', 'abstract_state', 'canonical_sharding',
+           'batch_sharding', 'canonical_abstract')
+
+  def _with(self, **parts) -> Plan:
+    """This plan with some of its PARTS replaced (the others shared)."""
+    unknown = set(parts) - set(Plan.PARTS)
+    if unknown:
+      raise TypeError(f'not parts of a Plan: {sorted(unknown)}')
+    other = Plan.__new__(Plan)
+    for name in Plan.PARTS:
+      setattr(other, name, parts[name] if name in parts else getattr(self, name))
+    return other
+
   def on(self, devices: Sequence[jax.Device]) -> Plan:
     """The same plan on other devices of the same count (e.g. abstract GPUs for ahead-of-time
     compilation): every sharding keeps its spec on the new mesh; nothing is re-derived."""
-    other = object.__new__(Plan)
-    other.__dict__.update({k: v for k, v in self.__dict__.items()
-                           if not isinstance(v, (Active, NamedSharding))})   # cached, per mesh
     lay = self.layout
-    other.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
-    move = lambda s: NamedSharding(other.mesh, s.spec)
+    mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
+    move = lambda s: NamedSharding(mesh, s.spec)
     move_abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=move(a.sharding))
-    other.state_sharding = jax.tree.map(move, self.state_sharding)
-    other.canonical_sharding = jax.tree.map(move, self.canonical_sharding)
-    other.batch_sharding = move(self.batch_sharding)
-    other.abstract_state = jax.tree.map(move_abstract, self.abstract_state)
-    other.canonical_abstract = jax.tree.map(move_abstract, self.canonical_abstract)
-    return other
+    return self._with(
+        mesh=mesh, state_sharding=jax.tree.map(move, self.state_sharding),
+        canonical_sharding=jax.tree.map(move, self.canonical_sharding),
+        batch_sharding=move(self.batch_sharding),
+        abstract_state=jax.tree.map(move_abstract, self.abstract_state),
+        canonical_abstract=jax.tree.map(move_abstract, self.canonical_abstract))
 
   def buckets(self) -> list[Plan]:
     """One plan per sequence-length bucket (data.buckets; just this one without): the same
     mesh and shardings (parameters do not depend on the row length), each bucket's layout."""
     if not self.data.buckets:
       return [self]
-    out = []
-    for lay in config_lib.bucket_layouts(self.config):
-      other = object.__new__(Plan)
-      other.__dict__.update({k: v for k, v in self.__dict__.items() if not isinstance(v, Active)})
-      other.layout = lay
-      out.append(other)
-    return out
+    return [self._with(layout=lay) for lay in config_lib.bucket_layouts(self.config)]
 
   def jit(self, fn: Callable, **jit_kwargs) -> Active:
     """jax.jit(fn) that traces, lowers and runs with this plan active."""

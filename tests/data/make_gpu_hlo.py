@@ -69,8 +69,8 @@ def dropless_moe_program() -> str:
     weights = moe_lib.ExpertWeights(*(sharded(s, a) for s, a in
                                       zip(shapes[:5], moe_lib.WEIGHT_AXES[:5])))
     x = sharded((2, 64, d), ('act_batch', 'act_seq', 'act_embed'))
-    loss = lambda w, x: jnp.sum(moe_lib.moe(w, x, jax.random.key(0), group_size=16, top_k=2,
-                                            capacity=0, dispatch='dropless')[0] ** 2)
+    settings = moe_lib.MoESettings(group_size=16, top_k=2, dispatch='dropless')
+    loss = lambda w, x: jnp.sum(moe_lib.moe(w, x, jax.random.key(0), settings)[0] ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile().as_text()
 
 

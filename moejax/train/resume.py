@@ -1,0 +1,70 @@
+"""Where a run starts: the newest checkpoint that restores (unreadable ones renamed aside, with
+a report of the run settings changed since), else a fresh state with params from init_from."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from moejax import runtime
+from moejax.errors import CheckpointError, ConfigError
+from moejax.train.checkpoint import Checkpointer
+from moejax.train.plan import Plan
+from moejax.train.state import TrainState
+
+
+def initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
+  """Resume from the newest checkpoint that restores; else init (params from init_from)."""
+  init_from = plan.run.init_from
+  steps = ckpt.all_steps()
+  if runtime.agree(len(steps)):
+    state = _restore_newest(ckpt, steps)
+    if state is not None:
+      return state
+  state = plan.create_state()
+  if init_from:
+    source = init_from
+    if os.path.isdir(os.path.join(source, 'checkpoints')):
+      source = os.path.join(source, 'checkpoints')
+    if not os.path.isdir(source):
+      raise ConfigError(f'init_from={init_from!r}: no such directory.')
+    state = state.replace(params=ckpt.restore_params(source))
+    print(f'Initialised params from {source} (optimizer state fresh, step 0).', flush=True)
+  return state
+
+
+def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> TrainState | None:
+  """The newest step that restores; unreadable ones are reported and renamed aside."""
+  for step in reversed(steps):
+    try:
+      state = ckpt.restore(step)
+    except CheckpointError as e:
+      if jax.process_count() > 1:
+        raise
+      aside = ckpt.set_aside(step)
+      print(f'warning: {e}\n  Renamed it to {aside} (nothing deleted) and trying the previous '
+            f'checkpoint.', flush=True)
+      continue
+    if jax.process_index() == 0:
+      print(f'Resumed from {ckpt.directory}/{step} (step {int(state.step)}).' +
+            _changes(ckpt, step), flush=True)
+    return state
+  print('warning: no checkpoint restores; starting from step 0.', flush=True)
+  return None
+
+
+def _changes(ckpt: Checkpointer, step: int) -> str:
+  """' Changed since the checkpoint: key old -> new, ...' for run settings that differ."""
+  try:
+    with open(os.path.join(ckpt.directory, str(step), 'config', 'metadata')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return ''
+  now = json.loads(ckpt.config.to_json_best_effort())
+  flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f'{p}{k}.').items() if isinstance(v, dict) else [(f'{p}{k}', v)])}
+  old, new = flat(saved), flat(now)
+  diffs = [f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+           if old.get(k) != new.get(k)]
+  return (' Changed since the checkpoint: ' + ', '.join(diffs) + '.') if diffs else ''
