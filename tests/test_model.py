@@ -66,3 +66,19 @@ def test_bfloat16_compute_tracks_float32():
   b = np.concatenate([np.ravel(g) for g in jax.tree.leaves(ref_grads)])
   assert a.dtype == np.float32                                # master weights stay float32
   assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+
+
+def test_the_default_model_initialises_as_before():
+  """The open families' options left at their defaults change nothing: the seed's model draws
+  the same initial parameters as before they existed (a fingerprint of every leaf, recorded at
+  commit 8f8f974; Linen draws init keys in declaration order, so reordering declarations fails
+  here)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden_init_fingerprint.json')
+  expected = json.load(open(path))
+  params = params_lib.init_canonical(config_lib.model_config(small_config(1, 1)),
+                                     jax.random.key(0))
+  got = {jax.tree_util.keystr(k): float(np.sum(np.asarray(v, np.float64) * np.cos(
+      np.arange(v.size)).reshape(v.shape))) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  assert got.keys() == expected.keys()
+  for key, value in expected.items():
+    assert abs(got[key] - value) <= 1e-9 * max(1.0, abs(value)), key

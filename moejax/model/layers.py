@@ -124,7 +124,11 @@ class Attention(nn.Module):
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
     x = constrain(x.astype(dt), TOKENS)                                  # [B, T, D]
     x = checkpoint_name(x, remat.ATTN_GATHERED)
-    q, k, v = self._project(x)                                          # [B, T, N|K, H]
+    # Weights first, biases after: Linen draws init keys in declaration order (the seed's).
+    weights = self._weights()
+    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
+                _normal(c.init_std / (2 * c.num_blocks) ** 0.5))
+    q, k, v = self._project(x, weights)                                 # [B, T, N|K, H]
     if c.qk_norm != 'none':
       q, k = self._qk_norm('q_norm', q), self._qk_norm('k_norm', k)
     if c.positions == 'rope':
@@ -141,8 +145,6 @@ class Attention(nn.Module):
       t, length = x.shape[1], cache.k.shape[1]
       visible = jnp.arange(length)[None, :] <= start + jnp.arange(t)[:, None]  # [T, L]
       o = _attend(q, cache.k, cache.v, visible[None, None], causal=False)
-    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
-                _normal(c.init_std / (2 * c.num_blocks) ** 0.5))
     y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), wo.astype(dt))  # reduce(-scatter) over N
     y = constrain(y, RESIDUAL if cache is None else TOKENS)
     if c.attn_bias:
@@ -151,24 +153,32 @@ class Attention(nn.Module):
     y = checkpoint_name(y, remat.ATTN_REDUCED)
     return y if cache is None else (y, cache)
 
-  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [B, T, N, H], k and v [B, T, K, H] of x [B, T, D]."""
+  def _weights(self) -> tuple[jax.Array, ...]:
+    """(wqkv [3, D, N, H],) with as many key/value heads as query heads (one matmul, and one
+    partial input gradient to reduce over tp instead of three), else (wq [D, N, H],
+    wkv [2, D, K, H])."""
     c = self.cfg
     n, kv, h, d = c.num_heads, c.kv_heads, c.head_dim, c.d_model
     if kv == n:
-      # q, k and v in one weight [3, D, N, H]: one matmul, and in the backward pass one partial
-      # input gradient to reduce over tp instead of three.
-      wqkv = _param(self, 'wqkv', (3, d, n, h), (None, 'embed', 'heads', 'head_dim'),
-                    _normal(c.init_std))
-      qkv = jnp.einsum('BTD,CDNH->CBTNH', x, wqkv.astype(c.dtype))      # [3, B, T, N, H]
+      return (_param(self, 'wqkv', (3, d, n, h), (None, 'embed', 'heads', 'head_dim'),
+                     _normal(c.init_std)),)
+    return (_param(self, 'wq', (d, n, h), ('embed', 'heads', 'head_dim'), _normal(c.init_std)),
+            _param(self, 'wkv', (2, d, kv, h), (None, 'embed', 'kv_heads', 'head_dim'),
+                   _normal(c.init_std)))
+
+  def _project(self, x: jax.Array, weights: tuple[jax.Array, ...]
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, N, H], k and v [B, T, K, H] of x [B, T, D] (biases declared here)."""
+    c = self.cfg
+    n, kv, h = c.num_heads, c.kv_heads, c.head_dim
+    if len(weights) == 1:
+      qkv = jnp.einsum('BTD,CDNH->CBTNH', x, weights[0].astype(c.dtype))  # [3, B, T, N, H]
       if c.attn_bias:
         qkv = qkv + _param(self, 'bqkv', (3, n, h), (None, 'heads', 'head_dim'),
                            nn.initializers.zeros)[:, None, None].astype(c.dtype)
       qkv = constrain(qkv, (None,) + HEADS)
       return qkv[0], qkv[1], qkv[2]
-    wq = _param(self, 'wq', (d, n, h), ('embed', 'heads', 'head_dim'), _normal(c.init_std))
-    wkv = _param(self, 'wkv', (2, d, kv, h), (None, 'embed', 'kv_heads', 'head_dim'),
-                 _normal(c.init_std))
+    wq, wkv = weights
     q = jnp.einsum('BTD,DNH->BTNH', x, wq.astype(c.dtype))              # [B, T, N, H]
     kv_ = jnp.einsum('BTD,CDKH->CBTKH', x, wkv.astype(c.dtype))         # [2, B, T, K, H]
     if c.attn_bias:
