@@ -108,7 +108,8 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   """Mean next-token CE + MoE aux losses over a batch: tokens [M, B, T+1] or packed rows
   [M, B, 3, T+1] (`unpack`); the CE averages over the predicted tokens (`targets`).
 
-  Returns (loss, metrics) with per-block expert loads `kept` / `assigned` [NB, E].
+  Returns (loss, metrics) with per-block expert loads `expert_load` (kept), `expert_assigned`
+  and `expert_preferred` [NB, E].
   """
   inputs, labels, packed = unpack(tokens)                              # [M, B, T]
   m, b, t = inputs.shape

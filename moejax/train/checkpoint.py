@@ -48,12 +48,18 @@ def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.Conf
     raise ConfigError(f'No complete checkpoint{"" if step < 0 else f" at step {step}"} in '
                       f'{directory} (complete steps: {steps or "none"}).')
   step = steps[-1] if step < 0 else step
+  return step, ml_collections.ConfigDict(read_config(os.path.join(directory, str(step))))
+
+
+def read_config(step_dir: str) -> dict:
+  """The config a checkpoint step was saved with (JSON), or CheckpointError: the one reader of a
+  checkpoint's config."""
   try:
-    with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
-      return step, ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(step_dir, 'config', 'metadata')) as f:
+      return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise CheckpointError(f'Checkpoint {directory}/{step} has no readable config ({e}); it is '
-                          f'corrupt or not a moejax checkpoint.') from e
+    raise CheckpointError(f'Checkpoint {step_dir} has no readable config ({e}); it is corrupt '
+                          f'or not a moejax checkpoint.') from e
 
 
 def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
@@ -151,13 +157,7 @@ class Checkpointer:
   def check_compatible(self, step: int, directory: str | None = None) -> None:
     """Raises ConfigError naming the keys if the checkpoint is of another model."""
     directory = directory or self.directory
-    path = os.path.join(directory, str(step), 'config')
-    try:
-      with open(os.path.join(path, 'metadata')) as f:
-        saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise CheckpointError(f'Checkpoint {os.path.join(directory, str(step))} has no readable '
-                            f'config ({e}); it is corrupt or not a moejax checkpoint.') from e
+    saved = read_config(os.path.join(directory, str(step)))
     diffs = [f'{s}.{k}: checkpoint {_saved_value(saved, s, k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
              if _saved_value(saved, s, k) != v and (s, k) not in RUN_KEYS]

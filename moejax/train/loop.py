@@ -72,7 +72,7 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  plan = Plan(config)
+  plan = Plan(config, validated=True)   # validated once, in train()
   source = make_source(plan)             # checks the data before anything is compiled
   cfg, lay, run, data_sharding = plan.model, plan.layout, plan.run, plan.batch_sharding
   buckets = plan.buckets()

@@ -33,9 +33,12 @@ class Plan:
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, *, validated: bool = False):
+    """validated: the caller has run validation.validate(config) (the loop does, before it
+    takes the run directory), so it is not run twice."""
     devices = list(jax.devices() if devices is None else devices)
-    validation.validate(config, len(devices))
+    if not validated:
+      validation.validate(config, len(devices))
     self.config = config
     self.model = config_lib.model_config(config)
     self.layout = config_lib.layout(config)

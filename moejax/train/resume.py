@@ -9,7 +9,7 @@ import jax
 
 from moejax import runtime
 from moejax.errors import CheckpointError, ConfigError
-from moejax.train.checkpoint import Checkpointer
+from moejax.train.checkpoint import Checkpointer, read_config
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
 
@@ -57,9 +57,8 @@ def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> TrainState | None:
 def _changes(ckpt: Checkpointer, step: int) -> str:
   """' Changed since the checkpoint: key old -> new, ...' for run settings that differ."""
   try:
-    with open(os.path.join(ckpt.directory, str(step), 'config', 'metadata')) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+    saved = read_config(os.path.join(ckpt.directory, str(step)))
+  except CheckpointError:
     return ''
   now = json.loads(ckpt.config.to_json_best_effort())
   flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in (
