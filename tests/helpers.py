@@ -12,6 +12,16 @@ from moejax.train import check
 from moejax.train.plan import Plan
 
 
+def readme_commands(heading: str) -> list[str]:
+  """The commands of the first bash block after README.md's `heading` (comments left out)."""
+  import os
+  import re
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  section = open(os.path.join(root, 'README.md')).read().split(heading)[1]
+  block = re.search(r'```bash\n(.*?)```', section, re.S).group(1)
+  return [line for line in block.splitlines() if line and not line.startswith('#')]
+
+
 def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **overrides):
   """A model small enough to compile in seconds; keys as in configs/tp4pp4.py."""
   c = tp4pp4.get_config('tiny')

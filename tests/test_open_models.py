@@ -3,7 +3,6 @@ tokenizer -> fine-tune -> evaluate -> sample -> export, then the export re-impor
 fine-tuned parameters (float32 export) and, where torch is installed, transformers loads it.
 The commands are read from README.md; /tmp paths move into the test's directory."""
 import os
-import re
 import subprocess
 import sys
 
@@ -11,21 +10,16 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import readme_commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def commands() -> list[str]:
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  section = readme.split('## Open models in and out')[1]
-  block = re.search(r'```bash\n(.*?)```', section, re.S).group(1)
-  return [line for line in block.splitlines() if line and not line.startswith('#')]
 
 
 def test_import_finetune_export(tmp_path):
   env = dict(os.environ, XLA_FLAGS='',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   outputs = []
-  for command in commands():
+  for command in readme_commands('## Open models in and out'):
     command = command.replace('/tmp/moejax', f'{tmp_path}/moejax')
     if 'convert export' in command:
       command += ' --dtype=float32'

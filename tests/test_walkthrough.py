@@ -7,21 +7,19 @@ import collections
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import readme_commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def walkthrough_commands() -> list[str]:
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  section = readme.split('## Train on your own text (walkthrough)')[1]
-  block = re.search(r'```bash\n(.*?)```', section, re.S).group(1)
-  return [line for line in block.splitlines() if line and not line.startswith('#')]
+  return readme_commands('## Train on your own text (walkthrough)')
 
 
 @pytest.fixture(scope='module')
