@@ -1,14 +1,18 @@
-"""Typed views of the ml_collections config: the keys it has (SCHEMA) and the frozen dataclasses
-built from it.
+"""Typed views of the ml_collections config, and the config's keys.
 
-After `moejax.validation.validate`, code reads the dataclasses below (ModelConfig, Layout,
-DataConfig, OptimConfig, RunConfig; moejax.train.plan.Plan holds them), not the ConfigDict; the
-ConfigDict itself is only written into checkpoints and compared at resume.
+Each field of the frozen dataclasses below (ModelConfig, MeshShape, Schedule, BatchShape,
+DataConfig, OptimConfig, RunConfig) is one config key: `key('section.name', rule)` says which key
+fills it, what a valid value is, and its value where a config or a saved checkpoint predates it.
+Adding a key is a field here and its line in the config files (configs/defaults.py,
+configs/tp4pp4.py); checks that relate several keys live in moejax.validation. After
+`moejax.validation.validate`, code reads these dataclasses (moejax.train.plan.Plan holds them);
+the ConfigDict is written into checkpoints, compared at resume and read by the config files.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
@@ -17,44 +21,111 @@ from moejax.errors import ConfigError
 VOCAB_MULTIPLE = 128  # Megatron-style vocab padding: mesh-independent, divides every tp up to 128.
 
 
+class Rule(NamedTuple):
+  """What a key's value must be: `ok(value)`, and the sentence said when it is not."""
+  ok: Callable[[Any], bool]
+  says: str
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE = Rule(lambda v: _is_int(v) and v >= 1, 'must be a positive integer')
+COUNT = Rule(lambda v: _is_int(v) and v >= 0, 'must be an integer >= 0')
+POSITIVE_NUMBER = Rule(lambda v: _is_number(v) and v > 0, 'must be a finite number > 0')
+NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, 'must be a finite number >= 0')
+
+
+def one_of(*choices) -> Rule:
+  return Rule(lambda v: v in choices, f'not one of {choices}')
+
+
+def within(lo: float, hi: float, says: str) -> Rule:
+  """lo <= value < hi."""
+  return Rule(lambda v: _is_number(v) and lo <= v < hi, says)
+
+
+def key(path: str, rule: Rule | None = None, *, default: Any = dataclasses.MISSING,
+        parse: Callable[[Any], Any] | None = None, run: bool = False):
+  """A dataclass field read from config key `path` ('section.name', or 'name' at the top).
+
+  rule: what a valid value is (checked by validation, named with the key in the error).
+  default: the value where a config or a checkpoint's saved config lacks the key (the value
+    that keeps the models trained before the key existed); without one, the key is required.
+  parse: turns the config's value into the field's (e.g. '128,256' -> (128, 256)).
+  run: a model key that changes how the same parameters are trained or run, not what they
+    are: a resume may change it (it is listed), where any other model key must match.
+  """
+  return dataclasses.field(default=default, metadata=dict(path=path, rule=rule, parse=parse,
+                                                          run=run))
+
+REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'save_dots_and_collectives',
+                  'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
+UNIT = within(0.0, 1.0, 'must be in [0, 1)')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything the model's numbers depend on (nothing about the mesh except the stage split)."""
-  vocab_size: int          # real vocabulary; logits of padded ids are masked
-  d_model: int             # D
-  num_heads: int           # N
-  head_dim: int            # H
-  d_ff: int                # F, expert hidden width
-  num_blocks: int          # attention + MoE blocks
-  max_len: int             # learned position table rows (unused with positions='rope')
-  num_experts: int         # E
-  top_k: int               # K
-  capacity_factor: float   # training capacity factor
-  eval_capacity_factor: float
-  group_size: int          # tokens per routing group: a chunk of a sequence, or whole sequences
-  expert_dropout: float
-  aux_loss_weight: float
-  z_loss_weight: float
-  dtype: str               # compute dtype ('float32' or 'bfloat16'); params are float32
-  init_std: float
-  attn_bias: bool = True   # biases on q/k/v and the output projection (Megatron's default)
-  gelu: str = 'exact'      # expert activation: 'exact' (erf, torch nn.GELU()) or 'tanh'
-  normalize_gates: bool = False  # renormalise a token's kept top-k gates to sum to 1
-  bias_update_rate: float = 0.0  # aux-loss-free balancing: per-step nudge of the selection bias
-  bias_update_rule: str = 'sign'  # 'sign' (DeepSeek-V3) or 'relative' (by the load's error)
-  sinkhorn_iters: int = 0        # >0: balance each routing group's choices in training (Sinkhorn)
-  dispatch: str = 'capacity'     # 'capacity' (drop past C slots) or 'dropless'
-  positions: str = 'learned'     # 'learned' (a [max_len, D] table, the seed's) or 'rope'
-  rope_base: float = 10_000.0    # rotary base (Mixtral, Qwen3: 1e6)
-  norm: str = 'layernorm'        # 'layernorm' (GPT-2, the seed's) or 'rmsnorm' (Llama family)
-  norm_eps: float = 1e-5
-  num_kv_heads: int = 0          # grouped-query attention: key/value heads (0: num_heads)
-  qk_norm: str = 'none'          # RMSNorm of queries and keys: 'none', 'full' (OLMoE), 'head' (Qwen3)
-  ffn: str = 'gelu'              # expert FFN: 'gelu' (w1, w2) or 'swiglu' (silu(x w1) * x w3, w2)
-  expert_bias: bool = True       # biases in the expert FFNs (the seed's)
-  family: str = ''               # the open family (convert/families.py) or '' (moejax's own)
-  normalize_gates_over: str = 'kept'  # with normalize_gates: over the 'kept' gates (after
-                                      # capacity; NLLB) or the 'top_k' choices (before; HF)
+  vocab_size: int = key('model.vocab_size', POSITIVE)   # real vocabulary; padded ids masked
+  d_model: int = key('model.d_model', POSITIVE)         # D
+  num_heads: int = key('model.num_heads', POSITIVE)     # N
+  head_dim: int = key('model.head_dim', POSITIVE)       # H
+  d_ff: int = key('moe.d_ff', POSITIVE)                 # F, expert hidden width
+  num_blocks: int = key('model.num_blocks', POSITIVE)   # attention + MoE blocks
+  max_len: int = key('model.max_len', POSITIVE)   # learned position rows (unused with rope)
+  num_experts: int = key('moe.num_experts', POSITIVE)   # E
+  top_k: int = key('moe.top_k', POSITIVE)               # K
+  capacity_factor: float = key('moe.capacity_factor', POSITIVE_NUMBER, run=True)
+  eval_capacity_factor: float = key('moe.eval_capacity_factor', POSITIVE_NUMBER, run=True)
+  # Tokens per routing group: a chunk of a sequence, or whole sequences.
+  group_size: int = key('moe.group_size', POSITIVE, run=True)
+  expert_dropout: float = key('moe.dropout', UNIT, run=True)
+  aux_loss_weight: float = key('moe.aux_loss_weight', NON_NEGATIVE, run=True)
+  z_loss_weight: float = key('moe.z_loss_weight', NON_NEGATIVE, run=True)
+  # Compute dtype; params are float32.
+  dtype: str = key('model.dtype', one_of('float32', 'bfloat16'), run=True)
+  init_std: float = key('model.init_std', POSITIVE_NUMBER, run=True)
+  # Biases on q/k/v and the output projection (Megatron's default).
+  attn_bias: bool = key('model.attn_bias', default=True, parse=bool)
+  # Expert activation: 'exact' (erf, torch nn.GELU()) or 'tanh'.
+  gelu: str = key('moe.gelu', one_of('exact', 'tanh'), default='exact')
+  # Renormalise a token's gates to sum to 1 (over normalize_gates_over).
+  normalize_gates: bool = key('moe.normalize_gates', default=False, parse=bool)
+  # Aux-loss-free balancing: per-step nudge of the selection bias, 'sign' (DeepSeek-V3) or
+  # 'relative' (by the load's error).
+  bias_update_rate: float = key('moe.bias_update_rate', NON_NEGATIVE, default=0.0, parse=float)
+  bias_update_rule: str = key('moe.bias_update_rule', one_of('sign', 'relative'), default='sign',
+                              run=True)
+  # > 0: balance each routing group's choices in training (Sinkhorn iterations, 10-20 typical).
+  sinkhorn_iters: int = key('moe.sinkhorn_iters', COUNT, default=0, run=True)
+  # 'capacity' (drop past C slots) or 'dropless'.
+  dispatch: str = key('moe.dispatch', one_of('capacity', 'dropless'), default='capacity', run=True)
+  # 'learned' (a [max_len, D] table, the seed's) or 'rope'.
+  positions: str = key('model.positions', one_of('learned', 'rope'), default='learned')
+  rope_base: float = key('model.rope_base', Rule(lambda v: _is_number(v) and v > 1,
+                                                 'must be > 1 (1e4 or 1e6)'), default=10_000.0)
+  # 'layernorm' (GPT-2, the seed's) or 'rmsnorm' (Llama family).
+  norm: str = key('model.norm', one_of('layernorm', 'rmsnorm'), default='layernorm')
+  norm_eps: float = key('model.norm_eps', POSITIVE_NUMBER, default=1e-5)
+  # Grouped-query attention: key/value heads (0: num_heads).
+  num_kv_heads: int = key('model.num_kv_heads', COUNT, default=0)
+  # RMSNorm of queries and keys: 'none', 'full' (OLMoE), 'head' (Qwen3).
+  qk_norm: str = key('model.qk_norm', one_of('none', 'full', 'head'), default='none')
+  # Expert FFN: 'gelu' (w1, w2) or 'swiglu' (silu(x w1) * x w3, w2).
+  ffn: str = key('moe.ffn', one_of('gelu', 'swiglu'), default='gelu')
+  expert_bias: bool = key('moe.expert_bias', default=True, parse=bool)   # the seed's biases
+  # The open family (convert/families.py; checked in validation) or '' (moejax's own).
+  family: str = key('model.family', default='')
+  # With normalize_gates: over the 'kept' gates (after capacity; NLLB) or the 'top_k' choices
+  # (before; HF).
+  normalize_gates_over: str = key('moe.normalize_gates_over', one_of('kept', 'top_k'),
+                                  default='kept')
 
   @property
   def kv_heads(self) -> int:
@@ -78,26 +149,28 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
   """The device mesh: sizes of its axes and what is split over dp."""
-  tp: int
-  pp: int
-  dp: int                  # data parallel: micro-batch sequences split over dp
-  experts_over_dp: bool    # experts split over dp x tp ("parallel folding") instead of tp
-  shard_optimizer: bool    # Adam moments sharded over dp as well (ZeRO-1)
+  tp: int = key('mesh.tp', POSITIVE)
+  pp: int = key('mesh.pp', POSITIVE)
+  dp: int = key('mesh.dp', POSITIVE)   # data parallel: micro-batch sequences split over dp
+  # Experts split over dp x tp ("parallel folding") instead of tp (only where dp > 1).
+  experts_over_dp: bool = key('mesh.experts_over_dp', parse=bool)
+  # Adam moments sharded over dp as well (ZeRO-1).
+  shard_optimizer: bool = key('mesh.shard_optimizer', parse=bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """The pipeline schedule: micro-batches, circular repeats, what the backward recomputes."""
-  repeats: int             # circular pipeline repeats (r)
-  num_micro_batches: int   # M
-  remat_policy: str
+  repeats: int = key('pipeline.repeats', POSITIVE)                   # circular repeats (r)
+  num_micro_batches: int = key('data.num_micro_batches', POSITIVE)   # M
+  remat_policy: str = key('pipeline.remat_policy', one_of(*REMAT_POLICIES))
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
   """One micro-batch: sequences and their length."""
-  micro_batch_size: int    # sequences per micro-batch
-  seq_len: int
+  micro_batch_size: int = key('data.micro_batch_size', POSITIVE)   # sequences per micro-batch
+  seq_len: int = key('data.seq_len', POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,46 +210,166 @@ class Layout:
     return self.tp * (self.dp if self.experts_over_dp else 1)
 
 
+def _buckets(text) -> tuple[int, ...]:
+  from moejax.data import buckets
+  try:
+    return buckets.parse(text)
+  except ValueError:
+    raise ConfigError(f'data.buckets={text!r}: expected comma-separated sequence lengths, e.g. '
+                      f'"128,256,512".') from None
+
+
+def _profile_steps(text) -> range:
+  """'' (none), 'N' or 'FIRST-LAST' -> the steps to trace."""
+  text = str(text).strip()
+  if not text:
+    return range(0)
+  first, _, last = text.partition('-')
+  try:
+    lo, hi = int(first), int(last or first)
+  except ValueError:
+    lo, hi = -1, -1
+  if not 1 <= lo <= hi:
+    raise ConfigError(f'profile_steps={text!r}: expected a step N or a range FIRST-LAST of steps '
+                      f'>= 1, e.g. --config.profile_steps=10-12.')
+  return range(lo, hi + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where tokens come from (the batch shape is the Layout's)."""
-  source: str              # 'random', 'learnable' or 'tokens'
-  path: str                # token dataset directory (source='tokens')
-  pack: bool = False       # rows of whole documents (segment ids, positions) instead of windows
-  buckets: tuple[int, ...] = ()   # row lengths of the steps (tokens per step fixed); () = seq_len
+  source: str = key('data.source', one_of('random', 'learnable', 'tokens'))
+  path: str = key('data.path', parse=str)   # token dataset directory (source='tokens')
+  # Rows of whole documents (segment ids, positions) instead of windows.
+  pack: bool = key('data.pack', default=False, parse=bool)
+  # Row lengths of the steps (tokens per step fixed); () = seq_len.
+  buckets: tuple[int, ...] = key('data.buckets', default=(), parse=_buckets)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warmup, cosine decay to lr * min_lr_ratio, global-norm clipping."""
-  lr: float
-  warmup_steps: int
-  decay_steps: int
-  min_lr_ratio: float
-  b1: float
-  b2: float
-  weight_decay: float
-  grad_clip: float         # 0 disables
+  lr: float = key('optim.lr', POSITIVE_NUMBER, parse=float)
+  warmup_steps: int = key('optim.warmup_steps', COUNT)
+  decay_steps: int = key('optim.decay_steps', POSITIVE)   # cosine decay length after warmup
+  min_lr_ratio: float = key('optim.min_lr_ratio', within(0.0, 1.0 + 1e-9, 'must be in [0, 1]'),
+                            parse=float)
+  b1: float = key('optim.b1', UNIT, parse=float)
+  b2: float = key('optim.b2', UNIT, parse=float)
+  weight_decay: float = key('optim.weight_decay', NON_NEGATIVE, parse=float)
+  grad_clip: float = key('optim.grad_clip', NON_NEGATIVE, parse=float)   # 0 disables
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """How long to train, and when to log, save, evaluate and profile."""
-  num_steps: int
-  seed: int
-  log_every: int
-  checkpoint_every: int    # 0: only at the end
-  checkpoint_keep: int
-  eval_every: int          # 0: never
-  eval_batches: int
-  init_from: str           # run directory to load params from ('' for none)
-  profile_steps: range     # steps to trace (empty for none)
+  num_steps: int = key('num_steps', POSITIVE)
+  seed: int = key('seed', Rule(_is_int, 'must be an integer'))
+  log_every: int = key('log_every', POSITIVE)
+  checkpoint_every: int = key('checkpoint_every', COUNT)   # 0: only at the end
+  checkpoint_keep: int = key('checkpoint_keep', Rule(
+      lambda v: _is_int(v) and v >= 1, 'must be >= 1 (the newest checkpoints kept; 0 would '
+      'delete every one)'))
+  eval_every: int = key('eval_every', COUNT)                # 0: never
+  eval_batches: int = key('eval_batches', COUNT)
+  init_from: str = key('init_from', default='', parse=lambda v: str(v or ''))  # params from here
+  profile_steps: range = key('profile_steps', default=range(0), parse=_profile_steps)
+  hf_dir: str = key('hf_dir', default='', parse=lambda v: str(v or ''))  # config from here
+
+
+def views() -> tuple[type, ...]:
+  """The dataclasses whose fields are the config's keys."""
+  return (ModelConfig, MeshShape, Schedule, BatchShape, DataConfig, OptimConfig, RunConfig)
+
+
+def _fields() -> list[dataclasses.Field]:
+  return [f for view in views() for f in dataclasses.fields(view)]
+
+
+def _read(config: ml_collections.ConfigDict, f: dataclasses.Field):
+  """The value of field `f` in `config`: its key's value parsed, or the field's default where the
+  key is absent (or None)."""
+  path, parse = f.metadata['path'], f.metadata['parse']
+  section, _, name = path.rpartition('.')
+  holder = config[section] if section else config
+  raw = holder[name] if name in holder else None
+  if raw is None:
+    if f.default is dataclasses.MISSING:
+      raise ConfigError(f'Missing config key {path}.')
+    return f.default
+  return parse(raw) if parse else raw
+
+
+def _build(cls, config: ml_collections.ConfigDict):
+  return cls(**{f.name: _read(config, f) for f in dataclasses.fields(cls)})
+
+
+def field_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Every key whose value its field's rule refuses (or that cannot be read), named."""
+  errors = []
+  for f in _fields():
+    path, rule = f.metadata['path'], f.metadata['rule']
+    section, _, name = path.rpartition('.')
+    holder = config[section] if section else config
+    try:
+      value = _read(config, f)
+    except ConfigError as e:
+      errors.append(str(e))
+      continue
+    except (TypeError, ValueError) as e:
+      errors.append(f'{path}={holder[name]!r} cannot be read as {f.type} ({e}).')
+      continue
+    if rule and not rule.ok(value):
+      errors.append(f'{path}={holder.get(name, value)!r} {rule.says}.')
+  return errors
+
+
+def known_keys() -> list[str]:
+  return sorted(f.metadata['path'] for f in _fields())
+
+
+def optional_keys() -> set[str]:
+  """Keys a config may leave out (their fields' defaults apply)."""
+  return {f.metadata['path'] for f in _fields() if f.default is not dataclasses.MISSING}
+
+
+def default_of(section: str, name: str):
+  """The value a config (or a checkpoint's saved config) without section.name means."""
+  path = f'{section}.{name}' if section else name
+  return next((f.default for f in _fields() if f.metadata['path'] == path
+               and f.default is not dataclasses.MISSING), None)
+
+
+def run_keys() -> set[tuple[str, str]]:
+  """(section, name) of the model keys a resume may change (how the same parameters train)."""
+  return {tuple(f.metadata['path'].split('.')) for f in _fields() if f.metadata['run']}
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  return _build(ModelConfig, config)
 
 
 def data_config(config: ml_collections.ConfigDict) -> DataConfig:
-  from moejax.data import buckets
-  return DataConfig(source=config.data.source, path=config.data.path, pack=bool(config.data.pack),
-                    buckets=buckets.parse(config.data.buckets))
+  return _build(DataConfig, config)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+  return _build(OptimConfig, config)
+
+
+def run_config(config: ml_collections.ConfigDict) -> RunConfig:
+  return _build(RunConfig, config)
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> range:
+  """Steps to trace from config.profile_steps: '' (none), 'N' or 'FIRST-LAST'."""
+  return _profile_steps(config.profile_steps)
+
+
+def layout(config: ml_collections.ConfigDict) -> Layout:
+  mesh = _build(MeshShape, config)
+  mesh = dataclasses.replace(mesh, experts_over_dp=mesh.experts_over_dp and mesh.dp > 1)
+  return Layout(mesh=mesh, schedule=_build(Schedule, config), batch=_build(BatchShape, config))
 
 
 def bucket_layouts(config: ml_collections.ConfigDict) -> list[Layout]:
@@ -190,119 +383,8 @@ def bucket_layouts(config: ml_collections.ConfigDict) -> list[Layout]:
   return [dataclasses.replace(lay, batch=BatchShape(max(budget // t, 1), t)) for t in lengths]
 
 
-def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
-  o = config.optim
-  return OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps),
-                     decay_steps=int(o.decay_steps), min_lr_ratio=float(o.min_lr_ratio),
-                     b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay),
-                     grad_clip=float(o.grad_clip))
-
-
-def run_config(config: ml_collections.ConfigDict) -> RunConfig:
-  c = config
-  return RunConfig(num_steps=c.num_steps, seed=c.seed, log_every=c.log_every,
-                   checkpoint_every=c.checkpoint_every, checkpoint_keep=c.checkpoint_keep,
-                   eval_every=c.eval_every, eval_batches=c.eval_batches,
-                   init_from=str(c.init_from or ''), profile_steps=profile_steps(c))
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  m, moe = config.model, config.moe
-  return ModelConfig(
-      vocab_size=m.vocab_size, d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim,
-      d_ff=moe.d_ff, num_blocks=m.num_blocks, max_len=m.max_len, num_experts=moe.num_experts,
-      top_k=moe.top_k, capacity_factor=moe.capacity_factor,
-      eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
-      expert_dropout=moe.dropout, aux_loss_weight=moe.aux_loss_weight,
-      z_loss_weight=moe.z_loss_weight, dtype=m.dtype, init_std=m.init_std,
-      attn_bias=bool(m.attn_bias), gelu=moe.gelu, normalize_gates=bool(moe.normalize_gates),
-      bias_update_rate=float(moe.bias_update_rate), bias_update_rule=moe.bias_update_rule,
-      sinkhorn_iters=moe.sinkhorn_iters, dispatch=moe.dispatch,
-      positions=m.positions, **{k: _get(config, s, k) for s, k in ARCH_KEYS})
-
-
-# Architecture keys added for the open model families, with the values that keep the seed's
-# model; a config (or a checkpoint's saved config) without them means these values.
-ARCH_DEFAULTS: dict[tuple[str, str], object] = {
-    ('model', 'rope_base'): 10_000.0, ('model', 'norm'): 'layernorm', ('model', 'norm_eps'): 1e-5,
-    ('model', 'num_kv_heads'): 0, ('model', 'qk_norm'): 'none', ('moe', 'ffn'): 'gelu',
-    ('moe', 'expert_bias'): True, ('moe', 'normalize_gates_over'): 'kept', ('model', 'family'): ''}
-ARCH_KEYS = tuple(ARCH_DEFAULTS)
-
-
-def _get(config: ml_collections.ConfigDict, section: str, key: str):
-  """config.section.key, or its ARCH_DEFAULTS value where a config predates the key."""
-  value = config[section].get(key, None)
-  return ARCH_DEFAULTS[(section, key)] if value is None else value
-
-
-def layout(config: ml_collections.ConfigDict) -> Layout:
-  m = config.mesh
-  return Layout(
-      mesh=MeshShape(tp=m.tp, pp=m.pp, dp=m.dp,
-                     experts_over_dp=bool(m.experts_over_dp) and m.dp > 1,
-                     shard_optimizer=bool(m.shard_optimizer)),
-      schedule=Schedule(repeats=config.pipeline.repeats,
-                        num_micro_batches=config.data.num_micro_batches,
-                        remat_policy=config.pipeline.remat_policy),
-      batch=BatchShape(micro_batch_size=config.data.micro_batch_size,
-                       seq_len=config.data.seq_len))
-
-
 def layers_per_stage(model: ModelConfig, lay: Layout) -> int:
   return model.num_blocks // (lay.pp * lay.repeats)
-
-
-REMAT_POLICIES = ('nothing_saveable', 'save_collectives', 'save_dots_and_collectives',
-                  'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable')
-DTYPES = ('float32', 'bfloat16')
-GELUS = ('exact', 'tanh')
-DISPATCHES = ('capacity', 'dropless')
-BIAS_RULES = ('sign', 'relative')
-DATA_SOURCES = ('random', 'learnable', 'tokens')
-NORMS = ('layernorm', 'rmsnorm')
-QK_NORMS = ('none', 'full', 'head')
-FFNS = ('gelu', 'swiglu')
-GATE_NORMS_OVER = ('kept', 'top_k')
-
-
-SCHEMA: dict[str, tuple[str, ...]] = {
-    'mesh': ('dp', 'tp', 'pp', 'experts_over_dp', 'shard_optimizer'),
-    'model': ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'num_blocks', 'max_len', 'dtype',
-              'init_std', 'attn_bias', 'positions', 'rope_base', 'norm', 'norm_eps',
-              'num_kv_heads', 'qk_norm', 'family'),
-    'moe': ('num_experts', 'top_k', 'd_ff', 'capacity_factor', 'eval_capacity_factor',
-            'group_size', 'dropout', 'aux_loss_weight', 'z_loss_weight', 'gelu',
-            'normalize_gates', 'bias_update_rate', 'bias_update_rule', 'sinkhorn_iters',
-            'dispatch', 'ffn', 'expert_bias', 'normalize_gates_over'),
-    'pipeline': ('repeats', 'remat_policy'),
-    'data': ('source', 'path', 'seq_len', 'micro_batch_size', 'num_micro_batches', 'pack',
-             'buckets'),
-    'optim': ('lr', 'warmup_steps', 'decay_steps', 'min_lr_ratio', 'b1', 'b2', 'weight_decay',
-              'grad_clip'),
-    '': ('num_steps', 'seed', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'eval_every',
-         'eval_batches', 'init_from', 'profile_steps', 'hf_dir'),
-}
-
-
-def known_keys() -> list[str]:
-  return sorted(f'{s}.{k}' if s else k for s, keys in SCHEMA.items() for k in keys)
-
-
-def profile_steps(config: ml_collections.ConfigDict) -> range:
-  """Steps to trace from config.profile_steps: '' (none), 'N' or 'FIRST-LAST'."""
-  text = str(config.profile_steps).strip()
-  if not text:
-    return range(0)
-  first, _, last = text.partition('-')
-  try:
-    lo, hi = int(first), int(last or first)
-  except ValueError:
-    lo, hi = -1, -1
-  if not 1 <= lo <= hi:
-    raise ConfigError(f'profile_steps={text!r}: expected a step N or a range FIRST-LAST of steps '
-                      f'>= 1, e.g. --config.profile_steps=10-12.')
-  return range(lo, hi + 1)
 
 
 def describe(config: ml_collections.ConfigDict) -> dict[str, int]:

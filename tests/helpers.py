@@ -31,8 +31,8 @@ def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **over
   c.moe.update(num_experts=8, d_ff=48, group_size=8, z_loss_weight=1e-3)
   c.data.update(seq_len=32, micro_batch_size=1, num_micro_batches=16, source='random')
   for key, value in overrides.items():
-    section, name = key.split('.')
-    c[section][name] = value
+    section, _, name = key.rpartition('.')
+    (c[section] if section else c)[name] = value
   return c
 
 

@@ -1,1 +1,2 @@
-"""Reading compiled programs and the analytic minimum of communication (for moejax.bench)."""
+"""Reading compiled programs (memory, collectives, FLOPs), the analytic minimum of
+communication, and timing: the figures of the benchmark command (moejax/cli/bench.py)."""

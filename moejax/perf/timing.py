@@ -13,3 +13,26 @@ def timed(fn, *args, steps: int = 1) -> float:
     out = fn(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / steps
+
+
+def timed_carry(fn, carry, *args, steps: int = 1):
+  """Mean seconds per call of carry = fn(carry, *args)[0] over `steps` chained calls, after one
+  untimed call; returns (seconds, the last carry, the last call's other outputs)."""
+  import jax
+  carry, *rest = fn(carry, *args)
+  jax.block_until_ready(carry)
+  start = time.perf_counter()
+  for _ in range(steps):
+    carry, *rest = fn(carry, *args)
+  jax.block_until_ready(carry)
+  return (time.perf_counter() - start) / steps, carry, rest
+
+
+def matmul_flops_per_s(devices, n: int = 512, reps: int = 10) -> float:
+  """Measured float32 [n, n] matmul rate of `devices` working at once (one matmul each)."""
+  import jax
+  import jax.numpy as jnp
+  xs = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
+  f = jax.jit(lambda a: a @ a)
+  seconds = timed(lambda: [f(x) for x in xs], steps=reps)
+  return 2 * n ** 3 * len(devices) / seconds

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from typing import Any
 
-from moejax.config import ARCH_DEFAULTS
+from moejax import config as config_lib
 from moejax.errors import ConfigError
 from moejax.errors import CheckpointError
 from moejax.train.plan import Plan
@@ -30,10 +30,8 @@ from moejax.train.state import TrainState
 # Config sections that change parameter shapes or meaning; a checkpoint must match them, except
 # the keys that change how the same parameters are trained or run (listed at resume).
 MODEL_SECTIONS = ('model', 'moe')
-RUN_KEYS = {('model', 'dtype'), ('model', 'init_std'), ('moe', 'dispatch'),
-            ('moe', 'capacity_factor'), ('moe', 'eval_capacity_factor'), ('moe', 'dropout'),
-            ('moe', 'aux_loss_weight'), ('moe', 'z_loss_weight'), ('moe', 'bias_update_rule'),
-            ('moe', 'group_size'), ('moe', 'sinkhorn_iters')}
+
+
 def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of a run's newest (or given) complete checkpoint, read without JAX.
 
@@ -71,11 +69,11 @@ def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
 
 
 def _saved_value(saved: dict, section: str, key: str):
-  """A saved config's value; a key the checkpoint predates means its ARCH_DEFAULTS value."""
+  """A saved config's value; a key the checkpoint predates means its default (moejax.config)."""
   values = saved.get(section, {})
   if key in values:
     return values[key]
-  return ARCH_DEFAULTS.get((section, key))
+  return config_lib.default_of(section, key)
 
 
 class Checkpointer:
@@ -158,9 +156,10 @@ class Checkpointer:
     """Raises ConfigError naming the keys if the checkpoint is of another model."""
     directory = directory or self.directory
     saved = read_config(os.path.join(directory, str(step)))
+    run_keys = config_lib.run_keys()
     diffs = [f'{s}.{k}: checkpoint {_saved_value(saved, s, k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
-             if _saved_value(saved, s, k) != v and (s, k) not in RUN_KEYS]
+             if _saved_value(saved, s, k) != v and (s, k) not in run_keys]
     if diffs:
       raise ConfigError(f'Checkpoint {os.path.join(directory, str(step))} is of a different '
                         'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
