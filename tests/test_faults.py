@@ -172,3 +172,21 @@ def test_sigint_at_random_moments_exits_promptly_and_keeps_checkpoints_complete(
     steps = complete_steps(workdir) if (workdir / 'checkpoints').exists() else []
     for step in steps[-1:]:
       assert all(np.isfinite(a).all() for a in jax.tree.leaves(params_of(workdir, step)))
+
+
+@pytest.mark.parametrize('config,extra,message', [
+    ('configs/nope.py', [], "error: --config=configs/nope.py: No such file or directory"),
+    ('configs/nope.py', ['--config.num_steps=3'], "error: --config=configs/nope.py: No such file"),
+    ('BAD', [], 'line 1: invalid syntax (a Python syntax error in the config file)'),
+    ('BAD', ['--config.num_steps=3'], 'line 1: invalid syntax'),
+    ('configs/olmoe.py:huge', [], "configs/olmoe.py:huge: expected one of ['1b-7b', 'tiny']"),
+])
+def test_config_file_errors_are_one_line(tmp_path, config, extra, message):
+  if config == 'BAD':
+    config = str(tmp_path / 'bad.py')
+    (tmp_path / 'bad.py').write_text('def get_config(:\n')
+  out = subprocess.run([sys.executable, 'main.py', f'--config={config}', *extra,
+                        f'--workdir={tmp_path / "run"}'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]

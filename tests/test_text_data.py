@@ -129,3 +129,33 @@ def test_bad_inputs_are_clear_errors(dataset, tmp_path):
     validation.validate(c)
   with pytest.raises(ConfigError, match='does not exist'):
     tokenizer_lib.load(str(tmp_path / 'no_tokenizer.json'))
+
+
+def test_resume_on_other_token_files_is_refused_and_a_dead_runs_leftovers_are_cleaned(
+    dataset, tmp_path, capsys):
+  """Other content under data.path is refused (both identities named) unless allowed; the same
+  content under another path resumes; a half-written metrics line and an unfinished checkpoint
+  directory of the stopped run are removed with a notice."""
+  import shutil
+  from moejax.data import tokens
+  run = str(tmp_path / 'run')
+  loop.train(small_text_config(dataset, num_steps=1, log_every=1, eval_every=0), run)
+  with open(os.path.join(run, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 2, "lo')                                   # a crash mid-write
+  os.makedirs(os.path.join(run, 'checkpoints', '2.orbax-checkpoint-tmp-99'))
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(dataset, moved)                                # same content, other path
+  loop.train(small_text_config(moved, num_steps=2, log_every=1, eval_every=0), run)
+  out = capsys.readouterr().out
+  assert 'Dropped 1 incomplete line(s)' in out and '2.orbax-checkpoint-tmp-99' in out
+  assert [json.loads(l)['step'] for l in open(os.path.join(run, 'metrics.jsonl'))] == [1, 2]
+  before = tokens.identity(moved)['train.bin']
+  train_bin = os.path.join(moved, 'train.bin')
+  ids = np.fromfile(train_bin, np.uint16)
+  ids[::7] = ids[::7][::-1]                                      # same size, other content
+  ids.tofile(train_bin)
+  other = small_text_config(moved, num_steps=3, log_every=1, eval_every=0)
+  with pytest.raises(ConfigError, match=f'checkpoint {before}, now .*--allow_other_data'):
+    loop.train(other, run)
+  loop.train(other, run, allow_other_data=True)
+  assert 'continuing on them (--allow_other_data)' in capsys.readouterr().out

@@ -130,7 +130,7 @@ def _write(result) -> None:
 def run() -> None:
   """Console-script entry point."""
   from moejax.cli import console
-  console.run(main, __name__)
+  console.run(main, __name__, flags_parser=console.parse_flags)
 
 
 if __name__ == '__main__':

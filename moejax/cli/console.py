@@ -25,6 +25,51 @@ def quiet_logs() -> None:
   sys.excepthook = excepthook
 
 
+def parse_flags(argv):
+  """absl parsing that loads --config now, with one readable line for an unknown key, a value
+  of the wrong type, or a config file that is missing, does not load or refuses its argument."""
+  from moejax.errors import MoejaxError
+  try:
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS:
+      flags.FLAGS.config.to_dict   # a file that failed to load raises here
+    return rest
+  except MoejaxError as e:
+    sys.exit(f'error: {e}')
+  except (AttributeError, KeyError) as e:
+    from moejax.config import known_keys
+    sys.exit(f'error: unknown config key in {argv[1:]}: {e}\nKnown keys: '
+             f'{", ".join(known_keys())}')
+  except (flags.Error, ValueError, TypeError) as e:
+    text = str(e)
+    if 'Error whilst parsing config file' in text:   # the config file's own error, last line
+      last = [l for l in text.splitlines() if l.strip()][-1]
+      text = f'{_config_arg(argv)}: {last.split(": ", 1)[-1]}'
+    sys.exit(f'error: {text.splitlines()[0]}')
+  except (OSError, SyntaxError, ImportError) as e:
+    sys.exit(f'error: {_config_file_error(e, _config_arg(argv))}')
+
+
+def _config_arg(argv) -> str:
+  return next((a for a in argv if a.startswith('--config=')), '--config')
+
+
+def _config_file_error(e: BaseException, arg: str) -> str:
+  """One line for a --config file that cannot be loaded."""
+  cause = e
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  if isinstance(cause, SyntaxError):
+    return (f'{arg}: {cause.filename}, line {cause.lineno}: {cause.msg} (a Python syntax error '
+            f'in the config file); fix the file or use another --config.')
+  lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+  missing = next((l for l in lines if 'No such file' in l), None)
+  if missing:
+    return (f'{arg}: {missing.split("] ", 1)[-1]}; give an existing config file '
+            f'(PATH[:VARIANT], e.g. --config=configs/tp4pp4.py:tiny).')
+  return f'{arg} does not load: {lines[-1] if lines else repr(cause)}.'
+
+
 CONFIG_HELP = ('Config keys (--config.SECTION.KEY=VALUE): every key is commented in '
                'configs/tp4pp4.py and configs/defaults.py and listed in README.md, "Configs".')
 

@@ -143,7 +143,7 @@ def main(argv):
 def run() -> None:
   """Console-script entry point."""
   from moejax.cli import console
-  console.run(main, __name__)
+  console.run(main, __name__, flags_parser=console.parse_flags)
 
 
 if __name__ == '__main__':

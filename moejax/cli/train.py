@@ -21,19 +21,9 @@ flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-pr
 flags.DEFINE_integer('num_processes', 1, 'Processes in the run (multi-process runs).')
 flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes-1.')
 flags.DEFINE_integer('coordinator_timeout', 120, 'Seconds to wait for the coordinator and peers.')
+flags.DEFINE_bool('allow_other_data', False, 'Resume on token files other than those the '
+                  'checkpoint was trained on (refused otherwise).')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def parse_flags(argv):
-  """absl parsing, with one readable line for an unknown key or a value of the wrong type."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    from moejax.config import known_keys
-    sys.exit(f'error: unknown config key in {argv[1:]}: {e}\nKnown keys: '
-             f'{", ".join(known_keys())}')
-  except (flags.Error, ValueError, TypeError) as e:
-    sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
 def _take_signals() -> None:
@@ -71,7 +61,7 @@ def main(argv):
     runtime.setup_devices(f.config, cluster)
     runtime.check_same_config(f.config)
     from moejax.train import loop
-    loop.train(f.config, f.workdir)
+    loop.train(f.config, f.workdir, f.allow_other_data)
   except (MoejaxError, OSError, KeyboardInterrupt) as e:
     if os.environ.get('MOEJAX_TRACEBACK'):
       raise
@@ -89,7 +79,7 @@ def main(argv):
 
 def run() -> None:
   """Console-script entry point (moejax-train) and main.py's."""
-  console.run(main, __name__, flags_parser=parse_flags)
+  console.run(main, __name__, flags_parser=console.parse_flags)
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from typing import Any
 
 from moejax import config as config_lib
+from moejax.data import tokens
 from moejax.errors import ConfigError
 from moejax.errors import CheckpointError
 from moejax.train.plan import Plan
@@ -60,6 +61,16 @@ def read_config(step_dir: str) -> dict:
                           f'or not a moejax checkpoint.') from e
 
 
+def read_data_identity(step_dir: str) -> dict[str, str] | None:
+  """The token files' identity a checkpoint step was saved with, or None (an older checkpoint,
+  or unreadable)."""
+  try:
+    with open(os.path.join(step_dir, 'data', 'metadata')) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
 def params_item(step_dir: str) -> tuple[str, tuple[str, ...]]:
   """The Orbax tree holding params in a checkpoint step, and the params' key prefix in it: an
   imported checkpoint's `params` tree (moejax.convert.hf), or a run's train `state`."""
@@ -82,13 +93,22 @@ class Checkpointer:
   def __init__(self, workdir: str, plan: Plan):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.plan, self.config = plan, plan.config
+    self._data_identity: dict[str, str] | None = None
     try:
       self.manager = ocp.CheckpointManager(
-          self.directory, item_names=('state', 'config'),
+          self.directory, item_names=('state', 'config', 'data'),
           options=ocp.CheckpointManagerOptions(max_to_keep=plan.run.checkpoint_keep, create=True,
                                                enable_async_checkpointing=True))
     except OSError as e:
       raise ConfigError(f'Cannot use checkpoint directory {self.directory}: {e}') from e
+
+  def data_identity(self) -> dict[str, str]:
+    """What identifies the run's token files (saved with every checkpoint; {} for synthetic
+    data, which the config's seed identifies)."""
+    if self._data_identity is None:
+      data = self.plan.data
+      self._data_identity = tokens.identity(data.path) if data.source == 'tokens' else {}
+    return self._data_identity
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -109,8 +129,8 @@ class Checkpointer:
     config_json = json.loads(self.config.to_json_best_effort())
     try:
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json)),
-          force=force)
+          state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json),
+          data=ocp.args.JsonSave(self.data_identity())), force=force)
     except Exception as e:   # this save, or an earlier asynchronous one, failed
       self._failed(None, e)
 

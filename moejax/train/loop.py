@@ -34,8 +34,9 @@ def make_source(plan: Plan) -> Source:
   return SyntheticSource(plan.data.source, vocab, *shape, seed)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to config.num_steps; returns the last logged record."""
+def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bool = False) -> dict:
+  """Trains to config.num_steps; returns the last logged record. `allow_other_data`: resume on
+  token files other than the checkpoint's (refused otherwise)."""
   validation.validate(config, jax.device_count())
   if jax.process_count() > 1 and config_lib.layout(config).devices != jax.device_count():
     raise ClusterError(
@@ -53,7 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f'Already at step {done} (num_steps={num_steps}): nothing to train. Raise '
             f'--config.num_steps to continue.', flush=True)
       return {}
-    return _train(config, workdir)
+    return _train(config, workdir, allow_other_data)
 
 
 def _say(message: str) -> None:
@@ -71,9 +72,10 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
   return step if step >= num_steps else None
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bool) -> dict:
   plan = Plan(config, validated=True)   # validated once, in train()
   source = make_source(plan)             # checks the data before anything is compiled
+  resume.check_same_data(workdir, plan, allow_other_data)
   cfg, lay, run, data_sharding = plan.model, plan.layout, plan.run, plan.batch_sharding
   buckets = plan.buckets()
   sources = [make_source(b) for b in buckets] if len(buckets) > 1 else [source]
@@ -82,8 +84,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(state.step)
   evaluate = evaluation.make_eval(plan, source)
   writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  if start and jax.process_index() == 0 and workdir_lib.drop_records_after(writer.path, start):
-    _say(f'Dropped metrics.jsonl records of steps after {start} (they are re-run now).')
+  if jax.process_index() == 0:
+    _repair_workdir(writer.path, ckpt.directory, start)
   guard = Guard(ckpt, plan.all_finite, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = signals.StopFlag()
   profile = run.profile_steps
@@ -131,6 +133,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
     stop.restore()
   return record
+
+
+def _repair_workdir(metrics_path: str, checkpoint_dir: str, start: int) -> None:
+  """What a run that died left behind: metrics of steps after the resumed one, a half-written
+  metrics line, temporary checkpoint directories (removed, each with a notice)."""
+  later, broken = workdir_lib.repair_metrics(metrics_path, start)
+  if later:
+    _say(f'Dropped {later} metrics.jsonl records of steps after {start} (they are re-run now).')
+  if broken:
+    _say(f'Dropped {broken} incomplete line(s) from {metrics_path} (a run stopped mid-write).')
+  dead = workdir_lib.remove_dead_temporaries(checkpoint_dir)
+  if dead:
+    _say(f'Removed {len(dead)} unfinished checkpoint director{"y" if len(dead) == 1 else "ies"} '
+         f'of a run that stopped mid-save: {", ".join(dead)} (complete checkpoints untouched).')
 
 
 def _compile(plans: list[Plan]) -> list:

@@ -9,7 +9,7 @@ import jax
 
 from moejax import runtime
 from moejax.errors import CheckpointError, ConfigError
-from moejax.train.checkpoint import Checkpointer, read_config
+from moejax.train.checkpoint import Checkpointer, read_config, read_data_identity, saved_config
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
 
@@ -32,6 +32,38 @@ def initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
     state = state.replace(params=ckpt.restore_params(source))
     print(f'Initialised params from {source} (optimizer state fresh, step 0).', flush=True)
   return state
+
+
+def check_same_data(workdir: str, plan: Plan, allow_other_data: bool) -> None:
+  """Before compiling: a resume must read the token files its newest checkpoint was trained on
+  (compared by content, not by data.path); other content is a ConfigError naming both, unless
+  `allow_other_data` (then a notice)."""
+  if plan.data.source != 'tokens':
+    return
+  try:
+    step, _ = saved_config(workdir)
+  except (ConfigError, CheckpointError):
+    return                                   # nothing to resume: any data is fine
+  step_dir = os.path.join(workdir, 'checkpoints', str(step))
+  saved = read_data_identity(step_dir)
+  if not saved:
+    return                                   # a checkpoint older than the record, or synthetic
+  from moejax.data import tokens
+  now = tokens.identity(plan.data.path)
+  if now == saved:
+    return
+  differ = '; '.join(f'{k}: checkpoint {saved.get(k)}, now {now.get(k)}'
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+  if allow_other_data:
+    print(f'warning: data.path={plan.data.path} holds other token files than checkpoint '
+          f'{step_dir} was trained on ({differ}); continuing on them (--allow_other_data).',
+          flush=True)
+    return
+  raise ConfigError(
+      f'data.path={plan.data.path} holds other token files than checkpoint {step_dir} was '
+      f'trained on ({differ}): resuming would continue on other data. Point data.path at the '
+      f'run\'s dataset, use a new --workdir, or pass --allow_other_data to continue on this '
+      f'data on purpose.')
 
 
 def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> TrainState | None:
