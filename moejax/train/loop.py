@@ -18,12 +18,13 @@ from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
 from moejax.parallel import experts as ep_lib
-from moejax.train import evaluation, metrics as metrics_lib, resume, signals
+from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
 from moejax.train import workdir as workdir_lib
 from moejax.train.checkpoint import Checkpointer, saved_config
 from moejax.train.guard import LOSS_BOUND, Guard
 from moejax.train.memory import check_memory
 from moejax.train.plan import Plan
+from moejax.train.stop_vote import StopVote
 
 def make_source(plan: Plan) -> Source:
   """The plan's token source (negative steps are its evaluation batches)."""
@@ -47,7 +48,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
-  with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
+  lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
+  lost = lambda why: peers.exit_lost(why, _newest_checkpoint(workdir), lambda: lock.__exit__())
+  with lock, peers.PeerWatch(lost):
     num_steps = config_lib.run_config(config).num_steps
     done = _finished_step(workdir, num_steps)
     if done is not None:
@@ -61,6 +64,15 @@ def _say(message: str) -> None:
   """A console line from process 0 only."""
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def _newest_checkpoint(workdir: str) -> str:
+  """The newest complete checkpoint's path (read without JAX), or 'none'."""
+  try:
+    step, _ = saved_config(workdir)
+  except (ConfigError, CheckpointError):
+    return 'none'
+  return os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))
 
 
 def _finished_step(workdir: str, num_steps: int) -> int | None:
@@ -88,6 +100,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
     _repair_workdir(writer.path, ckpt.directory, start)
   guard = Guard(ckpt, plan.all_finite, LOSS_BOUND * math.log(cfg.vocab_size))
   stop = signals.StopFlag()
+  vote = StopVote(plan.mesh) if jax.process_count() > 1 else None   # all stop at one step
   profile = run.profile_steps
   record: dict = {}
   clock = _Clock(start, run.num_steps, lay.tokens_per_step)
@@ -106,18 +119,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
              f'with TensorBoard\'s profile plugin or Perfetto).')
       if run.checkpoint_every and done % run.checkpoint_every == 0:
         guard.save(state, metrics, done)
-      if stop.signal:
-        guard.save(state, metrics, done, force=True)
-        ckpt.close()
-        print(f'{stop.signal}: saved checkpoint at step {done} and stopped.', flush=True)
-        return record
-      if done % run.log_every == 0 or done == run.num_steps:
+      stopping = vote.cast(bool(stop.signal)) if vote else bool(stop.signal)
+      if done % run.log_every == 0 or done == run.num_steps or stopping:
         record = clock.record(jax.device_get(metrics), done)   # the host sync: at log time
         if len(buckets) > 1:
           record['seq_len'] = buckets[b].layout.seq_len
         guard.check(record, done)
         _say(metrics_lib.format_line(record, total=run.num_steps))
         writer.write(record)
+      if stopping:
+        guard.save(state, metrics, done, force=True)
+        ckpt.close()
+        why = stop.signal or 'stop requested by another process'
+        _say(f'{why}: saved checkpoint at step {done} and stopped.')
+        return record
       if run.eval_every and done % run.eval_every == 0:
         eval_record = dict(evaluate(state.params), step=done)
         _say(metrics_lib.format_line(eval_record, prefix='eval'))
