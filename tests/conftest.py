@@ -21,6 +21,31 @@ SLOW_MODULES = {'test_bench', 'test_checkpoint', 'test_faults', 'test_multiproce
                 'test_train', 'test_walkthrough', 'test_text_data'}
 
 
+# Mesh-equivalence modules: their many mesh x option cases run in the whole suite; the quick tier
+# keeps only the tests named in QUICK (one mesh-equivalence case, one 1x1-vs-NumPy case, and the
+# modules' unit tests: the reference's own checks, the exchange, the weight-name table, token
+# choice). A test name without brackets stands for all its parameters.
+MESH_MODULES = {'test_parallel_equivalence', 'test_reference', 'test_dropless', 'test_convert',
+                'test_generate', 'test_data_parallel'}
+QUICK = {'test_pipeline_meshes_match_1x1[2-2-1]',
+         'test_1x1_model_equals_numpy_reference[2-1.1-True]',
+         'test_reference_sees_the_gelu_form_and_the_attention_biases',
+         'test_reference_sees_the_renormalisation_point',
+         'test_padded_exchange_has_ragged_all_to_all_semantics',
+         'test_the_exchange_is_chosen_by_the_meshs_backend',
+         'test_the_mapping_uses_every_tensor_and_fills_every_parameter_once',
+         'test_a_wrong_checkpoint_is_one_error_naming_the_tensor',
+         'test_token_choice_rules', 'test_cache_needs_a_mesh_without_stages',
+         'test_folded_experts_are_split_over_dp_and_tp'}
+
+
+def _slow(item) -> bool:
+  module = item.module.__name__.rsplit('.', 1)[-1]
+  if module in SLOW_MODULES:
+    return True
+  return module in MESH_MODULES and not {item.name, item.originalname} & QUICK
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests left out of the quick tier')
 
@@ -28,5 +53,5 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   import pytest
   for item in items:
-    if item.module.__name__.rsplit('.', 1)[-1] in SLOW_MODULES:
+    if _slow(item):
       item.add_marker(pytest.mark.slow)

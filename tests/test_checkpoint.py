@@ -140,8 +140,8 @@ def _set(c, **kw):
 
 def test_init_from_loads_params_with_a_fresh_optimizer(tmp_path):
   loop.train(_set(_quick(), num_steps=2, checkpoint_every=0), str(tmp_path / 'a'))
-  # lr 0: the fine-tuning run's one step leaves the loaded params as they were.
-  tuned = _set(_quick(**{'optim.lr': 0.0}), num_steps=1, checkpoint_every=0,
+  # Warmup from 0: the fine-tuning run's one step (at lr 0) leaves the loaded params as they were.
+  tuned = _set(_quick(**{'optim.warmup_steps': 5}), num_steps=1, checkpoint_every=0,
                init_from=str(tmp_path / 'a'))
   loop.train(tuned, str(tmp_path / 'b'))
   a, b = saved_state(tmp_path / 'a', 2), saved_state(tmp_path / 'b', 1)

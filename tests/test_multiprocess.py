@@ -1,12 +1,15 @@
 """Two processes x 8 CPU devices on loopback form one 16-device tp4pp4 mesh (jax.distributed)."""
 import os
+import signal
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
 
 from tests.test_checkpoint import command, losses, run
+from tests.test_faults import complete_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,14 +20,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two(workdir, *extra, expect_ok: bool = True):
-  """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
+def start_two(workdir, *extra):
+  """main.py as 2 processes of one run, started."""
   address = f'127.0.0.1:{free_port()}'
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       command(workdir, *extra, f'--coordinator_address={address}', '--num_processes=2',
               f'--process_id={i}', '--coordinator_timeout=60'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+
+
+def run_two(workdir, *extra, expect_ok: bool = True):
+  """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
+  procs = start_two(workdir, *extra)
   outs = []
   for p in procs:
     try:
@@ -97,3 +105,52 @@ def test_unreachable_coordinator_is_an_error_naming_it(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=''))
   assert out.returncode != 0
   assert f'Cannot reach the coordinator at {address}' in out.stderr, out.stderr[-2000:]
+
+
+def _until_training(proc, step: int = 1) -> list[str]:
+  """Process 0's stdout lines up to its log line of `step`."""
+  lines = []
+  while not any(l.startswith(f'step {step:>6d}/') for l in lines[-1:]):
+    line = proc.stdout.readline()
+    assert line, 'process 0 ended before training'
+    lines.append(line)
+  return lines
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(one_process, tmp_path):
+  workdir = str(tmp_path)
+  procs = start_two(workdir, '--config.num_steps=1000')
+  _until_training(procs[0])
+  procs[1].send_signal(signal.SIGTERM)                     # the other process is not told
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stopped = [l for l in outs[0][0].splitlines() if 'saved checkpoint at step' in l]
+  assert stopped and 'stop requested by another process' in stopped[0], outs[0][0][-2000:]
+  step = int(stopped[0].split('at step ')[1].split()[0])
+  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if n.isdigit()) == [step]
+  assert max(losses(workdir)) == step                      # the stop step's record is written
+  assert not os.path.exists(os.path.join(workdir, 'run.lock'))
+  run_two(workdir, f'--config.num_steps={max(step + 1, 5)}')
+  a, b = losses(workdir), losses(one_process)
+  same_5_digits({s: a[s] for s in b}, b)                   # resumed = never stopped
+
+
+def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path):
+  workdir = str(tmp_path)
+  procs = start_two(workdir, '--config.num_steps=1000', '--config.checkpoint_every=2')
+  _until_training(procs[0], step=2)
+  deadline = time.time() + 120
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '2')) and time.time() < deadline:
+    time.sleep(0.2)                                        # step 2's save committed
+  procs[1].kill()
+  killed = time.time()
+  out, err = procs[0].communicate(timeout=120)
+  procs[1].communicate()
+  assert time.time() - killed < 60, (time.time() - killed, err[-1500:])
+  assert procs[0].returncode == 1 and 'Traceback' not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('error: process 1 of 2 went away') and 'checkpoints/' in last, last
+  assert f'checkpoints/{max(complete_steps(workdir))}:' in last
+  assert not os.path.exists(os.path.join(workdir, 'run.lock'))
