@@ -107,16 +107,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
   try:
     for step in range(start, run.num_steps):
       done = step + 1
-      if profile and done == profile.start:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
+      _profile(profile, done, workdir, None)
       b = buckets_lib.choose(run.seed, step, len(buckets))
       state, metrics = train_steps[b](state, global_batch(sources[b], step, data_sharding))
       guard.confirm(metrics, done)
-      if profile and done == profile[-1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        _say(f'Profiled steps {profile.start}-{profile[-1]} into {workdir}/profile (open '
-             f'with TensorBoard\'s profile plugin or Perfetto).')
+      _profile(profile, done, workdir, state)
       if run.checkpoint_every and done % run.checkpoint_every == 0:
         guard.save(state, metrics, done)
       stopping = vote.cast(bool(stop.signal)) if vote else bool(stop.signal)
@@ -130,14 +125,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
       if stopping:
         guard.save(state, metrics, done, force=True)
         ckpt.close()
-        why = stop.signal or 'stop requested by another process'
-        _say(f'{why}: saved checkpoint at step {done} and stopped.')
+        _say(f'{stop.signal or "stop requested by another process"}: saved checkpoint at step '
+             f'{done} and stopped.')
         return record
       if run.eval_every and done % run.eval_every == 0:
-        eval_record = dict(evaluate(state.params), step=done)
-        _say(metrics_lib.format_line(eval_record, prefix='eval'))
-        writer.write({'step': done, **{'eval_' + k: v for k, v in eval_record.items()
-                                       if k != 'step'}})
+        _evaluate(evaluate, state.params, done, writer)
     guard.save(state, metrics, run.num_steps)
     ckpt.close()
     loss = f'loss {record["loss"]:.4f}; ' if 'loss' in record else ''
@@ -148,6 +140,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
     writer.close()
     stop.restore()
   return record
+
+
+def _profile(steps: range, done: int, workdir: str, state) -> None:
+  """Starts the trace before the first profiled step (state None), stops it after the last."""
+  if steps and state is None and done == steps.start:
+    jax.profiler.start_trace(os.path.join(workdir, 'profile'), create_perfetto_trace=True)
+  elif steps and state is not None and done == steps[-1]:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    _say(f'Profiled steps {steps.start}-{steps[-1]} into {workdir}/profile (open with '
+         f'TensorBoard\'s profile plugin or Perfetto).')
+
+
+def _evaluate(evaluate, params, step: int, writer: metrics_lib.MetricsWriter) -> None:
+  """One evaluation: its console line and its eval_* record."""
+  record = dict(evaluate(params), step=step)
+  _say(metrics_lib.format_line(record, prefix='eval'))
+  writer.write({'step': step, **{'eval_' + k: v for k, v in record.items() if k != 'step'}})
 
 
 def _repair_workdir(metrics_path: str, checkpoint_dir: str, start: int) -> None:
