@@ -107,8 +107,29 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
         f'every process with the same --config file and overrides.')
 
 
+def processes_where(flag: bool) -> list[int]:
+  """The indices of the processes whose `flag` is True, on every process."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  from jax.experimental import multihost_utils
+  every = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+  return [int(i) for i in np.flatnonzero(every)]
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any of them."""
+  return bool(processes_where(flag))
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def agree(value: int) -> int:
-  """Process 0's value of an integer, on every process."""
+  """Process 0's value of an integer (int32 range: JAX without x64), on every process."""
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils

@@ -1,4 +1,5 @@
 """Two processes x 8 CPU devices on loopback form one 16-device tp4pp4 mesh (jax.distributed)."""
+import json
 import os
 import signal
 import socket
@@ -45,6 +46,10 @@ def run_two(workdir, *extra, expect_ok: bool = True):
     for rc, out, err in outs:
       assert rc == 0, err[-3000:]
   return outs
+
+
+def complete_steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
 
 
 def same_5_digits(a: dict, b: dict) -> None:
@@ -96,6 +101,45 @@ def test_processes_with_different_configs_refuse(tmp_path):
     assert p.returncode != 0 and 'Processes disagree on the config' in err, err[-2000:]
 
 
+def test_processes_on_different_workdirs_refuse(tmp_path):
+  address = f'127.0.0.1:{free_port()}'
+  procs = [subprocess.Popen(
+      command(tmp_path / f'disk{i}', '--config.num_steps=1', f'--coordinator_address={address}',
+              '--num_processes=2', f'--process_id={i}'),
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode != 0, err[-2000:]
+    assert 'is not one directory shared by every process: process(es) [1]' in err, err[-2000:]
+  assert not os.listdir(tmp_path / 'disk0')           # the lock released, nothing compiled
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_for_every_process(one_process, two_processes):
+  steps = complete_steps(two_processes)
+  if len(steps) < 2:
+    run_two(two_processes, f'--config.num_steps={steps[-1] + 2}')
+    steps = complete_steps(two_processes)
+  newest = steps[-1]
+  state = os.path.join(two_processes, 'checkpoints', str(newest), 'state')
+  victim = next(os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs
+                if 'manifest' in f or 'ocdbt' in d)
+  with open(victim, 'r+b') as f:                             # truncate one file of the newest
+    f.truncate(max(os.path.getsize(victim) // 3, 1))
+  last = newest + 1
+  outs = run_two(two_processes, f'--config.num_steps={last}')
+  assert 'Renamed it to' in outs[0][1] and f'(step {steps[-2]})' in outs[0][1], outs[0][1][-2000:]
+  names = os.listdir(os.path.join(two_processes, 'checkpoints'))
+  assert any(n.startswith(f'{newest}.corrupt-') for n in names), names
+  assert complete_steps(two_processes)[-1] == last
+  if max(losses(one_process)) < last:
+    run(one_process, f'--config.num_steps={last}')
+  with open(os.path.join(two_processes, 'metrics.jsonl')) as f:
+    assert [json.loads(l)['step'] for l in f] == list(range(1, last + 1))   # none twice
+  a, b = losses(two_processes), losses(one_process)
+  same_5_digits(a, {s: b[s] for s in a})                   # = a run never disturbed
+
+
 def test_unreachable_coordinator_is_an_error_naming_it(tmp_path):
   address = f'127.0.0.1:{free_port()}'
   out = subprocess.run(
@@ -127,8 +171,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(one_p
   stopped = [l for l in outs[0][0].splitlines() if 'saved checkpoint at step' in l]
   assert stopped and 'stop requested by another process' in stopped[0], outs[0][0][-2000:]
   step = int(stopped[0].split('at step ')[1].split()[0])
-  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if n.isdigit()) == [step]
+  assert complete_steps(workdir) == [step]
   assert max(losses(workdir)) == step                      # the stop step's record is written
   assert not os.path.exists(os.path.join(workdir, 'run.lock'))
   last = max(step + 1, 5)

@@ -51,6 +51,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
   lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
   lost = lambda why: peers.exit_lost(why, _newest_checkpoint(workdir), lambda: lock.__exit__())
   with lock, peers.PeerWatch(lost):
+    if jax.process_count() > 1:
+      workdir_lib.check_shared(lock)
     num_steps = config_lib.run_config(config).num_steps
     done = _finished_step(workdir, num_steps)
     if done is not None:

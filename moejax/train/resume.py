@@ -67,23 +67,37 @@ def check_same_data(workdir: str, plan: Plan, allow_other_data: bool) -> None:
 
 
 def _restore_newest(ckpt: Checkpointer, steps: list[int]) -> TrainState | None:
-  """The newest step that restores; unreadable ones are reported and renamed aside."""
+  """The newest step that restores on every process; one that fails on any process is reported,
+  renamed aside by process 0, and the previous step is tried by all."""
   for step in reversed(steps):
+    error = None
     try:
       state = ckpt.restore(step)
     except CheckpointError as e:
-      if jax.process_count() > 1:
-        raise
-      aside = ckpt.set_aside(step)
-      print(f'warning: {e}\n  Renamed it to {aside} (nothing deleted) and trying the previous '
-            f'checkpoint.', flush=True)
+      error = e
+    if runtime.any_process(error is not None):
+      _set_aside(ckpt, step, error)
       continue
     if jax.process_index() == 0:
       print(f'Resumed from {ckpt.directory}/{step} (step {int(state.step)}).' +
             _changes(ckpt, step), flush=True)
     return state
-  print('warning: no checkpoint restores; starting from step 0.', flush=True)
+  if jax.process_index() == 0:
+    print('warning: no checkpoint restores; starting from step 0.', flush=True)
   return None
+
+
+def _set_aside(ckpt: Checkpointer, step: int, error: CheckpointError | None) -> None:
+  """Process 0 renames the failed step aside (nothing deleted); every process then forgets it."""
+  why = error or f'Cannot restore checkpoint {ckpt.directory}/{step} on another process.'
+  if jax.process_index() == 0:
+    aside = ckpt.set_aside(step)
+    print(f'warning: {why}\n  Renamed it to {aside} (nothing deleted) and trying the previous '
+          f'checkpoint.', flush=True)
+  elif error is not None:
+    print(f'warning: {why}', flush=True)
+  runtime.barrier(f'set_aside_{step}')
+  ckpt.manager.reload()
 
 
 def _changes(ckpt: Checkpointer, step: int) -> str:

@@ -11,6 +11,7 @@ once, exactly one wins. Multi-process runs take it once, on process 0.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 
-from moejax.errors import WorkdirInUse
+from moejax.errors import ClusterError, WorkdirInUse
 
 LOCK = 'run.lock'
 HEARTBEAT_S = 30.0    # the owner refreshes the lock's mtime this often
@@ -143,6 +144,31 @@ class RunLock:
       except OSError:
         pass
       self.held = False
+
+
+def check_shared(lock: RunLock) -> None:
+  """Several processes must see one --workdir: every process reads process 0's lock there; a
+  process that does not see it is a ClusterError on all, before anything is compiled."""
+  import jax
+  from moejax import runtime
+  written = _digest(lock.path) if jax.process_index() == 0 else 0
+  written = runtime.agree(written)        # a sync point: process 0's lock is on disk by now
+  blind = runtime.processes_where(_digest(lock.path) != written)
+  if blind:
+    raise ClusterError(
+        f'--workdir={os.path.dirname(lock.path)} is not one directory shared by every process: '
+        f'process(es) {blind} do not see the lock process 0 wrote there. Pass every process '
+        f'the same --workdir on a filesystem all hosts mount (NFS, Lustre, a bucket mount); '
+        f'checkpoints written to local disks could not be resumed.')
+
+
+def _digest(path: str) -> int:
+  """A 31-bit digest of a file's bytes; -1 when it cannot be read."""
+  try:
+    with open(path, 'rb') as f:
+      return int.from_bytes(hashlib.sha256(f.read()).digest()[:4], 'little') >> 1
+  except OSError:
+    return -1
 
 
 def _parse(text: str) -> dict | None:
