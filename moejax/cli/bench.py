@@ -30,6 +30,8 @@ flags.DEFINE_enum('target', 'cpu', ['cpu', 'h100', 'a100', 'h200'],
 flags.DEFINE_string('hlo_out', None, 'With --aot: also write the compiled HLO text here.')
 flags.DEFINE_bool('decode', False, 'Generation speed instead of training: tokens/s with and '
                   'without the KV cache, and one decode step\'s latency.')
+flags.DEFINE_bool('stop_vote', False, 'Step time with and without the multi-process stop vote '
+                  'at every step boundary (interleaved rounds).')
 flags.DEFINE_integer('prompt_len', 64, 'With --decode: prompt tokens.')
 flags.DEFINE_integer('new_tokens', 448, 'With --decode: generated tokens.')
 flags.mark_flags_as_required(['config'])
@@ -59,6 +61,12 @@ def main(argv):
     from moejax.perf import speed
     result = speed.decode_speed(config, FLAGS.prompt_len, FLAGS.new_tokens)
     print(json.dumps(result, indent=1), flush=True)
+    _write(result)
+  elif FLAGS.stop_vote:
+    from moejax.perf import speed
+    result = speed.stop_vote_cost(config, FLAGS.steps, FLAGS.rounds)
+    print(f"{result['mesh']}: step {result['step_time_s']:.4f}s, with the stop vote "
+          f"{result['step_time_with_vote_s']:.4f}s ({result['vote_cost_frac']:+.2%})", flush=True)
     _write(result)
   else:
     _train_speed(config)

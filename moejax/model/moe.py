@@ -236,18 +236,24 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, settings: MoESetti
 
 
 def _layout(b: int, t: int, group_size: int) -> tuple[tuple[int, int, int], Groups]:
-  """The parts [B', nG, S] x [B, T] is cut into for routing, and how they make groups. A part
-  is one shard's piece of a group: a whole group where a shard holds whole groups (several
-  whole sequences merged into one row where the batch split allows), else the group's tokens
-  on one tp shard."""
-  shards = _shards('act_groups')                                        # a sequence's split
+  """group_parts under the active mesh."""
+  return group_parts(b, t, group_size, _shards('act_groups'), _shards('act_batch'))
+
+
+def group_parts(b: int, t: int, group_size: int, seq_shards: int = 1, batch_shards: int = 1
+                ) -> tuple[tuple[int, int, int], Groups]:
+  """The parts [B', nG, S] x [B, T] is cut into for routing, and how they make groups, when
+  a sequence is split over `seq_shards` devices and the batch over `batch_shards`. A part is
+  one shard's piece of a group: a whole group where a shard holds whole groups (several whole
+  sequences merged into one row where the batch split allows), else the group's tokens on one
+  sequence shard."""
   if group_size <= t:
-    part = group_size if (t // group_size) % shards == 0 else t // shards
+    part = group_size if (t // group_size) % seq_shards == 0 else t // seq_shards
     return (b, t // part, part), Groups(rows=1, span=group_size // part)
   seqs = group_size // t                                                # sequences per group
-  if shards > 1:
-    return (b, shards, t // shards), Groups(rows=seqs, span=shards)
-  merge = math.gcd(seqs, b // _shards('act_batch'))                      # rows a shard holds whole
+  if seq_shards > 1:
+    return (b, seq_shards, t // seq_shards), Groups(rows=seqs, span=seq_shards)
+  merge = math.gcd(seqs, b // batch_shards)                             # rows a shard holds whole
   return (b // merge, 1, merge * t), Groups(rows=seqs // merge, span=1)
 
 

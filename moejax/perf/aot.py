@@ -23,7 +23,8 @@ def compiled_analysis(config, target: str = 'cpu', plan=None) -> dict:
   start = time.perf_counter()
   compiled = plan.train_step().lower(plan.abstract_state, plan.batch_abstract()).compile()
   compile_s = time.perf_counter() - start
-  minimum = comm.minimum_bytes(plan.model, plan.layout)
+  minimum = comm.minimum_bytes(plan.model, plan.layout, comm.replicated_gradient_bytes(
+      plan.abstract_state.params, dict(plan.mesh.shape)))
   text = compiled.as_text()
   collective = hlo.bytes_by_kind(text)
   return {'compile_s': compile_s,

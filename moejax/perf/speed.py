@@ -16,7 +16,7 @@ class _Runner:
     from moejax.train import loop
     from moejax.train.plan import Plan
     plan = Plan(config)
-    self.lay = plan.layout
+    self.plan, self.lay = plan, plan.layout
     self.analysis = aot.compiled_analysis(config, plan=plan)
     self.step_fn = self.analysis.pop('compiled')
     self.state = plan.create_state()
@@ -80,6 +80,26 @@ def measure(config, steps: int, rounds: int) -> dict:
       'bubble_measured': 1.0 - ref_time / step_time, 'bubble_formula': formula,
       'idle_tick_factor': 1.0 / (1.0 - formula),
   }
+
+
+def stop_vote_cost(config, steps: int, rounds: int) -> dict:
+  """Train-step time with and without the multi-process stop vote cast at every boundary (as
+  the loop does), interleaved rounds on one process: the vote's device max and its one-boundary-
+  late read, without the cross-host hop."""
+  import numpy as np
+  from moejax.train.stop_vote import StopVote
+  runner = _Runner(config)
+  vote = StopVote(runner.plan.mesh)
+  voting = lambda state, batch: (*runner.step_fn(state, batch), vote.cast(False))
+  plain, voted = [], []
+  for _ in range(rounds):
+    plain.append(runner.time(steps))
+    seconds, runner.state, _ = timed_carry(voting, runner.state, runner.batch, steps=steps)
+    voted.append(seconds)
+  step_s, voted_s = float(np.median(plain)), float(np.median(voted))
+  return {'mesh': f'{runner.lay.tp}x{runner.lay.pp}', 'steps': steps, 'rounds': rounds,
+          'step_time_s': step_s, 'step_time_with_vote_s': voted_s,
+          'vote_cost_s': voted_s - step_s, 'vote_cost_frac': voted_s / step_s - 1.0}
 
 
 def decode_speed(config, prompt_len: int, new_tokens: int) -> dict:
