@@ -197,8 +197,11 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
   b_, ng_, s, d = x_.shape
   tokens_ = x_.reshape(b_ * ng_, s, d)                                  # [G_, S, D]
   valid_ = None if valid_ is None else valid_.reshape(b_ * ng_, s)     # [G_, S]
-  names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [P, G_] x 2
-  share = _group_share(*names, axes) if groups.parts > 1 else None
+  names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [ep, G_] x 2
+  share = None
+  if groups.parts > 1:   # a group's parts may lie on any shard the tokens are split over
+    every = ep_lib.manual_axes(token_spec, axes)
+    share = _group_share(*_part_names(b_, ng_, s, groups, every, token_spec), every)
   r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
                            settings.normalize_gates, w_.select_bias, valid_, share,
                            settings.sinkhorn_iters)

@@ -99,35 +99,47 @@ def ragged_exchange(rows_: jax.Array, keys_: jax.Array, send_sizes: jax.Array,
 def source_offsets(spec: P, local_shape: Sequence[int], axes: tuple[str, ...]
                    ) -> list[tuple[jax.Array, int]]:
   """For each dimension of a shard-local array laid out as `spec`: the offset of every source
-  shard's block (in all_to_all order over `axes`) [ep], and the dimension's global size.
-  Arithmetic on axis sizes and indices only (no collective)."""
+  shard's block (in all_to_all order over `axes`) [ep], and the dimension's global size. The
+  sources share this shard's coordinates on the spec's other (manual) axes. Arithmetic on axis
+  sizes and indices only (no collective)."""
   sizes = [jax.lax.axis_size(a) for a in axes]
-  size_of = dict(zip(axes, sizes))
   src = jnp.arange(math.prod(sizes))
   coord = {a: (src // math.prod(sizes[i + 1:])) % sizes[i] for i, a in enumerate(axes)}
   out = []
   for entry, local in zip(tuple(spec) + (None,) * len(local_shape), local_shape):
     index, count = jnp.zeros_like(src), 1
     for a in mesh_lib.axes_of(entry):
-      index, count = index * size_of[a] + coord[a], count * size_of[a]
+      size = jax.lax.axis_size(a)
+      here = coord[a] if a in coord else jax.lax.axis_index(a)
+      index, count = index * size + here, count * size
     out.append((index * local, count * local))
   return out
 
 
+def manual_axes(token_spec: P, axes: tuple[str, ...]) -> tuple[str, ...]:
+  """The manual axes of expert_parallel, in mesh order: the expert axes and every axis the
+  tokens are split over."""
+  split = set(axes) | {a for entry in token_spec for a in mesh_lib.axes_of(entry)}
+  return tuple(a for a in mesh_lib.AXES if a in split)
+
+
 def expert_parallel(fn: Callable[..., Any], weights: Any, weight_axes: Any, tokens: Any,
                     token_axes: Sequence[str | None], rng: jax.Array) -> Any:
-  """fn(weights_, tokens_, rng, axes=, token_spec=) on every shard, manual over the expert axes.
+  """fn(weights_, tokens_, rng, axes=, token_spec=) on every shard, manual over the expert axes
+  `axes` and the axes the tokens are split over (dp when the experts are not folded over it:
+  each dp row exchanges only its own tokens, over `axes`).
 
   weights: a tree with logical axes `weight_axes` (same structure); tokens: an array or a tree
   of arrays whose leading axes are laid out as `token_axes`. Every output of fn has the tokens'
-  leading layout. Other mesh axes (dp when the experts are not folded over it) stay automatic.
+  leading layout. Mesh axes that split neither stay automatic.
   """
   axes = expert_axes()
-  manual = lambda p: mesh_lib.restrict(p, axes)
+  split = manual_axes(mesh_lib.spec(token_axes), axes)
+  manual = lambda p: mesh_lib.restrict(p, split)
   is_axes = lambda a: isinstance(a, tuple) and all(isinstance(n, (str, type(None))) for n in a)
   w_specs = jax.tree.map(lambda a: manual(mesh_lib.spec(a)), weight_axes, is_leaf=is_axes)
   t_spec = manual(mesh_lib.spec(token_axes))
   local = lambda w_, t_, k: fn(w_, t_, k, axes=axes, token_spec=t_spec)
   token_specs = jax.tree.map(lambda _: t_spec, tokens)
   return jax.shard_map(local, in_specs=(w_specs, token_specs, P()), out_specs=t_spec,
-                       axis_names=set(axes), check_vma=False)(weights, tokens, rng)
+                       axis_names=set(split), check_vma=False)(weights, tokens, rng)
