@@ -39,8 +39,17 @@ QUICK = {'test_pipeline_meshes_match_1x1[2-2-1]',
          'test_folded_experts_are_split_over_dp_and_tp'}
 
 
+# Modules whose tests share module-scoped fixtures (runs they extend in order): one pytest-xdist
+# worker runs each of them whole (`--dist loadgroup`). Started first: they are the longest.
+ONE_WORKER = ('test_walkthrough', 'test_multiprocess', 'test_checkpoint')
+
+
+def _module(item) -> str:
+  return item.module.__name__.rsplit('.', 1)[-1]
+
+
 def _slow(item) -> bool:
-  module = item.module.__name__.rsplit('.', 1)[-1]
+  module = _module(item)
   if module in SLOW_MODULES:
     return True
   return module in MESH_MODULES and not {item.name, item.originalname} & QUICK
@@ -55,3 +64,7 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if _slow(item):
       item.add_marker(pytest.mark.slow)
+    if _module(item) in ONE_WORKER:
+      item.add_marker(pytest.mark.xdist_group(_module(item)))
+  first = {m: i for i, m in enumerate(ONE_WORKER)}
+  items.sort(key=lambda item: first.get(_module(item), len(first)))   # stable otherwise
