@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       norm_eps=1e-5,                      # epsilon of every norm
       num_kv_heads=0,                     # grouped-query attention: key/value heads (0: num_heads)
       qk_norm='none',                     # RMSNorm of q and k: 'none', 'full' (whole width, OLMoE) or 'head' (Qwen3)
+      attention='auto',                   # 'auto' (cuDNN fused attention on NVIDIA GPUs where it applies), 'xla' or 'cudnn'
   ))
   c.moe = ml_collections.ConfigDict(dict(
       num_experts=16 if tiny else 64,

@@ -122,6 +122,10 @@ class ModelConfig:
   expert_bias: bool = key('moe.expert_bias', default=True, parse=bool)   # the seed's biases
   # The open family (convert/families.py; checked in validation) or '' (moejax's own).
   family: str = key('model.family', default='')
+  # Attention kernel: 'auto' (cuDNN's fused attention on NVIDIA GPUs where it applies, XLA's
+  # elsewhere), 'xla' or 'cudnn' (model.layers.attention_kernel).
+  attention: str = key('model.attention', one_of('auto', 'xla', 'cudnn'), default='auto',
+                       run=True)
   # With normalize_gates: over the 'kept' gates (after capacity; NLLB) or the 'top_k' choices
   # (before; HF).
   normalize_gates_over: str = key('moe.normalize_gates_over', one_of('kept', 'top_k'),

@@ -5,6 +5,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=16').strip()
@@ -59,8 +61,8 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests left out of the quick tier')
 
 
+@pytest.hookimpl(tryfirst=True)    # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-  import pytest
   for item in items:
     if _slow(item):
       item.add_marker(pytest.mark.slow)

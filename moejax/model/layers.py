@@ -15,10 +15,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
+from moejax.errors import ConfigError
 from moejax.model import routing
 from moejax.model import moe as moe_lib
 from moejax.model.positions import rope
-from moejax.parallel import remat, vocab
+from moejax.parallel import mesh as mesh_lib, remat, vocab
 from moejax.parallel.mesh import constrain
 
 RESIDUAL = ('act_batch', 'act_seq', 'act_embed')
@@ -138,7 +139,8 @@ class Attention(nn.Module):
     if cache is None:
       mask = None if segments is None else (
           segments[:, None, :, None] == segments[:, None, None, :])    # [B, 1, T, T]
-      o = _attend(q, k, v, mask, causal=True)                          # [B, T, N, H]
+      kernel, _ = attention_kernel(c, mesh_lib.platform(), packed=segments is not None)
+      o = _attend(q, k, v, mask, causal=True, kernel=kernel)           # [B, T, N, H]
     else:
       cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
                         for a, b in zip(cache, (k, v))))                 # [B, L, K, H]
@@ -201,15 +203,44 @@ class Attention(nn.Module):
     return y.astype(x.dtype)
 
 
+CUDNN_PLATFORMS = ('cuda', 'gpu')
+CUDNN_DTYPES = ('bfloat16', 'float16')
+
+
+def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str, str]:
+  """The training attention kernel, 'cudnn' (cuDNN's fused flash attention: no [T, T] scores
+  stored, the masked causal half skipped) or 'xla', and why, for cfg.attention on devices of
+  `platform` with rows of packed documents or not. A ConfigError where 'cudnn' is asked for
+  and cannot apply. Cached decoding always uses XLA's."""
+  if cfg.attention == 'xla':
+    return 'xla', 'XLA attention (model.attention=xla)'
+  cannot = [why for why, fails in (
+      (f'the devices are {platform}, not NVIDIA GPUs', platform not in CUDNN_PLATFORMS),
+      (f'model.dtype={cfg.dtype} (cuDNN computes in bfloat16 or float16)',
+       cfg.dtype not in CUDNN_DTYPES),
+      (f'model.head_dim={cfg.head_dim} (cuDNN: a multiple of 8, at most 128)',
+       cfg.head_dim % 8 or cfg.head_dim > 128),
+      ('packed documents (data.pack) need a per-document mask that cuDNN\'s fused attention '
+       'does not take', packed)) if fails]
+  if not cannot:
+    return 'cudnn', 'cuDNN fused attention'
+  if cfg.attention == 'cudnn':
+    raise ConfigError(f'model.attention=cudnn cannot apply: {"; ".join(cannot)}. Use '
+                      f'model.attention=auto (cuDNN where it applies) or xla.')
+  return 'xla', f'XLA attention ({"; ".join(cannot)})'
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-            causal: bool) -> jax.Array:
+            causal: bool, kernel: str = 'xla') -> jax.Array:
   """Softmax attention of q [B, T, N, H] over k, v [B, L, K, H]: each key/value head serves
-  N/K query heads (repeated to N heads, split over tp like the queries)."""
+  N/K query heads (repeated to N heads, split over tp like the queries). kernel: 'xla' or
+  'cudnn' (attention_kernel)."""
   n, kv = q.shape[2], k.shape[2]
   if kv != n:
     k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, L, N, H]
-  o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # [B, T, N, H]
-  return constrain(o, HEADS)
+  o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                   implementation='cudnn' if kernel == 'cudnn' else None)
+  return constrain(o, HEADS)                                            # [B, T, N, H]
 
 
 class MoE(nn.Module):

@@ -17,6 +17,7 @@ from moejax.data import buckets as buckets_lib
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
+from moejax.model.layers import attention_kernel
 from moejax.parallel import experts as ep_lib
 from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
 from moejax.train import workdir as workdir_lib
@@ -184,11 +185,12 @@ def _compile(plans: list[Plan]) -> list:
   platform = plan.mesh.devices.flat[0].platform
   experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all'
              if cfg.dispatch == 'dropless' else 'experts at capacity')
+  _, attention = attention_kernel(cfg, platform, plan.data.pack)   # raises if it cannot apply
   shapes = (f'buckets {", ".join(f"{p.layout.micro_batch_size}x{p.layout.seq_len}" for p in plans)}'
             f' rows x tokens' if len(plans) > 1 else f'{lay.micro_batch_size}x{lay.seq_len}')
   _say(f'Compiling the train step for {lay.devices} {platform} devices '
        f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step as '
-       f'{lay.num_micro_batches} micro-batches of {shapes}, {experts})...')
+       f'{lay.num_micro_batches} micro-batches of {shapes}, {experts}, {attention})...')
   started = time.perf_counter()
   compiled = []
   for p in plans:
