@@ -1,5 +1,6 @@
 """The compiled train step holds the collectives we meant, and no all-gather of weights."""
 import os
+import re
 
 import jax
 import numpy as np
@@ -135,6 +136,22 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   assert parts['blocks'] == 2 * 8 * 4 * 16
   assert parts['head'] == 2 * 2 * (2 * 4 * 128 * 256 * 64)     # q k^T and p v
   assert parts['total'] == parts['remat'] + parts['blocks'] + parts['head']
+
+
+def test_cudnn_causal_attention_on_h100_is_fused_and_counted_at_half_the_square():
+  """The gradient of causal attention of q, k, v [2, 512, 8, 64] bf16 with heads split over 4
+  H100s (tests/data/make_gpu_hlo.py): cuDNN's flash attention forward and backward, no [T, T]
+  score matrix anywhere, and FLOPs of the causal half: per device 2 heads, forward
+  2 * (2 * B * N * T * T * H) / 2, backward twice that."""
+  text = open(os.path.join(os.path.dirname(__file__), 'data', 'h100_cudnn_attention.hlo')).read()
+  module = hlo.Module(text)
+  targets = [re.search(r'custom_call_target="([^"]*)"', i.attrs).group(1)
+             for i in module.instrs if i.op == 'custom-call']
+  assert sorted(targets) == ['__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward'], targets
+  assert not [i.name for i in module.instrs
+              if any(dims[-2:] == (512, 512) for _, dims in hlo.arrays(i.result))]
+  forward = 2 * (2 * 2 * 2 * 512 * 512 * 64) // 2              # B = 2, N = 2 heads here
+  assert hlo.flops(text)['total'] == forward + 2 * forward
 
 
 def test_overlap_needs_work_between_start_and_done():

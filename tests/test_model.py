@@ -4,9 +4,11 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from moejax import config as config_lib
-from moejax.model import params as params_lib
+from moejax.errors import ConfigError
+from moejax.model import layers, params as params_lib
 from moejax.train.plan import Plan
 from tests.helpers import loss_and_grads, small_config
 from configs import tp4pp4
@@ -82,3 +84,24 @@ def test_the_default_model_initialises_as_before():
   assert got.keys() == expected.keys()
   for key, value in expected.items():
     assert abs(got[key] - value) <= 1e-9 * max(1.0, abs(value)), key
+
+
+def test_the_attention_kernel_is_cudnn_only_where_it_applies():
+  def kernel(platform, packed=False, **model):
+    c = tp4pp4.get_config('tiny')
+    c.model.update(**model)
+    return layers.attention_kernel(config_lib.model_config(c), platform, packed)
+  bf16 = dict(dtype='bfloat16')
+  assert kernel('cpu', **bf16) == ('xla', 'XLA attention')
+  assert kernel('cuda', **bf16) == ('cudnn', 'cuDNN fused attention')
+  assert kernel('cuda', attention='xla', **bf16)[0] == 'xla'
+  kind, why = kernel('cuda', packed=True, **bf16)
+  assert kind == 'xla' and 'packed documents' in why
+  kind, why = kernel('cuda')                                     # the tiny config is float32
+  assert kind == 'xla' and 'model.dtype=float32' in why
+  assert kernel('cuda', head_dim=256, **bf16)[0] == 'xla'
+  with pytest.raises(ConfigError, match=r'model.attention=cudnn cannot apply: the devices are '
+                                        r'cpu, not NVIDIA GPUs\. Use model.attention=auto'):
+    kernel('cpu', attention='cudnn', **bf16)
+  with pytest.raises(ConfigError, match='packed documents'):
+    kernel('cuda', packed=True, attention='cudnn', **bf16)

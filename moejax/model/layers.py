@@ -214,6 +214,8 @@ def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str
   and cannot apply. Cached decoding always uses XLA's."""
   if cfg.attention == 'xla':
     return 'xla', 'XLA attention (model.attention=xla)'
+  if cfg.attention == 'auto' and platform not in CUDNN_PLATFORMS:
+    return 'xla', 'XLA attention'
   cannot = [why for why, fails in (
       (f'the devices are {platform}, not NVIDIA GPUs', platform not in CUDNN_PLATFORMS),
       (f'model.dtype={cfg.dtype} (cuDNN computes in bfloat16 or float16)',

@@ -212,10 +212,14 @@ def instr_flops(module: Module, i: Instr) -> int:
       contracting = _json_dims('lhs_contracting_dimensions', i.attrs)
       return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting)
     if 'fmha' in target:
-      # q [B, T, N, H], k [B, S, N, H]: q k^T and p v, each 2*B*N*T*S*H; backward twice that.
+      # q [B, T, N, H], k [B, S, N, H]: q k^T and p v, each 2*B*N*T*S*H, half of it under a
+      # causal mask (the flash kernel skips the masked tiles); backward twice the forward.
       q, k = module.shape(i.operands[0]), module.shape(i.operands[1])
       if len(q) == 4 and len(k) == 4:
         forward = 4 * q[0] * q[1] * q[2] * q[3] * k[1]
+        mask = re.search(r'"mask_type":\s*"(\w+)"', i.attrs)
+        if mask and 'CAUSAL' in mask.group(1):
+          forward //= 2
         return 2 * forward if 'backward' in target else forward
   return 0
 

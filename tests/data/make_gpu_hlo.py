@@ -1,7 +1,7 @@
 """Regenerates the H100 programs tests/test_hlo.py reads (compiled for abstract H100s, no GPU).
 
   pip install -r requirements.txt -r requirements-cuda12.txt
-  python tests/data/make_gpu_hlo.py
+  python tests/data/make_gpu_hlo.py [NAME.hlo ...]
 
 h100_collectives.hlo, 8 H100s: per device x_ [64, 128] f32; a 5-step scan of (x_ @ w) with a
 psum over pp inside; then all_to_all, all_gather, psum_scatter (tp), ppermute (pp) and a
@@ -10,6 +10,10 @@ the collective bytes and the matmul FLOPs read from it against numbers worked ou
 
 h100_dropless_moe.hlo, 4 H100s (tp=4): the gradient of one dropless MoE layer
 (moejax.model.moe, 8 experts, x [2, 64, 32] f32).
+
+h100_cudnn_attention.hlo, 4 H100s (tp=4, heads split): the gradient of causal attention
+(moejax.model.layers._attend with the kernel attention_kernel picks for a bfloat16 model on
+NVIDIA GPUs) of q, k, v [2, 512, 8, 64] bf16.
 """
 import os
 import sys
@@ -74,9 +78,33 @@ def dropless_moe_program() -> str:
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(weights, x).compile().as_text()
 
 
+def cudnn_attention_program() -> str:
+  from moejax import config as config_lib
+  from moejax.model import layers
+  from moejax.parallel import mesh as mesh_lib
+  from moejax.train import plan as plan_lib
+  from configs import tp4pp4
+  c = tp4pp4.get_config('tiny')
+  c.model.update(dtype='bfloat16', num_heads=8, head_dim=64, d_model=512)
+  kernel, _ = layers.attention_kernel(config_lib.model_config(c), 'cuda', packed=False)
+  assert kernel == 'cudnn', kernel
+  mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
+  with plan_lib.bare(mesh):
+    qkv = jax.ShapeDtypeStruct((2, 512, 8, 64), jnp.bfloat16, sharding=mesh_lib.sharding(
+        mesh, ('act_batch', None, 'act_heads', None)))
+    loss = lambda q, k, v: jnp.sum(layers._attend(q, k, v, None, True, kernel).astype(
+        jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile().as_text()
+
+
+PROGRAMS = {'h100_collectives.hlo': collectives_program,
+            'h100_dropless_moe.hlo': dropless_moe_program,
+            'h100_cudnn_attention.hlo': cudnn_attention_program}
+
+
 def main():
-  write('h100_collectives.hlo', collectives_program())
-  write('h100_dropless_moe.hlo', dropless_moe_program())
+  for name in sys.argv[1:] or PROGRAMS:     # default: every program
+    write(name, PROGRAMS[name]())
 
 
 if __name__ == '__main__':
