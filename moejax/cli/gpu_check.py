@@ -4,7 +4,8 @@
 
 On the first device: its measured bf16 matmul rate; the MFU of one full-size pipeline stage
 (the config's blocks per stage with all experts local, forward + backward, the config's dtype
-and remat policy); the forward latency of one micro-batch through the whole model on one device.
+and remat policy); the forward latency of one micro-batch through the whole model on one device;
+causal attention of 8,192 tokens with XLA's and cuDNN's kernels (times, agreement).
 Then the tiny config's 4x4 mesh against its 1x1 mesh (float32, matmuls at full precision): on
 the accelerators when there are 16, else 1x1 on the accelerator against 4x4 on 16 simulated CPU
 devices. Runs anywhere (on CPU it checks itself, with CPU-sized matmuls).
@@ -86,6 +87,43 @@ def forward_latency(config, device, steps: int) -> float:
   return timed(forward, params, tokens, steps=steps)
 
 
+def attention_kernels(device, steps: int) -> dict:
+  """Causal attention of one 8,192-token sequence (4 heads of 64, bf16; 512 tokens off GPUs),
+  forward + backward, with XLA's kernel and with cuDNN's fused one (NVIDIA GPUs only): the
+  times and how far cuDNN's output and gradients are from XLA's."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  gpu = device.platform in ('gpu', 'cuda')
+  t = 8192 if gpu else 512
+  q, k, v = (jax.device_put(jax.random.normal(jax.random.key(i), (1, t, 4, 64), jnp.bfloat16),
+                            device) for i in range(3))          # [B, T, N, H]
+
+  def program(kernel):
+    def loss(q, k, v):
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
+      return jnp.sum(o.astype(jnp.float32) ** 2), o
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  kernels = {'xla': None, 'cudnn': 'cudnn'} if gpu else {'xla': None}
+  out = {'attention_tokens': t}
+  results = {}
+  for name, kernel in kernels.items():
+    fn = program(kernel)
+    out[f'attention_{name}_s'] = timed(fn, q, k, v, steps=steps)
+    results[name] = jax.device_get(fn(q, k, v))
+  if 'cudnn' in results:
+    (_, o_x), g_x = results['xla']
+    (_, o_c), g_c = results['cudnn']
+    f32 = lambda a: np.asarray(a, np.float32)
+    out['attention_cudnn_speedup'] = out['attention_xla_s'] / out['attention_cudnn_s']
+    out['attention_output_max_abs_diff'] = float(np.max(np.abs(f32(o_c) - f32(o_x))))
+    out['attention_grad_max_rel_diff'] = max(
+        float(np.max(np.abs(f32(a) - f32(b))) / max(np.max(np.abs(f32(b))), 1e-30))
+        for a, b in zip(g_c, g_x))
+  return out
+
+
 def equivalence(accelerators: list, tiny) -> dict:
   """A small config (`tiny`): 4x4 against 1x1, float32 with full-precision matmuls."""
   import jax
@@ -129,6 +167,16 @@ def main(argv):
   result['forward_latency_s'] = forward_latency(f.config, device, f.steps)
   print(f"forward latency of one micro-batch: {result['forward_latency_s'] * 1e3:.1f} ms",
         flush=True)
+  result.update(attention_kernels(device, f.steps))
+  if 'attention_cudnn_s' in result:
+    print(f"causal attention, {result['attention_tokens']} tokens fwd+bwd: XLA "
+          f"{result['attention_xla_s'] * 1e3:.2f} ms, cuDNN {result['attention_cudnn_s'] * 1e3:.2f}"
+          f" ms ({result['attention_cudnn_speedup']:.2f}x); cuDNN vs XLA: output max abs diff "
+          f"{result['attention_output_max_abs_diff']:.1e}, gradients max rel diff "
+          f"{result['attention_grad_max_rel_diff']:.1e}", flush=True)
+  else:
+    print(f"causal attention, {result['attention_tokens']} tokens fwd+bwd: XLA "
+          f"{result['attention_xla_s'] * 1e3:.2f} ms (cuDNN needs an NVIDIA GPU)", flush=True)
   result.update(equivalence(accelerators, flags.FLAGS.equivalence_config))
   print(f"tiny 4x4 ({result['equivalence_4x4_devices']}) vs 1x1 on "
         f"{result['equivalence_1x1_device']}: loss rel. error "
