@@ -110,6 +110,39 @@ def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
   assert {c.bytes for c in ragged} == {64 * 32 * 4, 64 * 4}
 
 
+def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():
+  """The same program: the 2 local experts' matmuls are tokamax's Pallas-Triton grouped matmuls
+  (w1 and w2 forward, their input and weight gradients: 6) over the [4*64]-row receive buffer,
+  and no dense dot touches the buffer. FLOPs: 2*K*N per row computed; with 128-row tiles the
+  rows routed (a quarter of the buffer when balanced) plus 2 x 127 padding exceed the buffer,
+  so every buffer row counts."""
+  text = open(os.path.join(os.path.dirname(__file__), 'data', 'h100_dropless_moe.hlo')).read()
+  module = hlo.Module(text)
+  grouped = [g for g in (hlo.grouped_matmul(module, i) for i in module.instrs) if g]
+  assert sorted(grouped) == sorted([hlo.GroupedMatmul(256, 32, 64, 2, 128)] * 3 +
+                                   [hlo.GroupedMatmul(256, 64, 32, 2, 128)] * 3)
+  assert not [i.name for i in module.instrs if i.op == 'dot' and any(
+      256 in dims for _, dims in hlo.arrays(i.result))]
+  assert hlo.flops(text, row_share=0.25)['total'] - hlo.flops(text.replace(
+      'RaggedDot', 'Other'))['total'] == 6 * 2 * 32 * 64 * 256
+  # The tile rule where the buffer is larger: 4096 rows of which a quarter routed, 8 groups.
+  line = next(l for l in text.splitlines() if 'RaggedDot' in l and 'custom-call(' in l)
+  big = line.replace('f32[256,', 'f32[4096,').replace('num_groups\\":2', 'num_groups\\":8')
+  bigger = text.replace(line, big)
+  for name in re.findall(r'custom-call\(%([\w.\-]+)', big)[:1]:
+    bigger = re.sub(r'(%' + re.escape(name) + r' = \w+)\[256,', r'\1[4096,', bigger)
+  module = hlo.Module(bigger)
+  call = next(i for i in module.instrs if i.name == _name(big))
+  g = hlo.grouped_matmul(module, call)
+  assert g.rows == 4096 and g.groups == 8
+  assert hlo.instr_flops(module, call, row_share=0.25) == 2 * g.k * g.n * (1024 + 8 * 127)
+  assert hlo.instr_flops(module, call) == 2 * g.k * g.n * 4096           # the upper bound
+
+
+def _name(line: str) -> str:
+  return re.match(r'\s*(?:ROOT\s+)?%([\w.\-]+)', line).group(1)
+
+
 def test_matmul_flops_of_a_scanned_matmul():
   """5 steps of [64, 128] @ [128, 128] per device (XLA splits it into a batched GEMM fusion)."""
   parts = hlo.flops(open(GPU_HLO).read())

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax.model import grouped_matmul
 from moejax.parallel import remat
 
 
@@ -61,14 +62,16 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str
                        row_ids: jax.Array | None = None) -> jax.Array:
   """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
   padding rows, which return 0). Rows are sorted by expert and each expert's weights multiply
-  exactly its rows (grouped matmuls, jax.lax.ragged_dot). With dropout, row i's hidden-unit
+  exactly its rows (grouped matmuls: model.grouped_matmul). Rows past the experts' (padding)
+  are 0. With dropout, row i's hidden-unit
   mask is dropout_keep(dropout_rng, row_ids[i]).
   """
   num_experts = w.w1.shape[0]
   order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
   sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
   expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
-  grouped = lambda a, m: checkpoint_name(jax.lax.ragged_dot(a, m, sizes), remat.GROUPED_MATMUL)
+  grouped = lambda a, m: checkpoint_name(grouped_matmul.ragged_dot(a, m, sizes),
+                                        remat.GROUPED_MATMUL)
   bias = lambda b: None if b is None else b[expert]                    # [R, F] or [R, D]
   rows = x[order]                                                      # [R, D]
   first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]

@@ -67,16 +67,25 @@ def executed_flops(config, hlo_text: str) -> dict:
   from moejax.parallel import pipeline as pipeline_lib
   from moejax.perf import hlo
   lay = config_lib.layout(config)
-  parts = hlo.flops(hlo_text)
+  cfg = config_lib.model_config(config)
+  # Grouped matmuls count the rows routed to a shard when routing is balanced: 1/ep of the
+  # receive buffer (a skewed step does more on its hottest shard).
+  share = 1.0 / (lay.tp * (lay.dp if lay.experts_over_dp else 1))
+  parts = hlo.flops(hlo_text, row_share=share)
   model = model_flops.flops_per_token(config) * lay.tokens_per_step / lay.devices
   bubble = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
   excess = parts['total'] - model
   ticks = bubble * (parts['blocks'] + parts['remat'])   # idle ticks run the blocks too
   remat = (1 - bubble) * parts['remat']
-  cfg = config_lib.model_config(config)
   expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks * (
       lay.tokens_per_step / lay.devices)                # expert FLOPs the model needs
-  if cfg.dispatch == 'dropless':
+  grouped = hlo.grouped_matmuls(hlo_text)
+  if cfg.dispatch == 'dropless' and grouped:
+    # Grouped matmul kernels pad each expert's rows to whole tiles.
+    slots = sum(2 * g.k * g.n * min(g.rows - share * g.rows, g.groups * (g.block_rows - 1)) * n
+                for g, n in grouped)
+    slot_term = 'grouped_matmul_tile_padding'
+  elif cfg.dispatch == 'dropless':
     # XLA (jaxlib 0.10) lowers ragged_dot to a dense dot: every local expert multiplies every row
     # of the worst-case receive buffer (expert_shards x the shard's K*S rows).
     slots, slot_term = (cfg.num_experts - 1) * expert, 'ragged_dot_dense_lowering'
@@ -87,6 +96,8 @@ def executed_flops(config, hlo_text: str) -> dict:
       'flops_executed': parts['total'], 'flops_model_per_device': model,
       'flops_executed_over_model': parts['total'] / model,
       'flops_executed_by_part': parts,
+      'flops_grouped_matmul_rows': 'rows routed at balanced routing (1/ep of the receive '
+                                   'buffer) plus tile padding' if grouped else None,
       'flops_excess': {'bubble_ticks': ticks, 'rematerialisation': remat, slot_term: slots,
                        'other': excess - ticks - remat - slots},
   }

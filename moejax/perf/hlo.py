@@ -188,10 +188,53 @@ def _json_dims(key: str, text: str) -> tuple[int, ...]:
   return tuple(int(d.strip('" ')) for d in m.group(1).split(',') if d.strip('" ')) if m else ()
 
 
-def instr_flops(module: Module, i: Instr) -> int:
+class GroupedMatmul(NamedTuple):
+  """A Pallas-Triton grouped matmul (tokamax's ragged_dot, forward or a gradient): `rows` rows
+  of the buffer, each multiplied by one of `groups` [k, n] matrices, in tiles of `block_rows`."""
+  rows: int
+  k: int
+  n: int
+  groups: int
+  block_rows: int
+
+
+def grouped_matmul(module: Module, i: Instr) -> GroupedMatmul | None:
+  """The grouped matmul a custom call runs, or None. lhs [M, K] x rhs [G, K, N] -> [M, N], its
+  input gradient [M, N] x [G, K, N] -> [M, K], its weight gradient [M, K] x [M, N] -> [G, K, N]:
+  each is 2*K*N per row computed."""
+  if i.op != 'custom-call' or 'triton' not in i.attrs or 'RaggedDot' not in i.attrs:
+    return None
+  out = arrays(i.result)
+  lhs = module.shape(i.operands[0]) if i.operands else ()
+  if not out or len(lhs) != 2:
+    return None
+  result = out[0][1]
+  block = re.search(r'block_m\\?"\s*:\s*(\d+)', i.attrs)
+  groups = re.search(r'num_groups\\?"\s*:\s*(\d+)', i.attrs)
+  k, n = (result[1], result[2]) if len(result) == 3 else (lhs[1], result[1])
+  return GroupedMatmul(lhs[0], k, n, int(groups.group(1)) if groups else 1,
+                       int(block.group(1)) if block else 1)
+
+
+def grouped_matmuls(hlo_text: str) -> list[tuple[GroupedMatmul, int]]:
+  """Every grouped matmul of the program with its executions per run."""
+  module = Module(hlo_text)
+  return [(g, module.count(i)) for i in module.instrs
+          if (g := grouped_matmul(module, i)) is not None]
+
+
+def instr_flops(module: Module, i: Instr, row_share: float = 1.0) -> int:
   """Multiply-add FLOPs (2 per MAC) of one execution of a dot, convolution, GEMM custom call
-  (cuBLAS / cuBLASLt) or cuDNN fused attention; 0 for anything else. Matmuls inside fusions
-  (Triton GEMMs, XLA:CPU fusions) are dots in the fused computation and count there."""
+  (cuBLAS / cuBLASLt), cuDNN fused attention or Triton grouped matmul; 0 for anything else.
+  Matmuls inside fusions (Triton GEMMs, XLA:CPU fusions) are dots in the fused computation and
+  count there. A grouped matmul computes only the rows routed to it (a share `row_share` of its
+  buffer), each group padded to whole tiles: 2*K*N*(share x rows + groups x (tile rows - 1)),
+  at most every row of the buffer (row_share=1: the upper bound)."""
+  grouped = grouped_matmul(module, i)
+  if grouped is not None:
+    g = grouped
+    rows = min(g.rows, math.ceil(row_share * g.rows) + g.groups * (g.block_rows - 1))
+    return 2 * g.k * g.n * rows
   out = arrays(i.result)
   if not out or not i.operands:
     return 0
@@ -224,13 +267,14 @@ def instr_flops(module: Module, i: Instr) -> int:
   return 0
 
 
-def flops(hlo_text: str) -> dict[str, int]:
+def flops(hlo_text: str, row_share: float = 1.0) -> dict[str, int]:
   """Executed matmul FLOPs per device per run, by part: 'remat' (recomputed in the backward
-  pass), 'head' (LM head and loss), 'embed', 'blocks' (the rest), and 'total'."""
+  pass), 'head' (LM head and loss), 'embed', 'blocks' (the rest), and 'total'. Grouped matmuls
+  count `row_share` of their buffer rows (instr_flops)."""
   module = Module(hlo_text)
   parts = collections.Counter({'blocks': 0, 'head': 0, 'embed': 0, 'remat': 0})
   for i in module.instrs:
-    f = instr_flops(module, i)
+    f = instr_flops(module, i, row_share)
     if not f:
       continue
     name = re.search(r'op_name="([^"]*)"', i.attrs)

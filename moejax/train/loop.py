@@ -17,6 +17,7 @@ from moejax.data import buckets as buckets_lib
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
+from moejax.model import grouped_matmul
 from moejax.model.layers import attention_kernel
 from moejax.parallel import experts as ep_lib
 from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
@@ -183,7 +184,8 @@ def _compile(plans: list[Plan]) -> list:
   plan = plans[0]
   cfg, lay = plan.model, plan.layout
   platform = plan.mesh.devices.flat[0].platform
-  experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all'
+  experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all, '
+             f'{grouped_matmul.kernel(platform)[1]}'
              if cfg.dispatch == 'dropless' else 'experts at capacity')
   _, attention = attention_kernel(cfg, platform, plan.data.pack)   # raises if it cannot apply
   shapes = (f'buckets {", ".join(f"{p.layout.micro_batch_size}x{p.layout.seq_len}" for p in plans)}'
