@@ -1,0 +1,42 @@
+"""The grouped matmul of dropless experts: rows [M, K] sorted by group, times each group's
+matrix [G, K, N].
+
+On NVIDIA targets it is tokamax's Pallas-Triton kernel (forward and both gradients; tiles of
+empty rows skipped, so the work follows the rows routed): XLA in jaxlib 0.10 lowers
+jax.lax.ragged_dot there to one dense matmul of every row with every group's matrix. Elsewhere
+it is jax.lax.ragged_dot (XLA:CPU computes the rows of each group only). tokamax is installed
+with requirements-cuda12.txt only; the implementation is always named, because tokamax's own
+choice looks at the default backend, which is the CPU during an ahead-of-time GPU compile.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+
+from moejax.parallel import mesh as mesh_lib
+
+NVIDIA_PLATFORMS = ('cuda', 'gpu')
+
+
+def kernel(platform: str) -> tuple[str, str]:
+  """('triton' or 'xla', what the compile line says) for devices of `platform`."""
+  if platform not in NVIDIA_PLATFORMS:
+    return 'xla', 'XLA ragged_dot'
+  if importlib.util.find_spec('tokamax') is None:
+    return 'xla', ('XLA ragged_dot, a dense matmul on NVIDIA GPUs: pip install -r '
+                   'requirements-cuda12.txt for tokamax\'s grouped matmul')
+  return 'triton', 'tokamax Triton grouped matmul'
+
+
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """lhs [M, K] (rows of group g after those of groups < g), rhs [G, K, N], group_sizes [G]
+  -> [M, N]; rows past sum(group_sizes) are not computed (their values are unspecified)."""
+  if kernel(mesh_lib.platform())[0] == 'xla':
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  import tokamax
+  from absl import flags
+  # Lowering needs no GPU (ahead-of-time compiles): tokamax's cross_compile option, set for the
+  # process because the backward kernels are traced after this call returns.
+  flags.FLAGS.tokamax_cross_compile = True
+  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation='triton')
