@@ -1,6 +1,7 @@
 """Shared test helpers: small configs and the 1x1-reference comparison."""
 from __future__ import annotations
 
+import os
 
 import jax
 import numpy as np
@@ -10,6 +11,12 @@ from moejax import config as config_lib
 from moejax.model import params as params_lib, transformer
 from moejax.train import check
 from moejax.train.plan import Plan
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment of a test's subprocess (main.py and the CLIs): the test run's XLA flags
+  without the simulated device count (they simulate their own), and `extra`."""
+  return dict(os.environ, XLA_FLAGS=os.environ.get('MOEJAX_TEST_XLA_FLAGS', ''), **extra)
 
 
 def readme_commands(heading: str) -> list[str]:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('step_time_s', 'forward_latency_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
           'memory_per_device_bytes', 'collective_bytes', 'collective_bytes_min', 'dropped_frac', 'balance',
@@ -18,7 +20,7 @@ def test_bench_emits_every_field(tmp_path):
          '--config.mesh.pp=2', '--config.mesh.tp=2', '--config.data.num_micro_batches=4',
          '--steps=1', '--rounds=1', f'--out={out_file}']
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, XLA_FLAGS=''))
+                       env=subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out_file.read_text())
   for field in FIELDS:
@@ -33,7 +35,7 @@ def test_bench_aot_compiles_without_allocating(tmp_path):
   cmd = [sys.executable, '-m', 'moejax.bench', '--config=configs/tp4pp4.py:tiny', '--aot',
          f'--out={out_file}']
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, XLA_FLAGS=''))
+                       env=subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out_file.read_text())
   memory = result['memory_per_device_bytes']
@@ -51,7 +53,7 @@ def _cuda_plugin() -> bool:
 def _bench(tmp_path, *args):
   cmd = [sys.executable, '-m', 'moejax.bench', *args]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, XLA_FLAGS=''))
+                        env=subprocess_env())
 
 
 @pytest.mark.skipif(_cuda_plugin(), reason='jax[cuda12] is installed here')

@@ -14,7 +14,7 @@ import pytest
 from moejax.errors import ConfigError
 from moejax.train import loop
 from moejax.train.checkpoint import saved_config
-from tests.helpers import assert_trees_close, small_config, without_key_bias
+from tests.helpers import assert_trees_close, small_config, subprocess_env, without_key_bias
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ['--config=configs/tp4pp4.py:tiny', '--config.log_every=1',
@@ -27,7 +27,7 @@ def command(workdir, *extra):
 
 def run(workdir, *extra):
   out = subprocess.run(command(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, XLA_FLAGS=''))
+                       timeout=900, env=subprocess_env())
   assert out.returncode == 0, out.stderr[-3000:]
   return out
 
@@ -86,7 +86,7 @@ def test_sigkill_during_save_then_restart_finishes_like_undisturbed(straight, tm
   ckdir = tmp_path / 'checkpoints'
   proc = subprocess.Popen(command(tmp_path, '--config.num_steps=6', '--config.checkpoint_every=1'),
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=dict(os.environ, XLA_FLAGS=''))
+                          env=subprocess_env())
   killed_mid_save = False
   deadline = time.time() + 600
   while proc.poll() is None and time.time() < deadline:
@@ -105,7 +105,7 @@ def test_sigkill_during_save_then_restart_finishes_like_undisturbed(straight, tm
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc = subprocess.Popen(command(tmp_path, '--config.num_steps=100000'), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          env=dict(os.environ, XLA_FLAGS=''))
+                          env=subprocess_env())
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 600
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):

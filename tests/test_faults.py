@@ -18,7 +18,7 @@ import pytest
 from moejax.data import tokens
 from moejax.errors import CheckpointError, DataError, DivergedError, WorkdirInUse
 from moejax.train import loop, workdir as workdir_lib
-from tests.helpers import small_config
+from tests.helpers import small_config, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ def _main(workdir, *extra, **kwargs):
          '--config.mesh.tp=1', '--config.mesh.pp=1', '--config.data.num_micro_batches=2',
          *extra]
   return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=dict(os.environ, XLA_FLAGS=''), **kwargs)
+                          text=True, env=subprocess_env(), **kwargs)
 
 
 @pytest.mark.parametrize('args,message', [

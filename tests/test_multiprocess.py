@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import subprocess_env
 from tests.test_checkpoint import command, losses, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def start_two(workdir, *extra):
       command(workdir, *extra, f'--coordinator_address={address}', '--num_processes=2',
               f'--process_id={i}', '--coordinator_timeout=60'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+      env=subprocess_env()) for i in range(2)]
 
 
 def run_two(workdir, *extra, expect_ok: bool = True):
@@ -95,7 +96,7 @@ def test_processes_with_different_configs_refuse(tmp_path):
       command(tmp_path, '--config.num_steps=1', f'--config.seed={i}',
               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+      env=subprocess_env()) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode != 0 and 'Processes disagree on the config' in err, err[-2000:]
@@ -107,7 +108,7 @@ def test_processes_on_different_workdirs_refuse(tmp_path):
       command(tmp_path / f'disk{i}', '--config.num_steps=1', f'--coordinator_address={address}',
               '--num_processes=2', f'--process_id={i}'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS='')) for i in range(2)]
+      env=subprocess_env()) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode != 0, err[-2000:]
@@ -145,7 +146,7 @@ def test_unreachable_coordinator_is_an_error_naming_it(tmp_path):
   out = subprocess.run(
       command(tmp_path, f'--coordinator_address={address}', '--num_processes=2',
               '--process_id=1', '--coordinator_timeout=3'),
-      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
   assert out.returncode != 0
   assert f'Cannot reach the coordinator at {address}' in out.stderr, out.stderr[-2000:]
 

@@ -10,13 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import readme_commands
+from tests.helpers import readme_commands, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_import_finetune_export(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='',
+  env = subprocess_env(
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   outputs = []
   for command in readme_commands('## Open models in and out'):

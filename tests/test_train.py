@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-
 from moejax.data.synthetic import SyntheticSource
+from tests.helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_data_is_a_function_of_seed_and_step():
 
 def test_main_logs_console_and_metrics_jsonl(tmp_path):
   workdir = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='')   # main.py must simulate its own devices
+  env = subprocess_env()   # main.py must simulate its own devices
   cmd = [sys.executable, 'main.py', '--config=configs/tp4pp4.py:tiny', f'--workdir={workdir}',
          '--config.num_steps=4', '--config.log_every=2']
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

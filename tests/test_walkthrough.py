@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers import readme_commands
+from tests.helpers import readme_commands, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def walkthrough_commands() -> list[str]:
 @pytest.fixture(scope='module')
 def walkthrough(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp('walk'))
-  env = dict(os.environ, XLA_FLAGS='',
+  env = subprocess_env(
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   outputs = {}
   for command in walkthrough_commands():
@@ -108,7 +108,7 @@ def test_sample_continues_the_prompt(walkthrough):
 
 def test_greedy_samples_agree_across_meshes(walkthrough):
   tmp, _ = walkthrough
-  env = dict(os.environ, XLA_FLAGS='')
+  env = subprocess_env()
   texts = []
   # 1x1 and tp=2 sample with the KV cache; pp=2 re-runs the window (no cache across stages).
   for mesh in (['--tp=1', '--pp=1'], ['--tp=2', '--pp=2'], ['--tp=2', '--pp=1']):
