@@ -13,10 +13,12 @@ from moejax.train import check
 from moejax.train.plan import Plan
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(fast_compile: bool = True, **extra: str) -> dict[str, str]:
   """The environment of a test's subprocess (main.py and the CLIs): the test run's XLA flags
-  without the simulated device count (they simulate their own), and `extra`."""
-  return dict(os.environ, XLA_FLAGS=os.environ.get('MOEJAX_TEST_XLA_FLAGS', ''), **extra)
+  without the simulated device count (they simulate their own), and `extra`. fast_compile=False:
+  XLA's default optimisation, for runs of many steps (their execution outweighs compiling)."""
+  flags = os.environ.get('MOEJAX_TEST_XLA_FLAGS', '') if fast_compile else ''
+  return dict(os.environ, XLA_FLAGS=flags, **extra)
 
 
 def readme_commands(heading: str) -> list[str]:

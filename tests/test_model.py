@@ -82,8 +82,8 @@ def test_the_default_model_initialises_as_before():
   got = {jax.tree_util.keystr(k): float(np.sum(np.asarray(v, np.float64) * np.cos(
       np.arange(v.size)).reshape(v.shape))) for k, v in jax.tree_util.tree_leaves_with_path(params)}
   assert got.keys() == expected.keys()
-  for key, value in expected.items():
-    assert abs(got[key] - value) <= 1e-9 * max(1.0, abs(value)), key
+  for key, value in expected.items():   # other draws differ at O(1); XLA's optimisation
+    assert abs(got[key] - value) <= 1e-6 * max(1.0, abs(value)), key  # level moves ~1e-8
 
 
 def test_the_attention_kernel_is_cudnn_only_where_it_applies():

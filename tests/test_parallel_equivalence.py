@@ -40,8 +40,7 @@ def test_tensor_and_expert_parallel_match_1x1(tp, top_k, capacity_factor):
 
 
 @pytest.mark.parametrize('tp,pp,repeats', [
-    (1, 2, 1), (1, 4, 1), (2, 2, 1), (4, 4, 1), (2, 8, 1), (1, 16, 1),
-    (1, 2, 2), (2, 2, 2), (4, 4, 2), (2, 8, 2)])
+    (1, 4, 1), (2, 2, 1), (4, 4, 1), (1, 16, 1), (1, 2, 2), (4, 4, 2), (2, 8, 2)])
 def test_pipeline_meshes_match_1x1(tp, pp, repeats):
   check(tp, pp, repeats)
 
@@ -63,7 +62,7 @@ def dropout_reference():
 
 
 @pytest.mark.parametrize('tp,pp,dp,folded', [
-    (4, 4, 1, False), (2, 8, 1, False), (2, 2, 4, True)])
+    (4, 4, 1, False), (2, 2, 4, True)])
 def test_expert_dropout_is_mesh_independent(tp, pp, dp, folded):
   """Dropout masks follow (seed, step, micro-batch, block, token, slot, unit), not the device."""
   config = small_config(tp, pp, dp=dp, **DROPOUT, **{'mesh.experts_over_dp': folded})
@@ -100,8 +99,7 @@ def bias_reference(case: str):
 
 
 @pytest.mark.parametrize('case,tp,pp,dp,folded', [
-    ('sign', 4, 4, 1, False), ('sign', 2, 2, 4, True), ('relative', 4, 4, 1, False),
-    ('relative', 1, 2, 4, True), ('sinkhorn', 2, 2, 4, True)])
+    ('sign', 4, 4, 1, False), ('relative', 1, 2, 4, True), ('sinkhorn', 2, 2, 4, True)])
 def test_bias_balancing_is_mesh_independent(case, tp, pp, dp, folded):
   """Three steps with aux-loss-free balancing: the same losses and exactly the same biases."""
   bias, loss = _bias_after_3_steps(small_config(tp, pp, dp=dp, **BIAS, **BIAS_CASES[case],
@@ -146,7 +144,7 @@ def group_reference(groups: str, top_k: int, dispatch: str = 'capacity', dropout
 @pytest.mark.parametrize('groups,tp,pp,dp,folded,top_k', [
     ('sequence', 4, 1, 1, False, 2), ('sequence', 4, 4, 1, False, 1),
     ('sequence', 2, 2, 4, True, 2),
-    ('batch', 4, 4, 1, False, 2), ('batch', 2, 2, 4, True, 1), ('batch', 1, 4, 4, True, 2),
+    ('batch', 2, 2, 4, True, 1), ('batch', 1, 4, 4, True, 2),
     ('batch', 1, 2, 2, False, 1)])
 def test_groups_spanning_shards_match_1x1(groups, tp, pp, dp, folded, top_k):
   """A group of a whole sequence, or of a whole micro-batch, split over tp and dp shards drops
@@ -171,9 +169,7 @@ def test_larger_groups_drop_other_tokens():
   assert not np.array_equal(batch['expert_load'], sequence['expert_load'])
 
 
-@pytest.mark.parametrize('groups,dispatch', [
-    ('sequence', 'capacity'), ('sequence', 'dropless'), ('batch', 'capacity'),
-    ('batch', 'dropless')])
+@pytest.mark.parametrize('groups,dispatch', [('sequence', 'capacity'), ('batch', 'dropless')])
 def test_dropout_of_groups_spanning_shards_is_mesh_independent(groups, dispatch):
   config = small_config(4, 2, dp=2, **{**GROUPS[groups], **DROPOUT,
       'moe.top_k': 2, 'moe.dispatch': dispatch, 'moe.dropout': 0.1})
@@ -184,7 +180,7 @@ def test_dropout_of_groups_spanning_shards_is_mesh_independent(groups, dispatch)
 
 
 @pytest.mark.parametrize('groups,tp,pp,dp,folded', [
-    ('sequence', 4, 4, 1, False), ('batch', 4, 2, 2, False), ('batch', 2, 2, 4, True)])
+    ('sequence', 4, 4, 1, False), ('batch', 2, 2, 4, True)])
 def test_sinkhorn_balancing_of_groups_spanning_shards_matches_1x1(groups, tp, pp, dp, folded):
   """In-group balancing sums each Sinkhorn iteration over the group's parts on every shard: the
   same experts are chosen as on one device (loads equal exactly)."""

@@ -22,7 +22,7 @@ def test_rope_attention_is_invariant_to_a_shift_of_all_positions():
   params = jax.tree.map(lambda a: a * 30, params)          # scores far from uniform
   base = jnp.broadcast_to(jnp.arange(16), (2, 16))
   at = lambda offset: attn.apply(params, x, base + offset)
-  np.testing.assert_allclose(at(37), at(0), atol=1e-5)
+  np.testing.assert_allclose(at(37), at(0), atol=3e-5)          # outputs up to ~8, float32
   np.testing.assert_allclose(at(1000), at(0), atol=1e-4)
   # ... and not to the order of the tokens: positions matter.
   assert np.abs(attn.apply(params, x, base[:, ::-1]) - at(0)).max() > 1e-3

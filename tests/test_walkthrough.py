@@ -25,8 +25,8 @@ def walkthrough_commands() -> list[str]:
 @pytest.fixture(scope='module')
 def walkthrough(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp('walk'))
-  env = subprocess_env(
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  env = subprocess_env(fast_compile=False,     # hundreds of steps: optimised code pays
+                       PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   outputs = {}
   for command in walkthrough_commands():
     command = command.replace('/tmp/moejax', f'{tmp}/moejax')
