@@ -248,19 +248,15 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
   """cuDNN's fused attention of q, k, v [B, T, N, H] on each shard's sequences and heads (a
-  shard_map over the mesh axes that split them): jax 0.10's partitioner of the cuDNN call cannot
-  read the shardings inside the pipeline's shard_map, and nothing here needs partitioning."""
+  shard_map manual over every mesh axis not manual yet): jax 0.10's partitioner of the cuDNN call
+  fails where any mesh axis is automatic, and nothing here needs partitioning."""
   attend = lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, is_causal=causal,
                                                            implementation='cudnn')
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return attend(q, k, v)
-  spec = mesh_lib.spec(HEADS)
-  axes = tuple(a for entry in spec for a in mesh_lib.axes_of(entry)
-               if a not in mesh.manual_axes)
+  axes = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
   if not axes:
     return attend(q, k, v)
-  spec = mesh_lib.restrict(spec, axes)
+  spec = mesh_lib.restrict(mesh_lib.spec(HEADS), axes)
   return jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, axis_names=set(axes),
                        check_vma=False)(q, k, v)
 
