@@ -130,9 +130,8 @@ def _print_aot(result: dict) -> None:
 
 
 def _write(result) -> None:
-  if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump(result, f, indent=1)
+  from moejax.cli import console
+  console.write_json(FLAGS.out, result)
 
 
 def run() -> None:

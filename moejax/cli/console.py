@@ -1,6 +1,7 @@
 """What every command-line tool prints: moejax's own lines, not third-party logging."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,6 +24,13 @@ def quiet_logs() -> None:
     if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
       sys.__excepthook__(kind, value, tb)
   sys.excepthook = excepthook
+
+
+def write_json(path: str | None, result) -> None:
+  """Writes a command's figures to `path` (its --out flag) as JSON; nothing without a path."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=1)
 
 
 def parse_flags(argv):

@@ -95,7 +95,8 @@ def attention_kernels(device, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  gpu = device.platform in ('gpu', 'cuda')
+  from moejax.parallel.mesh import NVIDIA_PLATFORMS
+  gpu = device.platform in NVIDIA_PLATFORMS
   t = 8192 if gpu else 512
   q, k, v = (jax.device_put(jax.random.normal(jax.random.key(i), (1, t, 4, 64), jnp.bfloat16),
                             device) for i in range(3))          # [B, T, N, H]
@@ -131,7 +132,8 @@ def grouped_matmul_speed(device, steps: int) -> dict:
   rows, and its largest relative difference from jax.lax.ragged_dot. NVIDIA GPUs with tokamax
   only (requirements-cuda12.txt); {} elsewhere."""
   import importlib.util
-  if device.platform not in ('gpu', 'cuda') or importlib.util.find_spec('tokamax') is None:
+  from moejax.parallel.mesh import NVIDIA_PLATFORMS
+  if device.platform not in NVIDIA_PLATFORMS or importlib.util.find_spec('tokamax') is None:
     return {}
   import jax
   import jax.numpy as jnp
@@ -211,8 +213,9 @@ def main(argv):
   if 'grouped_matmul_s' in result:
     print(f"grouped matmul {result['grouped_matmul_shape']} (Triton): "
           f"{result['grouped_matmul_s'] * 1e3:.2f} ms, a dense matmul of the same rows "
-          f"{result['dense_matmul_same_rows_s'] * 1e3:.2f} ms ({result['grouped_over_dense']:.2f}x);"
-          f" vs jax.lax.ragged_dot max rel diff {result['grouped_matmul_max_rel_diff']:.1e}",
+          f"{result['dense_matmul_same_rows_s'] * 1e3:.2f} ms "
+          f"({result['grouped_over_dense']:.2f}x); vs jax.lax.ragged_dot max rel diff "
+          f"{result['grouped_matmul_max_rel_diff']:.1e}",
           flush=True)
   result.update(equivalence(accelerators, flags.FLAGS.equivalence_config))
   print(f"tiny 4x4 ({result['equivalence_4x4_devices']}) vs 1x1 on "
@@ -220,9 +223,7 @@ def main(argv):
         f"{result['equivalence_loss_rel_error']:.1e}, gradients "
         f"{result['equivalence_grad_max_rel_error']:.1e}", flush=True)
   print(json.dumps(result, indent=1))
-  if f.out:
-    with open(f.out, 'w') as fh:
-      json.dump(result, fh, indent=1)
+  console.write_json(f.out, result)
 
 
 def run() -> None:

@@ -16,12 +16,10 @@ import jax
 
 from moejax.parallel import mesh as mesh_lib
 
-NVIDIA_PLATFORMS = ('cuda', 'gpu')
-
 
 def kernel(platform: str) -> tuple[str, str]:
   """('triton' or 'xla', what the compile line says) for devices of `platform`."""
-  if platform not in NVIDIA_PLATFORMS:
+  if platform not in mesh_lib.NVIDIA_PLATFORMS:
     return 'xla', 'XLA ragged_dot'
   if importlib.util.find_spec('tokamax') is None:
     return 'xla', ('XLA ragged_dot, a dense matmul on NVIDIA GPUs: pip install -r '

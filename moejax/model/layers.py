@@ -203,7 +203,6 @@ class Attention(nn.Module):
     return y.astype(x.dtype)
 
 
-CUDNN_PLATFORMS = ('cuda', 'gpu')
 CUDNN_DTYPES = ('bfloat16', 'float16')
 
 
@@ -214,10 +213,11 @@ def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str
   and cannot apply. Cached decoding always uses XLA's."""
   if cfg.attention == 'xla':
     return 'xla', 'XLA attention (model.attention=xla)'
-  if cfg.attention == 'auto' and platform not in CUDNN_PLATFORMS:
+  if cfg.attention == 'auto' and platform not in mesh_lib.NVIDIA_PLATFORMS:
     return 'xla', 'XLA attention'
   cannot = [why for why, fails in (
-      (f'the devices are {platform}, not NVIDIA GPUs', platform not in CUDNN_PLATFORMS),
+      (f'the devices are {platform}, not NVIDIA GPUs',
+       platform not in mesh_lib.NVIDIA_PLATFORMS),
       (f'model.dtype={cfg.dtype} (cuDNN computes in bfloat16 or float16)',
        cfg.dtype not in CUDNN_DTYPES),
       (f'model.head_dim={cfg.head_dim} (cuDNN: a multiple of 8, at most 128)',

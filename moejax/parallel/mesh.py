@@ -23,6 +23,8 @@ PP = 'pp'
 # The Mesh's axis order. In device order tp is innermost (make_mesh), so tensor-parallel
 # neighbours are adjacent device ids (same NVLink island), and dp outermost (across hosts first).
 AXES = (DP, TP, PP)
+# Platform names of NVIDIA GPU devices (a mesh's, or jax.Device.platform).
+NVIDIA_PLATFORMS = ('cuda', 'gpu')
 
 # Logical axis -> mesh axis. One table for params and activations; no fallbacks.
 RULES: tuple[tuple[str, str | None], ...] = (

@@ -70,7 +70,7 @@ def executed_flops(config, hlo_text: str) -> dict:
   cfg = config_lib.model_config(config)
   # Grouped matmuls count the rows routed to a shard when routing is balanced: 1/ep of the
   # receive buffer (a skewed step does more on its hottest shard).
-  share = 1.0 / (lay.tp * (lay.dp if lay.experts_over_dp else 1))
+  share = 1.0 / lay.expert_shards
   parts = hlo.flops(hlo_text, row_share=share)
   model = model_flops.flops_per_token(config) * lay.tokens_per_step / lay.devices
   bubble = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
@@ -82,7 +82,7 @@ def executed_flops(config, hlo_text: str) -> dict:
   grouped = hlo.grouped_matmuls(hlo_text)
   if cfg.dispatch == 'dropless' and grouped:
     # Grouped matmul kernels pad each expert's rows to whole tiles.
-    slots = sum(2 * g.k * g.n * min(g.rows - share * g.rows, g.groups * (g.block_rows - 1)) * n
+    slots = sum(2 * g.k * g.n * (g.rows_computed(share) - share * g.rows) * n
                 for g, n in grouped)
     slot_term = 'grouped_matmul_tile_padding'
   elif cfg.dispatch == 'dropless':

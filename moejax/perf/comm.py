@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from moejax.config import Layout, ModelConfig
 from moejax.model.moe import group_parts
+from moejax.parallel import mesh as mesh_lib
 
 
 def minimum_bytes(cfg: ModelConfig, lay: Layout, gradient_bytes: int
@@ -38,7 +39,7 @@ def minimum_bytes(cfg: ModelConfig, lay: Layout, gradient_bytes: int
   btd = b * t * d                              # one micro-batch of activations, all of T
   local_blocks = cfg.num_blocks // pp          # blocks per device (all repeats)
   local_micro = m // pp                        # micro-batches embedded / scored per device
-  ep = tp * (lay.dp if lay.experts_over_dp else 1)
+  ep = lay.expert_shards
   terms: dict[str, dict[str, int]] = {}
   if tp > 1:
     per = local_blocks * m
@@ -79,8 +80,7 @@ def replicated_gradient_bytes(params, mesh_shape: dict[str, int]) -> int:
   import jax
   total = 0
   for leaf in jax.tree.leaves(params):
-    split = {a for entry in leaf.sharding.spec if entry is not None
-             for a in ((entry,) if isinstance(entry, str) else entry)}
+    split = {a for entry in leaf.sharding.spec for a in mesh_lib.axes_of(entry)}
     if any(n > 1 and a not in split for a, n in mesh_shape.items()):
       total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
   return total

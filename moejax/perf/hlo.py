@@ -197,6 +197,11 @@ class GroupedMatmul(NamedTuple):
   groups: int
   block_rows: int
 
+  def rows_computed(self, row_share: float = 1.0) -> int:
+    """Rows the kernel computes when `row_share` of the buffer is routed to it: those rows,
+    each group padded to whole tiles, at most the whole buffer."""
+    return min(self.rows, math.ceil(row_share * self.rows) + self.groups * (self.block_rows - 1))
+
 
 def grouped_matmul(module: Module, i: Instr) -> GroupedMatmul | None:
   """The grouped matmul a custom call runs, or None. lhs [M, K] x rhs [G, K, N] -> [M, N], its
@@ -232,9 +237,7 @@ def instr_flops(module: Module, i: Instr, row_share: float = 1.0) -> int:
   at most every row of the buffer (row_share=1: the upper bound)."""
   grouped = grouped_matmul(module, i)
   if grouped is not None:
-    g = grouped
-    rows = min(g.rows, math.ceil(row_share * g.rows) + g.groups * (g.block_rows - 1))
-    return 2 * g.k * g.n * rows
+    return 2 * grouped.k * grouped.n * grouped.rows_computed(row_share)
   out = arrays(i.result)
   if not out or not i.operands:
     return 0
