@@ -3,12 +3,15 @@
   python -m moejax.bench --config=configs/tp4pp4.py:tiny --out=/tmp/bench.json
   python -m moejax.bench --config=configs/tp4pp4.py:tiny --micro_batches=4,8,16,32 --out=sweep.json
   python -m moejax.bench --config=configs/tp4pp4.py --aot --out=full_aot.json   # nothing allocated
+  python -m moejax.bench --config=configs/tp4pp4.py --aot --target=h100 --search --out=rank.json
 
 Times the configured mesh and the same model and global batch on a 1x1 mesh, interleaved in one
 process; MFU is model FLOP/s over the matmul rate measured here on the same devices. --aot only
 lowers and compiles the train step from abstract inputs and reports per-device memory and
-collective bytes (against the layout's analytic minimum) of the compiled program. The figures
-are computed in moejax/perf (aot.py, speed.py); this module parses flags and prints.
+collective bytes (against the layout's analytic minimum) of the compiled program; with
+--search it compiles every candidate layout of the config's device count for a GPU card and
+ranks them by an estimated step time. The figures are computed in moejax/perf (aot.py,
+speed.py, search.py, estimate.py); this module parses flags and prints.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ flags.DEFINE_bool('aot', False, 'Compile only (abstract inputs): memory and coll
 flags.DEFINE_enum('target', 'cpu', ['cpu', 'h100', 'a100', 'h200'],
                   'With --aot: compile for this machine (cpu) or for abstract GPUs of this card '
                   '(needs requirements-cuda12.txt, not a GPU).')
+flags.DEFINE_bool('search', False, 'With --aot and a GPU --target: compile the candidate '
+                  'layouts (dp x tp x pp, circular repeats, remat fallback) of the config\'s '
+                  'device count and rank them by estimated step time.')
 flags.DEFINE_string('hlo_out', None, 'With --aot: also write the compiled HLO text here.')
 flags.DEFINE_bool('decode', False, 'Generation speed instead of training: tokens/s with and '
                   'without the KV cache, and one decode step\'s latency.')
@@ -51,11 +57,16 @@ def main(argv):
     if FLAGS.target != 'cpu' and not FLAGS.aot:
       raise ConfigError(f'--target={FLAGS.target} compiles for GPUs that are not here; '
                         f'add --aot (only a GPU gives times).')
+    if FLAGS.search and not (FLAGS.aot and FLAGS.target in targets.GPUS):
+      raise ConfigError('--search compiles layouts for a GPU card and ranks them by its rates; '
+                        'use it with --aot --target=h100 (or a100, h200).')
     targets.prepare(FLAGS.target)
   except MoejaxError as e:
     sys.exit(f'error: {e}')
   runtime.setup_devices(config)
-  if FLAGS.aot:
+  if FLAGS.search:
+    _search(config)
+  elif FLAGS.aot:
     _aot(config)
   elif FLAGS.decode:
     from moejax.perf import speed
@@ -109,6 +120,35 @@ def _aot(config) -> None:
     print('  note: XLA:CPU computes reduced-precision matmuls and reductions in float32, so '
           'collectives may be counted at 4 bytes where a GPU moves 2.')
   _write(result)
+
+
+def _search(config) -> None:
+  from moejax.perf import search
+  ranked = search.search(config, FLAGS.target, report=_print_candidate)
+  print(f'\nLayouts for {config.mesh.dp * config.mesh.tp * config.mesh.pp} x '
+        f'{FLAGS.target}, best first (an estimate at peak rates: matmuls at the card\'s bf16 '
+        f'rate, collectives not overlapped at NVLink / network bandwidth):')
+  for rank, r in enumerate(ranked, 1):
+    print(f'{rank:3d}. {_candidate_line(r)}')
+  _write(ranked)
+
+
+def _candidate_line(r: dict) -> str:
+  e = r['estimate']
+  return (f"{r['layout']:34s} step ~{e['step_s'] * 1e3:7.1f} ms (matmuls "
+          f"{e['matmul_s'] * 1e3:6.1f}, exposed collectives "
+          f"{e['collective_exposed_s'] * 1e3:6.1f}, between hosts "
+          f"{e['collective_between_hosts_s'] * 1e3:6.1f}) | peak {r['peak_bytes'] / 2**30:5.1f} GiB"
+          f"{'' if r['fits'] else ' DOES NOT FIT'} | FLOPs {r['flops_executed_over_model']:.3f}x "
+          f"| collectives {r['collective_bytes'] / 2**30:.2f} GiB "
+          f"({r['collective_ratio_vs_min']:.2f}x min)")
+
+
+def _print_candidate(r: dict) -> None:
+  if 'skipped' in r:
+    print(f"  {r['layout']:34s} skipped: {r['skipped']}", flush=True)
+  else:
+    print(f"  {_candidate_line(r)} [compiled in {r['compile_s']:.0f}s]", flush=True)
 
 
 def _print_aot(result: dict) -> None:

@@ -35,6 +35,8 @@ def compiled_analysis(config, target: str = 'cpu', plan=None) -> dict:
           'collective_bytes_min_terms': minimum,
           'collective_ratio_vs_min': sum(collective.values()) / max(
               sum(comm.totals(minimum).values()), 1),
+          # the host of each of the program's partitions (its mesh's devices in order)
+          'mesh_hosts': tuple(d.process_index for d in plan.mesh.devices.flat),
           'compiled': compiled}
 
 

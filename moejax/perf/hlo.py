@@ -49,6 +49,8 @@ class Collective(NamedTuple):
   bytes: int                            # result bytes (per device, one execution)
   count: int = 1                        # executions per run of the program (loop trip counts)
   overlapped: bool = False              # async, with device work scheduled between start and done
+  groups: tuple[tuple[int, ...], ...] = ()   # partition ids that talk (a permute: its pairs);
+                                             # () = every partition in one group
 
 
 def _balanced(text: str, start: int) -> int:
@@ -158,9 +160,34 @@ def collectives(hlo_text: str) -> list[Collective]:
       data = call.operands[0] if call is not None and call.operands else None
       if data in module.by_name:
         nbytes = min(nbytes, _nbytes(module.by_name[data].result))
+    start = module.by_name.get(i.operands[0]) if is_async and i.operands else i
     out.append(Collective(kind, shapes, nbytes, module.count(i),
-                          is_async and module.overlapped(i)))
+                          is_async and module.overlapped(i), groups((start or i).attrs)))
   return out
+
+
+_IOTA = re.compile(r'replica_groups=\[(?P<shape>[\d,]+)\]<=\[(?P<dims>[\d,]+)\]'
+                   r'(?:T\((?P<perm>[\d,]+)\))?')
+_LISTED = re.compile(r'(?:replica_groups|source_target_pairs)=\{(?P<body>(?:\{[\d,]*\},?)*)\}')
+
+
+def groups(attrs: str) -> tuple[tuple[int, ...], ...]:
+  """The partition groups of a collective's attributes: listed (`{{0,1},{2,3}}`), in XLA's iota
+  form (`[2,2]<=[4]`, `[2,2]<=[2,2]T(1,0)`), or a permute's source-target pairs; () when the
+  collective spans every partition (`{}`)."""
+  import numpy as np
+  iota = _IOTA.search(attrs)
+  if iota:
+    ints = lambda text: [int(d) for d in text.split(',')]
+    ids = np.arange(math.prod(ints(iota.group('dims')))).reshape(ints(iota.group('dims')))
+    if iota.group('perm'):
+      ids = ids.transpose(ints(iota.group('perm')))
+    return tuple(tuple(int(x) for x in g) for g in ids.reshape(ints(iota.group('shape'))))
+  listed = _LISTED.search(attrs)
+  if not listed:
+    return ()
+  return tuple(tuple(int(x) for x in g.split(',') if x)
+               for g in re.findall(r'\{([\d,]*)\}', listed.group('body')) if g)
 
 
 def bytes_by_kind(hlo_text: str) -> dict[str, int]:

@@ -8,6 +8,8 @@ Only jax[cuda12]'s compiler plugin is needed, not a driver or a device.
 from __future__ import annotations
 
 import os
+import re
+from typing import NamedTuple
 
 from moejax.errors import ConfigError
 
@@ -29,6 +31,26 @@ def card_name(name: str) -> str:
     if line.startswith('device_description_str'):
       return line.split('"')[1]
   return name
+
+
+class Rates(NamedTuple):
+  """A card's rates for estimating a step's time (comment lines `# moejax KEY: VALUE` of its
+  target file, each with its source), and its memory."""
+  bf16_flops_per_s: float
+  nvlink_bytes_per_s: float      # one direction, per GPU, inside a host
+  network_bytes_per_s: float     # one direction, per GPU, between hosts
+  memory_bytes: int
+
+
+def rates(name: str) -> Rates:
+  """The rates of GPU `name` from its target file."""
+  text = config_text(name)
+  found = dict(re.findall(r'^# moejax (\w+): (\S+)$', text, re.M))
+  memory = re.search(r'device_memory_size: (\d+)', text)
+  missing = [f for f in Rates._fields[:-1] if f not in found]
+  if missing or not memory:
+    raise ConfigError(f'moejax/targets/{name}.txtpb lacks {missing or "device_memory_size"}.')
+  return Rates(*(float(found[f]) for f in Rates._fields[:-1]), int(memory.group(1)))
 
 
 def cuda_available() -> bool:
