@@ -135,10 +135,10 @@ def _search(config) -> None:
 
 def _candidate_line(r: dict) -> str:
   e = r['estimate']
-  return (f"{r['layout']:34s} step ~{e['step_s'] * 1e3:7.1f} ms (matmuls "
-          f"{e['matmul_s'] * 1e3:6.1f}, exposed collectives "
-          f"{e['collective_exposed_s'] * 1e3:6.1f}, between hosts "
-          f"{e['collective_between_hosts_s'] * 1e3:6.1f}) | peak {r['peak_bytes'] / 2**30:5.1f} GiB"
+  return (f"{r['layout']:34s} step ~{e['step_s'] * 1e3:8.2f} ms (matmuls "
+          f"{e['matmul_s'] * 1e3:.2f}, exposed collectives "
+          f"{e['collective_exposed_s'] * 1e3:.2f}, between hosts "
+          f"{e['collective_between_hosts_s'] * 1e3:.2f}) | peak {r['peak_bytes'] / 2**30:5.1f} GiB"
           f"{'' if r['fits'] else ' DOES NOT FIT'} | FLOPs {r['flops_executed_over_model']:.3f}x "
           f"| collectives {r['collective_bytes'] / 2**30:.2f} GiB "
           f"({r['collective_ratio_vs_min']:.2f}x min)")
