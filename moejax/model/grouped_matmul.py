@@ -10,6 +10,7 @@ choice looks at the default backend, which is the CPU during an ahead-of-time GP
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import jax
@@ -37,4 +38,23 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
   # Lowering needs no GPU (ahead-of-time compiles): tokamax's cross_compile option, set for the
   # process because the backward kernels are traced after this call returns.
   flags.FLAGS.tokamax_cross_compile = True
-  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation='triton')
+  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=[_triton_kernel()])
+
+
+# Rows per tile of the Triton kernel, forward and both gradients: each group's last tile pads at
+# most TILE_ROWS - 1 rows, and 64 is the M of Hopper's wgmma instruction. tokamax's heuristic
+# takes 128 (up to 127 padded rows per expert: 1.94 TFLOP per device per step of the full
+# dropless config, 29% of the model's FLOPs; BENCHMARKS.md).
+TILE_ROWS = 64
+
+
+@functools.cache
+def _triton_kernel():
+  """tokamax's Pallas-Triton ragged dot with TILE_ROWS-row tiles in every kernel (its default
+  gradients are fresh ops at the heuristic's tile)."""
+  from tokamax._src.ops.ragged_dot import base, pallas_triton
+  config = pallas_triton.Config(block_m=TILE_ROWS, block_n=128, block_k=32, num_warps=4,
+                                num_stages=4)
+  gradient = pallas_triton.PallasTritonRaggedDot(config=config)
+  vjp = functools.partial(base.vjp, dlhs_ragged_dot=gradient, drhs_ragged_dot=gradient)
+  return pallas_triton.PallasTritonRaggedDot(config=config, vjp=vjp)
