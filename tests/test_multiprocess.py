@@ -184,19 +184,26 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(one_p
   same_5_digits(a, {s: b[s] for s in a})                   # resumed = never stopped
 
 
-def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path):
+@pytest.mark.parametrize('victim', [1, 0])
+def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path, victim):
+  """Process 1 killed: process 0's peer watch ends it. Process 0 (the coordinator) killed: XLA's
+  coordination client aborts process 1's trainer, and its supervisor says so in one line."""
   workdir = str(tmp_path)
   # No periodic saves: a peer lost inside a multi-process save can leave the survivor in a
   # barrier that holds Python's lock, where only XLA's own heartbeat ends it (an abort).
   procs = start_two(workdir, '--config.num_steps=1000')
   _until_training(procs[0], step=2)
-  procs[1].kill()
+  procs[victim].kill()
   killed = time.time()
-  out, err = procs[0].communicate(timeout=120)
-  procs[1].communicate()
+  survivor = procs[1 - victim]
+  out, err = survivor.communicate(timeout=120)
+  procs[victim].communicate()
   assert time.time() - killed < 60, (time.time() - killed, err[-1500:])
-  assert procs[0].returncode == 1 and 'Traceback' not in err, err[-3000:]
+  assert survivor.returncode == 1 and 'Traceback' not in err, err[-3000:]
   last = err.strip().splitlines()[-1]
-  assert last.startswith('error: process 1 of 2 went away'), last
+  who = 'process 1 of 2 went away' if victim else 'process 0 of 2 (the coordinator) went away'
+  assert last.startswith(f'error: {who}'), last
   assert 'newest complete checkpoint is none' in last, last
-  assert not os.path.exists(os.path.join(workdir, 'run.lock'))
+  assert not [l for l in err.splitlines() if l.startswith(('F1', 'E1', 'terminate'))], err[-3000:]
+  if victim:
+    assert not os.path.exists(os.path.join(workdir, 'run.lock'))

@@ -4,7 +4,9 @@
 Multi-process (one process per host, or several per host on CPU):
   python main.py --config=... --workdir=... --coordinator_address=HOST:PORT
       --num_processes=N --process_id=I
-Under SLURM or Open MPI with several tasks, the flags can be left out.
+Under SLURM or Open MPI with several tasks, the flags can be left out. Each process then runs
+its trainer as a child (moejax/cli/supervise.py), so that XLA ending it when a peer dies is one
+error line.
 """
 import os
 import sys
@@ -50,11 +52,14 @@ def _take_signals() -> None:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
+  from moejax.cli import supervise
+  if supervise.wanted(f.coordinator_address, f.num_processes):   # one of several processes
+    sys.exit(supervise.run_child(f.workdir, f.process_id, f.num_processes))
   _take_signals()
   console.quiet_logs()
   from moejax import runtime   # sets up devices before JAX's first use
   from moejax.errors import MoejaxError
-  f = flags.FLAGS
   try:
     cluster = runtime.detect(f.coordinator_address, f.num_processes, f.process_id,
                              f.coordinator_timeout)

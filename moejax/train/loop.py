@@ -51,7 +51,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
   except OSError as e:
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
   lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
-  lost = lambda why: peers.exit_lost(why, _newest_checkpoint(workdir), lambda: lock.__exit__())
+  lost = lambda why: peers.exit_lost(why, newest_checkpoint(workdir), lambda: lock.__exit__())
   with lock, peers.PeerWatch(lost):
     if jax.process_count() > 1:
       workdir_lib.check_shared(lock)
@@ -70,7 +70,7 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _newest_checkpoint(workdir: str) -> str:
+def newest_checkpoint(workdir: str) -> str:
   """The newest complete checkpoint's path (read without JAX), or 'none'."""
   try:
     step, _ = saved_config(workdir)

@@ -171,6 +171,18 @@ def _digest(path: str) -> int:
     return -1
 
 
+def release_dead_owner(workdir: str, pid: int) -> None:
+  """Removes the run lock if process `pid` of this host held it (a trainer that was killed)."""
+  path = os.path.join(workdir, LOCK)
+  try:
+    with open(path) as f:
+      owner = _parse(f.read()) or {}
+    if owner.get('pid') == pid and owner.get('host') == socket.gethostname():
+      os.remove(path)
+  except OSError:
+    pass
+
+
 def _parse(text: str) -> dict | None:
   try:
     return json.loads(text)

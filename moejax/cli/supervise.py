@@ -1,0 +1,93 @@
+"""A multi-process run's trainer in a child process, so that XLA ending it is one error line.
+
+When a peer dies, XLA's coordination client ends the survivors from its own thread: an abort
+with a native log and stack trace (jaxlib 0.10's missed-heartbeat callback cannot reach Python:
+its status argument fails to convert). Each process of a multi-process run therefore runs its
+trainer as a child: the parent forwards SIGTERM and SIGINT to it, passes its output through,
+holds back XLA's fatal native log, and when the child is ended by a signal says so in one
+`error:` line naming the process that went away and the newest complete checkpoint, releases
+the run lock the child held, and exits 1. The child dies with the parent (a SIGKILL of the
+parent is a SIGKILL of the run's process). MOEJAX_TRACEBACK=1 also prints what was held back.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+CHILD_ENV = 'MOEJAX_SUPERVISED_CHILD'
+# Lines that start XLA's fatal native log: an absl FATAL line, the coordination agent's error
+# poll, a C++ terminate, Python's fatal-error dump. Everything from the first is held back.
+_FATAL = re.compile(r'^(?:F\d{4} \d\d:\d\d:\d\d|E\d{4} .*coordination|terminate called|'
+                    r'Fatal Python error|\*\*\* (?:SIG|Check failure))')
+_TASK = re.compile(r'/task:(\d+)')
+
+
+def wanted(coordinator_address: str, num_processes: int) -> bool:
+  """Whether this process is one of several and not yet the supervised child."""
+  several = bool(coordinator_address) or num_processes > 1 or any(
+      int(os.environ.get(v, '1') or 1) > 1 for v in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  return several and not os.environ.get(CHILD_ENV)
+
+
+def _die_with_parent() -> None:
+  import ctypes
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+def run_child(workdir: str, process_id: int, num_processes: int) -> int:
+  """Runs this command again as the supervised child; returns the exit code for this process."""
+  child = subprocess.Popen([sys.executable, *sys.argv], env=dict(os.environ, **{CHILD_ENV: '1'}),
+                           stderr=subprocess.PIPE, text=True, errors='replace',
+                           start_new_session=True, preexec_fn=_die_with_parent)
+  forward = lambda signum, _: child.send_signal(signum)
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, forward)
+  held: list[str] = []
+  for line in child.stderr:
+    if held or _FATAL.match(line):
+      held.append(line)
+    else:
+      sys.stderr.write(line)
+      sys.stderr.flush()
+  code = child.wait()
+  if code >= 0:
+    sys.stderr.write(''.join(held))   # not fatal after all: nothing is lost
+    return code
+  _report(-code, held, workdir, process_id, num_processes, child.pid)
+  return 1
+
+
+def _report(signum: int, held: list[str], workdir: str, process_id: int, num_processes: int,
+            pid: int) -> None:
+  """One error line for a trainer ended by a signal; the lock it held released."""
+  from moejax.train import workdir as workdir_lib
+  workdir_lib.release_dead_owner(workdir, pid)
+  text = ''.join(held)
+  tasks = sorted({int(t) for t in _TASK.findall(text)} - {process_id})
+  if 'coordination' in text or 'distributed service' in text:
+    who = (f'process {tasks[0]} of {num_processes}' if tasks else
+           f'process 0 of {num_processes} (the coordinator)' if process_id else 'a peer process')
+    why = f'{who} went away (XLA\'s coordination service ended this process: {_reason(text)})'
+  else:
+    why = (f'process {process_id} of {num_processes}: its trainer was ended by '
+           f'{signal.Signals(signum).name}')
+  if os.environ.get('MOEJAX_TRACEBACK'):
+    sys.stderr.write(text)
+  print(f'error: {why}; stopping this process too. The newest complete checkpoint is '
+        f'{_newest(workdir)}: restart every process with the same command to resume from it.',
+        file=sys.stderr, flush=True)
+
+
+def _reason(text: str) -> str:
+  """XLA's own words, one line: the status of its fatal log, or its first line."""
+  status = re.search(r'absl::Status: ([^\n]*)', text) or re.search(r'\] ([^\n]*)', text)
+  line = status.group(1) if status else text.strip().splitlines()[0]
+  return line.split('. ')[0][:160].rstrip('. ')
+
+
+def _newest(workdir: str) -> str:
+  from moejax.train import loop
+  return loop.newest_checkpoint(workdir)
