@@ -60,9 +60,17 @@ def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster(
           flush=True)
 
 
+# XLA's coordination service ends every process when one misses heartbeats this long (JAX's
+# default is 100 s): a peer lost where moejax's own peer watch cannot see it (inside a
+# multi-process save's barrier) then ends the others within a minute, through the supervisor's
+# one error line (moejax/cli/supervise.py).
+HEARTBEAT_TIMEOUT_S = 40
+
+
 def _initialize(cluster: Cluster) -> None:
   if cluster.auto:
-    jax.distributed.initialize(initialization_timeout=cluster.timeout_s)
+    jax.distributed.initialize(initialization_timeout=cluster.timeout_s,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     return
   if cluster.process_id != 0:
     _wait_for_coordinator(cluster.coordinator_address, cluster.timeout_s)
@@ -70,7 +78,8 @@ def _initialize(cluster: Cluster) -> None:
         f'{cluster.coordinator_address} (waiting up to {cluster.timeout_s}s for all '
         f'processes)', flush=True)
   jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes,
-                             cluster.process_id, initialization_timeout=cluster.timeout_s)
+                             cluster.process_id, initialization_timeout=cluster.timeout_s,
+                             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
