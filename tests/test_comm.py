@@ -21,21 +21,30 @@ def minimum(c, gradient_bytes=0):
   return comm.minimum_bytes(config_lib.model_config(c), config_lib.layout(c), gradient_bytes)
 
 
-def test_a_group_spread_over_the_tp_shards_carries_its_whole_capacity_in_each_part():
-  # One 64-token group per sequence, 16 tokens on each of tp=4: 2 sequences -> 2 parts per
-  # device, each with E * C = 16 * ceil(1.1 * 64 / 16) = 16 * 5 rows of 64 floats; 2 blocks per
-  # stage, 16 micro-batches, dispatch + return forward and backward.
+def test_groups_inside_one_shard_carry_their_capacity_buffers():
+  # The tiny config's 16-token groups, 16 tokens of each sequence on each of tp=4: 2 sequences
+  # -> 2 parts per device, each with E * C = 16 * ceil(1.1 * 16 / 16) = 16 * 2 rows of 64
+  # floats; 2 blocks per stage, 16 micro-batches, dispatch + return forward and backward.
+  terms = minimum(tiny())
+  assert terms['experts (tp all-to-all)'] == {'all-to-all': 2 * 16 * 4 * (2 * 16 * 2) * 64 * F32}
+
+
+def test_a_group_spread_over_the_tp_shards_sends_its_kept_rows():
+  # One 64-token group per sequence, 16 tokens on each of tp=4: each part would carry the whole
+  # group's capacity (E * C = 16 * 5 rows); the kept rows travel instead, at most the device's
+  # 2 x 16 tokens x top-1.
   terms = minimum(tiny(moe__group_size=64))
-  assert terms['experts (tp all-to-all)'] == {'all-to-all': 2 * 16 * 4 * (2 * 16 * 5) * 64 * F32}
+  assert terms['experts (tp all-to-all)'] == {'ragged-all-to-all': 2 * 16 * 4 * 32 * 64 * F32}
 
 
 def test_groups_of_whole_sequences_over_dp_with_experts_folded():
   # dp=4 x pp=4, experts over dp: each device holds 1 of a micro-batch's 4 sequences; a group is
-  # 2 sequences (128 tokens), so the device's part has 16 * ceil(1.1 * 128 / 16) = 16 * 9 rows.
+  # 2 sequences (128 tokens) split over 2 dp shards, so the device's 64 kept rows (at most)
+  # travel.
   c = tiny(mesh__dp=4, mesh__tp=1, mesh__experts_over_dp=True, data__micro_batch_size=4,
            moe__group_size=128)
   terms = minimum(c)
-  assert terms['experts (dp x tp all-to-all)'] == {'all-to-all': 2 * 16 * 4 * (16 * 9) * 64 * F32}
+  assert terms['experts (dp x tp all-to-all)'] == {'ragged-all-to-all': 2 * 16 * 4 * 64 * 64 * F32}
   btd = 1 * 64 * 64                                     # one device's sequence of a micro-batch
   assert terms['pipeline shift (pp)'] == {'collective-permute': 2 * (16 + 3) * btd * F32}
   assert terms['pipeline in/out (pp)'] == {'collective-permute': 4 * 3 * (16 // 4) * btd * F32}

@@ -1,7 +1,9 @@
 """The Mixture-of-Experts layer: route, dispatch, expert FFN, combine, on each shard of the
 expert-parallel axes (moejax.parallel.experts moves the rows between shards). Two dispatches:
-'capacity' (fixed [E, C] buffers per group, overflow dropped; the seed's) and 'dropless'
-(assignments sorted by expert, ragged exchange, grouped matmuls; nothing dropped).
+'capacity' (overflow dropped; the seed's) and 'dropless' (nothing dropped). At capacity, a
+routing group held in one part fills fixed [E, C] buffers; a group split into parts (over shards
+or rows) sends only its kept rows, as dropless sends every row: assignments sorted by expert,
+ragged exchange, grouped matmuls.
 
 Legend: B batch, T seq, D d_model; the tokens are routed in parts [B', nG, S] (B' rows of nG
 parts of S tokens; a part is a routing group or one shard's piece of one), G_ local parts,
@@ -154,27 +156,30 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   return routing.combine(out_, r)                                       # [G_, S, D]
 
 
-def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...],
-                      names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
-  """Expert outputs for tokens_ [G_, S, D] with nothing dropped: the shard's K*G_*S assignments
-  sorted by expert travel as ragged rows to their expert's shard, where each expert multiplies
-  exactly the rows it received (grouped matmuls)."""
+def _row_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
+                 rng: jax.Array, *, axes: tuple[str, ...],
+                 names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
+  """Expert outputs for tokens_ [G_, S, D] by rows: the shard's K*G_*S assignments (dropless),
+  or only those routing kept (capacity), sorted by expert, travel as ragged rows to their
+  expert's shard, where each expert multiplies exactly the rows it received (grouped matmuls).
+  At capacity a unit's dropout mask follows the slot it took, as in _capacity_experts."""
   g_, s, d = tokens_.shape
-  group_size, dropout_rate = settings.group_size, settings.dropout_rate
+  capacity, dropout_rate = settings.dispatch == 'capacity', settings.dropout_rate
   compute_dtype, gelu = settings.compute_dtype, settings.gelu
   k = r.expert.shape[1]
   num_experts = w_.router.shape[-1]
   local = w_.w1.shape[0]                                                # E/ep on this shard
-  expert = r.expert.reshape(-1)                                         # [A_] (g, k, s) order
+  # [A_] (g, k, s) order; a dropped assignment gets expert E: sorted last and never sent
+  expert = (jnp.where(r.keep, r.expert, num_experts) if capacity else r.expert).reshape(-1)
   order = jnp.argsort(expert, stable=True)                              # by expert = by shard
   token = (jnp.arange(g_)[:, None, None] * s + jnp.arange(s)) * jnp.ones((1, k, 1), jnp.int32)
   rows_ = tokens_.reshape(-1, d).astype(compute_dtype)[token.reshape(-1)[order]]  # [A_, D]
   send = jnp.bincount(expert // local, length=num_experts // local)     # [ep] rows per shard
   keys = (expert[order] % local)[:, None]                               # [A_, 1] local expert
-  if dropout_rate > 0.0:   # a unit's mask follows its (token, choice), not the device
+  if dropout_rate > 0.0:   # a unit's mask follows its (token, choice) or slot, not the device
     me = jax.lax.axis_index(axes)
-    ids = _assignment_ids(names[0][me], names[1][me], k, s, group_size)[order]  # [A_]
+    ids = (_kept_slot_ids(names[0][me], r, num_experts, settings.capacity) if capacity else
+           _assignment_ids(names[0][me], names[1][me], k, s, settings.group_size))[order]
     keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
   local_experts = lambda rows, keys_: ffn_lib.grouped_expert_ffn(       # [ep*A_, D]
       rows, keys_[:, 0], w_.ffn(compute_dtype), gelu=gelu, dropout_rate=dropout_rate,
@@ -185,7 +190,22 @@ def _dropless_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   return jnp.einsum('GKSD,GKS->GSD', out_.reshape(g_, k, s, d), weight)  # [G_, S, D]
 
 
-EXPERT_PATHS = {'capacity': _capacity_experts, 'dropless': _dropless_experts}
+def _kept_slot_ids(gid_: jax.Array, r: routing.Routing, num_experts: int,
+                   capacity: int) -> jax.Array:
+  """The names _dispatched_row_ids gives the slots this shard's assignments took [G_*K*S]
+  ((global group * E + expert) * C + slot; dropped assignments get names never used)."""
+  ids = (gid_[:, None, None] * num_experts + r.expert) * capacity + r.slot   # [G_, K, S]
+  return jnp.where(r.keep, ids, -1).reshape(-1)
+
+
+def _expert_path(settings: MoESettings, groups: Groups):
+  """Fixed [E, C] buffers where each routing group is one part; rows otherwise: a group split
+  into P parts would carry its whole capacity in each (P x the expert matmuls)."""
+  if settings.dispatch == 'capacity' and groups.parts == 1:
+    return _capacity_experts
+  return _row_experts
+
+
 
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
@@ -205,8 +225,8 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
   r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
                            settings.normalize_gates, w_.select_bias, valid_, share,
                            settings.sinkhorn_iters)
-  y_ = EXPERT_PATHS[settings.dispatch](w_, tokens_, r, rng, axes=axes, names=names,
-                                       settings=settings)              # [G_, S, D]
+  y_ = _expert_path(settings, groups)(w_, tokens_, r, rng, axes=axes, names=names,
+                                      settings=settings)               # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)
   return y_.reshape(b_, ng_, s, d), stats
 

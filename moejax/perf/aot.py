@@ -82,7 +82,7 @@ def executed_flops(config, hlo_text: str) -> dict:
   expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks * (
       lay.tokens_per_step / lay.devices)                # expert FLOPs the model needs
   grouped = hlo.grouped_matmuls(hlo_text)
-  if cfg.dispatch == 'dropless' and grouped:
+  if grouped:   # dropless, or capacity with routing groups split into parts
     # Grouped matmul kernels pad each expert's rows to whole tiles.
     slots = sum(2 * g.k * g.n * (g.rows_computed(share) - share * g.rows) * n
                 for g, n in grouped)

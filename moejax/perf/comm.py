@@ -8,10 +8,10 @@ holds b / dp sequences of each micro-batch, each split over tp:
   tp: sequence-parallel attention (all-gather in, reduce-scatter out; the reverse in backward);
       vocab-parallel embedding and head (reduce-scatter / all-gather of [B, T, D]) and the
       softmax statistics;
-  experts (over tp, or dp x tp when folded): dispatch + return, forward and backward. Capacity:
-      every routing-group part a device holds carries E*C rows (a group spread over several
-      devices has the whole group's capacity in each part, moe.group_parts); dropless: the K
-      rows of each of the device's tokens, in ragged all-to-alls;
+  experts (over tp, or dp x tp when folded): dispatch + return, forward and backward. Capacity
+      with each routing group in one part: every part a device holds carries E*C rows;
+      dropless, or capacity with groups split into parts (moe.group_parts): the K rows of each
+      of the device's tokens, in ragged all-to-alls (at capacity the kept ones: at most K);
   pp: one activation permute per tick and direction; micro-batches to the first stage and
       outputs from the last stage;
   gradients: one all-reduce of each weight's shard that is replicated over devices that see
@@ -65,11 +65,11 @@ def minimum_bytes(cfg: ModelConfig, lay: Layout, gradient_bytes: int
 
 def _expert_rows(cfg: ModelConfig, lay: Layout) -> dict[str, int]:
   """{exchange kind: rows} one device sends per MoE layer, micro-batch and direction."""
-  if cfg.dispatch == 'dropless':
+  (rows, groups, _), split = group_parts(lay.micro_batch_size, lay.seq_len, cfg.group_size,
+                                         lay.tp, lay.dp)
+  if cfg.dispatch == 'dropless' or split.parts > 1:   # rows (moe._expert_path)
     tokens = lay.micro_batch_size // lay.dp * lay.seq_len // lay.tp
     return {'ragged-all-to-all': tokens * cfg.top_k}
-  (rows, groups, _), _ = group_parts(lay.micro_batch_size, lay.seq_len, cfg.group_size,
-                                     lay.tp, lay.dp)
   parts = rows // lay.dp * groups // lay.tp   # [B'/dp, nG/tp] parts on a device
   return {'all-to-all': parts * cfg.num_experts * cfg.capacity(True)}
 
