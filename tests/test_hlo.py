@@ -113,18 +113,18 @@ def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
 def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():
   """The same program: the 2 local experts' matmuls are tokamax's Pallas-Triton grouped matmuls
   (w1 and w2 forward, their input and weight gradients: 6) over the [4*64]-row receive buffer,
-  and no dense dot touches the buffer. FLOPs: 2*K*N per row computed; with 128-row tiles the
-  rows routed (a quarter of the buffer when balanced) plus 2 x 127 padding exceed the buffer,
-  so every buffer row counts."""
+  in 64-row tiles (model/grouped_matmul.TILE_ROWS), and no dense dot touches the buffer.
+  FLOPs: 2*K*N per row computed: the rows routed (a quarter of the buffer when balanced, 64)
+  plus 2 groups x 63 rows of tile padding, 190 of the buffer's 256."""
   text = open(os.path.join(os.path.dirname(__file__), 'data', 'h100_dropless_moe.hlo')).read()
   module = hlo.Module(text)
   grouped = [g for g in (hlo.grouped_matmul(module, i) for i in module.instrs) if g]
-  assert sorted(grouped) == sorted([hlo.GroupedMatmul(256, 32, 64, 2, 128)] * 3 +
-                                   [hlo.GroupedMatmul(256, 64, 32, 2, 128)] * 3)
+  assert sorted(grouped) == sorted([hlo.GroupedMatmul(256, 32, 64, 2, 64)] * 3 +
+                                   [hlo.GroupedMatmul(256, 64, 32, 2, 64)] * 3)
   assert not [i.name for i in module.instrs if i.op == 'dot' and any(
       256 in dims for _, dims in hlo.arrays(i.result))]
   assert hlo.flops(text, row_share=0.25)['total'] - hlo.flops(text.replace(
-      'RaggedDot', 'Other'))['total'] == 6 * 2 * 32 * 64 * 256
+      'RaggedDot', 'Other'))['total'] == 6 * 2 * 32 * 64 * (64 + 2 * 63)
   # The tile rule where the buffer is larger: 4096 rows of which a quarter routed, 8 groups.
   line = next(l for l in text.splitlines() if 'RaggedDot' in l and 'custom-call(' in l)
   big = line.replace('f32[256,', 'f32[4096,').replace('num_groups\\":2', 'num_groups\\":8')
@@ -135,7 +135,7 @@ def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_rou
   call = next(i for i in module.instrs if i.name == _name(big))
   g = hlo.grouped_matmul(module, call)
   assert g.rows == 4096 and g.groups == 8
-  assert hlo.instr_flops(module, call, row_share=0.25) == 2 * g.k * g.n * (1024 + 8 * 127)
+  assert hlo.instr_flops(module, call, row_share=0.25) == 2 * g.k * g.n * (1024 + 8 * 63)
   assert hlo.instr_flops(module, call) == 2 * g.k * g.n * 4096           # the upper bound
 
 
