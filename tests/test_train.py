@@ -26,7 +26,7 @@ def test_main_logs_console_and_metrics_jsonl(tmp_path):
   cmd = [sys.executable, 'main.py', '--config=configs/tp4pp4.py:tiny', f'--workdir={workdir}',
          '--config.num_steps=4', '--config.log_every=2']
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.returncode == 0, out.stderr[:2500] + '\n...\n' + out.stderr[-1500:]
   assert 'simulating 16 CPU devices' in out.stdout
   assert 'step      4/4 | loss' in out.stdout and 'left' in out.stdout
   records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
