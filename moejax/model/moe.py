@@ -198,14 +198,15 @@ def _kept_slot_ids(gid_: jax.Array, r: routing.Routing, num_experts: int,
   return jnp.where(r.keep, ids, -1).reshape(-1)
 
 
+def sends_rows(dispatch: str, groups: Groups) -> bool:
+  """Whether the experts' tokens travel as ragged rows (dropless; capacity where a routing group
+  is split into parts, each of which would carry the group's whole capacity: P x the expert
+  matmuls) rather than in fixed [E, C] buffers (capacity, each group in one part)."""
+  return dispatch == 'dropless' or groups.parts > 1
+
+
 def _expert_path(settings: MoESettings, groups: Groups):
-  """Fixed [E, C] buffers where each routing group is one part; rows otherwise: a group split
-  into P parts would carry its whole capacity in each (P x the expert matmuls)."""
-  if settings.dispatch == 'capacity' and groups.parts == 1:
-    return _capacity_experts
-  return _row_experts
-
-
+  return _row_experts if sends_rows(settings.dispatch, groups) else _capacity_experts
 
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],

@@ -155,14 +155,13 @@ def collectives(hlo_text: str) -> list[Collective]:
     shapes = tuple(dims for _, dims in arrays(i.result))
     is_async = i.op.endswith('-done')
     nbytes = _nbytes(i.result)
+    call = (module.by_name.get(i.operands[0]) if is_async and i.operands else i) or i  # start
     if kind == 'ragged-all-to-all':
-      call = module.by_name.get(i.operands[0]) if is_async and i.operands else i
-      data = call.operands[0] if call is not None and call.operands else None
+      data = call.operands[0] if call.operands else None
       if data in module.by_name:
         nbytes = min(nbytes, _nbytes(module.by_name[data].result))
-    start = module.by_name.get(i.operands[0]) if is_async and i.operands else i
     out.append(Collective(kind, shapes, nbytes, module.count(i),
-                          is_async and module.overlapped(i), groups((start or i).attrs)))
+                          is_async and module.overlapped(i), groups(call.attrs)))
   return out
 
 
