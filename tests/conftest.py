@@ -14,10 +14,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # shapes, where the slower code costs less than the compile saves; the numbers are the same to
 # float32 rounding. Subprocesses get the same flags (tests.helpers.subprocess_env) without the
 # device count: main.py simulates its own devices.
-# Eigen single-threaded inside each device's thunks: twice in this suite a 16-device main.py run
-# wedged with every Eigen worker idle and every device's execution waiting on it (gdb; aborted
-# at XLA:CPU's collective timeout, or hung when that was raised), as
-# PyAutoLabs/PyAutoFit#1530 reports of XLA:CPU's Eigen pool; the tests' shapes are tiny.
+# Eigen single-threaded inside each device's thunks (the tests' shapes are tiny): tried against a
+# 16-device main.py run that deadlocked in XLA:CPU's collective rendezvous under load (as
+# PyAutoLabs/PyAutoFit#1530 reports of the Eigen pool); it did not stop it, and that test's run
+# now uses XLA's default flags (tests/test_train.py).
 os.environ.setdefault('MOEJAX_TEST_XLA_FLAGS', '--xla_backend_optimization_level=0 '
                       '--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false')
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
