@@ -19,7 +19,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # PyAutoLabs/PyAutoFit#1530 reports of the Eigen pool); it did not stop it, and that test's run
 # now uses XLA's default flags (tests/test_train.py).
 os.environ.setdefault('MOEJAX_TEST_XLA_FLAGS', '--xla_backend_optimization_level=0 '
-                      '--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false')
+                      '--xla_cpu_multi_thread_eigen=false')
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     os.environ['MOEJAX_TEST_XLA_FLAGS'],
                                     '--xla_force_host_platform_device_count=16']).strip()

@@ -18,21 +18,14 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from moejax.perf.timing import timed
+from moejax.perf.timing import matmul_rate, timed
+from moejax.train.check import equivalence
 
 config_flags.DEFINE_config_file('config', 'configs/tp4pp4.py', 'Config of the stage to time.')
 config_flags.DEFINE_config_file('equivalence_config', 'configs/tp4pp4.py:tiny',
                                 'Small config whose 4x4 mesh is checked against its 1x1 mesh.')
 flags.DEFINE_string('out', None, 'Write the figures here as JSON.')
 flags.DEFINE_integer('steps', 10, 'Timed repetitions of each measurement.')
-
-
-def matmul_rate(device, dtype: str, n: int, steps: int) -> float:
-  """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.device_put(jnp.ones((n, n), dtype), device)
-  return 2 * n ** 3 / timed(jax.jit(lambda x: x @ x), a, steps=steps)
 
 
 def stage_mfu(config, device, peak: float, steps: int) -> dict:
@@ -154,27 +147,6 @@ def grouped_matmul_speed(device, steps: int) -> dict:
   got = np.asarray(grouped(lhs, rhs, sizes), np.float32)
   out['grouped_matmul_max_rel_diff'] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
   return out
-
-
-def equivalence(accelerators: list, tiny) -> dict:
-  """A small config (`tiny`): 4x4 against 1x1, float32 with full-precision matmuls."""
-  import jax
-  from moejax.train import check
-  four = accelerators if len(accelerators) >= 16 else jax.devices('cpu')
-  with jax.default_matmul_precision('highest'):
-    results = {}
-    for name, (tp, pp, devices) in {'1x1': (1, 1, accelerators[:1]),
-                                    '4x4': (4, 4, four[:16])}.items():
-      c = tiny.copy_and_resolve_references()
-      c.mesh.tp, c.mesh.pp = tp, pp
-      c.data.source = 'random'
-      results[name] = check.loss_and_grads(c, devices=devices)
-  (loss, _, grads), (ref_loss, _, ref_grads) = results['4x4'], results['1x1']
-  err, leaf = check.max_relative_error(grads, ref_grads)
-  return {'equivalence_4x4_devices': f'{four[0].platform} x16',
-          'equivalence_1x1_device': accelerators[0].device_kind,
-          'equivalence_loss_rel_error': abs(loss - ref_loss) / abs(ref_loss),
-          'equivalence_grad_max_rel_error': err, 'equivalence_grad_worst_leaf': leaf}
 
 
 def main(argv):

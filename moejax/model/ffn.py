@@ -51,10 +51,18 @@ def expert_ffn(x: jax.Array, w: FFNWeights, *, gelu: str = 'exact', dropout_rate
   gelu: 'exact' (erf) or 'tanh' (GELU MLP only). dropout_keep [E, C, F] bool: hidden units kept.
   """
   bias = lambda b: None if b is None else b[:, None, :]
-  first = _bias(jnp.einsum('ECD,EDF->ECF', x, w.w1), bias(w.b1))        # [E, C, F]
-  up = None if w.w3 is None else _bias(jnp.einsum('ECD,EDF->ECF', x, w.w3), bias(w.b3))
+  matmul = lambda spec, a, m: _scoped(jnp.einsum, spec, a, m)
+  first = _bias(matmul('ECD,EDF->ECF', x, w.w1), bias(w.b1))            # [E, C, F]
+  up = None if w.w3 is None else _bias(matmul('ECD,EDF->ECF', x, w.w3), bias(w.b3))
   h = _drop(_hidden(first, up, gelu), dropout_keep, dropout_rate)       # [E, C, F]
-  return _bias(jnp.einsum('ECF,EFD->ECD', h, w.w2), bias(w.b2))         # [E, C, D]
+  return _bias(matmul('ECF,EFD->ECD', h, w.w2), bias(w.b2))             # [E, C, D]
+
+
+def _scoped(fn, *args):
+  """fn(*args) under the 'expert_matmul' name scope (how profiles and moejax.perf.opclass
+  tell the experts' matmuls from the rest of the MoE layer)."""
+  with jax.named_scope('expert_matmul'):
+    return fn(*args)
 
 
 def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str = 'exact',
@@ -70,7 +78,7 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str
   order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
   sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
   expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
-  grouped = lambda a, m: checkpoint_name(grouped_matmul.ragged_dot(a, m, sizes),
+  grouped = lambda a, m: checkpoint_name(_scoped(grouped_matmul.ragged_dot, a, m, sizes),
                                         remat.GROUPED_MATMUL)
   bias = lambda b: None if b is None else b[expert]                    # [R, F] or [R, D]
   rows = x[order]                                                      # [R, D]

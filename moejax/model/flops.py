@@ -1,18 +1,85 @@
-"""The model's training FLOPs, counted as PaLM's appendix B counts them."""
+"""The model's training FLOPs per token, derived from the parameter declarations.
+
+Counted as PaLM's appendix B counts them: 6 FLOPs (forward 2, backward 4) per active matmul
+weight per token, plus attention's score and value matmuls. A matmul weight is a declared
+parameter with an 'embed' axis and at least one other non-expert axis (q/k/v, output
+projection, router, expert matrices, LM head): norm scales and biases are not matmuls, and the
+token embedding is a lookup. An expert matrix is active for top_k of its num_experts experts.
+Attention is causal: a token attends to T/2 positions on average over a sequence of T, so its
+score (Q K^T) and value (P V) matmuls cost 2 x 2 x N x H x T/2 forward, 6 x N x H x T to train.
+"""
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import ml_collections
+from jax.sharding import PartitionSpec as P
+
+from moejax.config import ModelConfig
+
+# Axes that place a weight without being contracted or produced per token.
+_BATCH_AXES = ('experts', None)
+
+
+def _is_matmul(axes: tuple) -> bool:
+  other = [a for a in axes if a not in _BATCH_AXES and a != 'embed']
+  return 'embed' in axes and len(other) >= 1
+
+
+@functools.lru_cache(maxsize=64)
+def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
+  """Multiply-accumulates per token of one block's and of the head's matmul weights."""
+  from moejax.model import params as params_lib
+  boxed = jax.eval_shape(lambda k: params_lib._boxed(cfg, k), jax.random.key(0))
+  import flax.linen as nn
+  specs = nn.get_partition_spec(boxed)
+  shapes = nn.unbox(boxed)
+  out = {}
+  for part in ('block', 'head'):
+    total = 0.0
+    for spec, leaf in zip(jax.tree.leaves(specs[part], is_leaf=lambda s: isinstance(s, P)),
+                          jax.tree.leaves(shapes[part])):
+      axes = tuple(spec)
+      if not _is_matmul(axes):
+        continue
+      size = math.prod(leaf.shape)
+      if 'experts' in axes:
+        size = size * cfg.top_k / cfg.num_experts
+      total += size
+    out[part] = total
+  return out
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token of one block's causal score and value matmuls."""
+  return 6 * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def block_flops(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token of one block: 6 x its active matmul weights + attention."""
+  return 6 * _matmul_macs(cfg)['block'] + attention_flops_per_token(cfg, seq_len)
+
+
+def expert_flops(cfg: ModelConfig) -> float:
+  """Training FLOPs per token of one block's routed experts (top_k of them)."""
+  matrices = 3 if cfg.ffn == 'swiglu' else 2
+  return 6 * cfg.top_k * matrices * cfg.d_model * cfg.d_ff
+
+
+def model_flops(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token of the whole model (every block and the LM head)."""
+  return cfg.num_blocks * block_flops(cfg, seq_len) + 6 * _matmul_macs(cfg)['head']
 
 
 def block_flops_per_token(config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per token of one block: 6 x its active matmul params + attention."""
-  m, moe, t = config.model, config.moe, config.data.seq_len
-  d, nh = m.d_model, m.num_heads * m.head_dim
-  active = 4 * d * nh + d * moe.num_experts + moe.top_k * 2 * d * moe.d_ff
-  return 6 * active + 12 * nh * t
+  """block_flops of a ConfigDict (its model keys and data.seq_len)."""
+  from moejax import config as config_lib
+  return block_flops(config_lib.model_config(config), config.data.seq_len)
 
 
 def flops_per_token(config: ml_collections.ConfigDict) -> float:
-  """Training FLOPs per token: 6 x active matmul params + attention (PaLM appendix B)."""
-  m = config.model
-  return m.num_blocks * block_flops_per_token(config) + 6 * m.d_model * m.vocab_size
+  """model_flops of a ConfigDict (its model keys and data.seq_len)."""
+  from moejax import config as config_lib
+  return model_flops(config_lib.model_config(config), config.data.seq_len)

@@ -52,9 +52,8 @@ TILE_ROWS = 64
 def _triton_kernel():
   """tokamax's Pallas-Triton ragged dot with TILE_ROWS-row tiles in every kernel (its default
   gradients are fresh ops at the heuristic's tile)."""
-  from tokamax._src.ops.ragged_dot import base, pallas_triton
-  config = pallas_triton.Config(block_m=TILE_ROWS, block_n=128, block_k=32, num_warps=4,
-                                num_stages=4)
-  gradient = pallas_triton.PallasTritonRaggedDot(config=config)
+  from tokamax._src.ops.ragged_dot import base, triton
+  config = triton.Config(block_m=TILE_ROWS, block_n=128, block_k=32, num_warps=4, num_stages=4)
+  gradient = triton.TritonRaggedDot(config=config)
   vjp = functools.partial(base.vjp, dlhs_ragged_dot=gradient, drhs_ragged_dot=gradient)
-  return pallas_triton.PallasTritonRaggedDot(config=config, vjp=vjp)
+  return triton.TritonRaggedDot(config=config, vjp=vjp)

@@ -20,9 +20,12 @@ from moejax.errors import MoejaxError
 DP = 'dp'
 TP = 'tp'
 PP = 'pp'
-# The Mesh's axis order. In device order tp is innermost (make_mesh), so tensor-parallel
-# neighbours are adjacent device ids (same NVLink island), and dp outermost (across hosts first).
-AXES = (DP, TP, PP)
+# The Mesh's axis order, which is also its device order: tp innermost, so tensor-parallel
+# neighbours are adjacent device ids (same NVLink island), dp outermost (across hosts first). The
+# device grid is then a plain reshape of the device list (XLA:GPU takes only such 'iota' device
+# assignments), and shard_maps nested pp-outside, tp-inside name their manual axes in mesh order
+# (XLA's named_sharding aborts on 'Manual axes must be sorted by mesh axis index' otherwise).
+AXES = (DP, PP, TP)
 # Platform names of NVIDIA GPU devices (a mesh's, or jax.Device.platform).
 NVIDIA_PLATFORMS = ('cuda', 'gpu')
 
@@ -70,7 +73,7 @@ def rules_for(lay: Layout | None, kv_heads: int = 0) -> Rules:
 
 def make_mesh(tp: int, pp: int, dp: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes ('dp', 'tp', 'pp'); tp neighbours are adjacent devices, dp outermost."""
+  """A Mesh with axes ('dp', 'pp', 'tp'); tp neighbours are adjacent devices, dp outermost."""
   devices = list(jax.devices() if devices is None else devices)
   need = dp * tp * pp
   if need > len(devices):
@@ -78,7 +81,7 @@ def make_mesh(tp: int, pp: int, dp: int = 1,
         f'mesh.dp * mesh.tp * mesh.pp = {dp}*{tp}*{pp} = {need} devices, but only '
         f'{len(devices)} are available ({devices[0].platform}); shrink the mesh or run on more '
         f'devices.')
-  grid = np.array(devices[:need]).reshape(dp, pp, tp).transpose(0, 2, 1)  # [dp, tp, pp]
+  grid = np.array(devices[:need]).reshape(dp, pp, tp)                    # [dp, pp, tp]
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

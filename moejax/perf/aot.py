@@ -79,7 +79,7 @@ def executed_flops(config, hlo_text: str) -> dict:
   excess = parts['total'] - model
   ticks = bubble * (parts['blocks'] + parts['remat'])   # idle ticks run the blocks too
   remat = (1 - bubble) * parts['remat']
-  expert = 6 * cfg.top_k * 2 * cfg.d_model * cfg.d_ff * cfg.num_blocks * (
+  expert = model_flops.expert_flops(cfg) * cfg.num_blocks * (
       lay.tokens_per_step / lay.devices)                # expert FLOPs the model needs
   grouped = hlo.grouped_matmuls(hlo_text)
   if grouped:   # dropless, or capacity with routing groups split into parts

@@ -8,7 +8,7 @@ from moejax.perf import aot
 from moejax.perf.timing import matmul_flops_per_s, timed, timed_carry
 
 
-class _Runner:
+class StepRunner:
   """A compiled train step (and forward pass) of one config, with its own state and batch."""
 
   def __init__(self, config):
@@ -47,7 +47,7 @@ def measure(config, steps: int, rounds: int) -> dict:
   # Forward latency of one micro-batch per stage: the smallest batch the schedule takes.
   lat_config = config.copy_and_resolve_references()
   lat_config.data.num_micro_batches = config.mesh.pp
-  main, ref, lat = _Runner(config), _Runner(ref_config), _Runner(lat_config)
+  main, ref, lat = StepRunner(config), StepRunner(ref_config), StepRunner(lat_config)
   times, ref_times = [], []
   for _ in range(rounds):
     times.append(main.time(steps))
@@ -88,7 +88,7 @@ def stop_vote_cost(config, steps: int, rounds: int) -> dict:
   late read, without the cross-host hop."""
   import numpy as np
   from moejax.train.stop_vote import StopVote
-  runner = _Runner(config)
+  runner = StepRunner(config)
   vote = StopVote(runner.plan.mesh)
   voting = lambda state, batch: (*runner.step_fn(state, batch), vote.cast(False))
   plain, voted = [], []

@@ -39,6 +39,8 @@ class Rates(NamedTuple):
   bf16_flops_per_s: float
   nvlink_bytes_per_s: float      # one direction, per GPU, inside a host
   network_bytes_per_s: float     # one direction, per GPU, between hosts
+  f32_flops_per_s: float         # float32 without tensor cores (matmuls XLA keeps in f32)
+  hbm_bytes_per_s: float         # device memory bandwidth
   memory_bytes: int
 
 

@@ -43,3 +43,23 @@ def max_relative_error(actual, expected) -> tuple[float, str]:
     if err > worst:
       worst, where = err, jax.tree_util.keystr(path)
   return worst, where
+
+
+def equivalence(accelerators: list, tiny) -> dict:
+  """A small config (`tiny`): 4x4 against 1x1, float32 with full-precision matmuls."""
+  import jax
+  four = accelerators if len(accelerators) >= 16 else jax.devices('cpu')
+  with jax.default_matmul_precision('highest'):
+    results = {}
+    for name, (tp, pp, devices) in {'1x1': (1, 1, accelerators[:1]),
+                                    '4x4': (4, 4, four[:16])}.items():
+      c = tiny.copy_and_resolve_references()
+      c.mesh.tp, c.mesh.pp = tp, pp
+      c.data.source = 'random'
+      results[name] = loss_and_grads(c, devices=devices)
+  (loss, _, grads), (ref_loss, _, ref_grads) = results['4x4'], results['1x1']
+  err, leaf = max_relative_error(grads, ref_grads)
+  return {'equivalence_4x4_devices': f'{four[0].platform} x16',
+          'equivalence_1x1_device': accelerators[0].device_kind,
+          'equivalence_loss_rel_error': abs(loss - ref_loss) / abs(ref_loss),
+          'equivalence_grad_max_rel_error': err, 'equivalence_grad_worst_leaf': leaf}

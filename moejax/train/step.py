@@ -27,8 +27,9 @@ def train_step_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformatio
     grad_fn = jax.value_and_grad(transformer.loss_fn, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, tokens, rng_lib.dropout_step(seed, state.step),
                                      cfg=cfg, lay=lay, train=True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):    # names the update's ops in profiles and HLO
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     if cfg.bias_update_rate > 0:   # aux-loss-free balancing: not a gradient step
       params = _nudge_select_bias(params, metrics['expert_preferred'], cfg, lay)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
