@@ -107,7 +107,7 @@ def test_the_attention_kernel_is_cudnn_only_where_it_applies():
     kernel('cuda', packed=True, attention='cudnn', **bf16)
 
 
-def test_the_grouped_matmul_is_tokamax_triton_on_nvidia_targets(monkeypatch):
+def test_the_grouped_matmul_is_tokamax_mosaic_on_nvidia_targets(monkeypatch):
   import importlib.util
   from moejax.model import grouped_matmul
   assert grouped_matmul.kernel('cpu') == ('xla', 'XLA ragged_dot')
@@ -115,4 +115,4 @@ def test_the_grouped_matmul_is_tokamax_triton_on_nvidia_targets(monkeypatch):
   kind, why = grouped_matmul.kernel('cuda')
   assert kind == 'xla' and 'pip install -r requirements-cuda12.txt' in why
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: object())
-  assert grouped_matmul.kernel('cuda') == ('triton', 'tokamax Triton grouped matmul')
+  assert grouped_matmul.kernel('cuda') == ('mosaic', 'tokamax Mosaic GPU grouped matmul')

@@ -49,8 +49,7 @@ def measure_program(config, steps: int, trace_dir: str | None) -> dict:
   import jax
   from moejax import targets
   from moejax.model import flops as model_flops
-  from moejax.perf import opclass, profile, speed
-  from moejax.perf.timing import timed_carry
+  from moejax.perf import calibration, opclass, profile, speed
   runner = speed.StepRunner(config)
   text = runner.step_fn.as_text()
   seconds = runner.time(steps)
@@ -63,19 +62,23 @@ def measure_program(config, steps: int, trace_dir: str | None) -> dict:
   card = _card(jax.devices()[0])
   if card != 'cpu':
     rates = targets.rates(card)
-    out.update(opclass.predict(text, rates))
+    raw = opclass.predict(text, rates)
+    out.update(opclass.predict(text, rates, calibration.ratios(card)))
+    out['uncalibrated_step_s'] = raw['predicted_step_s']
+    out['uncalibrated_s_by_class'] = raw['predicted_s_by_class']
     out['predicted_mfu'] = (out['model_flops_per_token'] * out['tokens'] /
                             out['predicted_step_s'] / rates.bf16_flops_per_s)
   else:
     out['kernel_classes'] = dict(sorted(_count(opclass.classes(text)).items()))
   if trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      timed_carry(runner.step_fn, runner.state, runner.batch, steps=1)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):   # one step
+      runner.state, _ = runner.step_fn(runner.state, runner.batch)
+      jax.block_until_ready(runner.state)
     path = profile.trace_file(trace_dir)
     if path:
       events = profile.device_events(path)
       per_op = profile.kernel_seconds(events)
-      out['measured_s_by_class'] = profile.by_class(per_op, opclass.classes(text))
+      out['measured_s_by_class'] = opclass.measured_by_class(events, text)
       out['measured_busy_s'] = profile.busy_seconds(events)
       out['top_kernels'] = sorted(({'op': k, **v} for k, v in per_op.items()),
                                   key=lambda r: -r['s'])[:25]

@@ -1,9 +1,10 @@
 """The grouped matmul of dropless experts: rows [M, K] sorted by group, times each group's
 matrix [G, K, N].
 
-On NVIDIA targets it is tokamax's Pallas-Triton kernel (forward and both gradients; tiles of
-empty rows skipped, so the work follows the rows routed): XLA in jaxlib 0.10 lowers
-jax.lax.ragged_dot there to one dense matmul of every row with every group's matrix. Elsewhere
+On NVIDIA targets it is tokamax's Pallas Mosaic GPU kernel (forward and both gradients): on an
+H200 it ran the experts' grouped matmuls (fwd + bwd) at 127-275 TFLOP/s where XLA's
+jax.lax.ragged_dot (jax 0.11.2) ran them at 4-95, and tokamax's Triton kernel needs jax_triton
+with Triton >= 3.7 (BENCHMARKS.md, gpu_bench). Elsewhere
 it is jax.lax.ragged_dot (XLA:CPU computes the rows of each group only). tokamax is installed
 with requirements-cuda12.txt only; the implementation is always named, because tokamax's own
 choice looks at the default backend, which is the CPU during an ahead-of-time GPU compile.
@@ -19,13 +20,13 @@ from moejax.parallel import mesh as mesh_lib
 
 
 def kernel(platform: str) -> tuple[str, str]:
-  """('triton' or 'xla', what the compile line says) for devices of `platform`."""
+  """('mosaic' or 'xla', what the compile line says) for devices of `platform`."""
   if platform not in mesh_lib.NVIDIA_PLATFORMS:
     return 'xla', 'XLA ragged_dot'
   if importlib.util.find_spec('tokamax') is None:
     return 'xla', ('XLA ragged_dot, a dense matmul on NVIDIA GPUs: pip install -r '
                    'requirements-cuda12.txt for tokamax\'s grouped matmul')
-  return 'triton', 'tokamax Triton grouped matmul'
+  return 'mosaic', 'tokamax Mosaic GPU grouped matmul'
 
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -38,7 +39,7 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
   # Lowering needs no GPU (ahead-of-time compiles): tokamax's cross_compile option, set for the
   # process because the backward kernels are traced after this call returns.
   flags.FLAGS.tokamax_cross_compile = True
-  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation=[_triton_kernel()])
+  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation='mosaic')
 
 
 # Rows per tile of the Triton kernel, forward and both gradients: each group's last tile pads at

@@ -83,9 +83,58 @@ def _classify(module: hlo.Module, i: hlo.Instr, inner: list[hlo.Instr], flops: i
   return 'other'
 
 
+_PARAM = re.compile(r'^\s*%(?P<name>[\w.\-]+)\s*=.*?\bparameter\((?P<index>\d+)\)')
+_SLICING = {'dynamic-slice', 'slice', 'gather'}
+
+
+def _parameters(hlo_text: str) -> dict[str, dict[int, str]]:
+  """Computation -> parameter index -> the parameter instruction's name."""
+  out: dict[str, dict[int, str]] = collections.defaultdict(dict)
+  comp = ''
+  for line in hlo_text.splitlines():
+    header = hlo._HEADER.match(line)
+    if header:
+      comp = header.group('name')
+    elif (m := _PARAM.match(line)):
+      out[comp][int(m.group('index'))] = m.group('name')
+  return out
+
+
+def _traffic(module: hlo.Module, params: dict, i: hlo.Instr) -> int:
+  """HBM bytes one execution of kernel i reads and writes: an operand read only through slices
+  counts the slices, the buffer a dynamic-update-slice writes into in place counts nothing
+  read and only the update written."""
+  size = lambda name: hlo._nbytes(module.by_name[name].result) if name in module.by_name else 0
+  callee = _CALLS.search(i.attrs) if i.op in ('fusion', 'fusion-start') else None
+  body = module.by_comp.get(callee.group('name'), []) if callee else []
+  if not body:
+    if i.op == 'dynamic-update-slice':
+      return 2 * size(i.operands[1])
+    return hlo._nbytes(i.result) + sum(size(o) for o in i.operands)
+  users = collections.defaultdict(list)
+  for j in body:
+    for k, o in enumerate(j.operands):
+      users[o].append((j, k))
+  read = 0
+  for index, operand in enumerate(i.operands):
+    uses = users.get(params[body[0].comp].get(index, ''), [])
+    if uses and all(j.op in _SLICING and k == 0 for j, k in uses):
+      read += sum(hlo._nbytes(j.result) for j, _ in uses)
+    elif uses and all(j.op == 'dynamic-update-slice' and k == 0 for j, k in uses):
+      continue
+    else:
+      read += size(operand)
+  root = body[-1]
+  roots = [module.by_name.get(o) for o in root.operands] if root.op == 'tuple' else [root]
+  written = sum(size(r.operands[1]) if r is not None and r.op == 'dynamic-update-slice'
+                else hlo._nbytes(r.result) if r is not None else 0 for r in roots)
+  return read + written
+
+
 def kernels(hlo_text: str, row_share: float = 1.0) -> list[Kernel]:
   """Every kernel of a compiled program with its class, executions, FLOPs and bytes."""
   module = hlo.Module(hlo_text)
+  params = _parameters(hlo_text)
   fused = _fused(module)
   out = []
   for i in module.instrs:
@@ -93,10 +142,7 @@ def kernels(hlo_text: str, row_share: float = 1.0) -> list[Kernel]:
       continue
     inner = _inner(module, i)
     flops = sum(hlo.instr_flops(module, j, row_share) for j in inner)
-    size = hlo._nbytes(i.result) + sum(
-        hlo._nbytes(module.by_name[o].result) for o in i.operands if o in module.by_name)
-    if i.op.endswith('-done'):
-      size = 0
+    size = 0 if i.op.endswith('-done') else _traffic(module, params, i)
     f32 = any(d == 'f32' for j in inner if j.op == 'dot'
               for o in j.operands[:1] if o in module.by_name
               for d, _ in hlo.arrays(module.by_name[o].result))
@@ -129,3 +175,36 @@ def predict(hlo_text: str, rates, calibration: dict[str, float] | None = None,
   return {'predicted_step_s': sum(by_class.values()),
           'predicted_s_by_class': {c: by_class.get(c, 0.0) for c in CLASSES if c in by_class},
           'kernel_launches': launches}
+
+
+_GEMM_KERNEL = re.compile(r'nvjet|xmma|cutlass|gemm|cublas', re.I)
+_ATTENTION_KERNEL = re.compile(r'cudnn|sdpa|fmha|flash', re.I)
+_GEMM_CALL = re.compile(r'custom_call_target="__cublas')
+
+
+def measured_by_class(events: list[dict], hlo_text: str) -> dict[str, float]:
+  """Seconds per op class of a traced run of the program. A kernel is matched to its
+  instruction by the profiler's `hlo_op`, else by its name (XLA names a fusion's kernel after
+  the fusion, '.' written '_'); inside CUDA graphs a library GEMM kernel is the next cuBLAS call
+  after the last matched instruction in schedule order, cuDNN's attention kernels are
+  attention, and copies or memsets are 'other'."""
+  module = hlo.Module(hlo_text)
+  cls = {k.name: k.cls for k in kernels(hlo_text)}
+  by_kernel_name = {name.replace('.', '_'): name for name in cls}
+  out: dict[str, float] = collections.defaultdict(float)
+  last = None
+  for e in sorted(events, key=lambda e: float(e.get('ts', 0.0))):
+    op, name = e.get('args', {}).get('hlo_op', ''), e.get('name', '')
+    matched = op if op in cls else by_kernel_name.get(name)
+    if matched is None and _ATTENTION_KERNEL.search(name):
+      c = 'attention'
+    elif matched is None and _GEMM_KERNEL.search(name) and last is not None:
+      after = [i for i in module.by_comp[last.comp][last.pos + 1:] if _GEMM_CALL.search(i.attrs)]
+      matched = after[0].name if after else None
+      c = cls.get(matched, 'dense_gemm')
+    else:
+      c = cls.get(matched, 'other')
+    if matched in module.by_name:
+      last = module.by_name[matched]
+    out[c] += float(e.get('dur', 0.0)) * 1e-6
+  return dict(out)

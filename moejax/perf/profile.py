@@ -3,7 +3,7 @@
 The trace is JAX's Perfetto export (`jax.profiler.trace(..., create_perfetto_trace=True)`):
 every device kernel is one complete event ('ph': 'X') on a device process, named by its kernel
 and, where the profiler knows it, carrying the HLO instruction it ran for (`args.hlo_op`).
-Each instruction is given an op class from the compiled program (moejax.perf.opclass).
+moejax.perf.opclass gives each kernel its op class.
 """
 from __future__ import annotations
 
@@ -60,11 +60,3 @@ def busy_seconds(events: list[dict]) -> float:
     busy += stop - max(start, end)
     end = stop
   return busy * 1e-6
-
-
-def by_class(per_op: dict[str, dict], classes: dict[str, str]) -> dict[str, float]:
-  """Seconds per op class; instructions the program does not name go to 'other'."""
-  out: dict[str, float] = collections.defaultdict(float)
-  for op, row in per_op.items():
-    out[classes.get(op, 'other')] += row['s']
-  return dict(out)
