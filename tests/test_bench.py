@@ -76,3 +76,24 @@ def test_h100_target_compiles_the_gpu_program(tmp_path):
     assert field in result, field
   assert 1.0 <= result['flops_executed_over_model'] < 3.0
   assert result['collective_bytes']['all-to-all'] > 0
+
+
+def test_gpu_bench_tiny_runs_the_cards_code_on_cpu(tmp_path):
+  """gpu_bench --tiny: the named shapes' CPU variants through the same measuring, trace and
+  op-class code as on a card (the equivalence is covered by the mesh tests)."""
+  out_file = tmp_path / 'gpu_bench.json'
+  cmd = [sys.executable, '-m', 'moejax.cli.gpu_bench', '--tiny', '--steps=1',
+         '--shapes=seed_stage,qwen3_30b_a3b', '--noequivalence', f'--out={out_file}',
+         f'--files={tmp_path}']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=subprocess_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out_file.read_text())
+  assert set(result['programs']) == {'seed_stage/capacity', 'seed_stage/dropless',
+                                     'qwen3_30b_a3b/capacity', 'qwen3_30b_a3b/dropless'}
+  for key, r in result['programs'].items():
+    assert 'error' not in r, (key, r)
+    assert r['step_s'] > 0 and 0 < r['mfu'] and r['model_flops_per_token'] > 0
+    assert sum(r['measured_s_by_class'].values()) > 0
+    assert r['measured_s_by_class'].get('expert_gemm', 0) > 0, key
+  assert (tmp_path / 'hlo.tar.gz').exists() and (tmp_path / 'traces.tar.gz').exists()

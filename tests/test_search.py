@@ -22,7 +22,7 @@ def test_collective_groups_in_every_form():
 
 
 RATES = targets.Rates(bf16_flops_per_s=1e12, nvlink_bytes_per_s=1e9, network_bytes_per_s=1e8,
-                      memory_bytes=2**30)
+                      f32_flops_per_s=1e11, hbm_bytes_per_s=1e10, memory_bytes=2**30)
 HOSTS = (0, 0, 1, 1)      # partitions 0, 1 on one host, 2, 3 on the other
 
 

@@ -194,10 +194,10 @@ def _spec_rate(card: str) -> float:
 
 def _equivalence() -> dict:
   import jax
-  from configs import tp4pp4
+  from moejax.perf import shapes
   from moejax.train.check import equivalence
   try:
-    return equivalence(jax.devices(), tp4pp4.get_config('tiny'))
+    return equivalence(jax.devices(), shapes.load('configs/tp4pp4.py', 'tiny'))
   except Exception as e:
     return {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
 

@@ -19,13 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import ModelConfig
 
-# Axes that place a weight without being contracted or produced per token.
-_BATCH_AXES = ('experts', None)
-
-
 def _is_matmul(axes: tuple) -> bool:
-  other = [a for a in axes if a not in _BATCH_AXES and a != 'embed']
-  return 'embed' in axes and len(other) >= 1
+  """A weight with an 'embed' axis and another that is not the experts' (norm scales and
+  biases have one axis per expert at most)."""
+  return 'embed' in axes and len(axes) - axes.count('experts') >= 2
 
 
 @functools.lru_cache(maxsize=64)
