@@ -168,6 +168,10 @@ class Schedule:
   repeats: int = key('pipeline.repeats', POSITIVE)                   # circular repeats (r)
   num_micro_batches: int = key('data.num_micro_batches', POSITIVE)   # M
   remat_policy: str = key('pipeline.remat_policy', one_of(*REMAT_POLICIES))
+  # A stage's layers as straight-line code (True) or a lax.scan over them (False: one layer's
+  # program, compiles faster for deep stages; XLA copies the stacked weight gradients per
+  # micro-batch, 20% of an H200 step).
+  unroll_layers: bool = key('pipeline.unroll_layers', default=True, parse=bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +197,7 @@ class Layout:
   repeats = property(lambda self: self.schedule.repeats)
   num_micro_batches = property(lambda self: self.schedule.num_micro_batches)
   remat_policy = property(lambda self: self.schedule.remat_policy)
+  unroll_layers = property(lambda self: self.schedule.unroll_layers)
   micro_batch_size = property(lambda self: self.batch.micro_batch_size)
   seq_len = property(lambda self: self.batch.seq_len)
 

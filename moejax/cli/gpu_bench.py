@@ -44,14 +44,15 @@ def _card(device) -> str:
   return 'h100' if device.platform != 'cpu' else 'cpu'
 
 
-def measure_program(config, steps: int, trace_dir: str | None) -> dict:
-  """One shape: its train step's time, MFU, op-class times from a trace, and the prediction."""
+def measure_program(config, steps: int, trace_dir: str | None, hlos: dict, key: str) -> dict:
+  """One shape: its train step's time, MFU, op-class times from a trace, and the prediction;
+  its compiled program's text goes into hlos[key] as soon as it is compiled."""
   import jax
   from moejax import targets
   from moejax.model import flops as model_flops
   from moejax.perf import calibration, opclass, profile, speed
   runner = speed.StepRunner(config)
-  text = runner.step_fn.as_text()
+  text = hlos[key] = runner.step_fn.as_text()
   seconds = runner.time(steps)
   out = {'step_s': seconds, 'tokens': runner.lay.tokens_per_step,
          'compile_s': runner.analysis['compile_s'],
@@ -82,7 +83,7 @@ def measure_program(config, steps: int, trace_dir: str | None) -> dict:
       out['measured_busy_s'] = profile.busy_seconds(events)
       out['top_kernels'] = sorted(({'op': k, **v} for k, v in per_op.items()),
                                   key=lambda r: -r['s'])[:25]
-  return out, text
+  return out
 
 
 def _count(classes: dict[str, str]) -> dict[str, int]:
@@ -123,7 +124,7 @@ def main(argv):
       try:
         config = shapes.config(name, dispatch, tiny=FLAGS.tiny)
         trace = os.path.join(work, 'traces', key.replace('/', '_'))
-        r, hlos[key] = measure_program(config, FLAGS.steps, trace)
+        r = measure_program(config, FLAGS.steps, trace, hlos, key)
         r['mfu'] = r['model_flops_per_s'] / spec
         r['mfu_vs_measured_matmul'] = r['model_flops_per_s'] / measured
       except Exception as e:   # one shape's failure must not cost the others' figures

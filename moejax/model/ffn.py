@@ -80,7 +80,11 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str
   expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
   grouped = lambda a, m: checkpoint_name(_scoped(grouped_matmul.ragged_dot, a, m, sizes),
                                         remat.GROUPED_MATMUL)
-  bias = lambda b: None if b is None else b[expert]                    # [R, F] or [R, D]
+  # Each row's bias as a one-hot matmul [R, E] x [E, F|D]: its gradient is a matmul too (the
+  # transpose of a gather, a scatter-add of R rows into E, ran at 20-40 ms per call on an H200).
+  onehot = jax.nn.one_hot(expert, num_experts, dtype=x.dtype)          # [R, E]
+  bias = lambda b: None if b is None else jnp.einsum(                  # [R, F] or [R, D]
+      'RE,EF->RF', onehot, b, preferred_element_type=jnp.float32).astype(x.dtype)
   rows = x[order]                                                      # [R, D]
   first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]
   up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))

@@ -45,7 +45,7 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
-    return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)))
+    return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)), unroll=lay.unroll_layers)
   return stage_fn
 
 

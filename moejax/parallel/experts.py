@@ -80,6 +80,13 @@ def ragged_exchange(rows_: jax.Array, keys_: jax.Array, send_sizes: jax.Array,
   ragged = (jax.lax.ragged_all_to_all if ragged_kind() == 'ragged'
             else padded_ragged_all_to_all)
   n, ep = rows_.shape[0], send_sizes.shape[0]
+  if ep == 1:   # a group of one shard: the exchange is the identity (no collective kernel)
+    sent = jnp.arange(n) < send_sizes[0]                                # [N_]
+    rows_ = jnp.where(sent.reshape((n,) + (1,) * (rows_.ndim - 1)), rows_, 0)
+    keys_ = jnp.where(sent.reshape((n,) + (1,) * (keys_.ndim - 1)), keys_, pad_key)
+    out = local_fn(checkpoint_name(rows_, remat.MOE_DISPATCHED), keys_)  # [N_, D']
+    out = jnp.where(sent.reshape((n,) + (1,) * (out.ndim - 1)), out, 0)
+    return checkpoint_name(out, remat.MOE_RETURNED)
   send_off = _exclusive_cumsum(send_sizes)                              # [ep] in my rows_
   recv_sizes = jax.lax.all_to_all(send_sizes, axes, 0, 0, tiled=True)   # [ep] from each source
   recv_off = _exclusive_cumsum(recv_sizes)                              # [ep] in my buffer
