@@ -54,9 +54,11 @@ def fit(bench_dir: str, card: str, steps_traced: int = 1) -> dict[str, float]:
       continue
     with open(hlo_path) as f:
       text = f.read()
-    for c, s in opclass.measured_by_class(profile.device_events(trace), text).items():
+    for c, s in opclass.measured_by_class(profile.device_events(trace), text,
+                                               fine=True).items():
       measured[c] = measured.get(c, 0.0) + s / steps_traced
-    for c, s in opclass.predict(text, targets.rates(card))['predicted_s_by_class'].items():
+    for c, s in opclass.predict(text, targets.rates(card),
+                                  fine=True)['predicted_s_by_class'].items():
       predicted[c] = predicted.get(c, 0.0) + s
   return {c: round(measured.get(c, 0.0) / s, 3) for c, s in sorted(predicted.items()) if s > 0}
 

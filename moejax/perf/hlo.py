@@ -230,21 +230,24 @@ class GroupedMatmul(NamedTuple):
 
 
 def grouped_matmul(module: Module, i: Instr) -> GroupedMatmul | None:
-  """The grouped matmul a custom call runs, or None. lhs [M, K] x rhs [G, K, N] -> [M, N], its
-  input gradient [M, N] x [G, K, N] -> [M, K], its weight gradient [M, K] x [M, N] -> [G, K, N]:
-  each is 2*K*N per row computed."""
-  if i.op != 'custom-call' or 'triton' not in i.attrs or 'RaggedDot' not in i.attrs:
+  """The grouped matmul a custom call runs (tokamax's ragged dot: Pallas Triton or Mosaic GPU),
+  or None. lhs [M, K] x rhs [G, K, N] -> [M, N], its input gradient [M, N] x [G, K, N] -> [M, K],
+  its weight gradient [M, K] x [M, N] -> [G, K, N]: each is 2*K*N per row computed."""
+  if (i.op != 'custom-call' or not ('triton' in i.attrs or 'mosaic' in i.attrs)
+      or 'RaggedDot' not in i.attrs):
     return None
   out = arrays(i.result)
   lhs = module.shape(i.operands[0]) if i.operands else ()
+  rhs = module.shape(i.operands[1]) if len(i.operands) > 1 else ()
   if not out or len(lhs) != 2:
     return None
   result = out[0][1]
   block = re.search(r'block_m\\?"\s*:\s*(\d+)', i.attrs)
   groups = re.search(r'num_groups\\?"\s*:\s*(\d+)', i.attrs)
   k, n = (result[1], result[2]) if len(result) == 3 else (lhs[1], result[1])
-  return GroupedMatmul(lhs[0], k, n, int(groups.group(1)) if groups else 1,
-                       int(block.group(1)) if block else 1)
+  count = (int(groups.group(1)) if groups else result[0] if len(result) == 3
+           else rhs[0] if len(rhs) == 3 else 1)
+  return GroupedMatmul(lhs[0], k, n, count, int(block.group(1)) if block else 1)
 
 
 def grouped_matmuls(hlo_text: str) -> list[tuple[GroupedMatmul, int]]:

@@ -26,6 +26,9 @@ _CALLS = re.compile(r'\bcalls=%(?P<name>[\w.\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
+GROUPED = 'expert_gemm_grouped'   # calibration key of grouped-matmul kernels (an expert_gemm)
+
+
 class Kernel(NamedTuple):
   name: str
   cls: str
@@ -33,6 +36,12 @@ class Kernel(NamedTuple):
   flops: int           # matmul FLOPs of one execution
   bytes: int           # operand + result bytes of one execution
   f32: bool            # its matmuls take f32 operands
+  grouped: bool = False   # a grouped-matmul kernel (calibrated apart from library GEMMs)
+
+  @property
+  def key(self) -> str:
+    """Its calibration key: its class, or GROUPED for a grouped matmul."""
+    return GROUPED if self.grouped else self.cls
 
 
 def _fused(module: hlo.Module) -> set[str]:
@@ -147,7 +156,7 @@ def kernels(hlo_text: str, row_share: float = 1.0) -> list[Kernel]:
               for o in j.operands[:1] if o in module.by_name
               for d, _ in hlo.arrays(module.by_name[o].result))
     out.append(Kernel(i.name, _classify(module, i, inner, flops), module.count(i), flops, size,
-                      f32))
+                      f32, any(hlo.grouped_matmul(module, j) is not None for j in inner)))
   return out
 
 
@@ -157,10 +166,11 @@ def classes(hlo_text: str) -> dict[str, str]:
 
 
 def predict(hlo_text: str, rates, calibration: dict[str, float] | None = None,
-            row_share: float = 1.0) -> dict:
+            row_share: float = 1.0, fine: bool = False) -> dict:
   """Predicted seconds per program run, in all and by op class (collectives excluded: see
   moejax.perf.estimate), and the kernel launches counted; `calibration` multiplies each
-  class's time (measured / predicted on a card, moejax.perf.calibration)."""
+  kernel's time by its key's ratio (measured / predicted on a card, moejax.perf.calibration);
+  fine: by calibration key (grouped matmuls apart) rather than by class."""
   by_class: dict[str, float] = collections.defaultdict(float)
   launches = 0
   for k in kernels(hlo_text, row_share):
@@ -168,28 +178,30 @@ def predict(hlo_text: str, rates, calibration: dict[str, float] | None = None,
       continue
     rate = rates.f32_flops_per_s if k.f32 else rates.bf16_flops_per_s
     seconds = max(k.flops / rate, k.bytes / rates.hbm_bytes_per_s) + LAUNCH_S
-    by_class[k.cls] += seconds * k.runs
+    by_class[k.key if fine else k.cls] += seconds * k.runs * (calibration or {}).get(k.key, 1.0)
     launches += k.runs
-  if calibration:
-    by_class = {c: s * calibration.get(c, 1.0) for c, s in by_class.items()}
   return {'predicted_step_s': sum(by_class.values()),
-          'predicted_s_by_class': {c: by_class.get(c, 0.0) for c in CLASSES if c in by_class},
+          'predicted_s_by_class': {c: by_class[c] for c in CLASSES + (GROUPED,)
+                                   if c in by_class},
           'kernel_launches': launches}
 
 
 _GEMM_KERNEL = re.compile(r'nvjet|xmma|cutlass|gemm|cublas', re.I)
+_GROUPED_KERNEL = re.compile(r'ragged', re.I)   # tokamax's grouped matmul kernels
 _ATTENTION_KERNEL = re.compile(r'cudnn|sdpa|fmha|flash', re.I)
 _GEMM_CALL = re.compile(r'custom_call_target="__cublas')
 
 
-def measured_by_class(events: list[dict], hlo_text: str) -> dict[str, float]:
+def measured_by_class(events: list[dict], hlo_text: str, fine: bool = False
+                      ) -> dict[str, float]:
   """Seconds per op class of a traced run of the program. A kernel is matched to its
   instruction by the profiler's `hlo_op`, else by its name (XLA names a fusion's kernel after
   the fusion, '.' written '_'); inside CUDA graphs a library GEMM kernel is the next cuBLAS call
   after the last matched instruction in schedule order, cuDNN's attention kernels are
-  attention, and copies or memsets are 'other'."""
+  attention, tokamax's grouped matmul kernels are expert GEMMs, and copies or memsets are
+  'other'. fine: grouped matmuls under GROUPED, apart from the other expert GEMMs."""
   module = hlo.Module(hlo_text)
-  cls = {k.name: k.cls for k in kernels(hlo_text)}
+  cls = {k.name: k.key if fine else k.cls for k in kernels(hlo_text)}
   by_kernel_name = {name.replace('.', '_'): name for name in cls}
   out: dict[str, float] = collections.defaultdict(float)
   last = None
@@ -198,6 +210,8 @@ def measured_by_class(events: list[dict], hlo_text: str) -> dict[str, float]:
     matched = op if op in cls else by_kernel_name.get(name)
     if matched is None and _ATTENTION_KERNEL.search(name):
       c = 'attention'
+    elif matched is None and _GROUPED_KERNEL.search(name):
+      c = GROUPED if fine else 'expert_gemm'
     elif matched is None and _GEMM_KERNEL.search(name) and last is not None:
       after = [i for i in module.by_comp[last.comp][last.pos + 1:] if _GEMM_CALL.search(i.attrs)]
       matched = after[0].name if after else None
