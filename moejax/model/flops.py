@@ -1,8 +1,8 @@
 """The model's training FLOPs per token, derived from the parameter declarations.
 
 Counted as PaLM's appendix B counts them: 6 FLOPs (forward 2, backward 4) per active matmul
-weight per token, plus attention's score and value matmuls. A matmul weight is a declared
-parameter with an 'embed' axis and at least one other non-expert axis (q/k/v, output
+weight per token, plus attention's score and value matmuls. A matmul weight is a block's or the
+head's parameter whose declaration makes it a 'matrix' (moejax.model.params.role: q/k/v, output
 projection, router, expert matrices, LM head): norm scales and biases are not matmuls, and the
 token embedding is a lookup. An expert matrix is active for top_k of its num_experts experts.
 Attention is causal: a token attends to T/2 positions on average over a sequence of T, so its
@@ -19,12 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import ModelConfig
 
-def _is_matmul(axes: tuple) -> bool:
-  """A weight with an 'embed' axis and another that is not the experts' (norm scales and
-  biases have one axis per expert at most)."""
-  return 'embed' in axes and len(axes) - axes.count('experts') >= 2
-
-
 @functools.lru_cache(maxsize=64)
 def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   """Multiply-accumulates per token of one block's and of the head's matmul weights."""
@@ -39,7 +33,7 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
     for spec, leaf in zip(jax.tree.leaves(specs[part], is_leaf=lambda s: isinstance(s, P)),
                           jax.tree.leaves(shapes[part])):
       axes = tuple(spec)
-      if not _is_matmul(axes):
+      if params_lib.role(axes) != 'matrix':
         continue
       size = math.prod(leaf.shape)
       if 'experts' in axes:

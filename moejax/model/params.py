@@ -41,6 +41,25 @@ def from_stages(blocks: Any) -> Any:
 STAGE_AXES = ('stage', 'repeat', 'layers')
 
 
+def role(axes: tuple) -> str:
+  """What a parameter is, from its declared logical axes (the one rule weight decay and the
+  FLOP count read): 'positions' (the learned position table), 'matrix' (an 'embed' axis and
+  another that is not the experts': projections, router, experts, token table, LM head), else
+  'vector' (norm scales, QK-norm scales, biases, the selection bias)."""
+  axes = tuple(a for a in axes if a not in STAGE_AXES)
+  if 'pos' in axes:
+    return 'positions'
+  if 'embed' in axes and len(axes) - axes.count('experts') >= 2:
+    return 'matrix'
+  return 'vector'
+
+
+def decayed(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
+  """Tree of bools like the params: weight decay applies to matrices only."""
+  return jax.tree.map(lambda s: role(tuple(s)) == 'matrix', param_axes(cfg, lay),
+                      is_leaf=lambda s: isinstance(s, P))
+
+
 def _examples(cfg: ModelConfig):
   ids = jnp.zeros((1, 1, 1), jnp.int32)
   x = jnp.zeros((1, cfg.group_size, cfg.d_model), jnp.float32)

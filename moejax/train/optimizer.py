@@ -1,7 +1,6 @@
 """AdamW with linear warmup, cosine decay and global-norm clipping."""
 from __future__ import annotations
 
-import jax
 import optax
 
 from moejax.config import OptimConfig
@@ -13,18 +12,12 @@ def schedule(optim: OptimConfig) -> optax.Schedule:
       decay_steps=optim.warmup_steps + optim.decay_steps, end_value=optim.lr * optim.min_lr_ratio)
 
 
-def _decay_mask(params):
-  """Decay matrices only: not LayerNorm scales/biases, attention or expert biases, positions."""
-  def keep(path, _):
-    name = getattr(path[-1], 'key', '')
-    return name not in ('scale', 'bias', 'bqkv', 'bo', 'b1', 'b2', 'pos', 'select_bias')
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make(optim: OptimConfig) -> optax.GradientTransformation:
+def make(optim: OptimConfig, decayed) -> optax.GradientTransformation:
+  """AdamW decaying the params `decayed` marks (moejax.model.params.decayed: matrices only,
+  never norm scales, biases or the position table)."""
   parts = []
   if optim.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
   parts.append(optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2,
-                           weight_decay=optim.weight_decay, mask=_decay_mask))
+                           weight_decay=optim.weight_decay, mask=decayed))
   return optax.chain(*parts)

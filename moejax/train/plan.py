@@ -48,7 +48,7 @@ class Plan:
     lay = self.layout
     self.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
     self.rules = mesh_lib.rules_for(lay, self.model.kv_heads)
-    self.tx = optimizer.make(self.optim)
+    self.tx = optimizer.make(self.optim, params_lib.decayed(self.model, lay))
     self.schedule = optimizer.schedule(self.optim)
     with self.active():
       self.state_sharding = state_lib.shardings(self.model, lay, self.tx, self.mesh)
