@@ -15,6 +15,7 @@ COMMANDS = {
     'moejax.cli.prepare': ['--input', '--out', '--tokenizer'],
     'moejax.cli.plot': ['--workdir'],
     'moejax.cli.gpu_check': ['--config', '--out'],
+    'moejax.cli.gpu_bench': ['--[no]tiny', '--out', '--files', '--budget_s'],
     'moejax.bench': ['--config', '--[no]aot', '--target'],
 }
 
