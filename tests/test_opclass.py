@@ -69,3 +69,23 @@ def test_trace_events_are_matched_to_kernels_by_name():
             {'ts': 40, 'dur': 5.0, 'name': 'memcpy128', 'args': {}}]
   assert opclass.measured_by_class(events, text) == {'elementwise': pytest.approx(30e-6),
                                                      'other': pytest.approx(5e-6)}
+
+
+def _gpu_program(name: str) -> str:
+  import os
+  with open(os.path.join(os.path.dirname(__file__), 'data', name)) as f:
+    return f.read()
+
+
+def test_compiled_gpu_programs_get_their_classes_and_a_calibrated_step():
+  from moejax.perf import calibration, estimate
+  attention = estimate.time_model(_gpu_program('h100_cudnn_attention.hlo'), [0] * 4, 'h100',
+                                  1e9)
+  assert set(attention['predicted_s_by_class']) == {'attention', 'collectives_exposed'}
+  assert 'H200' in attention['calibration'] and calibration.ratios('h100')['attention'] > 1
+  moe = estimate.time_model(_gpu_program('h100_dropless_moe.hlo'), [0] * 4, 'h100', 1e9)
+  by_class = moe['predicted_s_by_class']
+  assert by_class['expert_gemm'] > 0 and by_class['routing'] > 0       # grouped matmuls, sort
+  assert moe['predicted_step_s'] == pytest.approx(sum(by_class.values()))
+  links = estimate.time_model(_gpu_program('h100_collectives.hlo'), [0] * 16, 'h100', 1e9)
+  assert links['predicted_s_by_class']['collectives_exposed'] > 0

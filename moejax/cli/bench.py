@@ -111,6 +111,10 @@ def _aot(config) -> None:
   if FLAGS.hlo_out:
     with open(FLAGS.hlo_out, 'w') as f:
       f.write(compiled.as_text())
+  if target != 'cpu':
+    from moejax.perf import estimate
+    result['time_model'] = estimate.time_model(compiled.as_text(), result['mesh_hosts'], target,
+                                               result['flops_model_per_device'])
   result.update(mesh=f'{config.mesh.tp}x{config.mesh.pp}', dtype=config.model.dtype,
                 platform=jax.devices()[0].platform if target == 'cpu' else 'cuda',
                 target=jax.devices()[0].device_kind if target == 'cpu' else
@@ -126,8 +130,9 @@ def _search(config) -> None:
   from moejax.perf import search
   ranked = search.search(config, FLAGS.target, report=_print_candidate)
   print(f'\nLayouts for {config.mesh.dp * config.mesh.tp * config.mesh.pp} x '
-        f'{FLAGS.target}, best first (an estimate at peak rates: matmuls at the card\'s bf16 '
-        f'rate, collectives not overlapped at NVLink / network bandwidth):')
+        f'{FLAGS.target}, best first (the time model: kernels by op class at the card\'s rates, '
+        f'calibrated on its last measured run; collectives at NVLink / network bandwidth, hidden '
+        f'where the schedule overlaps them):')
   for rank, r in enumerate(ranked, 1):
     print(f'{rank:3d}. {_candidate_line(r)}')
   _write(ranked)
@@ -135,10 +140,11 @@ def _search(config) -> None:
 
 def _candidate_line(r: dict) -> str:
   e = r['estimate']
-  return (f"{r['layout']:34s} step ~{e['step_s'] * 1e3:8.2f} ms (matmuls "
-          f"{e['matmul_s'] * 1e3:.2f}, exposed collectives "
-          f"{e['collective_exposed_s'] * 1e3:.2f}, between hosts "
-          f"{e['collective_between_hosts_s'] * 1e3:.2f}) | peak {r['peak_bytes'] / 2**30:5.1f} GiB"
+  m = r['time_model']
+  return (f"{r['layout']:34s} step ~{m['predicted_step_s'] * 1e3:8.2f} ms, MFU "
+          f"{m['predicted_mfu']:.1%} (kernels {(m['predicted_step_s'] - m['predicted_s_by_class']['collectives_exposed']) * 1e3:.2f}, exposed collectives "
+          f"{m['predicted_s_by_class']['collectives_exposed'] * 1e3:.2f}, between hosts "
+          f"{e['collective_between_hosts_s'] * 1e3:.2f}; matmuls at peak {e['matmul_s'] * 1e3:.2f}) | peak {r['peak_bytes'] / 2**30:5.1f} GiB"
           f"{'' if r['fits'] else ' DOES NOT FIT'} | FLOPs {r['flops_executed_over_model']:.3f}x "
           f"| collectives {r['collective_bytes'] / 2**30:.2f} GiB "
           f"({r['collective_ratio_vs_min']:.2f}x min)")
@@ -167,6 +173,11 @@ def _print_aot(result: dict) -> None:
         f"{result['flops_executed_over_model']:.3f}x the model's "
         f"{result['flops_model_per_device']:.4g}; excess: " + ', '.join(
             f'{k} {v:.3g}' for k, v in result['flops_excess'].items()))
+  if 'time_model' in result:
+    t = result['time_model']
+    print(f"  predicted step {t['predicted_step_s'] * 1e3:.2f} ms, MFU {t['predicted_mfu']:.1%} "
+          f"(calibration: {t['calibration']}); by class: " + ', '.join(
+              f'{k} {v * 1e3:.2f} ms' for k, v in t['predicted_s_by_class'].items()))
 
 
 def _write(result) -> None:

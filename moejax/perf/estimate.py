@@ -51,3 +51,26 @@ def step_time(hlo_text: str, flops_executed: float, host_of: Sequence[int], rate
   return {'step_s': max(compute, overlapped) + exposed, 'matmul_s': compute,
           'collective_overlapped_s': overlapped, 'collective_exposed_s': exposed,
           'collective_between_hosts_s': between_hosts}
+
+
+def time_model(hlo_text: str, host_of: Sequence[int], card: str, model_flops: float) -> dict:
+  """A compiled GPU program's predicted step on `card`: its kernels by op class
+  (moejax.perf.opclass, calibrated by the card's last measured run) and its collectives at the
+  links' bandwidth, those with compute scheduled between start and done hidden behind the
+  kernels up to their time. model_flops: the model's FLOPs per device per step."""
+  from moejax import targets
+  from moejax.perf import calibration, opclass
+  rates = targets.rates(card)
+  kernels = opclass.predict(hlo_text, rates, calibration.ratios(card))
+  links = step_time(hlo_text, 0.0, host_of, rates)
+  compute = kernels['predicted_step_s']
+  hidden = min(links['collective_overlapped_s'], compute)
+  exposed = links['collective_exposed_s'] + links['collective_overlapped_s'] - hidden
+  step = compute + exposed
+  return {'predicted_step_s': step, 'predicted_mfu': model_flops / step / rates.bf16_flops_per_s,
+          'predicted_s_by_class': dict(kernels['predicted_s_by_class'],
+                                       collectives_exposed=exposed),
+          'collectives_overlapped_s': hidden,
+          'collective_between_hosts_s': links['collective_between_hosts_s'],
+          'kernel_launches': kernels['kernel_launches'],
+          'calibration': calibration.source(card) or 'none (rooflines only)'}

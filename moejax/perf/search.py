@@ -66,9 +66,12 @@ def evaluate(config, overrides: dict[str, Any], target: str) -> dict[str, Any]:
   result = aot.compiled_analysis(with_overrides(config, overrides), target)
   text = result.pop('compiled').as_text()
   time = estimate.step_time(text, result['flops_executed'], result['mesh_hosts'], rates)
+  model = estimate.time_model(text, result['mesh_hosts'], target,
+                              result['flops_model_per_device'])
   peak = result['memory_per_device_bytes']['peak']
   return {'layout': name(overrides), 'overrides': overrides, 'estimate': time,
-          'step_s_estimate': time['step_s'], 'peak_bytes': peak,
+          'time_model': model, 'step_s_estimate': model['predicted_step_s'],
+          'predicted_mfu': model['predicted_mfu'], 'peak_bytes': peak,
           'fits': peak <= rates.memory_bytes, 'card_memory_bytes': rates.memory_bytes,
           'flops_executed_over_model': result['flops_executed_over_model'],
           'collective_bytes': sum(result['collective_bytes'].values()),
@@ -80,7 +83,7 @@ def evaluate(config, overrides: dict[str, Any], target: str) -> dict[str, Any]:
 def search(config, target: str, report: Callable[[dict], None] = lambda r: None
            ) -> list[dict[str, Any]]:
   """Every candidate layout compiled for `target`, ranked: those that fit the card first, by
-  estimated step time. `report` sees each result as it is made (or each skipped layout)."""
+  the time model's predicted step (moejax.perf.estimate.time_model). `report` sees each result as it is made (or each skipped layout)."""
   from moejax import validation
   if target not in targets.GPUS:
     raise ConfigError(f'--search ranks layouts by a GPU card\'s rates; add --target=one of '
