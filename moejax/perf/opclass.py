@@ -124,9 +124,16 @@ def _traffic(module: hlo.Module, params: dict, i: hlo.Instr) -> int:
   for j in body:
     for k, o in enumerate(j.operands):
       users[o].append((j, k))
+
+  def uses_of(name: str) -> list:   # through bitcasts, which move no data
+    out = []
+    for j, k in users.get(name, []):
+      out.extend(uses_of(j.name) if j.op == 'bitcast' else [(j, k)])
+    return out
+
   read = 0
   for index, operand in enumerate(i.operands):
-    uses = users.get(params[body[0].comp].get(index, ''), [])
+    uses = uses_of(params[body[0].comp].get(index, ''))
     if uses and all(j.op in _SLICING and k == 0 for j, k in uses):
       read += sum(hlo._nbytes(j.result) for j, _ in uses)
     elif uses and all(j.op == 'dynamic-update-slice' and k == 0 for j, k in uses):
@@ -135,6 +142,8 @@ def _traffic(module: hlo.Module, params: dict, i: hlo.Instr) -> int:
       read += size(operand)
   root = body[-1]
   roots = [module.by_name.get(o) for o in root.operands] if root.op == 'tuple' else [root]
+  roots = [module.by_name.get(r.operands[0]) if r is not None and r.op == 'bitcast' else r
+           for r in roots]
   written = sum(size(r.operands[1]) if r is not None and r.op == 'dynamic-update-slice'
                 else hlo._nbytes(r.result) if r is not None else 0 for r in roots)
   return read + written
