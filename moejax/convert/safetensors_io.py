@@ -19,13 +19,52 @@ DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.f
 _NUMPY = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F64': np.float64}
 
 
+# Bytes per element of every safetensors dtype (the format's own list).
+ITEMSIZE = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E5M2': 1, 'F8_E4M3': 1, 'I16': 2, 'U16': 2,
+            'F16': 2, 'BF16': 2, 'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
+MAX_HEADER = 100 * 2**20      # the format's own limit on the JSON header
+
+
 def _header(path: str) -> tuple[dict, int]:
-  """A safetensors file's header {name: {dtype, shape, data_offsets}} and where data starts."""
+  """A safetensors file's header {name: {dtype, shape, data_offsets}} and where data starts,
+  checked against the file's size before any tensor is read: ConfigError naming the file."""
+  size = os.path.getsize(path)
+  bad = lambda why: ConfigError(f'{path} is not a valid safetensors file: {why}. Re-download or '
+                                f're-convert it.')
   with open(path, 'rb') as f:
-    size = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(size))
+    if size < 8:
+      raise bad(f'{size} bytes, shorter than the 8-byte header length')
+    length = int.from_bytes(f.read(8), 'little')
+    if length > min(MAX_HEADER, size - 8):
+      raise bad(f'its header claims {length} bytes of the file\'s {size}')
+    try:
+      header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise bad(f'its header is not JSON ({e})') from None
+  if not isinstance(header, dict):
+    raise bad('its header is not a JSON object')
   header.pop('__metadata__', None)
-  return header, 8 + size
+  data = size - 8 - length
+  for name, entry in header.items():
+    _check_entry(name, entry, data, bad)
+  return header, 8 + length
+
+
+def _check_entry(name: str, entry, data: int, bad) -> None:
+  """One tensor's dtype, shape and offsets: a known dtype, whole byte ranges inside the data."""
+  if not isinstance(entry, dict) or entry.get('dtype') not in ITEMSIZE:
+    raise bad(f'tensor {name!r} has dtype {getattr(entry, "get", lambda k: None)("dtype")!r}, '
+              f'not one of {sorted(ITEMSIZE)}')
+  shape, offsets = entry.get('shape'), entry.get('data_offsets')
+  if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+      or not isinstance(offsets, list) or len(offsets) != 2
+      or not all(isinstance(o, int) for o in offsets)):
+    raise bad(f'tensor {name!r} has shape {shape!r} and offsets {offsets!r}')
+  begin, end = offsets
+  need = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[entry['dtype']]
+  if not 0 <= begin <= end <= data or end - begin != need:
+    raise bad(f'tensor {name!r} ({entry["dtype"]} {shape}, {need} bytes) claims bytes '
+              f'{begin}..{end} of the {data} the file holds')
 
 
 class Reader:
@@ -39,6 +78,11 @@ class Reader:
         files = sorted(set(json.load(f)['weight_map'].values()))
     else:
       files = sorted(n for n in os.listdir(directory) if n.endswith('.safetensors'))
+      pickles = [n for n in os.listdir(directory) if n.endswith(('.bin', '.pt', '.pth'))]
+      if not files and pickles:
+        raise ConfigError(f'{directory} holds only PyTorch pickles ({", ".join(sorted(pickles))}'
+                          f'), which moejax never unpickles: convert them to safetensors first '
+                          f'(transformers: model.save_pretrained(DIR, safe_serialization=True)).')
       if not files:
         raise ConfigError(f'{directory} has no *.safetensors files (and no {INDEX}).')
     self.directory = directory
