@@ -13,7 +13,7 @@ import pytest
 
 from moejax.errors import ConfigError
 from moejax.train import loop
-from moejax.train.checkpoint import saved_config
+from moejax.checkpoint_dir import saved_config
 from tests.helpers import assert_trees_close, small_config, subprocess_env, without_key_bias
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,7 +35,7 @@ def test_import_finetune_export(tmp_path):
 
   from moejax import config as config_lib
   from moejax.convert import families, hf as hf_lib
-  from moejax.train.checkpoint import saved_config
+  from moejax.checkpoint_dir import saved_config
   _, saved = saved_config(str(tmp_path / 'moejax_mixtral_ft'))
   m = config_lib.model_config(saved)
   again = hf_lib.load_params(str(exported), m, families.FAMILIES['mixtral'])

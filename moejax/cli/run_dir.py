@@ -24,7 +24,7 @@ def inference_config(workdir: str, step: int, tp: int, pp: int
                      ) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of the run's checkpoint laid out on tp x pp (an import's model with its
   family's CPU run settings)."""
-  from moejax.train.checkpoint import saved_config
+  from moejax.checkpoint_dir import saved_config
   step, config = saved_config(workdir, step)
   if 'mesh' not in config:          # moejax.cli.convert import: the model sections only
     config = _with_run_settings(config)

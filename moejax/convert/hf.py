@@ -30,7 +30,7 @@ from moejax.convert import families, mapping
 from moejax.convert.safetensors_io import Reader, Writer
 from moejax.errors import ConfigError
 from moejax.model import params as params_lib
-from moejax.train import checkpoint
+from moejax import checkpoint_dir
 
 Path = tuple[str, ...]
 
@@ -237,12 +237,12 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
                       max_shard_bytes: int = 5 * 10**9, tokenizer_dir: str = '') -> list[str]:
   """Writes a transformers checkpoint of a run's newest (or given) complete step; returns the
   files written."""
-  step, saved = checkpoint.saved_config(workdir, step)
+  step, saved = checkpoint_dir.saved_config(workdir, step)
   m = config_lib.model_config(saved)
   name = saved.model.get('family', '') if 'model' in saved else ''
   families.check_exportable(families.FAMILIES.get(name), m)
   family = families.FAMILIES[name]
-  item_dir, prefix = checkpoint.params_item(os.path.join(workdir, 'checkpoints', str(step)))
+  item_dir, prefix = checkpoint_dir.params_item(os.path.join(workdir, 'checkpoints', str(step)))
   table = mapping.rules(m, family)
   shapes = hf_shapes(table, m)
   writer = Writer(out_dir, [(n, shapes[n]) for use in mapping.uses(table, m) for n in use.names],

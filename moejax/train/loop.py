@@ -22,7 +22,8 @@ from moejax.model.layers import attention_kernel
 from moejax.parallel import experts as ep_lib
 from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
 from moejax.train import workdir as workdir_lib
-from moejax.train.checkpoint import Checkpointer, saved_config
+from moejax.checkpoint_dir import saved_config
+from moejax.train.checkpoint import Checkpointer
 from moejax.train.guard import LOSS_BOUND, Guard
 from moejax.train.memory import check_memory
 from moejax.train.plan import Plan

@@ -9,7 +9,8 @@ import jax
 
 from moejax import runtime
 from moejax.errors import CheckpointError, ConfigError
-from moejax.train.checkpoint import Checkpointer, read_config, read_data_identity, saved_config
+from moejax.checkpoint_dir import read_config, read_data_identity, saved_config
+from moejax.train.checkpoint import Checkpointer
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
 
