@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # all-gathers, reduce-scatters and all-to-alls: the backward pass recomputes only
       # elementwise work (fewest FLOPs of all policies at 11.5 GiB per H100; BENCHMARKS.md).
       remat_policy='nothing_saveable' if tiny else 'save_dots_and_collectives',
-      unroll_layers=True,                 # a stage's layers unrolled (False: a scan; faster compiles)
+      unroll_layers=not tiny,             # a stage's layers unrolled (GPUs: no per-micro-batch weight-gradient copies); a scan compiles faster
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='learnable' if tiny else 'random',  # 'random' (the seed), 'learnable' or 'tokens'

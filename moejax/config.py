@@ -169,8 +169,8 @@ class Schedule:
   num_micro_batches: int = key('data.num_micro_batches', POSITIVE)   # M
   remat_policy: str = key('pipeline.remat_policy', one_of(*REMAT_POLICIES))
   # A stage's layers as straight-line code (True) or a lax.scan over them (False: one layer's
-  # program, compiles faster for deep stages; XLA copies the stacked weight gradients per
-  # micro-batch, 20% of an H200 step).
+  # program, compiles about 2x faster for 8 layers on CPU; XLA copies the stacked weight
+  # gradients per micro-batch, 20% of an H200 step).
   unroll_layers: bool = key('pipeline.unroll_layers', default=True, parse=bool)
 
 

@@ -45,6 +45,15 @@ def test_pipeline_meshes_match_1x1(tp, pp, repeats):
   check(tp, pp, repeats)
 
 
+def test_unrolled_layers_on_2x2_match_the_1x1_scan():
+  """pipeline.unroll_layers (the full configs' default) computes what the scan does."""
+  config = small_config(2, 2, **{'pipeline.unroll_layers': True})
+  loss, _, grads = loss_and_grads(config)
+  ref_loss, _, ref_grads = reference(config.model.num_blocks, 1, 1.1)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
 def test_save_collectives_remat_policy_matches_1x1():
   config = small_config(2, 2, **{'pipeline.remat_policy': 'save_collectives'})
   loss, _, grads = loss_and_grads(config)
