@@ -115,4 +115,7 @@ def test_the_grouped_matmul_is_tokamax_mosaic_on_nvidia_targets(monkeypatch):
   kind, why = grouped_matmul.kernel('cuda')
   assert kind == 'xla' and 'pip install -r requirements-cuda12.txt' in why
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: object())
+  kind, why = grouped_matmul.kernel('cuda')          # compiled here for abstract GPUs
+  assert kind == 'xla' and 'ahead-of-time' in why
+  monkeypatch.setattr(grouped_matmul.jax, 'default_backend', lambda: 'cuda')   # on a GPU
   assert grouped_matmul.kernel('cuda') == ('mosaic', 'tokamax Mosaic GPU grouped matmul')

@@ -112,9 +112,19 @@ def _aot(config) -> None:
     with open(FLAGS.hlo_out, 'w') as f:
       f.write(compiled.as_text())
   if target != 'cpu':
+    from moejax import config as config_lib
+    from moejax.parallel import pipeline as pipeline_lib
     from moejax.perf import estimate
-    result['time_model'] = estimate.time_model(compiled.as_text(), result['mesh_hosts'], target,
-                                               result['flops_model_per_device'])
+    model = estimate.time_model(compiled.as_text(), result['mesh_hosts'], target,
+                                result['flops_model_per_device'])
+    lay = config_lib.layout(config)
+    # Idle ticks run the stages too: the bubble's share of the ticks is its share of the time
+    # the ticks take (the kernels less the embedding, head and update, counted in with them).
+    model['pipeline_bubble_frac'] = pipeline_lib.bubble_fraction(lay.pp, lay.repeats,
+                                                                 lay.num_micro_batches)
+    model['pipeline_bubble_s_at_most'] = model['pipeline_bubble_frac'] * (
+        model['predicted_step_s'] - model['predicted_s_by_class']['collectives_exposed'])
+    result['time_model'] = model
   result.update(mesh=f'{config.mesh.tp}x{config.mesh.pp}', dtype=config.model.dtype,
                 platform=jax.devices()[0].platform if target == 'cpu' else 'cuda',
                 target=jax.devices()[0].device_kind if target == 'cpu' else
@@ -178,6 +188,8 @@ def _print_aot(result: dict) -> None:
     print(f"  predicted step {t['predicted_step_s'] * 1e3:.2f} ms, MFU {t['predicted_mfu']:.1%} "
           f"(calibration: {t['calibration']}); by class: " + ', '.join(
               f'{k} {v * 1e3:.2f} ms' for k, v in t['predicted_s_by_class'].items()))
+    print(f"  pipeline bubble {t['pipeline_bubble_frac']:.1%} of the ticks: at most "
+          f"{t['pipeline_bubble_s_at_most'] * 1e3:.2f} ms of the kernels")
 
 
 def _write(result) -> None:

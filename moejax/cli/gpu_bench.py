@@ -160,7 +160,7 @@ def _grouped_kernels(device, steps: int) -> dict:
     from moejax.model import grouped_matmul
     impls['tokamax_triton_64'] = lambda a, b, g: tokamax.ragged_dot(
         a, b, g, implementation=[grouped_matmul._triton_kernel()])
-    for name in ('triton', 'mosaic'):
+    for name in ('triton', 'mosaic_gpu'):
       impls[f'tokamax_{name}'] = functools.partial(tokamax.ragged_dot, implementation=name)
   except Exception as e:
     impls = dict(impls, tokamax=f'{type(e).__name__}: {e}')

@@ -26,6 +26,10 @@ def kernel(platform: str) -> tuple[str, str]:
   if importlib.util.find_spec('tokamax') is None:
     return 'xla', ('XLA ragged_dot, a dense matmul on NVIDIA GPUs: pip install -r '
                    'requirements-cuda12.txt for tokamax\'s grouped matmul')
+  if jax.default_backend() not in mesh_lib.NVIDIA_PLATFORMS:
+    # tokamax 0.0.17's Mosaic kernel picks its tiles from the GPU it runs on: none is here.
+    return 'xla', ('XLA ragged_dot (an ahead-of-time compile: tokamax\'s Mosaic GPU kernel, '
+                   'what a GPU runs, reads the card it runs on)')
   return 'mosaic', 'tokamax Mosaic GPU grouped matmul'
 
 
@@ -35,26 +39,5 @@ def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Ar
   if kernel(mesh_lib.platform())[0] == 'xla':
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
   import tokamax
-  from absl import flags
-  # Lowering needs no GPU (ahead-of-time compiles): tokamax's cross_compile option, set for the
-  # process because the backward kernels are traced after this call returns.
-  flags.FLAGS.tokamax_cross_compile = True
-  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation='mosaic')
-
-
-# Rows per tile of the Triton kernel, forward and both gradients: each group's last tile pads at
-# most TILE_ROWS - 1 rows, and 64 is the M of Hopper's wgmma instruction. tokamax's heuristic
-# takes 128 (up to 127 padded rows per expert: 1.94 TFLOP per device per step of the full
-# dropless config, 29% of the model's FLOPs; BENCHMARKS.md).
-TILE_ROWS = 64
-
-
-@functools.cache
-def _triton_kernel():
-  """tokamax's Pallas-Triton ragged dot with TILE_ROWS-row tiles in every kernel (its default
-  gradients are fresh ops at the heuristic's tile)."""
-  from tokamax._src.ops.ragged_dot import base, triton
-  config = triton.Config(block_m=TILE_ROWS, block_n=128, block_k=32, num_warps=4, num_stages=4)
-  gradient = triton.TritonRaggedDot(config=config)
-  vjp = functools.partial(base.vjp, dlhs_ragged_dot=gradient, drhs_ragged_dot=gradient)
-  return triton.TritonRaggedDot(config=config, vjp=vjp)
+  # Named for NVIDIA ('mosaic' would be resolved by the default backend).
+  return tokamax.ragged_dot(lhs, rhs, group_sizes, implementation='mosaic_gpu')
