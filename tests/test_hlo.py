@@ -113,7 +113,7 @@ def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
 def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():
   """The same program: the 2 local experts' matmuls are tokamax's Pallas-Triton grouped matmuls
   (w1 and w2 forward, their input and weight gradients: 6) over the [4*64]-row receive buffer,
-  in 64-row tiles (model/grouped_matmul.TILE_ROWS), and no dense dot touches the buffer.
+  in 64-row tiles (the kernel's block_m in the program), and no dense dot touches the buffer.
   FLOPs: 2*K*N per row computed: the rows routed (a quarter of the buffer when balanced, 64)
   plus 2 groups x 63 rows of tile padding, 190 of the buffer's 256."""
   text = open(os.path.join(os.path.dirname(__file__), 'data', 'h100_dropless_moe.hlo')).read()

@@ -14,6 +14,7 @@ spent are reported as skipped.
 """
 from __future__ import annotations
 
+import collections
 import os
 import tarfile
 import tempfile
@@ -71,7 +72,7 @@ def measure_program(config, steps: int, trace_dir: str | None, hlos: dict, key: 
     out['predicted_mfu'] = (out['model_flops_per_token'] * out['tokens'] /
                             out['predicted_step_s'] / rates.bf16_flops_per_s)
   else:
-    out['kernel_classes'] = dict(sorted(_count(opclass.classes(text)).items()))
+    out['kernel_classes'] = dict(sorted(collections.Counter(opclass.classes(text).values()).items()))
   if trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):   # one step
       runner.state, _ = runner.step_fn(runner.state, runner.batch)
@@ -84,13 +85,6 @@ def measure_program(config, steps: int, trace_dir: str | None, hlos: dict, key: 
       out['measured_busy_s'] = profile.busy_seconds(events)
       out['top_kernels'] = sorted(({'op': k, **v} for k, v in per_op.items()),
                                   key=lambda r: -r['s'])[:25]
-  return out
-
-
-def _count(classes: dict[str, str]) -> dict[str, int]:
-  out: dict[str, int] = {}
-  for c in classes.values():
-    out[c] = out.get(c, 0) + 1
   return out
 
 
@@ -157,9 +151,6 @@ def _grouped_kernels(device, steps: int) -> dict:
   impls = {'xla_ragged_dot': lambda a, b, g: jax.lax.ragged_dot(a, b, g)}
   try:
     import tokamax
-    from moejax.model import grouped_matmul
-    impls['tokamax_triton_64'] = lambda a, b, g: tokamax.ragged_dot(
-        a, b, g, implementation=[grouped_matmul._triton_kernel()])
     for name in ('triton', 'mosaic_gpu'):
       impls[f'tokamax_{name}'] = functools.partial(tokamax.ragged_dot, implementation=name)
   except Exception as e:

@@ -19,15 +19,17 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.config import ModelConfig
 
+
 @functools.lru_cache(maxsize=64)
 def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
-  """Multiply-accumulates per token of one block's and of the head's matmul weights."""
+  """Multiply-accumulates per token of one block's matmul weights, of its routed experts'
+  alone, and of the head's."""
+  import flax.linen as nn
   from moejax.model import params as params_lib
   boxed = jax.eval_shape(lambda k: params_lib._boxed(cfg, k), jax.random.key(0))
-  import flax.linen as nn
   specs = nn.get_partition_spec(boxed)
   shapes = nn.unbox(boxed)
-  out = {}
+  out = {'experts': 0.0}
   for part in ('block', 'head'):
     total = 0.0
     for spec, leaf in zip(jax.tree.leaves(specs[part], is_leaf=lambda s: isinstance(s, P)),
@@ -38,6 +40,7 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
       size = math.prod(leaf.shape)
       if 'experts' in axes:
         size = size * cfg.top_k / cfg.num_experts
+        out['experts'] += size
       total += size
     out[part] = total
   return out
@@ -55,8 +58,7 @@ def block_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 def expert_flops(cfg: ModelConfig) -> float:
   """Training FLOPs per token of one block's routed experts (top_k of them)."""
-  matrices = 3 if cfg.ffn == 'swiglu' else 2
-  return 6 * cfg.top_k * matrices * cfg.d_model * cfg.d_ff
+  return 6 * _matmul_macs(cfg)['experts']
 
 
 def model_flops(cfg: ModelConfig, seq_len: int) -> float:

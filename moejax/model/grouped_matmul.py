@@ -11,7 +11,6 @@ choice looks at the default backend, which is the CPU during an ahead-of-time GP
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import jax

@@ -67,7 +67,7 @@ def time_model(hlo_text: str, host_of: Sequence[int], card: str, model_flops: fl
   hidden = min(links['collective_overlapped_s'], compute)
   exposed = links['collective_exposed_s'] + links['collective_overlapped_s'] - hidden
   step = compute + exposed
-  return {'predicted_step_s': step, 'predicted_mfu': model_flops / step / rates.bf16_flops_per_s,
+  return {'predicted_step_s': step, 'kernels_s': compute, 'predicted_mfu': model_flops / step / rates.bf16_flops_per_s,
           'predicted_s_by_class': dict(kernels['predicted_s_by_class'],
                                        collectives_exposed=exposed),
           'collectives_overlapped_s': hidden,
