@@ -130,6 +130,15 @@ class ModelConfig:
   # (before; HF).
   normalize_gates_over: str = key('moe.normalize_gates_over', one_of('kept', 'top_k'),
                                   default='kept')
+  # With attn_bias: the output projection's bias too (Qwen2-MoE's attention has q/k/v biases
+  # only).
+  attn_out_bias: bool = key('model.attn_out_bias', default=True, parse=bool)
+  # Hidden width of an always-on shared expert beside the routed ones (0: none; DeepSeek's
+  # n_shared_experts x moe_intermediate_size, Qwen2-MoE's shared_expert_intermediate_size);
+  # the experts' activation (moe.ffn), no biases, split over tp like attention's heads.
+  shared_d_ff: int = key('moe.shared_d_ff', COUNT, default=0)
+  # The shared expert's output scaled by sigmoid(x . w) of a learned [D] gate (Qwen2-MoE).
+  shared_gate: bool = key('moe.shared_gate', default=False, parse=bool)
 
   @property
   def kv_heads(self) -> int:

@@ -12,6 +12,7 @@ group by routing group; nothing is vectorised that could hide a mistake the mode
           earlier tokens first) ; y = sum_kept gate * (gelu(x W1[e] + b1[e]) W2[e] + b2[e])
           (with in-group balancing, top-k of x Wr + per-expert offsets from Sinkhorn-Knopp
           scaling of the group's exp(logits / temperature); f_e counts the plain top-k)
+          + a shared expert on every token: sigmoid(x Wg) (silu(x Ws1) * (x Ws3)) Ws2
   loss:   mean CE over real vocabulary + aux_w * sum_blocks mean_groups E sum_e f_e P_e
           + z_w * sum_blocks mean_groups mean_tokens logsumexp(router logits)^2
 """
@@ -148,6 +149,13 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
       else:
         hidden = gelu(first, gelu_form)
       y[i] += gate * (hidden @ p['w2'][e] + bias('b2', e))
+  if 'shared_w1' in p:                                  # always on, gated when it has a gate
+    for i in range(s):
+      first = x[i] @ p['shared_w1']
+      hidden = (first / (1.0 + np.exp(-first)) * (x[i] @ p['shared_w3']) if 'shared_w3' in p
+                else gelu(first, gelu_form))
+      scale = 1.0 / (1.0 + np.exp(-(x[i] @ p['shared_gate'])[0])) if 'shared_gate' in p else 1.0
+      y[i] += scale * (hidden @ p['shared_w2'])
   frac = np.bincount(plain.reshape(-1), minlength=num_experts) / (s * top_k)
   aux = num_experts * float(np.sum(frac * probs.mean(0)))
   lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))

@@ -25,7 +25,7 @@ from moejax.train.plan import Plan
 from tests.helpers import model_forward
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'hf')
-FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral')
+FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe')
 
 
 def _config(family, tp=1, pp=1):
@@ -60,7 +60,8 @@ def test_imported_model_gives_transformers_logits(family, tp, pp):
   assert metrics['dropped_frac'] == 0.0
 
 
-@pytest.mark.parametrize('family,tp', [('olmoe', 4), ('mixtral', 4), ('qwen3_moe', 1)])
+@pytest.mark.parametrize('family,tp', [('olmoe', 4), ('mixtral', 4), ('qwen3_moe', 1),
+                                       ('qwen2_moe', 4)])
 def test_cached_decoding_gives_transformers_logits(family, tp):
   """The KV-cache decoder (grouped-query heads, QK-norm, renormalised gates) on the same
   checkpoints: a prefill of 12 tokens, then 4 single-token steps."""

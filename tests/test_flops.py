@@ -11,8 +11,9 @@ SEQ = 4096
 
 
 def independent(hf: dict, seq: int) -> float:
-  """6 x (attention projections + router + top-k SwiGLU experts, per layer; LM head) + the
-  causal score and value matmuls (2 x 2 x heads x head_dim x seq/2 forward, x3 to train)."""
+  """6 x (attention projections + router + top-k SwiGLU experts + a shared SwiGLU expert and
+  its [D, 1] gate, per layer; LM head) + the causal score and value matmuls (2 x 2 x heads x
+  head_dim x seq/2 forward, x3 to train)."""
   d, n = hf['hidden_size'], hf['num_attention_heads']
   kv = hf.get('num_key_value_heads', n)
   h = hf.get('head_dim', d // n)
@@ -20,13 +21,17 @@ def independent(hf: dict, seq: int) -> float:
   f = hf.get('moe_intermediate_size', hf.get('intermediate_size'))
   k = hf['num_experts_per_tok']
   per_layer = d * n * h + 2 * d * kv * h + n * h * d + d * e + k * 3 * d * f
+  if 'shared_expert_intermediate_size' in hf:
+    per_layer += 3 * d * hf['shared_expert_intermediate_size'] + d
   active = hf['num_hidden_layers'] * per_layer + d * hf['vocab_size']
   return 6 * active + hf['num_hidden_layers'] * 6 * n * h * seq
 
 
 @pytest.mark.parametrize('family,variant', [('olmoe', '1b-7b'), ('qwen3_moe', '30b-a3b'),
-                                            ('mixtral', '8x7b'), ('olmoe', 'tiny'),
-                                            ('qwen3_moe', 'tiny'), ('mixtral', 'tiny')])
+                                            ('mixtral', '8x7b'), ('qwen2_moe', 'a2.7b'),
+                                            ('qwen2_moe', '57b-a14b'), ('olmoe', 'tiny'),
+                                            ('qwen3_moe', 'tiny'), ('mixtral', 'tiny'),
+                                            ('qwen2_moe', 'tiny')])
 def test_each_familys_flops_match_an_independent_count(family, variant):
   hf = importlib.import_module(f'configs.{family}').VARIANTS[variant]
   c = shapes.load(f'configs/{family}.py', variant)

@@ -131,6 +131,10 @@ ARCHES = {
               'model.qk_norm': 'head', 'model.positions': 'rope', 'model.rope_base': 1e6,
               'model.attn_bias': False, 'moe.ffn': 'swiglu', 'moe.expert_bias': False,
               'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k'},
+    'qwen2': {'model.norm': 'rmsnorm', 'model.norm_eps': 1e-6, 'model.num_kv_heads': 2,
+              'model.positions': 'rope', 'model.rope_base': 1e6, 'model.attn_out_bias': False,
+              'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.shared_d_ff': 24,
+              'moe.shared_gate': True},
     'mixtral_biased': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
                        'moe.ffn': 'swiglu', 'moe.normalize_gates': True,
                        'moe.normalize_gates_over': 'top_k'},
@@ -142,7 +146,8 @@ ARCHES = {
 def test_open_family_blocks_equal_numpy_reference(arch, tp, pp):
   """RMSNorm, QK-norm (whole width and per head), grouped-query heads (2 key/value heads:
   replicated over tp=4), SwiGLU with and without biases, rope base, top-k renormalisation
-  before capacity: the model on 1x1 and 4x4 against the reference, with drops."""
+  before capacity, a gated shared expert (24 hidden units: replicated over tp=4): the model on
+  1x1 and 4x4 against the reference, with drops."""
   config, params, tokens = _case(tp, pp, **{'data.seq_len': 32, 'moe.top_k': 2,
                                             **ARCHES[arch]})
   stats = assert_matches(config, params, tokens)

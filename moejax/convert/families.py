@@ -2,7 +2,8 @@
 moejax's config keys, and back.
 
 A family is configuration of the one model (RMSNorm, SwiGLU experts without biases, rotary
-positions, optional grouped-query heads and QK-norm), not a copy of it. transformers'
+positions, optional grouped-query heads, QK-norm, attention biases and a gated shared expert),
+not a copy of it. transformers'
 `router_aux_loss_coef` counts expert fractions over tokens (K times moejax's per-assignment
 fractions), so it maps to moe.aux_loss_weight = coef x top_k.
 """
@@ -24,6 +25,9 @@ class Family:
   expert_names: tuple[str, str, str]   # per-expert (gate, up, down) tensor names
   qk_norm: str              # 'none', 'full' or 'head'
   gates_renormalised: bool | None      # fixed by the family (None: config's norm_topk_prob)
+  attn_bias_key: str = 'attention_bias'  # config.json's switch of the q/k/v biases
+  attn_out_bias: bool = True           # o_proj has a bias where q/k/v have theirs
+  shared_expert: str = ''              # the shared expert's module name ('': none)
 
 
 FAMILIES = {f.name: f for f in (
@@ -32,6 +36,10 @@ FAMILIES = {f.name: f for f in (
     Family('qwen3_moe', 'Qwen3MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            'head', None),
     Family('mixtral', 'MixtralForCausalLM', 'block_sparse_moe', ('w1', 'w3', 'w2'), 'none', True),
+    # Qwen1.5-MoE / Qwen2-57B-A14B: a gated shared expert beside the routed ones.
+    Family('qwen2_moe', 'Qwen2MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
+           'none', None, attn_bias_key='qkv_bias', attn_out_bias=False,
+           shared_expert='shared_expert'),
 )}
 
 # moejax keys an imported config takes from config.json (a user override of one of them is an
@@ -40,7 +48,8 @@ SHAPE_KEYS = ('model.vocab_size', 'model.d_model', 'model.num_heads', 'model.hea
               'model.num_kv_heads', 'model.num_blocks', 'model.rope_base', 'model.norm',
               'model.norm_eps', 'model.qk_norm', 'model.attn_bias', 'model.positions',
               'moe.num_experts', 'moe.top_k', 'moe.d_ff', 'moe.ffn', 'moe.expert_bias',
-              'moe.normalize_gates', 'moe.normalize_gates_over')
+              'moe.normalize_gates', 'moe.normalize_gates_over', 'model.attn_out_bias',
+              'moe.shared_d_ff', 'moe.shared_gate')
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -79,6 +88,8 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
       'mlp_only_layers': (list(hf.get('mlp_only_layers') or []), []),
       'decoder_sparse_step': (hf.get('decoder_sparse_step', 1), 1),
       'use_sliding_window': (bool(hf.get('use_sliding_window', False)), False),
+      'layer_types': (sorted(set(hf.get('layer_types') or ['full_attention'])),
+                      ['full_attention']),
       'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
                                    else None, None),
   }
@@ -111,7 +122,8 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.norm': 'rmsnorm',
       'model.norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
       'model.qk_norm': family.qk_norm,
-      'model.attn_bias': bool(hf.get('attention_bias', False)),
+      'model.attn_bias': bool(hf.get(family.attn_bias_key, family.attn_bias_key == 'qkv_bias')),
+      'model.attn_out_bias': family.attn_out_bias,
       'model.init_std': float(hf.get('initializer_range', 0.02)),
       'moe.num_experts': hf.get('num_experts') or hf['num_local_experts'],
       'moe.top_k': top_k,
@@ -121,6 +133,9 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'moe.normalize_gates': renorm,
       'moe.normalize_gates_over': 'top_k',
       'moe.aux_loss_weight': float(hf.get('router_aux_loss_coef', 0.0)) * top_k,
+      'moe.shared_d_ff': int(hf.get('shared_expert_intermediate_size', 0)
+                             if family.shared_expert else 0),
+      'moe.shared_gate': bool(family.shared_expert),
   }
 
 
@@ -165,6 +180,12 @@ def hf_config(family: Family, m) -> dict[str, Any]:
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
                intermediate_size=m.d_ff, norm_topk_prob=m.normalize_gates,
                decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+  elif family.name == 'qwen2_moe':
+    out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
+               shared_expert_intermediate_size=m.shared_d_ff, intermediate_size=m.shared_d_ff,
+               norm_topk_prob=m.normalize_gates, decoder_sparse_step=1, mlp_only_layers=[],
+               use_sliding_window=False, qkv_bias=m.attn_bias)
+    del out['attention_bias']
   else:
     out.update(num_experts=m.num_experts, intermediate_size=m.d_ff,
                norm_topk_prob=m.normalize_gates, clip_qkv=None)
@@ -176,7 +197,7 @@ def check_exportable(family: Family | None, m) -> None:
   if family is None:
     raise ConfigError('This run is moejax\'s own GPT-2-style family (LayerNorm, GELU experts, '
                       'learned positions), which has no Hugging Face architecture to export to; '
-                      'export runs of configs/olmoe.py, qwen3_moe.py or mixtral.py.')
+                      'export runs of configs/olmoe.py, qwen3_moe.py, mixtral.py or qwen2_moe.py.')
   want = {'positions': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu', 'expert_bias': False,
           'qk_norm': family.qk_norm}
   bad = [f'{k}={getattr(m, k)!r} (needs {v!r})' for k, v in want.items() if getattr(m, k) != v]
@@ -186,5 +207,11 @@ def check_exportable(family: Family | None, m) -> None:
     bad.append(f'normalize_gates={m.normalize_gates} (needs {family.gates_renormalised})')
   if m.attn_bias and family.name == 'mixtral':
     bad.append('attn_bias=True (Mixtral has no attention biases)')
+  if m.attn_bias and m.attn_out_bias != family.attn_out_bias:
+    bad.append(f'attn_out_bias={m.attn_out_bias} (needs {family.attn_out_bias})')
+  if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != bool(
+      family.shared_expert):
+    bad.append(f'shared_d_ff={m.shared_d_ff}, shared_gate={m.shared_gate} (needs '
+               + ('a gated shared expert)' if family.shared_expert else 'none)'))
   if bad:
     raise ConfigError(f'This run\'s model is not a {family.name} model: {"; ".join(bad)}.')

@@ -99,6 +99,8 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
       out.append(Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block',
                       _one(lambda a, s=shape[p]: a.reshape(s)), _one(lambda a: a.reshape(-1))))
   moe = layer + family.experts_prefix + '.'
+  if m.shared_d_ff:
+    out += _shared_rules(m, moe + family.shared_expert)
   out.append(Rule((('blocks', 'moe', 'router'),), (moe + 'gate.weight',), 'block',
                   _one(_t), _one(_t)))
   ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
@@ -115,18 +117,35 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
   return out
 
 
+def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
+  """The shared expert's Linear weights [out, in] and its gate [1, D] (Qwen2-MoE)."""
+  names = {'shared_w1': 'gate_proj', 'shared_w3': 'up_proj', 'shared_w2': 'down_proj'}
+  if m.ffn != 'swiglu':
+    del names['shared_w3']
+  out = [Rule((('blocks', 'moe', path),), (f'{shared}.{name}.weight',), 'block', _one(_t),
+              _one(_t)) for path, name in names.items()]
+  if m.shared_gate:
+    out.append(Rule((('blocks', 'moe', 'shared_gate'),), (f'{shared}_gate.weight',), 'block',
+                    _one(_t), _one(_t)))
+  return out
+
+
 def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
   n, kv, h = m.num_heads, m.kv_heads, m.head_dim
   names = tuple(attn + f'{p}_proj.bias' for p in 'qkv')
+  out = []
+  if m.attn_out_bias:
+    out.append(Rule((('blocks', 'attn', 'bo'),), (attn + 'o_proj.bias',), 'block',
+                    _one(lambda a: a), _one(lambda a: a)))
   if kv == n:
-    return [Rule((('blocks', 'attn', 'bqkv'),), names, 'block',
-                 lambda arrays: (np.stack([a.reshape(n, h) for a in arrays]),),
-                 lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
-  return [Rule((('blocks', 'attn', 'bq'),), names[:1], 'block',
-               _one(lambda a: a.reshape(n, h)), _one(lambda a: a.reshape(-1))),
-          Rule((('blocks', 'attn', 'bkv'),), names[1:], 'block',
-               lambda arrays: (np.stack([a.reshape(kv, h) for a in arrays]),),
-               lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
+    return out + [Rule((('blocks', 'attn', 'bqkv'),), names, 'block',
+                       lambda arrays: (np.stack([a.reshape(n, h) for a in arrays]),),
+                       lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
+  return out + [Rule((('blocks', 'attn', 'bq'),), names[:1], 'block',
+                     _one(lambda a: a.reshape(n, h)), _one(lambda a: a.reshape(-1))),
+                Rule((('blocks', 'attn', 'bkv'),), names[1:], 'block',
+                     lambda arrays: (np.stack([a.reshape(kv, h) for a in arrays]),),
+                     lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
 
 
 def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.model import ffn as ffn_lib, moe as moe_lib
-from moejax.model.layers import KV_HEADS, TOKENS, Attention, Head, KVCache, norm
+from moejax.model.layers import KV_HEADS, TOKENS, Attention, Head, KVCache, norm, shared_expert
 from moejax.parallel import vocab
 from moejax.parallel.mesh import constrain
 
@@ -91,6 +91,9 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   w = moe_lib.ExpertWeights(**{k: p.get(k) for k in moe_lib.ExpertWeights._fields})
   y = ffn_lib.expert_ffn(rows, w.ffn(dt), gelu=cfg.gelu)                # [E, B*T, D]
   y = jnp.einsum('EBTD,BTE->BTD', y.reshape(cfg.num_experts, b, t, d), weight.astype(dt))
+  shared = ffn_lib.SharedWeights.of(p)
+  if shared is not None:
+    y = y + shared_expert(shared, x, cfg, TOKENS)
   return constrain(y, TOKENS), history
 
 

@@ -31,11 +31,26 @@ def _bias(h: jax.Array, b: jax.Array | None) -> jax.Array:
   return h if b is None else h + b
 
 
-def _hidden(first: jax.Array, up: jax.Array | None, gelu: str) -> jax.Array:
+def activation(first: jax.Array, up: jax.Array | None, gelu: str) -> jax.Array:
   """The activation of the input projection(s): GELU, or silu(gate) * up."""
   if up is None:
     return jax.nn.gelu(first, approximate=gelu == 'tanh')
   return jax.nn.silu(first) * up
+
+
+class SharedWeights(NamedTuple):
+  """An always-on shared expert (dense FFN, no biases) and its optional sigmoid gate."""
+  w1: jax.Array               # [D, F] input projection (SwiGLU: the gate)
+  w3: jax.Array | None        # [D, F] SwiGLU's up projection (None: GELU MLP)
+  w2: jax.Array               # [F, D] output projection
+  gate: jax.Array | None      # [D, 1] the output's scale sigmoid(x gate) (Qwen2-MoE)
+
+  @classmethod
+  def of(cls, p: dict) -> SharedWeights | None:
+    """The shared expert of a block's MoE params (None: it has none)."""
+    if 'shared_w1' not in p:
+      return None
+    return cls(p['shared_w1'], p.get('shared_w3'), p['shared_w2'], p.get('shared_gate'))
 
 
 def _drop(h: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
@@ -54,7 +69,7 @@ def expert_ffn(x: jax.Array, w: FFNWeights, *, gelu: str = 'exact', dropout_rate
   matmul = lambda spec, a, m: _scoped(jnp.einsum, spec, a, m)
   first = _bias(matmul('ECD,EDF->ECF', x, w.w1), bias(w.b1))            # [E, C, F]
   up = None if w.w3 is None else _bias(matmul('ECD,EDF->ECF', x, w.w3), bias(w.b3))
-  h = _drop(_hidden(first, up, gelu), dropout_keep, dropout_rate)       # [E, C, F]
+  h = _drop(activation(first, up, gelu), dropout_keep, dropout_rate)       # [E, C, F]
   return _bias(matmul('ECF,EFD->ECD', h, w.w2), bias(w.b2))             # [E, C, D]
 
 
@@ -88,7 +103,7 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str
   rows = x[order]                                                      # [R, D]
   first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]
   up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))
-  h = _hidden(first, up, gelu)
+  h = activation(first, up, gelu)
   if dropout_rate > 0.0:
     h = _drop(h, dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate),
               dropout_rate)

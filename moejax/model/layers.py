@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
 from moejax.errors import ConfigError
-from moejax.model import routing
+from moejax.model import ffn as ffn_lib, routing
 from moejax.model import moe as moe_lib
 from moejax.model.positions import rope
 from moejax.parallel import mesh as mesh_lib, remat, vocab
@@ -103,8 +103,9 @@ class Attention(nn.Module):
   """Causal self-attention with grouped-query heads (K key/value heads shared by N/K query
   heads each; K = N is multi-head): q/k/v split by heads over tp, output row-split.
 
-  With cfg.attn_bias, q/k/v carry biases (split like their heads) and the output projection a
-  bias [D] (replicated), as Megatron's Column/RowParallelLinear do by default. cfg.qk_norm
+  With cfg.attn_bias, q/k/v carry biases (split like their heads) and, with cfg.attn_out_bias,
+  the output projection a bias [D] (replicated), as Megatron's Column/RowParallelLinear do by
+  default. cfg.qk_norm
   RMS-normalises queries and keys before the rotation: over each whole projection ('full',
   OLMoE: the statistics span every head, wherever tp puts them) or over each head ('head',
   Qwen3). Training and evaluation attend within the given tokens; cached decoding (`cache`)
@@ -149,7 +150,7 @@ class Attention(nn.Module):
       o = _attend(q, cache.k, cache.v, visible[None, None], causal=False)
     y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), wo.astype(dt))  # reduce(-scatter) over N
     y = constrain(y, RESIDUAL if cache is None else TOKENS)
-    if c.attn_bias:
+    if c.attn_bias and c.attn_out_bias:
       # Replicated and added once, after the reduction over heads (not once per tp shard).
       y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(dt)
     y = checkpoint_name(y, remat.ATTN_REDUCED)
@@ -289,13 +290,51 @@ class MoE(nn.Module):
         if c.bias_update_rate > 0 else None,
         w3=_param(self, 'w3', (e, d, f), ax.w3, _normal(c.init_std)) if swiglu else None,
         b3=bias('b3', (e, f)) if swiglu else None)
+    shared = self._shared_weights()
     if self.is_initializing():
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
       # keeps init independent of how the example input divides over the mesh.
       return jnp.zeros_like(x), None
     settings = moe_lib.MoESettings.of(c, self.train)
     rng = self.make_rng('dropout') if settings.dropout_rate > 0.0 else jax.random.key(0)
-    return moe_lib.moe(w, x, rng, settings, valid)
+    y, stats = moe_lib.moe(w, x, rng, settings, valid)
+    if shared is not None:
+      y = y + shared_expert(shared, x, c, RESIDUAL)
+    return y, stats
+
+  def _shared_weights(self) -> ffn_lib.SharedWeights | None:
+    """The shared expert's weights (None without one), declared after the routed experts'."""
+    c = self.cfg
+    if not c.shared_d_ff:
+      return None
+    d, f = c.d_model, c.shared_d_ff
+    col, row = ('embed', 'shared_mlp'), ('shared_mlp', 'embed')
+    return ffn_lib.SharedWeights(
+        w1=_param(self, 'shared_w1', (d, f), col, _normal(c.init_std)),
+        w3=_param(self, 'shared_w3', (d, f), col, _normal(c.init_std))
+        if c.ffn == 'swiglu' else None,
+        w2=_param(self, 'shared_w2', (f, d), row,
+                  _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
+        gate=_param(self, 'shared_gate', (d, 1), ('embed', None), _normal(c.init_std))
+        if c.shared_gate else None)
+
+
+SHARED_HIDDEN = ('act_batch', None, 'act_shared_mlp')   # [B, T, F] split over tp
+
+
+def shared_expert(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig,
+                  out_axes: tuple) -> jax.Array:
+  """The shared expert on every token: x [B, T, D] -> [B, T, D] laid out as `out_axes`. Its
+  hidden units are split over tp (the sequence gathered first, as attention does), the output
+  reduced over them."""
+  dt = cfg.dtype
+  x = constrain(x.astype(dt), TOKENS)                                    # [B, T, D]
+  hidden = lambda m: constrain(jnp.einsum('BTD,DF->BTF', x, m.astype(dt)), SHARED_HIDDEN)
+  h = ffn_lib.activation(hidden(w.w1), None if w.w3 is None else hidden(w.w3), cfg.gelu)
+  y = jnp.einsum('BTF,FD->BTD', h, w.w2.astype(dt))                      # [B, T, D] over F
+  if w.gate is not None:
+    y = y * jax.nn.sigmoid(jnp.einsum('BTD,DO->BTO', x, w.gate.astype(dt)))
+  return constrain(y, out_axes)
 
 
 class Block(nn.Module):

@@ -39,6 +39,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('head_dim', None),
     ('experts', TP),      # expert parallelism inside a stage
     ('mlp', None),        # expert hidden width (experts are already split)
+    ('shared_mlp', TP),   # shared expert's hidden width: column/row split like heads
     ('pos', None),
     ('stage', PP),        # pipeline stage axis of stacked blocks
     ('repeat', None),
@@ -50,6 +51,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('act_embed', None),
     ('act_heads', TP),
     ('act_kv_heads', TP),
+    ('act_shared_mlp', TP),
     ('act_vocab', TP),
     ('act_groups', TP),   # routing groups: tokens are split over tp before the all-to-all
 )
@@ -58,9 +60,10 @@ RULES: tuple[tuple[str, str | None], ...] = (
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-def rules_for(lay: Layout | None, kv_heads: int = 0) -> Rules:
+def rules_for(lay: Layout | None, kv_heads: int = 0, shared_d_ff: int = 0) -> Rules:
   """RULES, with experts over (dp, tp) when the layout folds expert parallelism over dp, and
-  key/value heads replicated when tp does not divide their number `kv_heads`."""
+  key/value heads (the shared expert's hidden units) replicated when tp does not divide their
+  number `kv_heads` (`shared_d_ff`)."""
   if lay is None:
     return RULES
   place = dict(RULES)
@@ -68,6 +71,8 @@ def rules_for(lay: Layout | None, kv_heads: int = 0) -> Rules:
     place['experts'] = (DP, TP)
   if kv_heads % lay.tp:
     place['kv_heads'] = place['act_kv_heads'] = None
+  if shared_d_ff % lay.tp:
+    place['shared_mlp'] = place['act_shared_mlp'] = None
   return tuple(place.items())
 
 

@@ -3,7 +3,7 @@ into tests/data/hf/<family>/ (config.json, model.safetensors, logits.npz), for
 tests/test_convert.py. Needs torch and transformers (not CI's requirements):
 
   pip install torch==2.13.0 transformers==5.24.0 safetensors
-  python tests/data/make_hf_families.py
+  python tests/data/make_hf_families.py [FAMILY ...]     # all of them, or the ones named
 
 Fixed seed, float32, eager attention. Every norm weight is moved off 1 and the vocabulary is
 not a multiple of 128, so a mapping or padding error shows in the logits. Shapes divide a 4x4
@@ -11,6 +11,7 @@ mesh: 4 layers, 8 experts, 4 query heads (Qwen3: 8 heads of 8 over a 32-wide mod
 heads split over tp; Mixtral: 2 key/value heads, replicated over tp=4).
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -33,15 +34,23 @@ FAMILIES = {
     'mixtral': transformers.MixtralConfig(
         intermediate_size=F, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=EXPERTS, rms_norm_eps=1e-5, **COMMON),
+    'qwen2_moe': transformers.Qwen2MoeConfig(
+        moe_intermediate_size=F, shared_expert_intermediate_size=2 * F, intermediate_size=2 * F,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS, norm_topk_prob=False,
+        qkv_bias=True, rms_norm_eps=1e-6,
+        rope_parameters={'rope_theta': 1e6, 'rope_type': 'default'}, **COMMON),
 }
 
 
 def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
-  """Norm weights 1 + N(0, 0.2): an unused or misplaced norm changes the logits."""
+  """Norm weights 1 + N(0, 0.2), biases N(0, 0.2) (transformers starts them at 0): an unused
+  or misplaced norm or bias changes the logits."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'norm' in name:
         p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+      elif name.endswith('bias'):
+        p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
 TEXT = """Mixture-of-Experts models route each token to a few experts. The router picks the
@@ -63,9 +72,11 @@ def write_tokenizer(path: str) -> None:
   tok.save(path)
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
   print(f'transformers {transformers.__version__}, torch {torch.__version__}')
   for i, (family, cfg) in enumerate(FAMILIES.items()):
+    if names and family not in names:
+      continue
     torch.manual_seed(i)
     gen = torch.Generator().manual_seed(100 + i)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -78,8 +89,9 @@ def main() -> None:
     np.savez_compressed(os.path.join(out, 'logits.npz'), ids=ids.numpy().astype(np.int32),
                         logits=logits.astype(np.float32))
     print(family, sorted(os.listdir(out)), logits.shape)
-  write_tokenizer(os.path.join(OUT, 'mixtral', 'tokenizer.json'))
+  if not names or 'mixtral' in names:
+    write_tokenizer(os.path.join(OUT, 'mixtral', 'tokenizer.json'))
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv[1:])
