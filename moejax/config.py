@@ -117,8 +117,9 @@ class ModelConfig:
   num_kv_heads: int = key('model.num_kv_heads', COUNT, default=0)
   # RMSNorm of queries and keys: 'none', 'full' (OLMoE), 'head' (Qwen3).
   qk_norm: str = key('model.qk_norm', one_of('none', 'full', 'head'), default='none')
-  # Expert FFN: 'gelu' (w1, w2) or 'swiglu' (silu(x w1) * x w3, w2).
-  ffn: str = key('moe.ffn', one_of('gelu', 'swiglu'), default='gelu')
+  # Expert FFN: 'gelu' (w1, w2), 'swiglu' (silu(x w1) * x w3, w2) or 'clamped_swiglu'
+  # (GPT-OSS: g = min(x w1, limit), u = clip(x w3, +-limit), (u + 1) g sigmoid(alpha g), w2).
+  ffn: str = key('moe.ffn', one_of('gelu', 'swiglu', 'clamped_swiglu'), default='gelu')
   expert_bias: bool = key('moe.expert_bias', default=True, parse=bool)   # the seed's biases
   # The open family (convert/families.py; checked in validation) or '' (moejax's own).
   family: str = key('model.family', default='')
@@ -139,10 +140,41 @@ class ModelConfig:
   shared_d_ff: int = key('moe.shared_d_ff', COUNT, default=0)
   # The shared expert's output scaled by sigmoid(x . w) of a learned [D] gate (Qwen2-MoE).
   shared_gate: bool = key('moe.shared_gate', default=False, parse=bool)
+  # moe.ffn=clamped_swiglu's clamp and sigmoid slope (GPT-OSS: 7.0, 1.702).
+  swiglu_limit: float = key('moe.swiglu_limit', POSITIVE_NUMBER, default=7.0, parse=float)
+  swiglu_alpha: float = key('moe.swiglu_alpha', POSITIVE_NUMBER, default=1.702, parse=float)
+  # A learned bias [E] on the router's logits (GPT-OSS).
+  router_bias: bool = key('moe.router_bias', default=False, parse=bool)
+  # A learned logit per head joining every softmax over the keys with no value (attention
+  # sinks, GPT-OSS).
+  attn_sinks: bool = key('model.attn_sinks', default=False, parse=bool)
+  # Sliding-window attention: a query sees itself and the sliding_window - 1 positions before
+  # it (0: no window), in the blocks window_pattern marks 'S' (block b follows letter
+  # b % len: 'SF' alternates windowed and full, GPT-OSS; '': every block windowed).
+  sliding_window: int = key('model.sliding_window', COUNT, default=0)
+  window_pattern: str = key('model.window_pattern', Rule(
+      lambda v: isinstance(v, str) and set(v) <= {'S', 'F'},
+      "must be a string of 'S' (windowed) and 'F' (full) letters, e.g. 'SF'"), default='')
+  # Rotary scaling: 'none' or 'yarn' (YaRN: frequencies between rope_beta_fast and
+  # rope_beta_slow rotations over rope_original_len interpolated by rope_factor; cos and sin
+  # scaled by rope_attention_factor, 0: 0.1 ln(factor) + 1).
+  rope_scaling: str = key('model.rope_scaling', one_of('none', 'yarn'), default='none')
+  rope_factor: float = key('model.rope_factor', POSITIVE_NUMBER, default=1.0, parse=float)
+  rope_original_len: int = key('model.rope_original_len', COUNT, default=0)
+  rope_beta_fast: float = key('model.rope_beta_fast', POSITIVE_NUMBER, default=32.0, parse=float)
+  rope_beta_slow: float = key('model.rope_beta_slow', POSITIVE_NUMBER, default=1.0, parse=float)
+  rope_truncate: bool = key('model.rope_truncate', default=True, parse=bool)
+  rope_attention_factor: float = key('model.rope_attention_factor', NON_NEGATIVE, default=0.0,
+                                     parse=float)
 
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+  def windowed(self, block: int) -> bool:
+    """Whether block `block` attends within the sliding window."""
+    pattern = self.window_pattern or 'S'
+    return self.sliding_window > 0 and pattern[block % len(pattern)] == 'S'
 
   @property
   def gate_norm(self) -> str:

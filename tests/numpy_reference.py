@@ -8,8 +8,15 @@ group by routing group; nothing is vectorised that could hide a mistake the mode
   block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block; or RMSNorm)
   attn:   q,k,v = x Wq + bq, ... ; (QK-norm) ; causal softmax(q k^T / sqrt(H)) v ; concat heads ;
           Wo + bo   (grouped-query: query head n reads key/value head n // (N/K))
+          (sinks: each row's softmax denominator also holds exp(sink[n]); a sliding window W:
+          query t sees keys t-W+1..t in the blocks marked windowed; YaRN: each rotary
+          frequency theta_i = base^(-2i/H) with r_i = L_orig theta_i / 2pi turns over the
+          original length becomes theta_i / s below beta_slow turns, theta_i above beta_fast,
+          linearly between in i; cos and sin times 0.1 ln s + 1)
   moe:    p = softmax(x Wr) ; top-k ; capacity per group (all first choices before any second,
           earlier tokens first) ; y = sum_kept gate * (gelu(x W1[e] + b1[e]) W2[e] + b2[e])
+          (router bias: p = softmax(x Wr + br); clamped SwiGLU (GPT-OSS):
+          (clip(u, -l, l) + 1) g sigmoid(a g), g = min(x W1 + b1, l), u = x W3 + b3)
           (with in-group balancing, top-k of x Wr + per-expert offsets from Sinkhorn-Knopp
           scaling of the group's exp(logits / temperature); f_e counts the plain top-k)
           + a shared expert on every token: sigmoid(x Wg) (silu(x Ws1) * (x Ws3)) Ws2
@@ -45,13 +52,37 @@ def norm(x: np.ndarray, p: dict, eps: float) -> np.ndarray:
   return layer_norm(x, p['scale'], p.get('bias'), eps)
 
 
-def rotate(x: np.ndarray, base: float) -> np.ndarray:
-  """Rotary positions of x [T, H] (position t = row t): pairs (i, i + H/2) by t * base^(-2i/H)."""
+def yarn_frequencies(h: int, base: float, yarn: dict) -> tuple[np.ndarray, float]:
+  """YaRN (Peng et al. 2023, section 3.2, as transformers truncates or not): per pair i the
+  number of turns r_i its frequency makes over the original length decides between
+  interpolation (theta_i / s, r_i < beta_slow) and keeping theta_i (r_i > beta_fast); the
+  boundaries are the pair indices where r_i equals beta_fast and beta_slow, with a linear ramp
+  in i between them. Returns the frequencies [H/2] and the cos/sin scale 0.1 ln s + 1."""
+  s, length = yarn['factor'], yarn['original_len']
+  out = np.zeros(h // 2)
+  def index_of(turns):   # the real i with L / (2 pi) * base^(-2i/h) == turns
+    return h / 2 * math.log(length / (2 * math.pi * turns)) / math.log(base)
+  low, high = index_of(yarn['beta_fast']), index_of(yarn['beta_slow'])
+  if yarn.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, h - 1)
+  for i in range(h // 2):
+    theta = base ** (-2.0 * i / h)
+    interpolate = min(max((i - low) / (high - low if high != low else 1e-3), 0.0), 1.0)
+    out[i] = interpolate * theta / s + (1 - interpolate) * theta
+  return out, 0.1 * math.log(s) + 1.0
+
+
+def rotate(x: np.ndarray, base: float, yarn: dict | None = None) -> np.ndarray:
+  """Rotary positions of x [T, H] (position t = row t): pairs (i, i + H/2) by t * base^(-2i/H)
+  (YaRN-scaled frequencies and amplitude with `yarn`)."""
   t, h = x.shape
-  angle = np.arange(t)[:, None] * base ** (-2.0 * np.arange(h // 2) / h)   # [T, H/2]
+  freq, scale = (base ** (-2.0 * np.arange(h // 2) / h), 1.0) if yarn is None else (
+      yarn_frequencies(h, base, yarn))
+  angle = np.arange(t)[:, None] * freq                                    # [T, H/2]
   x1, x2 = x[:, :h // 2], x[:, h // 2:]
-  return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
-                         x2 * np.cos(angle) + x1 * np.sin(angle)], axis=1)
+  cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -59,8 +90,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
-def attention(x: np.ndarray, p: dict, arch: dict | None = None) -> np.ndarray:
-  """x [T, D] one sequence -> [T, D]. arch: rope_base (None: no rotation), qk_norm, eps."""
+def attention(x: np.ndarray, p: dict, arch: dict | None = None, window: int = 0) -> np.ndarray:
+  """x [T, D] one sequence -> [T, D]. arch: rope_base (None: no rotation), yarn, qk_norm, eps.
+  window > 0: each query sees only the `window` positions up to its own."""
   arch = arch or {}
   t = x.shape[0]
   if 'wqkv' in p:
@@ -86,10 +118,20 @@ def attention(x: np.ndarray, p: dict, arch: dict | None = None) -> np.ndarray:
   for head in range(n):
     qh, kh, vh = q[:, head], k[:, head // (n // kv)], v[:, head // (n // kv)]
     if arch.get('rope_base'):
-      qh, kh = rotate(qh, arch['rope_base']), rotate(kh, arch['rope_base'])
+      qh = rotate(qh, arch['rope_base'], arch.get('yarn'))
+      kh = rotate(kh, arch['rope_base'], arch.get('yarn'))
     scores = qh @ kh.T / math.sqrt(h)
-    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
-    out[:, head * h:(head + 1) * h] = softmax(scores) @ vh
+    for i in range(t):
+      for j in range(t):
+        if j > i or (window and i - j >= window):
+          scores[i, j] = -np.inf
+    if 'sinks' in p:                      # the sink's exp joins each row's denominator
+      top = np.maximum(scores.max(-1, keepdims=True), p['sinks'][head])
+      e = np.exp(scores - top)
+      weights = e / (e.sum(-1, keepdims=True) + np.exp(p['sinks'][head] - top))
+    else:
+      weights = softmax(scores)
+    out[:, head * h:(head + 1) * h] = weights @ vh
   y = out @ p['wo'].reshape(n * h, -1)
   return y + p['bo'] if 'bo' in p else y
 
@@ -111,12 +153,13 @@ def sinkhorn_offsets(scores: np.ndarray, iters: int, anneal: float = 0.03) -> np
 
 
 def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: str,
-              normalize_gates: bool | str, sinkhorn_iters: int = 0
+              normalize_gates: bool | str, sinkhorn_iters: int = 0, clamp: tuple = ()
               ) -> tuple[np.ndarray, float, float, int, int]:
-  """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned)."""
+  """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned). clamp: (limit, alpha)
+  of GPT-OSS's clamped SwiGLU, () for plain SwiGLU."""
   s = x.shape[0]
   num_experts = p['router'].shape[1]
-  logits = x @ p['router']                              # [S, E]
+  logits = x @ p['router'] + p.get('router_bias', 0.0)   # [S, E]
   probs = softmax(logits)
   plain = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]    # [S, K]
   choice = plain
@@ -144,7 +187,12 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
       e = choice[i, k]
       gate = gates[k] / total if normalize_gates else gates[k]
       first = x[i] @ p['w1'][e] + bias('b1', e)
-      if 'w3' in p:                                     # SwiGLU: silu(x W1) * (x W3)
+      if 'w3' in p and clamp:
+        limit, alpha = clamp
+        g = np.minimum(first, limit)
+        u = np.clip(x[i] @ p['w3'][e] + bias('b3', e), -limit, limit)
+        hidden = (u + 1) * g / (1.0 + np.exp(-alpha * g))
+      elif 'w3' in p:                                   # SwiGLU: silu(x W1) * (x W3)
         hidden = first / (1.0 + np.exp(-first)) * (x[i] @ p['w3'][e] + bias('b3', e))
       else:
         hidden = gelu(first, gelu_form)
@@ -168,7 +216,8 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
             normalize_gates: bool | str = False, sinkhorn_iters: int = 0,
             arch: dict | None = None) -> tuple[float, np.ndarray, dict]:
   """tokens [M, B, T+1] -> (loss, logits [M, B, T, vocab_size], stats). arch: the open
-  families' options (rope_base for rotary positions, qk_norm, eps of the norms)."""
+  families' options (rope_base for rotary positions, yarn, qk_norm, eps of the norms, window
+  and windowed: the sliding window and the blocks it applies to, clamp of the experts)."""
   arch = arch or {}
   eps = arch.get('eps', 1e-5)
   f64 = lambda tree: {k: f64(v) if isinstance(v, dict) else np.asarray(v, np.float64)
@@ -188,14 +237,16 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
     for nb in range(num_blocks):
       p = block(nb)
       for bi in range(bsz):
-        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch)
+        window = arch.get('window', 0) if nb in arch.get('windowed', ()) else 0
+        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch, window)
       h = norm(x, p['ln2'], eps).reshape(bsz * t, -1)                 # [B*T, D]
       y = np.zeros_like(h)
       for g in range(bsz * t // group_size):
         sl = slice(g * group_size, (g + 1) * group_size)
         y[sl], aux[nb, mi, g], z[nb, mi, g], kk, aa = moe_group(
             h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
-            normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters)
+            normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters,
+            clamp=arch.get('clamp', ()))
         kept, assigned = kept + kk, assigned + aa
       x = x + y.reshape(bsz, t, -1)
     x = norm(x, head['ln_f'], eps)

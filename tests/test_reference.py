@@ -30,6 +30,16 @@ def reference(config, params, tokens, **kwargs):
   over = c.moe.get('normalize_gates_over', 'kept')
   arch = dict(rope_base=m.get('rope_base', 1e4) if m.positions == 'rope' else None,
               qk_norm=m.get('qk_norm', 'none'), eps=m.get('norm_eps', 1e-5))
+  if m.get('rope_scaling', 'none') == 'yarn':
+    arch['yarn'] = dict(factor=m.rope_factor, original_len=m.rope_original_len,
+                        beta_fast=m.get('rope_beta_fast', 32.0),
+                        beta_slow=m.get('rope_beta_slow', 1.0), truncate=m.get('rope_truncate', True))
+  if m.get('sliding_window', 0):
+    pattern = m.get('window_pattern', '') or 'S'
+    arch.update(window=m.sliding_window, windowed=[
+        b for b in range(m.num_blocks) if pattern[b % len(pattern)] == 'S'])
+  if c.moe.get('ffn', 'gelu') == 'clamped_swiglu':
+    arch['clamp'] = (c.moe.get('swiglu_limit', 7.0), c.moe.get('swiglu_alpha', 1.702))
   args = dict(vocab_size=c.model.vocab_size, group_size=c.moe.group_size, top_k=c.moe.top_k,
               capacity=capacity, aux_weight=c.moe.aux_loss_weight,
               z_weight=c.moe.z_loss_weight, gelu_form=c.moe.gelu,
@@ -135,6 +145,15 @@ ARCHES = {
               'model.positions': 'rope', 'model.rope_base': 1e6, 'model.attn_out_bias': False,
               'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.shared_d_ff': 24,
               'moe.shared_gate': True},
+    # GPT-OSS: sinks, every other block windowed (4 of 32 positions), YaRN, biases everywhere
+    # (router too), the clamped SwiGLU with a limit low enough to bind.
+    'gpt_oss': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
+                'model.rope_base': 1.5e5, 'model.attn_sinks': True, 'model.sliding_window': 4,
+                'model.window_pattern': 'SF', 'model.rope_scaling': 'yarn',
+                'model.rope_factor': 8.0, 'model.rope_original_len': 16,
+                'model.rope_truncate': False, 'moe.ffn': 'clamped_swiglu',
+                'moe.swiglu_limit': 0.3, 'moe.router_bias': True, 'moe.normalize_gates': True,
+                'moe.normalize_gates_over': 'top_k'},
     'mixtral_biased': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
                        'moe.ffn': 'swiglu', 'moe.normalize_gates': True,
                        'moe.normalize_gates_over': 'top_k'},

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model import moe as moe_lib, routing
+from moejax.model import ffn as ffn_lib, moe as moe_lib, routing
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.plan import bare
 from tests import numpy_reference
@@ -111,7 +111,7 @@ def test_gelu_forms_differ_and_the_default_is_exact():
   x, w = _inputs(t=32)
   ref, _, _ = naive_moe(x, w, 1, 8)
   exact, _ = run_moe(x, w, 1, 1, 8)
-  tanh, _ = run_moe(x, w, 1, 1, 8, gelu='tanh')
+  tanh, _ = run_moe(x, w, 1, 1, 8, act=ffn_lib.Activation('tanh'))
   np.testing.assert_allclose(exact, ref, rtol=1e-6, atol=1e-6)
   assert np.abs(tanh - ref).max() > 1e-5            # the tanh form is visible to the reference
 

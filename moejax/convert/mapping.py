@@ -120,7 +120,7 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
 def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
   """The shared expert's Linear weights [out, in] and its gate [1, D] (Qwen2-MoE)."""
   names = {'shared_w1': 'gate_proj', 'shared_w3': 'up_proj', 'shared_w2': 'down_proj'}
-  if m.ffn != 'swiglu':
+  if m.ffn == 'gelu':
     del names['shared_w3']
   out = [Rule((('blocks', 'moe', path),), (f'{shared}.{name}.weight',), 'block', _one(_t),
               _one(_t)) for path, name in names.items()]

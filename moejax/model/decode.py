@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import ModelConfig
-from moejax.model import ffn as ffn_lib, moe as moe_lib
+from moejax.model import ffn as ffn_lib, moe as moe_lib, routing
 from moejax.model.layers import KV_HEADS, TOKENS, Attention, Head, KVCache, norm, shared_expert
 from moejax.parallel import vocab
 from moejax.parallel.mesh import constrain
@@ -74,10 +74,8 @@ def _gates(cfg: ModelConfig, probs: jax.Array, expert: jax.Array, keep: jax.Arra
 def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: ModelConfig
          ) -> tuple[jax.Array, jax.Array]:
   """Top-k experts of new tokens x [B, T, D]; returns y [B, T, D] and the updated choices."""
-  logits = jnp.einsum('BTD,DE->BTE', x.astype(jnp.float32), p['router'].astype(jnp.float32))
-  probs = jax.nn.softmax(logits, axis=-1)                               # [B, T, E]
-  select = logits if 'select_bias' not in p else logits + p['select_bias'].astype(jnp.float32)
-  _, expert = jax.lax.top_k(select, cfg.top_k)                          # [B, T, K_]
+  _, probs, _, expert = routing.choose(x, p['router'], p.get('router_bias'),
+                                       p.get('select_bias'), cfg.top_k)  # [B, T, E], [B, T, K_]
   history = jax.lax.dynamic_update_slice_in_dim(
       history, jnp.moveaxis(expert, -1, 0).astype(jnp.int32), start, 2)  # [K_, B, L]
   keep = _claims_before(expert, history, start, cfg.group_size) < cfg.capacity(False)
@@ -89,7 +87,7 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   b, t, d = x.shape
   rows = jnp.broadcast_to(x.astype(dt).reshape(1, b * t, d), (cfg.num_experts, b * t, d))
   w = moe_lib.ExpertWeights(**{k: p.get(k) for k in moe_lib.ExpertWeights._fields})
-  y = ffn_lib.expert_ffn(rows, w.ffn(dt), gelu=cfg.gelu)                # [E, B*T, D]
+  y = ffn_lib.expert_ffn(rows, w.ffn(dt), act=ffn_lib.Activation.of(cfg))                # [E, B*T, D]
   y = jnp.einsum('EBTD,BTE->BTD', y.reshape(cfg.num_experts, b, t, d), weight.astype(dt))
   shared = ffn_lib.SharedWeights.of(p)
   if shared is not None:
@@ -97,12 +95,13 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   return constrain(y, TOKENS), history
 
 
-def _block(x: jax.Array, p: dict, cache: tuple, start: jax.Array, cfg: ModelConfig):
+def _block(x: jax.Array, p: dict, cache: tuple, start: jax.Array, layer: jax.Array,
+           cfg: ModelConfig):
   """layers.Block over a cache: x [B, T, D] of new tokens."""
   k_cache, v_cache, history = cache
   h = norm(cfg, 'ln1').apply({'params': p['ln1']}, x)
   y, kv = Attention(cfg).apply({'params': p['attn']}, h, cache=KVCache(k_cache, v_cache),
-                               start=start)
+                               start=start, layer=layer)
   x = x + y
   h = norm(cfg, 'ln2').apply({'params': p['ln2']}, x)
   y, history = _moe(p['moe'], h, history, start, cfg)
@@ -121,9 +120,10 @@ def extend(params: dict[str, Any], cache: Cache, ids: jax.Array, start: jax.Arra
   x = constrain(x, TOKENS)
 
   def layer(x, inputs):
-    p, k_cache, v_cache, history = inputs
-    x, (k_cache, v_cache, history) = _block(x, p, (k_cache, v_cache, history), start, cfg)
+    p, b, k_cache, v_cache, history = inputs
+    x, (k_cache, v_cache, history) = _block(x, p, (k_cache, v_cache, history), start, b, cfg)
     return x, (k_cache, v_cache, history)
 
-  x, (k, v, choice) = jax.lax.scan(layer, x, (params['blocks'],) + tuple(cache))
+  blocks = jnp.arange(cfg.num_blocks)
+  x, (k, v, choice) = jax.lax.scan(layer, x, (params['blocks'], blocks) + tuple(cache))
   return Head(cfg).apply({'params': params['head']}, x), Cache(k, v, choice)

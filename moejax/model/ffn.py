@@ -1,5 +1,6 @@
-"""The experts' feed-forward networks: a GELU MLP (the seed's, with biases) or SwiGLU (the Llama
-family's: silu(x w1) * (x w3), then w2; biases optional), on fixed buffers or on ragged rows.
+"""The experts' feed-forward networks: a GELU MLP (the seed's, with biases), SwiGLU (the Llama
+family's: silu(x w1) * (x w3), then w2; biases optional) or GPT-OSS's clamped SwiGLU, on fixed
+buffers or on ragged rows.
 
 Legend: E experts, C rows per expert, R rows in any order, D d_model, F expert hidden.
 """
@@ -31,10 +32,28 @@ def _bias(h: jax.Array, b: jax.Array | None) -> jax.Array:
   return h if b is None else h + b
 
 
-def activation(first: jax.Array, up: jax.Array | None, gelu: str) -> jax.Array:
-  """The activation of the input projection(s): GELU, or silu(gate) * up."""
+class Activation(NamedTuple):
+  """How the input projection(s) become the hidden units."""
+  gelu: str = 'exact'      # GELU MLP (no up projection): 'exact' (erf) or 'tanh'
+  limit: float = 0.0       # > 0: clamped SwiGLU (GPT-OSS), gate <= limit, |up| <= limit
+  alpha: float = 1.0       # the clamped SwiGLU's sigmoid slope
+
+  @classmethod
+  def of(cls, cfg) -> Activation:
+    """The activation of a ModelConfig's experts."""
+    clamped = cfg.ffn == 'clamped_swiglu'
+    return cls(cfg.gelu, cfg.swiglu_limit if clamped else 0.0,
+               cfg.swiglu_alpha if clamped else 1.0)
+
+
+def activation(first: jax.Array, up: jax.Array | None, act: Activation) -> jax.Array:
+  """GELU(first); silu(first) * up; or, clamped, (up + 1) * g * sigmoid(alpha * g) with
+  g = min(first, limit) and up clipped to [-limit, limit]."""
   if up is None:
-    return jax.nn.gelu(first, approximate=gelu == 'tanh')
+    return jax.nn.gelu(first, approximate=act.gelu == 'tanh')
+  if act.limit > 0:
+    gate = jnp.minimum(first, act.limit)
+    return (jnp.clip(up, -act.limit, act.limit) + 1) * gate * jax.nn.sigmoid(act.alpha * gate)
   return jax.nn.silu(first) * up
 
 
@@ -59,17 +78,17 @@ def _drop(h: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
   return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
 
 
-def expert_ffn(x: jax.Array, w: FFNWeights, *, gelu: str = 'exact', dropout_rate: float = 0.0,
-               dropout_keep: jax.Array | None = None) -> jax.Array:
+def expert_ffn(x: jax.Array, w: FFNWeights, *, act: Activation = Activation(),
+               dropout_rate: float = 0.0, dropout_keep: jax.Array | None = None) -> jax.Array:
   """Each expert's FFN on its rows: x [E, C, D] -> [E, C, D].
 
-  gelu: 'exact' (erf) or 'tanh' (GELU MLP only). dropout_keep [E, C, F] bool: hidden units kept.
+  act: the activation. dropout_keep [E, C, F] bool: hidden units kept.
   """
   bias = lambda b: None if b is None else b[:, None, :]
   matmul = lambda spec, a, m: _scoped(jnp.einsum, spec, a, m)
   first = _bias(matmul('ECD,EDF->ECF', x, w.w1), bias(w.b1))            # [E, C, F]
   up = None if w.w3 is None else _bias(matmul('ECD,EDF->ECF', x, w.w3), bias(w.b3))
-  h = _drop(activation(first, up, gelu), dropout_keep, dropout_rate)       # [E, C, F]
+  h = _drop(activation(first, up, act), dropout_keep, dropout_rate)       # [E, C, F]
   return _bias(matmul('ECF,EFD->ECD', h, w.w2), bias(w.b2))             # [E, C, D]
 
 
@@ -80,7 +99,8 @@ def _scoped(fn, *args):
     return fn(*args)
 
 
-def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str = 'exact',
+def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *,
+                       act: Activation = Activation(),
                        dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                        row_ids: jax.Array | None = None) -> jax.Array:
   """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
@@ -103,7 +123,7 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *, gelu: str
   rows = x[order]                                                      # [R, D]
   first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]
   up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))
-  h = activation(first, up, gelu)
+  h = activation(first, up, act)
   if dropout_rate > 0.0:
     h = _drop(h, dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate),
               dropout_rate)

@@ -18,7 +18,7 @@ from moejax.config import ModelConfig
 from moejax.errors import ConfigError
 from moejax.model import ffn as ffn_lib, routing
 from moejax.model import moe as moe_lib
-from moejax.model.positions import rope
+from moejax.model.positions import Yarn, rope
 from moejax.parallel import mesh as mesh_lib, remat, vocab
 from moejax.parallel.mesh import constrain
 
@@ -109,18 +109,21 @@ class Attention(nn.Module):
   RMS-normalises queries and keys before the rotation: over each whole projection ('full',
   OLMoE: the statistics span every head, wherever tp puts them) or over each head ('head',
   Qwen3). Training and evaluation attend within the given tokens; cached decoding (`cache`)
-  appends them to the cache and attends over everything in it.
+  appends them to the cache and attends over everything in it. cfg.attn_sinks: a learned logit
+  per head [N] joins each softmax over the keys and takes its share of the weight to no value
+  (GPT-OSS). In blocks cfg.windowed marks, a query sees the cfg.sliding_window positions up to
+  its own (in the cache too).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                segments: jax.Array | None = None, cache: KVCache | None = None,
-               start: jax.Array | int = 0):
+               start: jax.Array | int = 0, layer: jax.Array | int = 0):
     """x [B, T, D] -> y [B, T, D] (with a cache: (y, the cache holding these tokens too)).
     positions [B, T] (default start..start+T-1) rotate q/k with rotary positions; segments
     [B, T] (packed documents) keep attention within a document; start: the position of x's
-    first token in the cache."""
+    first token in the cache; layer: this block's index (whether it is windowed)."""
     c = self.cfg
     dt = c.dtype
     # Sequence parallelism: gather the sequence once, then every head-split matmul is local.
@@ -133,21 +136,30 @@ class Attention(nn.Module):
     q, k, v = self._project(x, weights)                                 # [B, T, N|K, H]
     if c.qk_norm != 'none':
       q, k = self._qk_norm('q_norm', q), self._qk_norm('k_norm', k)
+    at = start + jnp.arange(x.shape[1])                                 # [T] new tokens' places
     if c.positions == 'rope':
       if positions is None:
-        positions = jnp.broadcast_to(start + jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
-      q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
+        positions = jnp.broadcast_to(at, x.shape[:2])                   # [B, T]
+      yarn = Yarn.of(c)
+      q, k = rope(q, positions, c.rope_base, yarn), rope(k, positions, c.rope_base, yarn)
+    sinks = (_param(self, 'sinks', (c.num_heads,), ('heads',), _normal(c.init_std))
+             if c.attn_sinks else None)
     if cache is None:
       mask = None if segments is None else (
           segments[:, None, :, None] == segments[:, None, None, :])    # [B, 1, T, T]
+      if c.sliding_window:
+        place = at[None] if positions is None else positions            # [B|1, T]
+        mask = _and(mask, self._window(place, place, layer))
       kernel, _ = attention_kernel(c, mesh_lib.platform(), packed=segments is not None)
-      o = _attend(q, k, v, mask, causal=True, kernel=kernel)           # [B, T, N, H]
+      o = _attend(q, k, v, mask, causal=True, kernel=kernel, sinks=sinks)  # [B, T, N, H]
     else:
       cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
                         for a, b in zip(cache, (k, v))))                 # [B, L, K, H]
-      t, length = x.shape[1], cache.k.shape[1]
-      visible = jnp.arange(length)[None, :] <= start + jnp.arange(t)[:, None]  # [T, L]
-      o = _attend(q, cache.k, cache.v, visible[None, None], causal=False)
+      keys = jnp.arange(cache.k.shape[1])                                # [L]
+      mask = (keys[None, :] <= at[:, None])[None, None]                  # [1, 1, T, L]
+      if c.sliding_window:
+        mask = _and(mask, self._window(at[None], keys[None], layer))
+      o = _attend(q, cache.k, cache.v, mask, causal=False, sinks=sinks)
     y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), wo.astype(dt))  # reduce(-scatter) over N
     y = constrain(y, RESIDUAL if cache is None else TOKENS)
     if c.attn_bias and c.attn_out_bias:
@@ -155,6 +167,15 @@ class Attention(nn.Module):
       y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(dt)
     y = checkpoint_name(y, remat.ATTN_REDUCED)
     return y if cache is None else (y, cache)
+
+  def _window(self, q_at: jax.Array, k_at: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """[B|1, 1, T, L] True where key position k_at [B|1, L] lies within the sliding window of
+    query position q_at [B|1, T], or everywhere in a block that is not windowed."""
+    c = self.cfg
+    near = (q_at[:, :, None] - k_at[:, None, :]) < c.sliding_window      # [B|1, T, L]
+    flags = [c.windowed(b) for b in range(c.num_blocks)]
+    windowed = flags[0] if len(set(flags)) == 1 else jnp.asarray(flags)[layer]
+    return (near | jnp.logical_not(windowed))[:, None]
 
   def _weights(self) -> tuple[jax.Array, ...]:
     """(wqkv [3, D, N, H],) with as many key/value heads as query heads (one matmul, and one
@@ -224,7 +245,11 @@ def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str
       (f'model.head_dim={cfg.head_dim} (cuDNN: a multiple of 8, at most 128)',
        cfg.head_dim % 8 or cfg.head_dim > 128),
       ('packed documents (data.pack) need a per-document mask that cuDNN\'s fused attention '
-       'does not take', packed)) if fails]
+       'does not take', packed),
+      ('attention sinks (model.attn_sinks) are a logit cuDNN\'s fused attention does not take',
+       cfg.attn_sinks),
+      ('a sliding window (model.sliding_window) set per block', cfg.sliding_window > 0),
+  ) if fails]
   if not cannot:
     return 'cudnn', 'cuDNN fused attention'
   if cfg.attention == 'cudnn':
@@ -233,18 +258,42 @@ def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str
   return 'xla', f'XLA attention ({"; ".join(cannot)})'
 
 
+def _and(mask: jax.Array | None, more: jax.Array) -> jax.Array:
+  return more if mask is None else mask & more
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-            causal: bool, kernel: str = 'xla') -> jax.Array:
+            causal: bool, kernel: str = 'xla', sinks: jax.Array | None = None) -> jax.Array:
   """Softmax attention of q [B, T, N, H] over k, v [B, L, K, H]: each key/value head serves
   N/K query heads (repeated to N heads, split over tp like the queries). kernel: 'xla' or
-  'cudnn' (attention_kernel)."""
+  'cudnn' (attention_kernel). sinks [N]: a logit per head in every softmax, with no value."""
   n, kv = q.shape[2], k.shape[2]
   if kv != n:
     k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, L, N, H]
   if kernel == 'cudnn':
     return constrain(_cudnn_attention(q, k, v, causal), HEADS)         # [B, T, N, H]
-  o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # [B, T, N, H]
+  if sinks is None:
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # [B, T, N, H]
+  else:
+    o = _sink_attention(q, k, v, mask, causal, sinks)
   return constrain(o, HEADS)
+
+
+def _sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    causal: bool, sinks: jax.Array) -> jax.Array:
+  """Softmax attention whose every row's softmax also holds its head's sink logit (float32
+  scores): q [B, T, N, H], k, v [B, L, N, H], sinks [N] -> [B, T, N, H]."""
+  t, length, h = q.shape[1], k.shape[1], q.shape[-1]
+  scores = jnp.einsum('BTNH,BLNH->BNTL', q, k, preferred_element_type=jnp.float32) / h ** 0.5
+  if causal:
+    mask = _and(mask, jnp.tril(jnp.ones((t, length), bool), length - t)[None, None])
+  if mask is not None:
+    scores = jnp.where(mask, scores, -jnp.inf)                          # [B, N, T, L]
+  sink = sinks.astype(jnp.float32)[None, :, None, None]                 # [1, N, 1, 1]
+  top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)      # [B, N, T, 1]
+  weights = jnp.exp(scores - top)
+  weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
+  return jnp.einsum('BNTL,BLNH->BTNH', weights.astype(v.dtype), v)
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
@@ -279,7 +328,7 @@ class MoE(nn.Module):
     ax = moe_lib.WEIGHT_AXES
     bias = lambda name, shape: (_param(self, name, shape, getattr(ax, name), nn.initializers.zeros)
                                 if c.expert_bias else None)
-    swiglu = c.ffn == 'swiglu'
+    swiglu = c.ffn != 'gelu'   # an up projection w3 (SwiGLU, clamped or not)
     w = moe_lib.ExpertWeights(
         router=_param(self, 'router', (d, e), ax.router, _normal(c.init_std)),
         w1=_param(self, 'w1', (e, d, f), ax.w1, _normal(c.init_std)),
@@ -289,7 +338,9 @@ class MoE(nn.Module):
         select_bias=_param(self, 'select_bias', (e,), ax.select_bias, nn.initializers.zeros)
         if c.bias_update_rate > 0 else None,
         w3=_param(self, 'w3', (e, d, f), ax.w3, _normal(c.init_std)) if swiglu else None,
-        b3=bias('b3', (e, f)) if swiglu else None)
+        b3=bias('b3', (e, f)) if swiglu else None,
+        router_bias=_param(self, 'router_bias', (e,), ax.router_bias, nn.initializers.zeros)
+        if c.router_bias else None)
     shared = self._shared_weights()
     if self.is_initializing():
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
@@ -312,7 +363,7 @@ class MoE(nn.Module):
     return ffn_lib.SharedWeights(
         w1=_param(self, 'shared_w1', (d, f), col, _normal(c.init_std)),
         w3=_param(self, 'shared_w3', (d, f), col, _normal(c.init_std))
-        if c.ffn == 'swiglu' else None,
+        if c.ffn != 'gelu' else None,
         w2=_param(self, 'shared_w2', (f, d), row,
                   _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
         gate=_param(self, 'shared_gate', (d, 1), ('embed', None), _normal(c.init_std))
@@ -330,7 +381,8 @@ def shared_expert(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig,
   dt = cfg.dtype
   x = constrain(x.astype(dt), TOKENS)                                    # [B, T, D]
   hidden = lambda m: constrain(jnp.einsum('BTD,DF->BTF', x, m.astype(dt)), SHARED_HIDDEN)
-  h = ffn_lib.activation(hidden(w.w1), None if w.w3 is None else hidden(w.w3), cfg.gelu)
+  h = ffn_lib.activation(hidden(w.w1), None if w.w3 is None else hidden(w.w3),
+                        ffn_lib.Activation.of(cfg))
   y = jnp.einsum('BTF,FD->BTD', h, w.w2.astype(dt))                      # [B, T, D] over F
   if w.gate is not None:
     y = y * jax.nn.sigmoid(jnp.einsum('BTD,DO->BTO', x, w.gate.astype(dt)))
@@ -344,11 +396,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-               segments: jax.Array | None = None) -> tuple[jax.Array, routing.GroupStats]:
-    """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding)."""
+               segments: jax.Array | None = None, layer: jax.Array | int = 0
+               ) -> tuple[jax.Array, routing.GroupStats]:
+    """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding);
+    layer: the block's index in the model."""
     c = self.cfg
     with jax.named_scope('attention'):
-      x = x + Attention(c, name='attn')(norm(c, 'ln1')(x), positions, segments)
+      x = x + Attention(c, name='attn')(norm(c, 'ln1')(x), positions, segments, layer=layer)
     valid = None if segments is None else segments != 0
     with jax.named_scope('moe'):
       y, stats = MoE(c, self.train, name='moe')(norm(c, 'ln2')(x), valid)

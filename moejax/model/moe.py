@@ -34,6 +34,7 @@ class ExpertWeights(NamedTuple):
   select_bias: jax.Array | None = None  # [E] aux-loss-free balancing (not trained by gradient)
   w3: jax.Array | None = None  # [E, D, F] SwiGLU's up projection (None: GELU MLP)
   b3: jax.Array | None = None  # [E, F]
+  router_bias: jax.Array | None = None  # [E] added to the router's logits (GPT-OSS)
 
   def ffn(self, dtype) -> ffn_lib.FFNWeights:
     """The expert FFN's weights in the compute dtype."""
@@ -43,7 +44,7 @@ class ExpertWeights(NamedTuple):
 WEIGHT_AXES = ExpertWeights(
     router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
     w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,),
-    w3=('experts', 'embed', 'mlp'), b3=('experts', 'mlp'))
+    w3=('experts', 'embed', 'mlp'), b3=('experts', 'mlp'), router_bias=(None,))
 GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, S, D] token parts
 
 
@@ -56,7 +57,7 @@ class MoESettings:
   dispatch: str = 'capacity'      # 'capacity' (drop past the slots) or 'dropless'
   dropout_rate: float = 0.0       # on expert hidden units
   compute_dtype: Any = jnp.float32
-  gelu: str = 'exact'             # GELU experts: 'exact' or 'tanh'
+  act: ffn_lib.Activation = ffn_lib.Activation()   # the experts' activation
   normalize_gates: bool | str = False   # False, True / 'kept' or 'top_k' (routing.route)
   sinkhorn_iters: int = 0         # > 0: in-group balancing (training)
 
@@ -65,7 +66,7 @@ class MoESettings:
     """The settings of a ModelConfig's MoE layers, in training or evaluation."""
     return cls(group_size=cfg.group_size, top_k=cfg.top_k, capacity=cfg.capacity(train),
                dispatch=cfg.dispatch, dropout_rate=cfg.expert_dropout if train else 0.0,
-               compute_dtype=jnp.dtype(cfg.dtype), gelu=cfg.gelu,
+               compute_dtype=jnp.dtype(cfg.dtype), act=ffn_lib.Activation.of(cfg),
                normalize_gates=cfg.gate_norm, sinkhorn_iters=cfg.sinkhorn_iters if train else 0)
 
   @property
@@ -142,7 +143,7 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   g_, s, d = tokens_.shape
   num_experts = w_.router.shape[-1]
   capacity, dropout_rate = settings.capacity, settings.dropout_rate
-  compute_dtype, gelu = settings.compute_dtype, settings.gelu
+  compute_dtype, act = settings.compute_dtype, settings.act
   buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
   buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
   keep = None
@@ -150,7 +151,7 @@ def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
     rows = _dispatched_row_ids(names[0], num_experts, capacity, axes)
     keep = ffn_lib.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
   local_experts = lambda rows_: ffn_lib.expert_ffn(                     # [E/ep, ep*G_*C, D]
-      rows_, w_.ffn(compute_dtype), gelu=gelu, dropout_rate=dropout_rate, dropout_keep=keep)
+      rows_, w_.ffn(compute_dtype), act=act, dropout_rate=dropout_rate, dropout_keep=keep)
   out_ = ep_lib.exchange(buf_, local_experts, axes)                     # [E, G_*C, D]
   out_ = out_.reshape(num_experts, g_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
   return routing.combine(out_, r)                                       # [G_, S, D]
@@ -165,7 +166,7 @@ def _row_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
   At capacity a unit's dropout mask follows the slot it took, as in _capacity_experts."""
   g_, s, d = tokens_.shape
   capacity, dropout_rate = settings.dispatch == 'capacity', settings.dropout_rate
-  compute_dtype, gelu = settings.compute_dtype, settings.gelu
+  compute_dtype, act = settings.compute_dtype, settings.act
   k = r.expert.shape[1]
   num_experts = w_.router.shape[-1]
   local = w_.w1.shape[0]                                                # E/ep on this shard
@@ -182,7 +183,7 @@ def _row_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
            _assignment_ids(names[0][me], names[1][me], k, s, settings.group_size))[order]
     keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
   local_experts = lambda rows, keys_: ffn_lib.grouped_expert_ffn(       # [ep*A_, D]
-      rows, keys_[:, 0], w_.ffn(compute_dtype), gelu=gelu, dropout_rate=dropout_rate,
+      rows, keys_[:, 0], w_.ffn(compute_dtype), act=act, dropout_rate=dropout_rate,
       dropout_rng=rng, row_ids=keys_[:, -1])
   out_ = ep_lib.ragged_exchange(rows_, keys, send, local_experts, axes, pad_key=local)  # [A_, D]
   out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s) order
@@ -225,7 +226,7 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
     share = _group_share(*_part_names(b_, ng_, s, groups, every, token_spec), every)
   r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
                            settings.normalize_gates, w_.select_bias, valid_, share,
-                           settings.sinkhorn_iters)
+                           settings.sinkhorn_iters, w_.router_bias)
   y_ = _expert_path(settings, groups)(w_, tokens_, r, rng, axes=axes, names=names,
                                       settings=settings)               # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)

@@ -34,8 +34,10 @@ class GroupStats(NamedTuple):
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
           normalize_gates: bool | str = False, select_bias: jax.Array | None = None,
           valid: jax.Array | None = None, share=None,
-          sinkhorn_iters: int = 0) -> tuple[Routing, GroupStats]:
-  """Routes x [G, S, D] with router weights [D, E] (softmax in float32).
+          sinkhorn_iters: int = 0, router_bias: jax.Array | None = None
+          ) -> tuple[Routing, GroupStats]:
+  """Routes x [G, S, D] with router weights [D, E] (and a bias [E] on the logits: GPT-OSS;
+  softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
   with normalize_gates True or 'kept', a token's kept gates are divided by their sum
@@ -62,11 +64,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   whole group on one device), and aux and z are the whole group's (every part reports them).
   """
   num_experts = w_router.shape[-1]
-  logits = jnp.einsum('GSD,DE->GSE', x.astype(jnp.float32),
-                      w_router.astype(jnp.float32))                   # [G, S, E]
-  probs = jax.nn.softmax(logits, axis=-1)                              # [G, S, E]
-  scores = logits if select_bias is None else logits + select_bias.astype(jnp.float32)
-  _, expert = jax.lax.top_k(scores, top_k)                             # [G, S, K]
+  logits, probs, scores, expert = choose(x, w_router, router_bias, select_bias, top_k)
   onehot = _choices(expert, num_experts, valid)                        # [G, K, S, E]
   preferred = jnp.sum(onehot, axis=(1, 2))                             # [G, E]
   rerouted = jnp.zeros(onehot.shape[0], jnp.int32)                     # [G]
@@ -91,6 +89,21 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   aux, z = _losses(whole, k, e)                                        # [G] each
   return (Routing(expert.astype(jnp.int32), slot.astype(jnp.int32), keep, gate),
           GroupStats(aux, z, assigned, kept, preferred, rerouted))
+
+
+def choose(x: jax.Array, w_router: jax.Array, router_bias: jax.Array | None,
+           select_bias: jax.Array | None, top_k: int
+           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The router's prefix, shared by training and cached decoding: x [..., D] -> logits,
+  softmax probabilities, selection scores (logits + select_bias) [..., E] (float32) and the
+  top-k experts of the scores [..., K]."""
+  logits = jnp.einsum('...D,DE->...E', x.astype(jnp.float32), w_router.astype(jnp.float32))
+  if router_bias is not None:
+    logits = logits + router_bias.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  scores = logits if select_bias is None else logits + select_bias.astype(jnp.float32)
+  _, expert = jax.lax.top_k(scores, top_k)
+  return logits, probs, scores, expert
 
 
 def _losses(whole: jax.Array, k: int, e: int) -> tuple[jax.Array, jax.Array]:

@@ -41,7 +41,7 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
     positions, segments = (None, None) if packed is None else packed   # [B, T] each
     def layer(x, inputs):
       p, l = inputs
-      y, stats = block.apply({'params': p}, x, positions, segments,
+      y, stats = block.apply({'params': p}, x, positions, segments, first + l,
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
