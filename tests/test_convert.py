@@ -25,7 +25,7 @@ from moejax.train.plan import Plan
 from tests.helpers import model_forward
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'hf')
-FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe')
+FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe', 'gpt_oss')
 
 
 def _config(family, tp=1, pp=1):
@@ -61,7 +61,7 @@ def test_imported_model_gives_transformers_logits(family, tp, pp):
 
 
 @pytest.mark.parametrize('family,tp', [('olmoe', 4), ('mixtral', 4), ('qwen3_moe', 1),
-                                       ('qwen2_moe', 4)])
+                                       ('qwen2_moe', 4), ('gpt_oss', 4)])
 def test_cached_decoding_gives_transformers_logits(family, tp):
   """The KV-cache decoder (grouped-query heads, QK-norm, renormalised gates) on the same
   checkpoints: a prefill of 12 tokens, then 4 single-token steps."""
@@ -96,6 +96,54 @@ def test_export_then_import_is_bit_identical(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, _load(family))
   hf = json.load(open(tmp_path / 'out' / 'config.json'))
   assert families.sections(hf) == families.sections(families.read_hf_config(src))
+
+
+def test_mxfp4_experts_dequantize_as_transformers_does():
+  """GPT-OSS's published layout: MXFP4 codes and scales become transformers' float values
+  exactly, and quantize() writes codes that read back to the same values."""
+  from moejax.convert import mxfp4
+  ref = np.load(os.path.join(DATA, 'gpt_oss_mxfp4', 'dequantized.npz'))
+  got = np.swapaxes(mxfp4.dequantize(ref['blocks'], ref['scales']), -1, -2)   # [E, in, out]
+  np.testing.assert_array_equal(got, ref['values'])
+  again = mxfp4.dequantize(*mxfp4.quantize(np.swapaxes(got, -1, -2)))
+  np.testing.assert_array_equal(np.swapaxes(again, -1, -2), got)
+  assert not np.array_equal(mxfp4.dequantize(ref['blocks'] ^ 1, ref['scales']),
+                            np.swapaxes(got, -1, -2))                 # a changed code shows
+
+
+@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
+def test_an_mxfp4_checkpoint_imports_to_transformers_logits(tp, pp, tmp_path):
+  """The tiny GPT-OSS with MXFP4 experts (random codes): imported, its logits are those
+  transformers computes from them; exported, it is written unquantized and reads back the same."""
+  src = os.path.join(DATA, 'gpt_oss_mxfp4')
+  config = _config('gpt_oss', tp, pp)
+  ids, expected = _reference('gpt_oss_mxfp4')
+  params = hf_lib.load_params(src, config_lib.model_config(config), families.FAMILIES['gpt_oss'])
+  tokens = np.concatenate([ids.reshape(4, 2, 16), np.zeros((4, 2, 1), np.int32)], -1)
+  _, _, logits = model_forward(config, params, tokens, train=False)
+  got = logits[..., :config.model.vocab_size].reshape(expected.shape)
+  assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+  if tp == 1:
+    hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
+    hf_lib.export_checkpoint(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32')
+    names = Reader(str(tmp_path / 'out')).names()
+    assert 'model.layers.0.mlp.experts.gate_up_proj' in names
+    assert not any(n.endswith(('_blocks', '_scales')) for n in names)
+    jax.tree.map(np.testing.assert_array_equal, _load_dir('gpt_oss', str(tmp_path / 'out')),
+                 params)
+
+
+def test_mxfp4_tensors_of_another_dtype_are_refused(tmp_path):
+  out = tmp_path / 'bad'
+  out.mkdir()
+  shutil.copy(os.path.join(DATA, 'gpt_oss_mxfp4', 'config.json'), out)
+  reader = Reader(os.path.join(DATA, 'gpt_oss_mxfp4'))
+  tensors = {n: reader.get(n) for n in reader.names()}
+  name = 'model.layers.1.mlp.experts.down_proj_scales'
+  tensors[name] = tensors[name].astype(np.float32)
+  save_file(tensors, str(out / 'model.safetensors'))
+  with pytest.raises(ConfigError, match=f'{name} of dtype F32 \\(expected U8\\)'):
+    hf_lib.import_checkpoint(str(out), str(tmp_path / 'run'))
 
 
 def _load_dir(family, directory):

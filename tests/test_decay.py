@@ -13,7 +13,7 @@ from moejax.train import optimizer
 MATRICES = {'tok', 'w', 'wqkv', 'wq', 'wkv', 'wo', 'router', 'w1', 'w2', 'w3', 'shared_w1',
             'shared_w2', 'shared_w3', 'shared_gate'}
 NEVER = {'scale', 'bias', 'q_norm', 'k_norm', 'bqkv', 'bq', 'bkv', 'bo', 'b1', 'b2', 'b3',
-         'select_bias', 'pos'}
+         'select_bias', 'pos', 'sinks', 'router_bias'}
 
 
 def listing(path: str, variant: str, **moe) -> dict[str, bool]:
@@ -28,7 +28,8 @@ def listing(path: str, variant: str, **moe) -> dict[str, bool]:
     ('configs/olmoe.py', 'tiny', {}),                             # QK-norm over the width
     ('configs/qwen3_moe.py', 'tiny', {}),                         # QK-norm per head, GQA
     ('configs/mixtral.py', 'tiny', {}),
-    ('configs/qwen2_moe.py', 'tiny', {})])                         # shared expert, q/k/v biases
+    ('configs/qwen2_moe.py', 'tiny', {}),                          # shared expert, q/k/v biases
+    ('configs/gpt_oss.py', 'tiny', {})])                           # sinks, router and expert biases
 def test_only_matrices_decay(path, variant, moe):
   table = listing(path, variant, **moe)
   print('\n'.join(f'{k:40s} {"decay" if v else "-"}' for k, v in table.items()))

@@ -24,14 +24,20 @@ def independent(hf: dict, seq: int) -> float:
   if 'shared_expert_intermediate_size' in hf:
     per_layer += 3 * d * hf['shared_expert_intermediate_size'] + d
   active = hf['num_hidden_layers'] * per_layer + d * hf['vocab_size']
-  return 6 * active + hf['num_hidden_layers'] * 6 * n * h * seq
+  # Each layer's keys per query, summed over the T queries of a sequence and divided by T:
+  # T/2 causal (the convention), sum_t min(t + 1, W) / T with a sliding window W.
+  window = hf.get('sliding_window')
+  keys = [sum(min(t + 1, window) for t in range(seq)) / seq if kind == 'sliding_attention'
+          else seq / 2 for kind in hf.get('layer_types', ['full'] * hf['num_hidden_layers'])]
+  return 6 * active + sum(12 * n * h * kq for kq in keys)
 
 
 @pytest.mark.parametrize('family,variant', [('olmoe', '1b-7b'), ('qwen3_moe', '30b-a3b'),
                                             ('mixtral', '8x7b'), ('qwen2_moe', 'a2.7b'),
                                             ('qwen2_moe', '57b-a14b'), ('olmoe', 'tiny'),
                                             ('qwen3_moe', 'tiny'), ('mixtral', 'tiny'),
-                                            ('qwen2_moe', 'tiny')])
+                                            ('qwen2_moe', 'tiny'), ('gpt_oss', '20b'),
+                                            ('gpt_oss', '120b'), ('gpt_oss', 'tiny')])
 def test_each_familys_flops_match_an_independent_count(family, variant):
   hf = importlib.import_module(f'configs.{family}').VARIANTS[variant]
   c = shapes.load(f'configs/{family}.py', variant)

@@ -52,8 +52,10 @@ def main(argv):
     if argv[1] == 'import':
       path = hf.import_checkpoint(f.hf_dir, f.workdir)
       family = hf.families.family_of(hf.families.read_hf_config(f.hf_dir)).name
-      print(f'Imported {f.hf_dir} into {path} in {time.time() - start:.1f} s (peak host memory '
-            f'{_peak_gib():.2f} GiB). Train from it with --config=configs/{family}.py:{f.hf_dir} '
+      quantized = ' (MXFP4 experts dequantized to float32)' if hf.is_quantized(f.hf_dir) else ''
+      print(f'Imported {f.hf_dir} into {path}{quantized} in {time.time() - start:.1f} s (peak '
+            f'host memory {_peak_gib():.2f} GiB). Train from it with '
+            f'--config=configs/{family}.py:{f.hf_dir} '
             f'--config.init_from={os.path.abspath(f.workdir)}.', flush=True)
     else:
       files = hf.export_checkpoint(f.workdir, f.hf_dir, f.step, f.dtype,
@@ -61,6 +63,10 @@ def main(argv):
       print(f'Exported {f.workdir} to {f.hf_dir} ({len(files)} files: {", ".join(files[:4])}'
             f'{" ..." if len(files) > 4 else ""}) in {time.time() - start:.1f} s (peak host '
             f'memory {_peak_gib():.2f} GiB).', flush=True)
+      fmt = hf.exported_family(f.workdir, f.step).published_format
+      if fmt:
+        print(f'The experts are written unquantized ({f.dtype}), not in the {fmt} of the '
+              f'published checkpoints; transformers and vLLM load either.', flush=True)
   except MoejaxError as e:
     sys.exit(f'error: {e}')
 

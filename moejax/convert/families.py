@@ -4,8 +4,10 @@ moejax's config keys, and back.
 A family is configuration of the one model (RMSNorm, SwiGLU experts without biases, rotary
 positions, optional grouped-query heads, QK-norm, attention biases and a gated shared expert),
 not a copy of it. transformers'
-`router_aux_loss_coef` counts expert fractions over tokens (K times moejax's per-assignment
-fractions), so it maps to moe.aux_loss_weight = coef x top_k.
+`router_aux_loss_coef` weighs one loss over every layer's tokens pooled (transformers'
+load_balancing_loss_func), whose expert fractions count tokens (K times moejax's per-assignment
+fractions), where moejax sums a loss per block: it maps to moe.aux_loss_weight =
+coef x top_k / layers.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ class Family:
   attn_bias_key: str = 'attention_bias'  # config.json's switch of the q/k/v biases
   attn_out_bias: bool = True           # o_proj has a bias where q/k/v have theirs
   shared_expert: str = ''              # the shared expert's module name ('': none)
+  router: str = 'gate'                 # the router's module name
+  ffn: str = 'swiglu'                  # moe.ffn of the experts
+  biases: bool = False                 # experts and router carry biases (GPT-OSS)
+  sinks: bool = False                  # attention sinks (GPT-OSS)
+  windows: bool = False                # sliding-window blocks from config.json's layer_types
+  interleaved: bool = False            # experts fused [E, D, 2F] (gate even, up odd columns)
+  published_format: str = ''           # how the published checkpoints store the experts
 
 
 FAMILIES = {f.name: f for f in (
@@ -40,6 +49,12 @@ FAMILIES = {f.name: f for f in (
     Family('qwen2_moe', 'Qwen2MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            'none', None, attn_bias_key='qkv_bias', attn_out_bias=False,
            shared_expert='shared_expert'),
+    # gpt-oss-20b / 120b: attention sinks, alternating windowed and full attention, YaRN,
+    # biases everywhere, the clamped SwiGLU; experts stored fused (gate and up interleaved), in
+    # the published checkpoints as MXFP4.
+    Family('gpt_oss', 'GptOssForCausalLM', 'mlp', ('gate_up_proj', '', 'down_proj'), 'none',
+           True, router='router', ffn='clamped_swiglu', biases=True, sinks=True, windows=True,
+           interleaved=True, published_format='MXFP4'),
 )}
 
 # moejax keys an imported config takes from config.json (a user override of one of them is an
@@ -71,12 +86,48 @@ def family_of(hf: dict[str, Any]) -> Family:
   return FAMILIES[name]
 
 
-def _rope_base(hf: dict[str, Any]) -> float:
+def _rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
+  """The rotary keys of config.json's rope_parameters (transformers 5) or rope_scaling."""
   params = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  if params.get('rope_type', 'default') not in ('default', None):
-    raise ConfigError(f'config.json rope type {params.get("rope_type")!r}: moejax has plain '
-                      f'rotary positions only (rope_type "default").')
-  return float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  kind = params.get('rope_type', params.get('type', 'default')) or 'default'
+  if kind not in ('default', 'yarn'):
+    raise ConfigError(f'config.json rope type {kind!r}: moejax has plain rotary positions and '
+                      f'YaRN (rope_type "default" or "yarn").')
+  keys = {'model.rope_base': float(params.get('rope_theta', hf.get('rope_theta', 10_000.0))),
+          'model.rope_scaling': 'none', 'model.rope_factor': 1.0, 'model.rope_original_len': 0,
+          'model.rope_beta_fast': 32.0, 'model.rope_beta_slow': 1.0, 'model.rope_truncate': True,
+          'model.rope_attention_factor': 0.0}
+  if kind == 'yarn':
+    if params.get('mscale') or params.get('mscale_all_dim'):
+      raise ConfigError('config.json YaRN with mscale / mscale_all_dim (DeepSeek\'s): moejax '
+                        'has YaRN with its default attention factor only.')
+    keys.update({
+        'model.rope_scaling': 'yarn', 'model.rope_factor': float(params['factor']),
+        'model.rope_original_len': int(params['original_max_position_embeddings']),
+        'model.rope_beta_fast': float(params.get('beta_fast') or 32.0),
+        'model.rope_beta_slow': float(params.get('beta_slow') or 1.0),
+        'model.rope_truncate': bool(params.get('truncate', True)),
+        'model.rope_attention_factor': float(params.get('attention_factor') or 0.0)})
+  return keys
+
+
+WINDOW_LETTERS = {'sliding_attention': 'S', 'full_attention': 'F'}
+
+
+def _window_keys(hf: dict[str, Any], family: Family) -> dict[str, Any]:
+  """model.sliding_window and model.window_pattern (the shortest period of layer_types)."""
+  types = hf.get('layer_types') or ['full_attention']
+  unknown = sorted(set(types) - set(WINDOW_LETTERS))
+  if unknown:
+    raise ConfigError(f'config.json layer_types has {unknown}: moejax has '
+                      f'{sorted(WINDOW_LETTERS)}.')
+  letters = ''.join(WINDOW_LETTERS[t] for t in types)
+  if 'S' not in letters or not family.windows:
+    return {'model.sliding_window': 0, 'model.window_pattern': ''}
+  period = next(p for p in range(1, len(letters) + 1)
+                if all(letters[i] == letters[i % p] for i in range(len(letters))))
+  return {'model.sliding_window': int(hf['sliding_window']),
+          'model.window_pattern': letters[:period]}
 
 
 def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
@@ -88,8 +139,8 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
       'mlp_only_layers': (list(hf.get('mlp_only_layers') or []), []),
       'decoder_sparse_step': (hf.get('decoder_sparse_step', 1), 1),
       'use_sliding_window': (bool(hf.get('use_sliding_window', False)), False),
-      'layer_types': (sorted(set(hf.get('layer_types') or ['full_attention'])),
-                      ['full_attention']),
+      'layer_types': (sorted(set(hf.get('layer_types') or ['full_attention']))
+                      if not family.windows else ['full_attention'], ['full_attention']),
       'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
                                    else None, None),
   }
@@ -118,7 +169,9 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.num_blocks': hf['num_hidden_layers'],
       'model.max_len': hf.get('max_position_embeddings', 4096),
       'model.positions': 'rope',
-      'model.rope_base': _rope_base(hf),
+      **_rope_keys(hf),
+      **_window_keys(hf, family),
+      'model.attn_sinks': family.sinks,
       'model.norm': 'rmsnorm',
       'model.norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
       'model.qk_norm': family.qk_norm,
@@ -128,11 +181,15 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'moe.num_experts': hf.get('num_experts') or hf['num_local_experts'],
       'moe.top_k': top_k,
       'moe.d_ff': hf.get('moe_intermediate_size') or hf['intermediate_size'],
-      'moe.ffn': 'swiglu',
-      'moe.expert_bias': False,
+      'moe.ffn': family.ffn,
+      'moe.swiglu_limit': float(hf.get('swiglu_limit', 7.0)),
+      'moe.swiglu_alpha': float(hf.get('swiglu_alpha', 1.702)),
+      'moe.expert_bias': family.biases,
+      'moe.router_bias': family.biases,
       'moe.normalize_gates': renorm,
       'moe.normalize_gates_over': 'top_k',
-      'moe.aux_loss_weight': float(hf.get('router_aux_loss_coef', 0.0)) * top_k,
+      'moe.aux_loss_weight': (float(hf.get('router_aux_loss_coef', 0.0)) * top_k
+                              / hf['num_hidden_layers']),
       'moe.shared_d_ff': int(hf.get('shared_expert_intermediate_size', 0)
                              if family.shared_expert else 0),
       'moe.shared_gate': bool(family.shared_expert),
@@ -171,11 +228,24 @@ def hf_config(family: Family, m) -> dict[str, Any]:
       'rope_parameters': {'rope_theta': m.rope_base, 'rope_type': 'default'},
       'attention_bias': m.attn_bias, 'hidden_act': 'silu', 'tie_word_embeddings': False,
       'num_experts_per_tok': m.top_k, 'initializer_range': m.init_std,
-      'router_aux_loss_coef': m.aux_loss_weight / m.top_k, 'torch_dtype': 'float32',
+      'router_aux_loss_coef': m.aux_loss_weight * m.num_blocks / m.top_k,
+      'torch_dtype': 'float32',
       'use_cache': True,
   }
+  if m.rope_scaling == 'yarn':
+    out['rope_parameters'] = {
+        'rope_theta': m.rope_base, 'rope_type': 'yarn', 'factor': m.rope_factor,
+        'original_max_position_embeddings': m.rope_original_len, 'beta_fast': m.rope_beta_fast,
+        'beta_slow': m.rope_beta_slow, 'truncate': m.rope_truncate,
+        **({'attention_factor': m.rope_attention_factor} if m.rope_attention_factor else {})}
   if family.name == 'mixtral':
     out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff, sliding_window=None)
+  elif family.name == 'gpt_oss':
+    letters = {v: k for k, v in WINDOW_LETTERS.items()}
+    out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff,
+               sliding_window=m.sliding_window, swiglu_limit=m.swiglu_limit,
+               swiglu_alpha=m.swiglu_alpha,
+               layer_types=[letters['S' if m.windowed(b) else 'F'] for b in range(m.num_blocks)])
   elif family.name == 'qwen3_moe':
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
                intermediate_size=m.d_ff, norm_topk_prob=m.normalize_gates,
@@ -197,9 +267,13 @@ def check_exportable(family: Family | None, m) -> None:
   if family is None:
     raise ConfigError('This run is moejax\'s own GPT-2-style family (LayerNorm, GELU experts, '
                       'learned positions), which has no Hugging Face architecture to export to; '
-                      'export runs of configs/olmoe.py, qwen3_moe.py, mixtral.py or qwen2_moe.py.')
-  want = {'positions': 'rope', 'norm': 'rmsnorm', 'ffn': 'swiglu', 'expert_bias': False,
+                      'export runs of configs/olmoe.py, qwen3_moe.py, mixtral.py, qwen2_moe.py '
+                      'or gpt_oss.py.')
+  want = {'positions': 'rope', 'norm': 'rmsnorm', 'ffn': family.ffn,
+          'expert_bias': family.biases, 'router_bias': family.biases, 'attn_sinks': family.sinks,
           'qk_norm': family.qk_norm}
+  if not family.windows:
+    want['sliding_window'] = 0
   bad = [f'{k}={getattr(m, k)!r} (needs {v!r})' for k, v in want.items() if getattr(m, k) != v]
   if m.normalize_gates and m.normalize_gates_over != 'top_k':
     bad.append('normalize_gates_over=kept (transformers renormalises over the top-k choices)')

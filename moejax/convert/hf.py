@@ -36,6 +36,9 @@ Path = tuple[str, ...]
 
 CHUNK = 64 * 2**20   # bytes per stored chunk of an imported array
 
+# The tensors of an MXFP4 checkpoint stored as bytes (moejax.convert.mxfp4).
+QUANTIZED = ('_blocks', '_scales')
+
 # moejax parameters with no Hugging Face counterpart: they start at their init on import.
 MOEJAX_ONLY = {('blocks', 'moe', 'select_bias')}
 
@@ -89,6 +92,9 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
     absent = [n for n in use.names if n not in names]
     wrong = [f'{n} {list(reader.shape(n))} (expected {list(expected[n])})'
              for n in use.names if n in names and reader.shape(n) != expected[n]]
+    wrong += [f'{n} of dtype {reader.dtype(n)} (expected {"U8" if packed else "a float"})'
+              for n in use.names if n in names
+              and (reader.dtype(n) == 'U8') != (packed := n.endswith(QUANTIZED))]
     missing += absent
     misshaped += wrong
     for n in use.names:
@@ -108,6 +114,11 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
   return [p for p in problems if p]
 
 
+def is_quantized(hf_dir: str) -> bool:
+  """Whether a checkpoint stores experts as MXFP4 blocks and scales."""
+  return any(n.endswith(QUANTIZED) for n in Reader(hf_dir).names())
+
+
 def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
                   ) -> Iterator[tuple[Path, np.ndarray, str]]:
   """(path, canonical float32 array, scope) of every parameter, one rule's arrays at a time,
@@ -115,7 +126,8 @@ def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
   scope: the rule's ('model', 'block' or 'expert')."""
   reader = Reader(hf_dir)
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
-  table = mapping.rules(m, family, fused_experts=fused)
+  quantized = any(n.endswith(QUANTIZED) for n in reader.names())
+  table = mapping.rules(m, family, fused_experts=fused, quantized=quantized)
   shapes = canonical_shapes(m)
   problems = _check(reader, table, m, shapes)
   if problems:
@@ -233,15 +245,21 @@ class _Slices:
     return self.array[index].read().result()
 
 
+def exported_family(workdir: str, step: int = -1) -> families.Family:
+  """The family a run's checkpoint exports as (a ConfigError where it has none)."""
+  _, saved = checkpoint_dir.saved_config(workdir, step)
+  name = saved.model.get('family', '') if 'model' in saved else ''
+  families.check_exportable(families.FAMILIES.get(name), config_lib.model_config(saved))
+  return families.FAMILIES[name]
+
+
 def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = 'bfloat16',
                       max_shard_bytes: int = 5 * 10**9, tokenizer_dir: str = '') -> list[str]:
   """Writes a transformers checkpoint of a run's newest (or given) complete step; returns the
   files written."""
+  family = exported_family(workdir, step)
   step, saved = checkpoint_dir.saved_config(workdir, step)
   m = config_lib.model_config(saved)
-  name = saved.model.get('family', '') if 'model' in saved else ''
-  families.check_exportable(families.FAMILIES.get(name), m)
-  family = families.FAMILIES[name]
   item_dir, prefix = checkpoint_dir.params_item(os.path.join(workdir, 'checkpoints', str(step)))
   table = mapping.rules(m, family)
   shapes = hf_shapes(table, m)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from moejax.config import ModelConfig
+from moejax.convert import mxfp4
 from moejax.convert.families import Family
 
 Path = tuple[str, ...]
@@ -59,9 +60,12 @@ def _one(fn):
   return lambda arrays: (fn(arrays[0]),)
 
 
-def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[Rule]:
+def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
+          quantized: bool = False) -> list[Rule]:
   """The table for model m; fused_experts: the checkpoint stores each block's experts as
-  `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only)."""
+  `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only);
+  quantized: a GPT-OSS checkpoint's experts as MXFP4 `*_blocks` and `*_scales` (import: export
+  writes them unquantized)."""
   n, kv, h, d, f = m.num_heads, m.kv_heads, m.head_dim, m.d_model, m.d_ff
   # Vocabulary rows: the import writes the real ones (padded rows stay zero), export drops them.
   layer = 'model.layers.{b}.'
@@ -93,6 +97,9 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
                  lambda arrays: tuple(_heads_out(a) for a in arrays[0]))]
   if m.attn_bias:
     out += _bias_rules(m, attn)
+  if m.attn_sinks:
+    out.append(Rule((('blocks', 'attn', 'sinks'),), (attn + 'sinks',), 'block',
+                    _one(lambda a: a), _one(lambda a: a)))
   if m.qk_norm != 'none':
     shape = {'q': (n, h), 'k': (kv, h)} if m.qk_norm == 'full' else {'q': (h,), 'k': (h,)}
     for p in 'qk':
@@ -101,10 +108,16 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
   moe = layer + family.experts_prefix + '.'
   if m.shared_d_ff:
     out += _shared_rules(m, moe + family.shared_expert)
-  out.append(Rule((('blocks', 'moe', 'router'),), (moe + 'gate.weight',), 'block',
+  router = moe + family.router
+  out.append(Rule((('blocks', 'moe', 'router'),), (router + '.weight',), 'block',
                   _one(_t), _one(_t)))
+  if m.router_bias:
+    out.append(Rule((('blocks', 'moe', 'router_bias'),), (router + '.bias',), 'block',
+                    _one(lambda a: a), _one(lambda a: a)))
   ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
-  if fused_experts:
+  if family.interleaved:
+    out += _interleaved_rules(moe + 'experts.', quantized)
+  elif fused_experts:
     out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'block',
                  lambda arrays: tuple(np.swapaxes(p, 1, 2) for p in np.split(arrays[0], [f], axis=1)),
                  lambda arrays: (np.concatenate([np.swapaxes(a, 1, 2) for a in arrays], 1),)),
@@ -115,6 +128,42 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False) -> list[R
     out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))
             for path, name in zip(ffn, family.expert_names)]
   return out
+
+
+def _split_columns(a: np.ndarray) -> Arrays:
+  """[..., 2F] with gate and up interleaved (gate at even columns) -> (gate, up) [..., F]."""
+  return a[..., 0::2], a[..., 1::2]
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+  return np.stack([gate, up], axis=-1).reshape(gate.shape[:-1] + (-1,))
+
+
+def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
+  """GPT-OSS's fused experts: gate_up_proj [E, D, 2F] and its bias [E, 2F] (gate even, up odd
+  columns), down_proj [E, F, D] and its bias [E, D]; `quantized`: the two matrices as MXFP4
+  (`*_blocks` [E, out, in/32, 16], `*_scales` [E, out, in/32] of the [E, out, in] transpose)."""
+  w = lambda name: ('blocks', 'moe', name)
+  same = _one(lambda a: a)
+  if quantized:
+    dequantized = lambda arrays: np.swapaxes(mxfp4.dequantize(*arrays), -1, -2)   # [E, in, out]
+    requantized = lambda a: mxfp4.quantize(np.swapaxes(a, -1, -2))
+    matrices = [Rule((w('w1'), w('w3')), (experts + 'gate_up_proj_blocks',
+                                          experts + 'gate_up_proj_scales'), 'block',
+                     lambda arrays: _split_columns(dequantized(arrays)),
+                     lambda arrays: requantized(_interleave(*arrays))),
+                Rule((w('w2'),), (experts + 'down_proj_blocks', experts + 'down_proj_scales'),
+                     'block', lambda arrays: (dequantized(arrays),),
+                     lambda arrays: requantized(arrays[0]))]
+  else:
+    matrices = [Rule((w('w1'), w('w3')), (experts + 'gate_up_proj',), 'block',
+                     lambda arrays: _split_columns(arrays[0]),
+                     lambda arrays: (_interleave(*arrays),)),
+                Rule((w('w2'),), (experts + 'down_proj',), 'block', same, same)]
+  return matrices + [
+      Rule((w('b1'), w('b3')), (experts + 'gate_up_proj_bias',), 'block',
+           lambda arrays: _split_columns(arrays[0]), lambda arrays: (_interleave(*arrays),)),
+      Rule((w('b2'),), (experts + 'down_proj_bias',), 'block', same, same)]
 
 
 def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:

@@ -17,6 +17,7 @@ DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.f
 
 
 _NUMPY = {'F32': np.float32, 'BF16': ml_dtypes.bfloat16, 'F16': np.float16, 'F64': np.float64}
+_RAW = {'U8': np.uint8}   # read as stored (MXFP4 blocks and scales), never as float
 
 
 # Bytes per element of every safetensors dtype (the format's own list).
@@ -100,17 +101,22 @@ class Reader:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self.entries[name][1]['shape'])
 
+  def dtype(self, name: str) -> str:
+    return self.entries[name][1]['dtype']
+
   def get(self, name: str) -> np.ndarray:
-    """The tensor in float32."""
+    """The tensor: floats in float32, uint8 (MXFP4 blocks and scales) as stored."""
     path, entry, start = self.entries[name]
-    if entry['dtype'] not in _NUMPY:
+    kinds = {**_NUMPY, **_RAW}
+    if entry['dtype'] not in kinds:
       raise ConfigError(f'{name} in {path} has dtype {entry["dtype"]}; moejax reads '
-                        f'{sorted(_NUMPY)}.')
-    dtype = np.dtype(_NUMPY[entry['dtype']])
+                        f'{sorted(kinds)}.')
+    dtype = np.dtype(kinds[entry['dtype']])
     begin, end = entry['data_offsets']
     count = (end - begin) // dtype.itemsize
     array = np.fromfile(path, dtype=dtype, count=count, offset=start + begin)
-    return array.reshape(entry['shape']).astype(np.float32, copy=False)
+    array = array.reshape(entry['shape'])
+    return array if entry['dtype'] in _RAW else array.astype(np.float32, copy=False)
 
 
 def parse_size(text: str) -> int:

@@ -6,7 +6,9 @@ head's parameter whose declaration makes it a 'matrix' (moejax.model.params.role
 projection, router, expert matrices, LM head): norm scales and biases are not matmuls, and the
 token embedding is a lookup. An expert matrix is active for top_k of its num_experts experts.
 Attention is causal: a token attends to T/2 positions on average over a sequence of T, so its
-score (Q K^T) and value (P V) matmuls cost 2 x 2 x N x H x T/2 forward, 6 x N x H x T to train.
+score (Q K^T) and value (P V) matmuls cost 2 x 2 x N x H x T/2 forward, 6 x N x H x T to train;
+in a block with a sliding window W < T, to W - W^2 / 2T positions on average (the same
+continuous count), 12 x N x H x (W - W^2 / 2T) to train.
 """
 from __future__ import annotations
 
@@ -46,14 +48,18 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   return out
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of one block's causal score and value matmuls."""
-  return 6 * cfg.num_heads * cfg.head_dim * seq_len
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, block: int = 0) -> float:
+  """Training FLOPs per token of block `block`'s causal score and value matmuls."""
+  keys = seq_len / 2                                                    # on average
+  w = cfg.sliding_window
+  if cfg.windowed(block) and w < seq_len:
+    keys = w - w * w / (2 * seq_len)
+  return 12 * cfg.num_heads * cfg.head_dim * keys
 
 
-def block_flops(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of one block: 6 x its active matmul weights + attention."""
-  return 6 * _matmul_macs(cfg)['block'] + attention_flops_per_token(cfg, seq_len)
+def block_flops(cfg: ModelConfig, seq_len: int, block: int = 0) -> float:
+  """Training FLOPs per token of block `block`: 6 x its active matmul weights + attention."""
+  return 6 * _matmul_macs(cfg)['block'] + attention_flops_per_token(cfg, seq_len, block)
 
 
 def expert_flops(cfg: ModelConfig) -> float:
@@ -63,7 +69,8 @@ def expert_flops(cfg: ModelConfig) -> float:
 
 def model_flops(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token of the whole model (every block and the LM head)."""
-  return cfg.num_blocks * block_flops(cfg, seq_len) + 6 * _matmul_macs(cfg)['head']
+  return (sum(block_flops(cfg, seq_len, b) for b in range(cfg.num_blocks))
+          + 6 * _matmul_macs(cfg)['head'])
 
 
 def block_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -10,6 +10,7 @@ not a multiple of 128, so a mapping or padding error shows in the logits. Shapes
 mesh: 4 layers, 8 experts, 4 query heads (Qwen3: 8 heads of 8 over a 32-wide model, 4 key/value
 heads split over tp; Mixtral: 2 key/value heads, replicated over tp=4).
 """
+import json
 import os
 import sys
 
@@ -39,7 +40,21 @@ FAMILIES = {
         num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS, norm_topk_prob=False,
         qkv_bias=True, rms_norm_eps=1e-6,
         rope_parameters={'rope_theta': 1e6, 'rope_type': 'default'}, **COMMON),
+    # Every other layer windowed (4 of 16 positions), YaRN x4 over 8 positions, a clamp low
+    # enough to bind on these activations; expert widths multiples of 32 (MXFP4 groups).
+    'gpt_oss': transformers.GptOssConfig(
+        intermediate_size=2 * F, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=EXPERTS, sliding_window=4,
+        layer_types=['sliding_attention', 'full_attention'] * (LAYERS // 2),
+        rope_parameters={'rope_type': 'yarn', 'rope_theta': 150000.0, 'factor': 4.0,
+                         'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': False,
+                         'original_max_position_embeddings': 8},
+        swiglu_limit=0.05, rms_norm_eps=1e-5, **COMMON),
 }
+# Families whose published checkpoints store the experts in MXFP4: a second checkpoint
+# <family>_mxfp4 holds random MXFP4 experts, its logits computed with transformers' own
+# dequantization of them.
+MXFP4 = ('gpt_oss',)
 
 
 def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -51,6 +66,46 @@ def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
         p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
       elif name.endswith('bias'):
         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+      elif name.endswith('sinks'):
+        p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def write_mxfp4(model, ids, gen: torch.Generator, out: str) -> None:
+  """The model with random MXFP4 experts (codes uniform, scales 2^-6..2^-4), saved as the
+  published GPT-OSS checkpoints store them (experts.{gate_up,down}_proj_{blocks,scales}), and
+  the logits transformers computes from its own dequantization of them."""
+  from safetensors.torch import save_file
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  tensors = {n: p.detach().clone().contiguous() for n, p in model.state_dict().items()}
+  for name, module in model.named_modules():
+    if not name.endswith('mlp.experts'):
+      continue
+    for proj in ('gate_up_proj', 'down_proj'):
+      w = getattr(module, proj)                                       # [E, in, out]
+      e, rows, cols = w.shape[0], w.shape[2], w.shape[1]              # stored as [E, out, in]
+      blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+      scales = torch.randint(121, 124, (e, rows, cols // 32), generator=gen, dtype=torch.uint8)
+      with torch.no_grad():
+        w.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+      del tensors[f'{name}.{proj}']
+      tensors[f'{name}.{proj}_blocks'], tensors[f'{name}.{proj}_scales'] = blocks, scales
+  with torch.no_grad():
+    logits = model(ids).logits.numpy()
+  os.makedirs(out, exist_ok=True)
+  # One tensor's codes next to transformers' float values of them ([E, in, out]).
+  first = 'model.layers.0.mlp.experts.gate_up_proj'
+  np.savez_compressed(os.path.join(out, 'dequantized.npz'),
+                      blocks=tensors[first + '_blocks'].numpy(),
+                      scales=tensors[first + '_scales'].numpy(),
+                      values=model.model.layers[0].mlp.experts.gate_up_proj.detach().numpy())
+  save_file(tensors, os.path.join(out, 'model.safetensors'), metadata={'format': 'pt'})
+  config = model.config.to_dict()
+  config['quantization_config'] = {'quant_method': 'mxfp4'}
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+  np.savez_compressed(os.path.join(out, 'logits.npz'), ids=ids.numpy().astype(np.int32),
+                      logits=logits.astype(np.float32))
+  print(os.path.basename(out), sorted(os.listdir(out)), logits.shape)
 
 
 TEXT = """Mixture-of-Experts models route each token to a few experts. The router picks the
@@ -89,6 +144,8 @@ def main(names: list[str]) -> None:
     np.savez_compressed(os.path.join(out, 'logits.npz'), ids=ids.numpy().astype(np.int32),
                         logits=logits.astype(np.float32))
     print(family, sorted(os.listdir(out)), logits.shape)
+    if family in MXFP4:
+      write_mxfp4(model, ids, gen, os.path.join(OUT, f'{family}_mxfp4'))
   if not names or 'mixtral' in names:
     write_tokenizer(os.path.join(OUT, 'mixtral', 'tokenizer.json'))
 
