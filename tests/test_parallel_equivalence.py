@@ -230,3 +230,32 @@ def test_open_family_blocks_match_1x1(tp, pp, kv_heads, qk_norm):
   np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
   assert metrics['dropped_frac'] > 0.02
   assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+BLOCK_OPTIONS = {
+    # GPT-OSS: sinks (split over tp with the heads), windows in every third block (a period
+    # that no stage's length divides: a wrong block index shows), YaRN,
+    # biases everywhere, the clamped SwiGLU with a binding clamp.
+    'gpt_oss': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
+                'model.attn_sinks': True, 'model.sliding_window': 5, 'model.window_pattern': 'SFF',
+                'model.rope_scaling': 'yarn', 'model.rope_factor': 4.0,
+                'model.rope_original_len': 8, 'moe.ffn': 'clamped_swiglu',
+                'moe.swiglu_limit': 0.5, 'moe.router_bias': True, 'moe.top_k': 2,
+                'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k'},
+    # Qwen2-MoE: a gated shared expert (its hidden units split over tp), q/k/v biases only.
+    'qwen2_moe': {'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_out_bias': False,
+                  'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.shared_d_ff': 32,
+                  'moe.shared_gate': True, 'moe.top_k': 2},
+}
+
+
+@pytest.mark.parametrize('family', sorted(BLOCK_OPTIONS))
+def test_new_family_blocks_match_1x1(family):
+  """The GPT-OSS and Qwen2-MoE block options on a 4x4 mesh (windows and sinks on split heads, a
+  shared expert split over tp, the pipeline's block index choosing the window): loss and the
+  gradient of every parameter equal the 1x1 mesh's."""
+  loss, metrics, grads = loss_and_grads(small_config(4, 4, **BLOCK_OPTIONS[family]))
+  ref_loss, ref_metrics, ref_grads = loss_and_grads(small_config(1, 1, **BLOCK_OPTIONS[family]))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
+  assert_trees_close(grads, ref_grads, rtol=1e-5)
