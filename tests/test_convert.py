@@ -193,13 +193,14 @@ def test_a_wrong_checkpoint_is_one_error_naming_the_tensor(tmp_path, edit, messa
 
 
 def test_the_mapping_uses_every_tensor_and_fills_every_parameter_once():
-  """Walking the table both ways: every HF name of a checkpoint appears in exactly one
-  application, and every parameter slice is the target of exactly one."""
+  """Walking the table both ways: every HF name of a checkpoint (every row of a fused one)
+  appears in exactly one application, and every parameter slice is the target of exactly one."""
   for family in FAMILIES:
     m = config_lib.model_config(_config(family))
     table = mapping.rules(m, families.FAMILIES[family])
-    names = [n for use in mapping.uses(table, m) for n in use.names]
-    assert sorted(names) == Reader(os.path.join(DATA, family)).names()
+    names = [(n, use.row) for use in mapping.uses(table, m) for n in use.names]
+    assert len(names) == len(set(names))
+    assert sorted({n for n, _ in names}) == Reader(os.path.join(DATA, family)).names()
     paths = [p for rule in table for p in rule.paths]
     assert len(paths) == len(set(paths))
 
@@ -281,3 +282,53 @@ def test_sample_and_evaluate_open_an_import(tmp_path):
                         '--eval_batches=1'], cwd=root, capture_output=True, text=True,
                        timeout=300, env=subprocess_env())
   assert out.returncode == 0 and 'validation loss' in out.stdout, out.stderr[-2000:]
+
+
+# The import's peak above the process at rest: VmHWM (ru_maxrss would count the forking
+# parent's memory from before the exec).
+_PEAK = '''
+import os, sys
+from moejax.convert import hf
+status = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status')
+                          if l.startswith(key + ':')) / 1024
+before = status('VmRSS')
+hf.import_checkpoint(sys.argv[1], sys.argv[2])
+print(status('VmHWM') - before)
+'''
+
+
+def test_import_memory_is_bounded_by_a_layer_not_the_model(tmp_path):
+  """An 8-layer checkpoint (388 MiB in bfloat16; every stacked expert matrix 256 MiB in
+  float32): the import's peak above the process's resting size stays under one layer (49 MiB
+  in bfloat16) plus a fixed 64 MiB, where building a stacked array would take 256 MiB."""
+  import subprocess
+  import sys
+  from configs import olmoe
+  from moejax.perf import random_hf
+  from tests.helpers import subprocess_env
+  config = olmoe.get_config('tiny')
+  config.model.update(d_model=512, num_blocks=8, vocab_size=1000)
+  config.moe.update(d_ff=512, num_experts=32)
+  size = random_hf.write(config, str(tmp_path / 'hf'), 0, 'bfloat16')
+  layer = size / 8 / 2**20
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', _PEAK, str(tmp_path / 'hf'), str(tmp_path / 'run')],
+                       cwd=root, capture_output=True, text=True, timeout=300,
+                       env=subprocess_env())
+  assert out.returncode == 0, out.stderr[-2000:]
+  peak = float(out.stdout.split()[-1])
+  print(f'import peak above rest: {peak:.1f} MiB; one layer {layer:.1f} MiB')
+  assert peak < layer + 64, f'{peak:.0f} MiB'
+  m = config_lib.model_config(config)
+  again = _restored(str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, again,
+               hf_lib.load_params(str(tmp_path / 'hf'), m, families.FAMILIES['olmoe']))
+
+
+def _restored(workdir):
+  """Every array of an imported checkpoint, read back through Orbax."""
+  from moejax import checkpoint_dir
+  item, prefix = checkpoint_dir.params_item(os.path.join(workdir, 'checkpoints', '0'))
+  m = config_lib.model_config(checkpoint_dir.read_config(os.path.join(workdir, 'checkpoints', '0')))
+  return hf_lib._nest({p: hf_lib.restore_array(item, prefix + p)
+                       for p in hf_lib.canonical_shapes(m)})

@@ -35,7 +35,13 @@ USAGE = 'usage: python -m moejax.cli.convert {import|export} --hf_dir=DIR --work
 
 
 def _peak_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  """This process's peak resident memory: the kernel's high-water mark of its own address space
+  (VmHWM; getrusage's ru_maxrss also counts the parent's before exec), else ru_maxrss."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 2**20
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main(argv):

@@ -11,9 +11,10 @@ tensor into its place in its shard.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import itertools
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from moejax import checkpoint_dir
 Path = tuple[str, ...]
 
 CHUNK = 64 * 2**20   # bytes per stored chunk of an imported array
+IN_FLIGHT = 4        # slices an import writes while it reads the next
 
 # The tensors of an MXFP4 checkpoint stored as bytes (moejax.convert.mxfp4).
 QUANTIZED = ('_blocks', '_scales')
@@ -73,6 +75,8 @@ def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int,
     skip = {'model': 0, 'block': 1, 'expert': 2}[rule.scope]
     hf = [a.shape for a in rule.to_hf(tuple(np.zeros(shapes[p][skip:], np.float32)
                                             for p in rule.paths))]
+    if rule.rows:                        # one application is one expert's row
+      hf = [(m.num_experts,) + tuple(shape) for shape in hf]
     for use in mapping.uses([rule], m):
       out.update(zip(use.names, hf))
   return out
@@ -95,10 +99,12 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
     wrong += [f'{n} of dtype {reader.dtype(n)} (expected {"U8" if packed else "a float"})'
               for n in use.names if n in names
               and (reader.dtype(n) == 'U8') != (packed := n.endswith(QUANTIZED))]
+    if use.row:                          # a tensor's later rows: checked at its row 0
+      absent = wrong = []
     missing += absent
     misshaped += wrong
     for n in use.names:
-      used[n] = used.get(n, 0) + 1
+      used[n] = used.get(n, 0) + (use.row is None or use.row == 0)
     for path in rule.paths:
       count = filled.setdefault(path, np.zeros(shapes[path][:len(use.index)], np.int32))
       count[use.index] += 1
@@ -119,37 +125,52 @@ def is_quantized(hf_dir: str) -> bool:
   return any(n.endswith(QUANTIZED) for n in Reader(hf_dir).names())
 
 
-def stream_params(hf_dir: str, m: ModelConfig, family: families.Family
-                  ) -> Iterator[tuple[Path, np.ndarray, str]]:
-  """(path, canonical float32 array, scope) of every parameter, one rule's arrays at a time,
-  after the whole checkpoint was checked against the table (ConfigError naming what is wrong).
-  scope: the rule's ('model', 'block' or 'expert')."""
+def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
+                  ) -> tuple[Reader, list[mapping.Rule]]:
+  """The checkpoint's reader and weight-name table, after the whole checkpoint was checked
+  against the table from its headers (a ConfigError naming what is wrong)."""
   reader = Reader(hf_dir)
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
   quantized = any(n.endswith(QUANTIZED) for n in reader.names())
   table = mapping.rules(m, family, fused_experts=fused, quantized=quantized)
-  shapes = canonical_shapes(m)
-  problems = _check(reader, table, m, shapes)
+  problems = _check(reader, table, m, canonical_shapes(m))
   if problems:
     raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
                       f'({m.num_blocks} layers, {m.num_experts} experts): ' +
                       '; '.join(problems) + '. Nothing was written.')
+  return reader, table
+
+
+def stream_slices(reader: Reader, table: list[mapping.Rule], m: ModelConfig
+                  ) -> Iterator[tuple[Path, tuple[int, ...], np.ndarray]]:
+  """(path, index, float32 value) of every parameter slice the checkpoint fills (a whole
+  array, a block's or an expert's; vocabulary: its real rows), one rule application at a time:
+  host memory holds one application's tensors."""
   for rule in table:
-    arrays = {p: np.zeros(shapes[p], np.float32) for p in rule.paths}
     for use in mapping.uses([rule], m):
-      values = rule.to_moejax(tuple(reader.get(n) for n in use.names))
+      values = rule.to_moejax(tuple(reader.get(n, use.row) for n in use.names))
       for path, value in zip(rule.paths, values):
-        target = arrays[path][use.index]
-        target[tuple(slice(0, n) for n in value.shape)] = value   # padded vocabulary rows: zero
-    yield from ((path, array, rule.scope) for path, array in arrays.items())
-    del arrays
-  for path in MOEJAX_ONLY & set(shapes):   # no Hugging Face counterpart: their init (zeros)
-    yield path, np.zeros(shapes[path], np.float32), 'block'
+        yield path, use.index, np.asarray(value, np.float32)
 
 
 def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
   """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory, whole."""
-  return _nest({path: array for path, array, _ in stream_params(hf_dir, m, family)})
+  shapes = canonical_shapes(m)
+  arrays = {p: np.zeros(s, np.float32) for p, s in shapes.items()}   # MOEJAX_ONLY: zeros
+  for path, index, value in stream_slices(*checked_table(hf_dir, m, family), m):
+    _place(arrays[path], index, value)
+  return _nest(arrays)
+
+
+def _place(target, index: tuple[int, ...], value: np.ndarray):
+  """target[index] = value, value filling the leading part of the slice (the vocabulary's
+  real rows; padded rows stay zero); target: a numpy array, or a tensorstore array (returns
+  the write's future)."""
+  where = index + tuple(slice(0, n) for n in value.shape)
+  if isinstance(target, np.ndarray):
+    target[where] = value
+    return None
+  return target[where].write(value)
 
 
 def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -158,28 +179,49 @@ def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: dict(v) for k, v in sections.items()})
 
 
-def _save_context(scope: str):
-  """How an imported array is written: nothing changes it meanwhile, so Orbax need not copy it
-  first; float32 weights barely compress; OCDBT would buffer all its chunks until the commit
-  (each of these doubles the peak); chunks of at most 64 MiB cut along blocks, then experts,
-  first, so export reads a block's (an expert's) slice from its own chunks."""
+def chunk_shape(shape: tuple[int, ...], lead: int, itemsize: int = 4) -> tuple[int, ...]:
+  """Chunks of a stored array written in slices of its `lead` leading axes (0: whole; 1: a
+  block's; 2: an expert's): those axes cut to single entries, then further leading axes until
+  a chunk holds at most CHUNK bytes, so each slice is written (and read back) as whole chunks
+  of its own, never read and rewritten."""
+  chunk = [1] * lead + list(shape[lead:])
+  for axis in range(lead, len(shape)):
+    if math.prod(chunk) * itemsize <= CHUNK:
+      break
+    chunk[axis] = 1
+  return tuple(max(c, 1) for c in chunk)
+
+
+def _create_array(leaf_dir: str, shape: tuple[int, ...], lead: int):
+  """An empty float32 zarr3 array (zeros) of `shape` at leaf_dir, as Orbax stores an array,
+  chunked for writes of its `lead` leading axes' slices."""
+  import tensorstore as ts
+  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': leaf_dir},
+          'metadata': {'shape': list(shape), 'data_type': 'float32', 'fill_value': 0.0,
+                       'chunk_grid': {'name': 'regular',
+                                      'configuration': {'chunk_shape': list(chunk_shape(shape, lead))}},
+                       'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}]}}
+  return ts.open(spec, create=True, delete_existing=True).result()
+
+
+def _tree_metadata(params_dir: str, shapes: dict[Path, tuple[int, ...]]) -> None:
+  """Orbax's tree of params at params_dir, each leaf a placeholder that _create_array then
+  replaces with the real array (Orbax's metadata records no shapes: a restore reads each
+  array's own zarr.json)."""
   from orbax.checkpoint.experimental import v1 as ocp_v1
   context = ocp_v1.Context()
-  context.memory.deepcopy_host_arrays = False
-  context.array.saving.use_compression = False
   context.array.saving.use_ocdbt = False
-  context.array.saving.storage_options.chunk_byte_size = CHUNK
-  # Orbax cuts the listed axes to single entries first (a whole-model array: no such axis).
-  context.array.saving.storage_options.shard_axes = {'model': (), 'block': (0,),
-                                                     'expert': (0, 1)}[scope]
-  return context
+  with context:
+    ocp_v1.save(params_dir, _nest({p: np.zeros((1,) * len(s), np.float32)
+                                          for p, s in shapes.items()}))
 
 
 def import_checkpoint(hf_dir: str, workdir: str) -> str:
-  """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint, one
-  parameter array at a time (Orbax partial saves, finalised into one tree); returns the
-  checkpoint directory. It appears under its step number only when complete."""
-  from orbax.checkpoint.experimental import v1 as ocp_v1
+  """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint;
+  returns the checkpoint directory, which appears under its step number only when complete.
+  Each rule application's slice (a block's, an expert's) is converted and written into its
+  place in the stored array before the next is read: host memory holds one slice, not a
+  stacked array or the model."""
   hf = families.read_hf_config(hf_dir)
   family = families.family_of(hf)
   config = imported_config(hf)
@@ -187,16 +229,25 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
     raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
-  leaves = stream_params(hf_dir, m, family)
-  first = next(leaves)                                   # the whole checkpoint is checked here
+  reader, table = checked_table(hf_dir, m, family)
+  lead = {p: {'model': 0, 'block': 1, 'expert': 2}[rule.scope] for rule in table
+          for p in rule.paths}
   tmp = os.path.join(directory, '0.import-tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'config'))
-  for path, array, scope in itertools.chain([first], leaves):
-    with _save_context(scope):
-      ocp_v1.partial.save(os.path.join(tmp, 'params'), _nest({path: array}))
-    del array
-  ocp_v1.partial.finalize(os.path.join(tmp, 'params'))
+  shapes = canonical_shapes(m)
+  params_dir = os.path.join(tmp, 'params')
+  _tree_metadata(params_dir, shapes)
+  state = os.path.join(params_dir, 'state')
+  arrays = {p: _create_array(os.path.join(state, '.'.join(p)), s, lead.get(p, 1))
+            for p, s in shapes.items()}
+  pending = collections.deque()        # writes in flight: at most IN_FLIGHT slices held
+  for path, index, value in stream_slices(reader, table, m):
+    pending.append(_place(arrays[path], index, value))   # MOEJAX_ONLY arrays stay zeros
+    if len(pending) > IN_FLIGHT:
+      pending.popleft().result()
+  for write in pending:
+    write.result()
   with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:
     json.dump(config.to_dict(), f)
   os.rename(tmp, os.path.join(directory, '0'))
@@ -263,14 +314,15 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
   item_dir, prefix = checkpoint_dir.params_item(os.path.join(workdir, 'checkpoints', str(step)))
   table = mapping.rules(m, family)
   shapes = hf_shapes(table, m)
-  writer = Writer(out_dir, [(n, shapes[n]) for use in mapping.uses(table, m) for n in use.names],
+  names = dict.fromkeys(n for use in mapping.uses(table, m) for n in use.names)  # fused: once
+  writer = Writer(out_dir, [(n, shapes[n]) for n in names],
                   max_shard_bytes, dtype)
   for rule in table:
     arrays = [_open_array(item_dir, prefix + p) for p in rule.paths]
     for use in mapping.uses([rule], m):
       slices = tuple(np.asarray(a[use.index], np.float32) for a in arrays)
       for n, a in zip(use.names, rule.to_hf(slices)):
-        writer.add(n, a)
+        writer.add(n, a, use.row)
     del arrays
   files = writer.finish()
   hf = families.hf_config(family, m)

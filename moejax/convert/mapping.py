@@ -25,12 +25,15 @@ Arrays = tuple[np.ndarray, ...]
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """moejax params `paths` <-> HF tensors `names`. scope: 'model' (whole arrays), 'block'
-  (the [b] slice of each path), 'expert' (the [b, e] slice)."""
+  (the [b] slice of each path), 'expert' (the [b, e] slice). rows: the HF tensors hold every
+  expert of a block along their first axis (fused experts), applied one expert (row) at a
+  time, so no application holds more than one expert's slice."""
   paths: tuple[Path, ...]
   names: tuple[str, ...]
   scope: str
   to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices (vocabulary: real rows)
   to_hf: Callable[[Arrays], Arrays]         # moejax slices -> HF tensors
+  rows: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Use:
   rule: Rule
   names: tuple[str, ...]
   index: tuple[int, ...]     # () whole array, (b,) or (b, e)
+  row: int | None = None     # rows rules: the HF tensors' row (expert) this application is
 
 
 # Hooks: HF Linear [out, in] -> moejax [in, ...out split...] and back.
@@ -117,13 +121,12 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
   if family.interleaved:
     out += _interleaved_rules(moe + 'experts.', quantized)
-  elif fused_experts:
-    out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'block',
-                 lambda arrays: tuple(np.swapaxes(p, 1, 2) for p in np.split(arrays[0], [f], axis=1)),
-                 lambda arrays: (np.concatenate([np.swapaxes(a, 1, 2) for a in arrays], 1),)),
-            Rule((ffn[2],), (moe + 'experts.down_proj',), 'block',
-                 _one(lambda a: np.swapaxes(a, 1, 2)),
-                 _one(lambda a: np.swapaxes(a, 1, 2)))]
+  elif fused_experts:   # one expert's row: gate_up [2F, D], down [D, F]
+    out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'expert',
+                 lambda arrays: tuple(_t(p) for p in np.split(arrays[0], [f], axis=0)),
+                 lambda arrays: (np.concatenate([_t(a) for a in arrays], 0),), rows=True),
+            Rule((ffn[2],), (moe + 'experts.down_proj',), 'expert', _one(_t), _one(_t),
+                 rows=True)]
   else:
     out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))
             for path, name in zip(ffn, family.expert_names)]
@@ -140,30 +143,32 @@ def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
-  """GPT-OSS's fused experts: gate_up_proj [E, D, 2F] and its bias [E, 2F] (gate even, up odd
-  columns), down_proj [E, F, D] and its bias [E, D]; `quantized`: the two matrices as MXFP4
-  (`*_blocks` [E, out, in/32, 16], `*_scales` [E, out, in/32] of the [E, out, in] transpose)."""
+  """GPT-OSS's fused experts, one expert (row) at a time: gate_up_proj [E, D, 2F] and its bias
+  [E, 2F] (gate even, up odd columns), down_proj [E, F, D] and its bias [E, D]; `quantized`: the
+  two matrices as MXFP4 (`*_blocks` [E, out, in/32, 16], `*_scales` [E, out, in/32] of the
+  [E, out, in] transpose)."""
   w = lambda name: ('blocks', 'moe', name)
   same = _one(lambda a: a)
+  row = lambda paths, names, to_moejax, to_hf: Rule(paths, names, 'expert', to_moejax, to_hf,
+                                                     rows=True)
   if quantized:
-    dequantized = lambda arrays: np.swapaxes(mxfp4.dequantize(*arrays), -1, -2)   # [E, in, out]
-    requantized = lambda a: mxfp4.quantize(np.swapaxes(a, -1, -2))
-    matrices = [Rule((w('w1'), w('w3')), (experts + 'gate_up_proj_blocks',
-                                          experts + 'gate_up_proj_scales'), 'block',
-                     lambda arrays: _split_columns(dequantized(arrays)),
-                     lambda arrays: requantized(_interleave(*arrays))),
-                Rule((w('w2'),), (experts + 'down_proj_blocks', experts + 'down_proj_scales'),
-                     'block', lambda arrays: (dequantized(arrays),),
-                     lambda arrays: requantized(arrays[0]))]
+    dequantized = lambda arrays: _t(mxfp4.dequantize(*arrays))                # [in, out]
+    requantized = lambda a: mxfp4.quantize(_t(a))
+    matrices = [row((w('w1'), w('w3')), (experts + 'gate_up_proj_blocks',
+                                         experts + 'gate_up_proj_scales'),
+                    lambda arrays: _split_columns(dequantized(arrays)),
+                    lambda arrays: requantized(_interleave(*arrays))),
+                row((w('w2'),), (experts + 'down_proj_blocks', experts + 'down_proj_scales'),
+                    lambda arrays: (dequantized(arrays),), lambda arrays: requantized(arrays[0]))]
   else:
-    matrices = [Rule((w('w1'), w('w3')), (experts + 'gate_up_proj',), 'block',
-                     lambda arrays: _split_columns(arrays[0]),
-                     lambda arrays: (_interleave(*arrays),)),
-                Rule((w('w2'),), (experts + 'down_proj',), 'block', same, same)]
+    matrices = [row((w('w1'), w('w3')), (experts + 'gate_up_proj',),
+                    lambda arrays: _split_columns(arrays[0]),
+                    lambda arrays: (_interleave(*arrays),)),
+                row((w('w2'),), (experts + 'down_proj',), same, same)]
   return matrices + [
-      Rule((w('b1'), w('b3')), (experts + 'gate_up_proj_bias',), 'block',
-           lambda arrays: _split_columns(arrays[0]), lambda arrays: (_interleave(*arrays),)),
-      Rule((w('b2'),), (experts + 'down_proj_bias',), 'block', same, same)]
+      row((w('b1'), w('b3')), (experts + 'gate_up_proj_bias',),
+          lambda arrays: _split_columns(arrays[0]), lambda arrays: (_interleave(*arrays),)),
+      row((w('b2'),), (experts + 'down_proj_bias',), same, same)]
 
 
 def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
@@ -207,4 +212,4 @@ def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
       experts = range(m.num_experts) if rule.scope == 'expert' else [None]
       for e in experts:
         names = tuple(name.format(b=b, e=e) for name in rule.names)
-        yield Use(rule, names, (b,) if e is None else (b, e))
+        yield Use(rule, names, (b,) if e is None else (b, e), e if rule.rows else None)

@@ -104,8 +104,9 @@ class Reader:
   def dtype(self, name: str) -> str:
     return self.entries[name][1]['dtype']
 
-  def get(self, name: str) -> np.ndarray:
-    """The tensor: floats in float32, uint8 (MXFP4 blocks and scales) as stored."""
+  def get(self, name: str, row: int | None = None) -> np.ndarray:
+    """The tensor, or its `row` along the first axis alone (only those bytes are read): floats
+    in float32, uint8 (MXFP4 blocks and scales) as stored."""
     path, entry, start = self.entries[name]
     kinds = {**_NUMPY, **_RAW}
     if entry['dtype'] not in kinds:
@@ -113,9 +114,13 @@ class Reader:
                         f'{sorted(kinds)}.')
     dtype = np.dtype(kinds[entry['dtype']])
     begin, end = entry['data_offsets']
+    shape = list(entry['shape'])
+    if row is not None:
+      step = (end - begin) // shape[0]
+      begin, end, shape = begin + row * step, begin + (row + 1) * step, shape[1:]
     count = (end - begin) // dtype.itemsize
     array = np.fromfile(path, dtype=dtype, count=count, offset=start + begin)
-    array = array.reshape(entry['shape'])
+    array = array.reshape(shape)
     return array if entry['dtype'] in _RAW else array.astype(np.float32, copy=False)
 
 
@@ -170,16 +175,26 @@ class Writer:
       for name, shape in shard:
         self.place[name] = (path, 8 + len(text) + header[name]['data_offsets'][0], tuple(shape))
       self.total += offset
-    self.written: set[str] = set()
+    self.written: set = set()             # names written whole or every row; (name, row)
+    self.rows: dict[str, int] = {}        # rows written so far of tensors written by rows
 
-  def add(self, name: str, array: np.ndarray) -> None:
+  def add(self, name: str, array: np.ndarray, row: int | None = None) -> None:
+    """Writes tensor `name`, or its `row` along the first axis (every row, once each)."""
     path, offset, shape = self.place[name]
-    if tuple(array.shape) != shape or name in self.written:
-      raise ValueError(f'{name}: shape {array.shape} (planned {shape}) or written twice')
+    want = shape if row is None else shape[1:]
+    key = name if row is None else (name, row)
+    if tuple(array.shape) != want or key in self.written:
+      raise ValueError(f'{name}: shape {array.shape} (planned {want}) or written twice')
+    if row is not None:
+      offset += row * int(np.prod(want)) * self.dtype.itemsize
     with open(path, 'r+b') as f:
       f.seek(offset)
       f.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
-    self.written.add(name)
+    self.written.add(key)
+    if row is not None:
+      self.rows[name] = self.rows.get(name, 0) + 1
+      if self.rows[name] == shape[0]:
+        self.written.add(name)
 
   def finish(self) -> list[str]:
     """Renames the complete shards into place and writes the index; returns the files."""

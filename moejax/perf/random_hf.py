@@ -38,10 +38,13 @@ def write(config, out: str, layers: int, dtype: str) -> int:
   rng = np.random.default_rng(0)
   table = mapping.rules(m, family)
   shapes = hf_shapes(table, m)
-  names = [n for use in mapping.uses(table, m) for n in use.names]
+  uses = list(mapping.uses(table, m))
+  names = list(dict.fromkeys(n for use in uses for n in use.names))   # fused: once
   writer = Writer(out, [(n, shapes[n]) for n in names], 5 * 10**9, dtype)
-  for name in names:
-    writer.add(name, 0.02 * rng.standard_normal(shapes[name], dtype=np.float32))
+  for use in uses:   # a fused tensor row by row (one expert at a time)
+    for name in use.names:
+      shape = shapes[name] if use.row is None else shapes[name][1:]
+      writer.add(name, 0.02 * rng.standard_normal(shape, dtype=np.float32), use.row)
   writer.finish()
   hf = families.hf_config(family, m)
   with open(os.path.join(out, 'config.json'), 'w') as f:
