@@ -143,6 +143,17 @@ class ModelConfig:
   # moe.ffn=clamped_swiglu's clamp and sigmoid slope (GPT-OSS: 7.0, 1.702).
   swiglu_limit: float = key('moe.swiglu_limit', POSITIVE_NUMBER, default=7.0, parse=float)
   swiglu_alpha: float = key('moe.swiglu_alpha', POSITIVE_NUMBER, default=1.702, parse=float)
+  # Expert scores: 'softmax' over the experts, or each expert's 'sigmoid' (DeepSeek-V3: chosen on
+  # sigmoid + selection bias, gates the chosen sigmoids, renormalised with normalize_gates).
+  router_score: str = key('moe.router_score', one_of('softmax', 'sigmoid'), default='softmax')
+  # Group-limited routing (DeepSeek-V3's n_group, topk_group): experts in expert_groups groups;
+  # a token chooses within the top_groups groups whose two best scores sum highest (1: off).
+  expert_groups: int = key('moe.expert_groups', POSITIVE, default=1)
+  top_groups: int = key('moe.top_groups', POSITIVE, default=1)
+  # Gates times this (DeepSeek-V3's routed_scaling_factor).
+  routed_scale: float = key('moe.routed_scale', POSITIVE_NUMBER, default=1.0, parse=float)
+  # A selection bias [E] even without balancing updates (an imported e_score_correction_bias).
+  selection_bias: bool = key('moe.selection_bias', default=False, parse=bool)
   # A learned bias [E] on the router's logits (GPT-OSS).
   router_bias: bool = key('moe.router_bias', default=False, parse=bool)
   # A learned logit per head joining every softmax over the keys with no value (attention

@@ -140,6 +140,14 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   from moejax.convert.families import FAMILIES
   _check(errors, m.family in ('',) + tuple(FAMILIES),
          f'model.family={m.family!r} not one of {("",) + tuple(FAMILIES)} ("": moejax\'s own).')
+  _check(errors, m.num_experts % m.expert_groups == 0
+         and m.num_experts // m.expert_groups >= (2 if m.expert_groups > 1 else 1),
+         f'moe.expert_groups={m.expert_groups} must divide moe.num_experts={m.num_experts} into '
+         f'groups of at least 2 experts (a group ranks by its two best scores).')
+  _check(errors, m.top_groups <= m.expert_groups
+         and (m.expert_groups == 1 or m.top_k <= m.top_groups * m.num_experts // m.expert_groups),
+         f'moe.top_groups={m.top_groups} must be at most moe.expert_groups={m.expert_groups}, and '
+         f'its groups must hold moe.top_k={m.top_k} experts.')
   _check(errors, m.num_heads % m.kv_heads == 0,
          f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} '
          f'(grouped-query attention; 0 means num_heads).')

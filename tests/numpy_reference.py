@@ -153,15 +153,30 @@ def sinkhorn_offsets(scores: np.ndarray, iters: int, anneal: float = 0.03) -> np
 
 
 def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: str,
-              normalize_gates: bool | str, sinkhorn_iters: int = 0, clamp: tuple = ()
-              ) -> tuple[np.ndarray, float, float, int, int]:
+              normalize_gates: bool | str, sinkhorn_iters: int = 0, clamp: tuple = (),
+              deepseek: dict | None = None) -> tuple[np.ndarray, float, float, int, int]:
   """One routing group x [S, D] -> (y [S, D], aux, z, kept, assigned). clamp: (limit, alpha)
-  of GPT-OSS's clamped SwiGLU, () for plain SwiGLU."""
+  of GPT-OSS's clamped SwiGLU, () for plain SwiGLU. deepseek: DeepSeek-V3's router (section
+  2.1.2 of its report): each expert's affinity sigmoid(x Wr); a token's experts are its top-k of
+  affinity + bias within the `top_groups` of the `groups` expert groups whose two best
+  affinity + bias sum highest (other experts count 0); gates the chosen affinities,
+  normalised (normalize_gates) and times `scale`."""
   s = x.shape[0]
   num_experts = p['router'].shape[1]
   logits = x @ p['router'] + p.get('router_bias', 0.0)   # [S, E]
   probs = softmax(logits)
-  plain = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]    # [S, K]
+  if deepseek:
+    probs = 1.0 / (1.0 + np.exp(-logits))                # affinities
+    biased = probs + p.get('select_bias', 0.0)
+    plain = np.zeros((s, top_k), int)
+    size = num_experts // deepseek['groups']
+    for i in range(s):
+      rank = [sorted(biased[i, g * size:(g + 1) * size])[-2:] for g in range(deepseek['groups'])]
+      best = sorted(range(deepseek['groups']), key=lambda g: -sum(rank[g]))[:deepseek['top_groups']]
+      allowed = [biased[i, e] if e // size in best else 0.0 for e in range(num_experts)]
+      plain[i] = np.argsort(-np.array(allowed), kind='stable')[:top_k]
+  else:
+    plain = np.argsort(-(logits + p.get('select_bias', 0.0)), axis=-1, kind='stable')[:, :top_k]
   choice = plain
   if sinkhorn_iters:
     balanced = logits + sinkhorn_offsets(logits, sinkhorn_iters)
@@ -186,6 +201,7 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
         continue
       e = choice[i, k]
       gate = gates[k] / total if normalize_gates else gates[k]
+      gate *= deepseek['scale'] if deepseek else 1.0
       first = x[i] @ p['w1'][e] + bias('b1', e)
       if 'w3' in p and clamp:
         limit, alpha = clamp
@@ -246,7 +262,7 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
         y[sl], aux[nb, mi, g], z[nb, mi, g], kk, aa = moe_group(
             h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
             normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters,
-            clamp=arch.get('clamp', ()))
+            clamp=arch.get('clamp', ()), deepseek=arch.get('deepseek'))
         kept, assigned = kept + kk, assigned + aa
       x = x + y.reshape(bsz, t, -1)
     x = norm(x, head['ln_f'], eps)

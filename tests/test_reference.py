@@ -38,6 +38,9 @@ def reference(config, params, tokens, **kwargs):
     pattern = m.get('window_pattern', '') or 'S'
     arch.update(window=m.sliding_window, windowed=[
         b for b in range(m.num_blocks) if pattern[b % len(pattern)] == 'S'])
+  if c.moe.get('router_score', 'softmax') == 'sigmoid':
+    arch['deepseek'] = dict(groups=c.moe.expert_groups, top_groups=c.moe.top_groups,
+                            scale=c.moe.routed_scale)
   if c.moe.get('ffn', 'gelu') == 'clamped_swiglu':
     arch['clamp'] = (c.moe.get('swiglu_limit', 7.0), c.moe.get('swiglu_alpha', 1.702))
   args = dict(vocab_size=c.model.vocab_size, group_size=c.moe.group_size, top_k=c.moe.top_k,
@@ -154,6 +157,13 @@ ARCHES = {
                 'model.rope_truncate': False, 'moe.ffn': 'clamped_swiglu',
                 'moe.swiglu_limit': 0.3, 'moe.router_bias': True, 'moe.normalize_gates': True,
                 'moe.normalize_gates_over': 'top_k'},
+    # DeepSeek-V3's router: sigmoid affinities, a selection bias, 4 groups of 2 experts of which
+    # each token keeps the best 2, gates renormalised and scaled; an ungated shared expert.
+    'deepseek_v3': {'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_bias': False,
+                    'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.router_score': 'sigmoid',
+                    'moe.selection_bias': True, 'moe.expert_groups': 4, 'moe.top_groups': 2,
+                    'moe.routed_scale': 2.5, 'moe.normalize_gates': True,
+                    'moe.normalize_gates_over': 'top_k', 'moe.shared_d_ff': 16},
     'mixtral_biased': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
                        'moe.ffn': 'swiglu', 'moe.normalize_gates': True,
                        'moe.normalize_gates_over': 'top_k'},

@@ -68,14 +68,15 @@ def _gates(cfg: ModelConfig, probs: jax.Array, expert: jax.Array, keep: jax.Arra
   gate = jnp.where(keep, gate, 0.0)
   if cfg.gate_norm == 'kept':
     gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
-  return gate
+  return gate * cfg.routed_scale
 
 
 def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: ModelConfig
          ) -> tuple[jax.Array, jax.Array]:
   """Top-k experts of new tokens x [B, T, D]; returns y [B, T, D] and the updated choices."""
   _, probs, _, expert = routing.choose(x, p['router'], p.get('router_bias'),
-                                       p.get('select_bias'), cfg.top_k)  # [B, T, E], [B, T, K_]
+                                       p.get('select_bias'), cfg.top_k,
+                                       routing.Scoring.of(cfg))          # [B, T, E], [B, T, K_]
   history = jax.lax.dynamic_update_slice_in_dim(
       history, jnp.moveaxis(expert, -1, 0).astype(jnp.int32), start, 2)  # [K_, B, L]
   keep = _claims_before(expert, history, start, cfg.group_size) < cfg.capacity(False)

@@ -336,7 +336,7 @@ class MoE(nn.Module):
         w2=_param(self, 'w2', (e, f, d), ax.w2, _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
         b2=bias('b2', (e, d)),
         select_bias=_param(self, 'select_bias', (e,), ax.select_bias, nn.initializers.zeros)
-        if c.bias_update_rate > 0 else None,
+        if c.bias_update_rate > 0 or c.selection_bias else None,
         w3=_param(self, 'w3', (e, d, f), ax.w3, _normal(c.init_std)) if swiglu else None,
         b3=bias('b3', (e, f)) if swiglu else None,
         router_bias=_param(self, 'router_bias', (e,), ax.router_bias, nn.initializers.zeros)

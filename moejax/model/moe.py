@@ -60,6 +60,7 @@ class MoESettings:
   act: ffn_lib.Activation = ffn_lib.Activation()   # the experts' activation
   normalize_gates: bool | str = False   # False, True / 'kept' or 'top_k' (routing.route)
   sinkhorn_iters: int = 0         # > 0: in-group balancing (training)
+  scoring: routing.Scoring = routing.Scoring()   # expert scores, groups, gate scale
 
   @classmethod
   def of(cls, cfg, train: bool) -> MoESettings:
@@ -67,7 +68,8 @@ class MoESettings:
     return cls(group_size=cfg.group_size, top_k=cfg.top_k, capacity=cfg.capacity(train),
                dispatch=cfg.dispatch, dropout_rate=cfg.expert_dropout if train else 0.0,
                compute_dtype=jnp.dtype(cfg.dtype), act=ffn_lib.Activation.of(cfg),
-               normalize_gates=cfg.gate_norm, sinkhorn_iters=cfg.sinkhorn_iters if train else 0)
+               normalize_gates=cfg.gate_norm, sinkhorn_iters=cfg.sinkhorn_iters if train else 0,
+               scoring=routing.Scoring.of(cfg))
 
   @property
   def route_capacity(self) -> int:
@@ -226,7 +228,7 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
     share = _group_share(*_part_names(b_, ng_, s, groups, every, token_spec), every)
   r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
                            settings.normalize_gates, w_.select_bias, valid_, share,
-                           settings.sinkhorn_iters, w_.router_bias)
+                           settings.sinkhorn_iters, w_.router_bias, settings.scoring)
   y_ = _expert_path(settings, groups)(w_, tokens_, r, rng, axes=axes, names=names,
                                       settings=settings)               # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)

@@ -21,6 +21,22 @@ class Routing(NamedTuple):
   gate: jax.Array    # [G, K, S] float32 softmax probability of the chosen expert
 
 
+class Scoring(NamedTuple):
+  """How router logits become expert scores and choices: 'softmax' (probabilities over the
+  experts) or 'sigmoid' (DeepSeek-V3: each expert's own sigmoid, chosen on sigmoid + selection
+  bias); with groups > 1, a token chooses only within the top_groups expert groups whose two best
+  selection scores sum highest (DeepSeek-V3's group-limited routing); gates times `scale`
+  (routed_scaling_factor)."""
+  score: str = 'softmax'
+  groups: int = 1
+  top_groups: int = 1
+  scale: float = 1.0
+
+  @classmethod
+  def of(cls, cfg) -> Scoring:
+    return cls(cfg.router_score, cfg.expert_groups, cfg.top_groups, cfg.routed_scale)
+
+
 class GroupStats(NamedTuple):
   aux: jax.Array       # [G] Switch load-balancing loss E * sum_i f_i P_i (unweighted; f_i of
                        #     the preferred choices)
@@ -34,8 +50,8 @@ class GroupStats(NamedTuple):
 def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
           normalize_gates: bool | str = False, select_bias: jax.Array | None = None,
           valid: jax.Array | None = None, share=None,
-          sinkhorn_iters: int = 0, router_bias: jax.Array | None = None
-          ) -> tuple[Routing, GroupStats]:
+          sinkhorn_iters: int = 0, router_bias: jax.Array | None = None,
+          scoring: Scoring = Scoring()) -> tuple[Routing, GroupStats]:
   """Routes x [G, S, D] with router weights [D, E] (and a bias [E] on the logits: GPT-OSS;
   softmax in float32).
 
@@ -64,7 +80,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   whole group on one device), and aux and z are the whole group's (every part reports them).
   """
   num_experts = w_router.shape[-1]
-  logits, probs, scores, expert = choose(x, w_router, router_bias, select_bias, top_k)
+  logits, probs, scores, expert = choose(x, w_router, router_bias, select_bias, top_k, scoring)
   onehot = _choices(expert, num_experts, valid)                        # [G, K, S, E]
   preferred = jnp.sum(onehot, axis=(1, 2))                             # [G, E]
   rerouted = jnp.zeros(onehot.shape[0], jnp.int32)                     # [G]
@@ -83,7 +99,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   keep = slot < capacity
   if valid is not None:
     keep = keep & valid[:, None, :]
-  gate = _normalize(gate, keep, normalize_gates)
+  gate = _normalize(gate, keep, normalize_gates) * scoring.scale
   assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   aux, z = _losses(whole, k, e)                                        # [G] each
@@ -92,18 +108,38 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
 
 
 def choose(x: jax.Array, w_router: jax.Array, router_bias: jax.Array | None,
-           select_bias: jax.Array | None, top_k: int
+           select_bias: jax.Array | None, top_k: int, scoring: Scoring = Scoring()
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The router's prefix, shared by training and cached decoding: x [..., D] -> logits,
-  softmax probabilities, selection scores (logits + select_bias) [..., E] (float32) and the
-  top-k experts of the scores [..., K]."""
+  expert scores (softmax probabilities or sigmoids; the gates are theirs), selection scores
+  (logits, or sigmoids, + select_bias) [..., E] (float32) and the top-k experts [..., K] of the
+  selection scores (within the best groups when scoring.groups > 1)."""
   logits = jnp.einsum('...D,DE->...E', x.astype(jnp.float32), w_router.astype(jnp.float32))
   if router_bias is not None:
     logits = logits + router_bias.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  scores = logits if select_bias is None else logits + select_bias.astype(jnp.float32)
-  _, expert = jax.lax.top_k(scores, top_k)
+  if scoring.score == 'sigmoid':
+    probs = jax.nn.sigmoid(logits)
+    scores = probs
+  else:
+    probs = jax.nn.softmax(logits, axis=-1)
+    scores = logits
+  if select_bias is not None:
+    scores = scores + select_bias.astype(jnp.float32)
+  choice = scores if scoring.groups <= 1 else _within_top_groups(scores, scoring)
+  _, expert = jax.lax.top_k(choice, top_k)
   return logits, probs, scores, expert
+
+
+def _within_top_groups(scores: jax.Array, scoring: Scoring) -> jax.Array:
+  """scores [..., E] with the experts outside each token's top_groups groups (of E/groups
+  consecutive experts, ranked by the sum of their two best scores) set to 0 (DeepSeek-V3's
+  masking value)."""
+  e = scores.shape[-1]
+  grouped = scores.reshape(scores.shape[:-1] + (scoring.groups, e // scoring.groups))
+  best = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)                 # [..., groups]
+  _, top = jax.lax.top_k(best, scoring.top_groups)                      # [..., top_groups]
+  keep = jnp.sum(jax.nn.one_hot(top, scoring.groups, dtype=jnp.int32), axis=-2) > 0
+  return jnp.where(keep[..., None], grouped, 0.0).reshape(scores.shape)
 
 
 def _losses(whole: jax.Array, k: int, e: int) -> tuple[jax.Array, jax.Array]:
