@@ -166,6 +166,17 @@ class ModelConfig:
   window_pattern: str = key('model.window_pattern', Rule(
       lambda v: isinstance(v, str) and set(v) <= {'S', 'F'},
       "must be a string of 'S' (windowed) and 'F' (full) letters, e.g. 'SF'"), default='')
+  # Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: keys and values from a
+  # shared latent of kv_lora_rank (RMS-normalised; what the KV cache stores, with one rotary key
+  # of rope_head_dim per token), queries through a q_lora_rank latent (0: a plain projection);
+  # each head's key is head_dim non-rotary features and the rotary ones, its value v_head_dim.
+  kv_lora_rank: int = key('model.kv_lora_rank', COUNT, default=0)
+  q_lora_rank: int = key('model.q_lora_rank', COUNT, default=0)
+  rope_head_dim: int = key('model.rope_head_dim', COUNT, default=0)
+  v_head_dim: int = key('model.v_head_dim', COUNT, default=0)
+  # > 0: the softmax scale times (0.1 x softmax_mscale x ln(rope_factor) + 1)^2 (DeepSeek's YaRN
+  # mscale_all_dim).
+  softmax_mscale: float = key('model.softmax_mscale', NON_NEGATIVE, default=0.0, parse=float)
   # Rotary scaling: 'none' or 'yarn' (YaRN: frequencies between rope_beta_fast and
   # rope_beta_slow rotations over rope_original_len interpolated by rope_factor; cos and sin
   # scaled by rope_attention_factor, 0: 0.1 ln(factor) + 1).
@@ -181,6 +192,28 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+  @property
+  def latent(self) -> bool:
+    """Multi-head latent attention (DeepSeek)."""
+    return self.kv_lora_rank > 0
+
+  @property
+  def qk_head_dim(self) -> int:
+    """Features per head a query and a key share (MLA: non-rotary and rotary)."""
+    return self.head_dim + (self.rope_head_dim if self.latent else 0)
+
+  @property
+  def value_head_dim(self) -> int:
+    return self.v_head_dim or self.head_dim
+
+  @property
+  def softmax_scale(self) -> float:
+    """The attention logits' scale: 1/sqrt(qk_head_dim), with YaRN's mscale squared."""
+    scale = self.qk_head_dim ** -0.5
+    if self.softmax_mscale and self.rope_scaling == 'yarn' and self.rope_factor > 1:
+      scale *= (0.1 * self.softmax_mscale * math.log(self.rope_factor) + 1.0) ** 2
+    return scale
 
   def windowed(self, block: int) -> bool:
     """Whether block `block` attends within the sliding window."""

@@ -90,10 +90,41 @@ def softmax(x: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
+def latent_attention(x: np.ndarray, p: dict, arch: dict) -> np.ndarray:
+  """Multi-head latent attention (DeepSeek-V2 section 2.1, V3 eqs. 1-11) of x [T, D]: the
+  latent c = RMSNorm(x W_DKV) and one rotary key k_R = RoPE(x W_KR) per token; per head n, the
+  key [c W_UK_n, k_R], the value c W_UV_n, the query [q_C, RoPE(q_R)] from RMSNorm(x W_DQ) W_UQ_n
+  (or x W_Q_n); causal softmax of q.k times arch['scale']; heads concatenated, then W_O."""
+  t = x.shape[0]
+  eps, base = arch.get('eps', 1e-5), arch['rope_base']
+  r = p['kv_a_norm'].shape[0]
+  rms = lambda a, scale: a / np.sqrt((a ** 2).mean(-1, keepdims=True) + eps) * scale
+  down = x @ p['wkv_a']                                     # [T, R + Hr]
+  c, k_rot = rms(down[:, :r], p['kv_a_norm']), rotate(down[:, r:], base, arch.get('yarn'))
+  if 'wq_a' in p:
+    q_all = np.einsum('tr,rnh->tnh', rms(x @ p['wq_a'], p['q_a_norm']), p['wq_b'])
+  else:
+    q_all = np.einsum('td,dnh->tnh', x, p['wq'])           # [T, N, H + Hr]
+  heads, hv = p['wo'].shape[0], p['wo'].shape[1]
+  h = p['wkv_b'].shape[-1] - hv
+  out = np.zeros((t, heads * hv))
+  for n in range(heads):
+    key = np.concatenate([c @ p['wkv_b'][:, n, :h], k_rot], axis=1)          # [T, H + Hr]
+    value = c @ p['wkv_b'][:, n, h:]                                          # [T, Hv]
+    query = np.concatenate([q_all[:, n, :h], rotate(q_all[:, n, h:], base, arch.get('yarn'))],
+                           axis=1)
+    scores = query @ key.T * arch['scale']
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    out[:, n * hv:(n + 1) * hv] = softmax(scores) @ value
+  return out @ p['wo'].reshape(heads * hv, -1)
+
+
 def attention(x: np.ndarray, p: dict, arch: dict | None = None, window: int = 0) -> np.ndarray:
   """x [T, D] one sequence -> [T, D]. arch: rope_base (None: no rotation), yarn, qk_norm, eps.
   window > 0: each query sees only the `window` positions up to its own."""
   arch = arch or {}
+  if 'wkv_a' in p:
+    return latent_attention(x, p, arch)
   t = x.shape[0]
   if 'wqkv' in p:
     wq, wk, wv = p['wqkv'][0], p['wqkv'][1], p['wqkv'][2]              # [D, N, H] each

@@ -65,3 +65,28 @@ def test_cache_needs_a_mesh_without_stages():
     gen.check_cached(plan, 4, 4)
   with pytest.raises(ConfigError, match='max_len'):
     gen.check_cached(Plan(small_config(1, 1)), 30, 10)
+
+
+@pytest.mark.parametrize('arch,tp', [('deepseek_v3_mla', 4), ('deepseek_v3', 1), ('gpt_oss', 4),
+                                     ('qwen2', 4)])
+def test_cache_steps_equal_the_windowed_forward_for_new_blocks(arch, tp):
+  """A prefill of 20 tokens, then 12 single-token steps, against the model's forward on the
+  window: MLA (its cache holds latents and rotary keys; attention in latent space), DeepSeek's
+  router, GPT-OSS's sinks and windows, Qwen2-MoE's shared expert."""
+  from tests.test_reference import ARCHES
+  config, plan, canonical, _ = _setup(tp, **{'moe.top_k': 2, 'moe.eval_capacity_factor': 8.0,
+                                             **ARCHES[arch]})
+  tokens = np.random.default_rng(2).integers(0, config.model.vocab_size, (1, 1, 33))
+  _, _, expected = model_forward(config, canonical, tokens, train=False)
+  cfg = plan.model
+  step = plan.jit(lambda p, c, ids, at: decode.extend(p, c, ids, at, cfg=cfg))
+  cache = plan.jit(lambda: decode.empty_cache(cfg, 1, 32))()
+  ids = jnp.asarray(tokens[0, :, :32], jnp.int32)
+  logits, cache = step(canonical, cache, ids[:, :20], 0)
+  outs = [np.asarray(logits)]
+  for t in range(20, 32):
+    logits, cache = step(canonical, cache, ids[:, t:t + 1], t)
+    outs.append(np.asarray(logits))
+  got, v = np.concatenate(outs, axis=1), config.model.vocab_size
+  scale = np.abs(expected[0, 0, :, :v]).max()
+  assert np.abs(got[0, :, :v] - expected[0, 0, :, :v]).max() <= 1e-5 * scale

@@ -34,6 +34,10 @@ def reference(config, params, tokens, **kwargs):
     arch['yarn'] = dict(factor=m.rope_factor, original_len=m.rope_original_len,
                         beta_fast=m.get('rope_beta_fast', 32.0),
                         beta_slow=m.get('rope_beta_slow', 1.0), truncate=m.get('rope_truncate', True))
+  if m.get('kv_lora_rank', 0):   # 1/sqrt of the query's width, times YaRN's mscale squared
+    arch['scale'] = (m.head_dim + m.rope_head_dim) ** -0.5
+    if m.get('softmax_mscale', 0):
+      arch['scale'] *= (0.1 * m.softmax_mscale * math.log(m.rope_factor) + 1) ** 2
   if m.get('sliding_window', 0):
     pattern = m.get('window_pattern', '') or 'S'
     arch.update(window=m.sliding_window, windowed=[
@@ -164,6 +168,20 @@ ARCHES = {
                     'moe.selection_bias': True, 'moe.expert_groups': 4, 'moe.top_groups': 2,
                     'moe.routed_scale': 2.5, 'moe.normalize_gates': True,
                     'moe.normalize_gates_over': 'top_k', 'moe.shared_d_ff': 16},
+    # DeepSeek-V3's attention: MLA with a query latent (16), a key/value latent (24), 8 rotary
+    # features beside 16 per head, 12-wide values, YaRN with its mscale on the softmax.
+    'deepseek_v3_mla': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
+                        'model.attn_bias': False, 'model.kv_lora_rank': 24,
+                        'model.q_lora_rank': 16, 'model.rope_head_dim': 8,
+                        'model.v_head_dim': 12, 'model.rope_scaling': 'yarn',
+                        'model.rope_factor': 4.0, 'model.rope_original_len': 8,
+                        'model.softmax_mscale': 1.0, 'moe.ffn': 'swiglu',
+                        'moe.expert_bias': False},
+    # and without the query latent
+    'deepseek_v2_lite_mla': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
+                             'model.attn_bias': False, 'model.kv_lora_rank': 24,
+                             'model.rope_head_dim': 8, 'model.v_head_dim': 12,
+                             'moe.ffn': 'swiglu', 'moe.expert_bias': False},
     'mixtral_biased': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',
                        'moe.ffn': 'swiglu', 'moe.normalize_gates': True,
                        'moe.normalize_gates_over': 'top_k'},

@@ -32,16 +32,22 @@ from moejax.parallel.mesh import constrain
 
 
 class Cache(NamedTuple):
-  k: jax.Array       # [NB, B, L, K, H] keys of every position so far
-  v: jax.Array       # [NB, B, L, K, H] values
+  k: jax.Array       # [NB, B, L, K, H] keys of every position so far (MLA: latents [NB, B, L, R])
+  v: jax.Array       # [NB, B, L, K, H] values (MLA: rotary keys [NB, B, L, Hr])
   choice: jax.Array  # [NB, K_, B, L] int32 experts each position chose (-1 before it is written)
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """A cache for `batch` sequences of up to `length` tokens (under the active plan)."""
+  choice = jnp.full((cfg.num_blocks, cfg.top_k, batch, length), -1, jnp.int32)
+  if cfg.latent:   # MLA: the latent and the rotary key of each position, shared by the heads
+    lead = (cfg.num_blocks, batch, length)
+    latent = lambda width: constrain(jnp.zeros(lead + (width,), cfg.dtype),
+                                     (None, 'act_batch', None, None))
+    return Cache(latent(cfg.kv_lora_rank), latent(cfg.rope_head_dim), choice)
   shape = (cfg.num_blocks, batch, length, cfg.kv_heads, cfg.head_dim)
   kv = lambda: constrain(jnp.zeros(shape, cfg.dtype), (None,) + KV_HEADS)
-  return Cache(kv(), kv(), jnp.full((cfg.num_blocks, cfg.top_k, batch, length), -1, jnp.int32))
+  return Cache(kv(), kv(), choice)
 
 
 def _claims_before(expert: jax.Array, history: jax.Array, start: jax.Array,

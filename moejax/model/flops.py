@@ -8,7 +8,8 @@ token embedding is a lookup. An expert matrix is active for top_k of its num_exp
 Attention is causal: a token attends to T/2 positions on average over a sequence of T, so its
 score (Q K^T) and value (P V) matmuls cost 2 x 2 x N x H x T/2 forward, 6 x N x H x T to train;
 in a block with a sliding window W < T, to W - W^2 / 2T positions on average (the same
-continuous count), 12 x N x H x (W - W^2 / 2T) to train.
+continuous count), 12 x N x H x (W - W^2 / 2T) to train. With keys and values of different
+widths (MLA: H + Hr, Hv), H above is their mean.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, block: int = 0) ->
   w = cfg.sliding_window
   if cfg.windowed(block) and w < seq_len:
     keys = w - w * w / (2 * seq_len)
-  return 12 * cfg.num_heads * cfg.head_dim * keys
+  return 6 * cfg.num_heads * (cfg.qk_head_dim + cfg.value_head_dim) * keys
 
 
 def block_flops(cfg: ModelConfig, seq_len: int, block: int = 0) -> float:

@@ -89,9 +89,21 @@ class Embedder(nn.Module):
 
 
 class KVCache(NamedTuple):
-  """One block's keys and values of every position so far, for cached decoding."""
+  """One block's keys and values of every position so far, for cached decoding (MLA: its
+  normalised latent [B, L, R] and rotary key [B, L, Hr] instead)."""
   k: jax.Array       # [B, L, K, H]
   v: jax.Array       # [B, L, K, H]
+
+
+class LatentWeights(NamedTuple):
+  """Multi-head latent attention's projections (Attention._latent_weights)."""
+  wq: jax.Array | None          # [D, N, H + Hr] (no query latent)
+  wq_a: jax.Array | None        # [D, Rq]
+  q_norm: jax.Array | None      # [Rq]
+  wq_b: jax.Array | None        # [Rq, N, H + Hr]
+  wkv_a: jax.Array              # [D, R + Hr]
+  kv_norm: jax.Array            # [R]
+  wkv_b: jax.Array              # [R, N, H + Hv]
 
 
 HEADS = ('act_batch', None, 'act_heads', None)          # [B, T, N, H] split by heads over tp
@@ -130,36 +142,44 @@ class Attention(nn.Module):
     x = constrain(x.astype(dt), TOKENS)                                  # [B, T, D]
     x = checkpoint_name(x, remat.ATTN_GATHERED)
     # Weights first, biases after: Linen draws init keys in declaration order (the seed's).
-    weights = self._weights()
-    wo = _param(self, 'wo', (c.num_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
-                _normal(c.init_std / (2 * c.num_blocks) ** 0.5))
-    q, k, v = self._project(x, weights)                                 # [B, T, N|K, H]
-    if c.qk_norm != 'none':
-      q, k = self._qk_norm('q_norm', q), self._qk_norm('k_norm', k)
+    weights = None if c.latent else self._weights()
+    latent = self._latent_weights() if c.latent else None
+    wo = _param(self, 'wo', (c.num_heads, c.value_head_dim, c.d_model),
+                ('heads', 'head_dim', 'embed'), _normal(c.init_std / (2 * c.num_blocks) ** 0.5))
     at = start + jnp.arange(x.shape[1])                                 # [T] new tokens' places
-    if c.positions == 'rope':
-      if positions is None:
-        positions = jnp.broadcast_to(at, x.shape[:2])                   # [B, T]
-      yarn = Yarn.of(c)
-      q, k = rope(q, positions, c.rope_base, yarn), rope(k, positions, c.rope_base, yarn)
+    if positions is None:
+      positions = jnp.broadcast_to(at, x.shape[:2])                     # [B, T]
+    rotate = lambda a: rope(a, positions, c.rope_base, Yarn.of(c))
+    if c.latent:
+      q, k, v, compressed = self._latent_project(x, latent, rotate)
+    else:
+      q, k, v = self._project(x, weights)                               # [B, T, N|K, H]
+      if c.qk_norm != 'none':
+        q, k = self._qk_norm('q_norm', q), self._qk_norm('k_norm', k)
+      if c.positions == 'rope':
+        q, k = rotate(q), rotate(k)
     sinks = (_param(self, 'sinks', (c.num_heads,), ('heads',), _normal(c.init_std))
              if c.attn_sinks else None)
     if cache is None:
       mask = None if segments is None else (
           segments[:, None, :, None] == segments[:, None, None, :])    # [B, 1, T, T]
       if c.sliding_window:
-        place = at[None] if positions is None else positions            # [B|1, T]
-        mask = _and(mask, self._window(place, place, layer))
+        mask = _and(mask, self._window(positions, positions, layer))
       kernel, _ = attention_kernel(c, mesh_lib.platform(), packed=segments is not None)
-      o = _attend(q, k, v, mask, causal=True, kernel=kernel, sinks=sinks)  # [B, T, N, H]
+      o = _attend(q, k, v, mask, causal=True, kernel=kernel, sinks=sinks,
+                  scale=c.softmax_scale)                                # [B, T, N, Hv]
     else:
-      cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
-                        for a, b in zip(cache, (k, v))))                 # [B, L, K, H]
       keys = jnp.arange(cache.k.shape[1])                                # [L]
       mask = (keys[None, :] <= at[:, None])[None, None]                  # [1, 1, T, L]
       if c.sliding_window:
         mask = _and(mask, self._window(at[None], keys[None], layer))
-      o = _attend(q, cache.k, cache.v, mask, causal=False, sinks=sinks)
+      new = compressed if c.latent else (k, v)
+      cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
+                        for a, b in zip(cache, new)))   # [B, L, K, H]; MLA [B, L, R], [B, L, Hr]
+      if c.latent:   # attend in latent space: keys and values never expanded per position
+        o = _latent_attend(q, cache, latent.wkv_b.astype(dt), c.head_dim, mask, c.softmax_scale)
+      else:
+        o = _attend(q, cache.k, cache.v, mask, causal=False, sinks=sinks, scale=c.softmax_scale)
     y = jnp.einsum('BTNH,NHD->BTD', constrain(o, HEADS), wo.astype(dt))  # reduce(-scatter) over N
     y = constrain(y, RESIDUAL if cache is None else TOKENS)
     if c.attn_bias and c.attn_out_bias:
@@ -167,6 +187,53 @@ class Attention(nn.Module):
       y = y + _param(self, 'bo', (c.d_model,), ('embed',), nn.initializers.zeros).astype(dt)
     y = checkpoint_name(y, remat.ATTN_REDUCED)
     return y if cache is None else (y, cache)
+
+  def _latent_weights(self) -> LatentWeights:
+    """MLA's projections (declared in this order): the query's (wq [D, N, H + Hr], or wq_a
+    [D, Rq], its norm's scale [Rq] and wq_b [Rq, N, H + Hr]), wkv_a [D, R + Hr] (the latent and
+    the rotary key), the latent norm's scale [R], wkv_b [R, N, H + Hv]."""
+    c = self.cfg
+    n, hq, hr = c.num_heads, c.qk_head_dim, c.rope_head_dim
+    r, rq = c.kv_lora_rank, c.q_lora_rank
+    init = _normal(c.init_std)
+    heads = ('heads', 'head_dim')
+    if rq:
+      wq = None
+      wq_a = _param(self, 'wq_a', (c.d_model, rq), ('embed', 'latent'), init)
+      q_norm = _param(self, 'q_a_norm', (rq,), ('latent',), nn.initializers.ones)
+      wq_b = _param(self, 'wq_b', (rq, n, hq), ('latent',) + heads, init)
+    else:
+      wq = _param(self, 'wq', (c.d_model, n, hq), ('embed',) + heads, init)
+      wq_a = q_norm = wq_b = None
+    return LatentWeights(
+        wq=wq, wq_a=wq_a, q_norm=q_norm, wq_b=wq_b,
+        wkv_a=_param(self, 'wkv_a', (c.d_model, r + hr), ('embed', 'latent'), init),
+        kv_norm=_param(self, 'kv_a_norm', (r,), ('latent',), nn.initializers.ones),
+        wkv_b=_param(self, 'wkv_b', (r, n, c.head_dim + c.value_head_dim), ('latent',) + heads,
+                     init))
+
+  def _latent_project(self, x: jax.Array, w: LatentWeights, rotate
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """MLA of x [B, T, D]: q and k [B, T, N, H + Hr] (rotary features last, rotated), v
+    [B, T, N, Hv], and what a cache keeps: the normalised latent [B, T, R] and the rotary key
+    [B, T, Hr] (one per token, every head's)."""
+    c = self.cfg
+    dt, h, r = c.dtype, c.head_dim, c.kv_lora_rank
+    rms = lambda a, scale: _normalize(self, a, scale, 'rmsnorm', c.norm_eps).astype(dt)
+    if w.wq is not None:
+      q = jnp.einsum('BTD,DNH->BTNH', x, w.wq.astype(dt))
+    else:
+      q_latent = rms(jnp.einsum('BTD,DR->BTR', x, w.wq_a.astype(dt)), w.q_norm)   # [B, T, Rq]
+      q = jnp.einsum('BTR,RNH->BTNH', q_latent, w.wq_b.astype(dt))
+    q = constrain(q, HEADS)                                             # [B, T, N, H + Hr]
+    kv = jnp.einsum('BTD,DR->BTR', x, w.wkv_a.astype(dt))              # [B, T, R + Hr]
+    latent = rms(kv[..., :r], w.kv_norm)                                # [B, T, R]
+    k_rope = rotate(kv[..., None, r:])[:, :, 0]                         # [B, T, Hr]
+    q = jnp.concatenate([q[..., :h], rotate(q[..., h:])], axis=-1)
+    kv = constrain(jnp.einsum('BTR,RNH->BTNH', latent, w.wkv_b.astype(dt)), HEADS)
+    shared = jnp.broadcast_to(k_rope[:, :, None], kv.shape[:3] + k_rope.shape[-1:])
+    k = jnp.concatenate([kv[..., :h], shared], axis=-1)                 # [B, T, N, H + Hr]
+    return q, constrain(k, HEADS), kv[..., h:], (latent, k_rope)
 
   def _window(self, q_at: jax.Array, k_at: jax.Array, layer: jax.Array | int) -> jax.Array:
     """[B|1, 1, T, L] True where key position k_at [B|1, L] lies within the sliding window of
@@ -249,6 +316,7 @@ def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str
       ('attention sinks (model.attn_sinks) are a logit cuDNN\'s fused attention does not take',
        cfg.attn_sinks),
       ('a sliding window (model.sliding_window) set per block', cfg.sliding_window > 0),
+      ('multi-head latent attention\'s values are narrower than its keys', cfg.latent),
   ) if fails]
   if not cannot:
     return 'cudnn', 'cuDNN fused attention'
@@ -263,37 +331,68 @@ def _and(mask: jax.Array | None, more: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-            causal: bool, kernel: str = 'xla', sinks: jax.Array | None = None) -> jax.Array:
-  """Softmax attention of q [B, T, N, H] over k, v [B, L, K, H]: each key/value head serves
-  N/K query heads (repeated to N heads, split over tp like the queries). kernel: 'xla' or
-  'cudnn' (attention_kernel). sinks [N]: a logit per head in every softmax, with no value."""
+            causal: bool, kernel: str = 'xla', sinks: jax.Array | None = None,
+            scale: float | None = None) -> jax.Array:
+  """Softmax attention of q [B, T, N, H] over k [B, L, K, H], v [B, L, K, Hv]: each key/value
+  head serves N/K query heads (repeated to N heads, split over tp like the queries). kernel:
+  'xla' or 'cudnn' (attention_kernel). sinks [N]: a logit per head in every softmax, with no
+  value. scale: of the logits (default 1/sqrt(H))."""
   n, kv = q.shape[2], k.shape[2]
   if kv != n:
     k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, L, N, H]
+  if scale is not None and abs(scale - q.shape[-1] ** -0.5) <= 1e-12 * scale:
+    scale = None                                                        # the default
   if kernel == 'cudnn':
     return constrain(_cudnn_attention(q, k, v, causal), HEADS)         # [B, T, N, H]
-  if sinks is None:
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)  # [B, T, N, H]
+  if sinks is None and v.shape[-1] == q.shape[-1]:
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, scale=scale)
   else:
-    o = _sink_attention(q, k, v, mask, causal, sinks)
-  return constrain(o, HEADS)
+    o = _softmax_attention(q, k, v, mask, causal, sinks, scale)
+  return constrain(o, HEADS)                                            # [B, T, N, Hv]
 
 
-def _sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                    causal: bool, sinks: jax.Array) -> jax.Array:
-  """Softmax attention whose every row's softmax also holds its head's sink logit (float32
-  scores): q [B, T, N, H], k, v [B, L, N, H], sinks [N] -> [B, T, N, H]."""
-  t, length, h = q.shape[1], k.shape[1], q.shape[-1]
-  scores = jnp.einsum('BTNH,BLNH->BNTL', q, k, preferred_element_type=jnp.float32) / h ** 0.5
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                       causal: bool, sinks: jax.Array | None, scale: float | None) -> jax.Array:
+  """Softmax attention written out (float32 scores), for what jax.nn.dot_product_attention
+  does not take: values of another width than keys (MLA), and a sink logit per head [N] in
+  every row's softmax. q [B, T, N, H], k [B, L, N, H], v [B, L, N, Hv] -> [B, T, N, Hv]."""
+  t, length = q.shape[1], k.shape[1]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  scores = jnp.einsum('BTNH,BLNH->BNTL', q, k, preferred_element_type=jnp.float32) * scale
   if causal:
     mask = _and(mask, jnp.tril(jnp.ones((t, length), bool), length - t)[None, None])
+  return _softmax_values(scores, v, 'BNTL,BLNH->BTNH', mask, sinks)
+
+
+def _softmax_values(scores: jax.Array, values: jax.Array, spec: str, mask: jax.Array | None,
+                    sinks: jax.Array | None) -> jax.Array:
+  """softmax(scores [B, N, T, L] where mask; with a sink logit per head [N] when given) applied
+  to values by einsum `spec`."""
   if mask is not None:
     scores = jnp.where(mask, scores, -jnp.inf)                          # [B, N, T, L]
-  sink = sinks.astype(jnp.float32)[None, :, None, None]                 # [1, N, 1, 1]
-  top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)      # [B, N, T, 1]
+  top = jnp.max(scores, axis=-1, keepdims=True)                         # [B, N, T, 1]
+  extra = 0.0
+  if sinks is not None:
+    sink = sinks.astype(jnp.float32)[None, :, None, None]               # [1, N, 1, 1]
+    top = jnp.maximum(top, sink)
+    extra = jnp.exp(sink - top)
   weights = jnp.exp(scores - top)
-  weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
-  return jnp.einsum('BNTL,BLNH->BTNH', weights.astype(v.dtype), v)
+  weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + extra)
+  return jnp.einsum(spec, weights.astype(values.dtype), values)
+
+
+def _latent_attend(q: jax.Array, cache: KVCache, wkv_b: jax.Array, h: int,
+                   mask: jax.Array, scale: float) -> jax.Array:
+  """MLA over a cache of latents: q [B, T, N, H + Hr] against the cached latent [B, L, R] and
+  rotary key [B, L, Hr], wkv_b [R, N, H + Hv] folded into the query and the output (keys and
+  values never expanded per position) -> [B, T, N, Hv]."""
+  latent, k_rope = cache
+  q_latent = jnp.einsum('BTNH,RNH->BTNR', q[..., :h], wkv_b[..., :h])   # [B, T, N, R]
+  scores = (jnp.einsum('BTNR,BLR->BNTL', q_latent, latent, preferred_element_type=jnp.float32)
+            + jnp.einsum('BTNH,BLH->BNTL', q[..., h:], k_rope,
+                         preferred_element_type=jnp.float32)) * scale  # [B, N, T, L]
+  o_latent = _softmax_values(scores, latent, 'BNTL,BLR->BTNR', mask, None)  # [B, T, N, R]
+  return jnp.einsum('BTNR,RNH->BTNH', o_latent, wkv_b[..., h:])
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:

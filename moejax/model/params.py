@@ -43,13 +43,14 @@ STAGE_AXES = ('stage', 'repeat', 'layers')
 
 def role(axes: tuple) -> str:
   """What a parameter is, from its declared logical axes (the one rule weight decay and the
-  FLOP count read): 'positions' (the learned position table), 'matrix' (an 'embed' axis and
-  another that is not the experts': projections, router, experts, token table, LM head), else
-  'vector' (norm scales, QK-norm scales, biases, the selection bias)."""
+  FLOP count read): 'positions' (the learned position table), 'matrix' (an 'embed' or 'latent'
+  axis and another that is not the experts': projections, MLA's latent projections, router,
+  experts, token table, LM head), else 'vector' (norm scales, QK-norm and latent norm scales,
+  biases, sinks, the selection bias)."""
   axes = tuple(a for a in axes if a not in STAGE_AXES)
   if 'pos' in axes:
     return 'positions'
-  if 'embed' in axes and len(axes) - axes.count('experts') >= 2:
+  if ('embed' in axes or 'latent' in axes) and len(axes) - axes.count('experts') >= 2:
     return 'matrix'
   return 'vector'
 

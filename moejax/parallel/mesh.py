@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('heads', TP),        # q/k/v column split, output projection row split
     ('kv_heads', TP),     # grouped-query key/value heads (replicated when tp does not divide them)
     ('head_dim', None),
+    ('latent', None),     # MLA's query and key/value latents (shared by every head)
     ('experts', TP),      # expert parallelism inside a stage
     ('mlp', None),        # expert hidden width (experts are already split)
     ('shared_mlp', TP),   # shared expert's hidden width: column/row split like heads
