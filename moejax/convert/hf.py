@@ -162,15 +162,29 @@ def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[st
   return _nest(arrays)
 
 
-def _place(target, index: tuple[int, ...], value: np.ndarray):
+def _place(target, index: tuple[int, ...], value: np.ndarray, first: int = 0):
   """target[index] = value, value filling the leading part of the slice (the vocabulary's
-  real rows; padded rows stay zero); target: a numpy array, or a tensorstore array (returns
-  the write's future)."""
-  where = index + tuple(slice(0, n) for n in value.shape)
+  real rows; padded rows stay zero) from row `first` of its first axis on; target: a numpy
+  array, or a tensorstore array (returns the write's future)."""
+  where = index + (slice(first, first + value.shape[0]),) + tuple(
+      slice(0, n) for n in value.shape[1:])
   if isinstance(target, np.ndarray):
     target[where] = value
     return None
   return target[where].write(value)
+
+
+def _zero_padding(target, index: tuple[int, ...], shape: tuple[int, ...]) -> None:
+  """Writes zeros where a slice of `shape` at `index` leaves target's slice unfilled (padded
+  vocabulary rows or columns; with shape (): the whole array): Orbax restores no array with
+  chunks never written."""
+  full = target.shape[len(index):]
+  shape = shape or (0,) + tuple(full[1:])
+  for axis, (have, want) in enumerate(zip(shape, full)):
+    if have < want:
+      where = index + tuple(slice(0, n) for n in full[:axis]) + (slice(have, want),)
+      target[where].write(np.zeros(full[:axis] + (want - have,) + full[axis + 1:],
+                                   np.float32)).result()
 
 
 def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -188,7 +202,8 @@ def chunk_shape(shape: tuple[int, ...], lead: int, itemsize: int = 4) -> tuple[i
   for axis in range(lead, len(shape)):
     if math.prod(chunk) * itemsize <= CHUNK:
       break
-    chunk[axis] = 1
+    rest = math.prod(chunk[axis + 1:]) * itemsize
+    chunk[axis] = max(1, min(chunk[axis], CHUNK // max(rest, 1)))
   return tuple(max(c, 1) for c in chunk)
 
 
@@ -242,10 +257,23 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   arrays = {p: _create_array(os.path.join(state, '.'.join(p)), s, lead.get(p, 1))
             for p, s in shapes.items()}
   pending = collections.deque()        # writes in flight: at most IN_FLIGHT slices held
+  written = set()
   for path, index, value in stream_slices(reader, table, m):
-    pending.append(_place(arrays[path], index, value))   # MOEJAX_ONLY arrays stay zeros
+    if value.nbytes > CHUNK:             # a whole-model array (vocabulary): alone, in pieces
+      for write in pending:
+        write.result()
+      pending.clear()
+      rows = max(1, CHUNK // (value.nbytes // value.shape[0]))
+      for lo in range(0, value.shape[0], rows):
+        _place(arrays[path], index, value[lo:lo + rows], lo).result()
+    else:
+      pending.append(_place(arrays[path], index, value))
     if len(pending) > IN_FLIGHT:
       pending.popleft().result()
+    written.add(path)
+    _zero_padding(arrays[path], index, value.shape)
+  for path in set(arrays) - written:     # MOEJAX_ONLY: their init, zeros
+    _zero_padding(arrays[path], (), ())
   for write in pending:
     write.result()
   with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:

@@ -24,6 +24,7 @@ _RAW = {'U8': np.uint8}   # read as stored (MXFP4 blocks and scales), never as f
 ITEMSIZE = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E5M2': 1, 'F8_E4M3': 1, 'I16': 2, 'U16': 2,
             'F16': 2, 'BF16': 2, 'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
 MAX_HEADER = 100 * 2**20      # the format's own limit on the JSON header
+READ_PIECE = 64 * 2**20       # bytes read (and converted to float32) at a time
 
 
 def _header(path: str) -> tuple[dict, int]:
@@ -119,9 +120,16 @@ class Reader:
       step = (end - begin) // shape[0]
       begin, end, shape = begin + row * step, begin + (row + 1) * step, shape[1:]
     count = (end - begin) // dtype.itemsize
-    array = np.fromfile(path, dtype=dtype, count=count, offset=start + begin)
-    array = array.reshape(shape)
-    return array if entry['dtype'] in _RAW else array.astype(np.float32, copy=False)
+    if entry['dtype'] in _RAW:
+      return np.fromfile(path, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    out = np.empty(count, np.float32)          # filled in pieces: never two copies whole
+    piece = READ_PIECE // dtype.itemsize
+    with open(path, 'rb') as f:
+      for at in range(0, count, piece):
+        n = min(piece, count - at)
+        f.seek(start + begin + at * dtype.itemsize)
+        out[at:at + n] = np.fromfile(f, dtype=dtype, count=n)
+    return out.reshape(shape)
 
 
 def parse_size(text: str) -> int:
