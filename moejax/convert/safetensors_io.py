@@ -195,9 +195,12 @@ class Writer:
       raise ValueError(f'{name}: shape {array.shape} (planned {want}) or written twice')
     if row is not None:
       offset += row * int(np.prod(want)) * self.dtype.itemsize
-    with open(path, 'r+b') as f:
+    rows = max(1, READ_PIECE // max(1, array[:1].size * self.dtype.itemsize)) if array.ndim else 1
+    with open(path, 'r+b') as f:      # converted in pieces: no whole copy of a large tensor
       f.seek(offset)
-      f.write(np.ascontiguousarray(array, dtype=self.dtype).tobytes())
+      for lo in range(0, max(1, len(array) if array.ndim else 1), rows):
+        piece = array[lo:lo + rows] if array.ndim else array
+        f.write(np.ascontiguousarray(piece, dtype=self.dtype).tobytes())
     self.written.add(key)
     if row is not None:
       self.rows[name] = self.rows.get(name, 0) + 1
