@@ -190,7 +190,7 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
   of GPT-OSS's clamped SwiGLU, () for plain SwiGLU. deepseek: DeepSeek-V3's router (section
   2.1.2 of its report): each expert's affinity sigmoid(x Wr); a token's experts are its top-k of
   affinity + bias within the `top_groups` of the `groups` expert groups whose two best
-  affinity + bias sum highest (other experts count 0); gates the chosen affinities,
+  affinity + bias sum highest (other experts are never chosen); gates the chosen affinities,
   normalised (normalize_gates) and times `scale`."""
   s = x.shape[0]
   num_experts = p['router'].shape[1]
@@ -204,7 +204,7 @@ def moe_group(x: np.ndarray, p: dict, *, top_k: int, capacity: int, gelu_form: s
     for i in range(s):
       rank = [sorted(biased[i, g * size:(g + 1) * size])[-2:] for g in range(deepseek['groups'])]
       best = sorted(range(deepseek['groups']), key=lambda g: -sum(rank[g]))[:deepseek['top_groups']]
-      allowed = [biased[i, e] if e // size in best else 0.0 for e in range(num_experts)]
+      allowed = [biased[i, e] if e // size in best else -np.inf for e in range(num_experts)]
       plain[i] = np.argsort(-np.array(allowed), kind='stable')[:top_k]
   else:
     plain = np.argsort(-(logits + p.get('select_bias', 0.0)), axis=-1, kind='stable')[:, :top_k]

@@ -25,7 +25,7 @@ from moejax.train.plan import Plan
 from tests.helpers import model_forward
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'hf')
-FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe', 'gpt_oss')
+FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe', 'gpt_oss', 'deepseek_v3')
 
 
 def _config(family, tp=1, pp=1):
@@ -61,7 +61,7 @@ def test_imported_model_gives_transformers_logits(family, tp, pp):
 
 
 @pytest.mark.parametrize('family,tp', [('olmoe', 4), ('mixtral', 4), ('qwen3_moe', 1),
-                                       ('qwen2_moe', 4), ('gpt_oss', 4)])
+                                       ('qwen2_moe', 4), ('gpt_oss', 4), ('deepseek_v3', 4)])
 def test_cached_decoding_gives_transformers_logits(family, tp):
   """The KV-cache decoder (grouped-query heads, QK-norm, renormalised gates) on the same
   checkpoints: a prefill of 12 tokens, then 4 single-token steps."""

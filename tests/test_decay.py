@@ -11,9 +11,9 @@ from moejax.perf import shapes
 from moejax.train import optimizer
 
 MATRICES = {'tok', 'w', 'wqkv', 'wq', 'wkv', 'wo', 'router', 'w1', 'w2', 'w3', 'shared_w1',
-            'shared_w2', 'shared_w3', 'shared_gate'}
+            'shared_w2', 'shared_w3', 'shared_gate', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b'}
 NEVER = {'scale', 'bias', 'q_norm', 'k_norm', 'bqkv', 'bq', 'bkv', 'bo', 'b1', 'b2', 'b3',
-         'select_bias', 'pos', 'sinks', 'router_bias'}
+         'select_bias', 'pos', 'sinks', 'router_bias', 'q_a_norm', 'kv_a_norm'}
 
 
 def listing(path: str, variant: str, **moe) -> dict[str, bool]:
@@ -29,7 +29,8 @@ def listing(path: str, variant: str, **moe) -> dict[str, bool]:
     ('configs/qwen3_moe.py', 'tiny', {}),                         # QK-norm per head, GQA
     ('configs/mixtral.py', 'tiny', {}),
     ('configs/qwen2_moe.py', 'tiny', {}),                          # shared expert, q/k/v biases
-    ('configs/gpt_oss.py', 'tiny', {})])                           # sinks, router and expert biases
+    ('configs/gpt_oss.py', 'tiny', {}),                            # sinks, router and expert biases
+    ('configs/deepseek_v3.py', 'tiny', {})])                       # MLA latents and their norms
 def test_only_matrices_decay(path, variant, moe):
   table = listing(path, variant, **moe)
   print('\n'.join(f'{k:40s} {"decay" if v else "-"}' for k, v in table.items()))

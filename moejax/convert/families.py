@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -37,6 +38,7 @@ class Family:
   windows: bool = False                # sliding-window blocks from config.json's layer_types
   interleaved: bool = False            # experts fused [E, D, 2F] (gate even, up odd columns)
   published_format: str = ''           # how the published checkpoints store the experts
+  latent: bool = False                 # multi-head latent attention, sigmoid group routing
 
 
 FAMILIES = {f.name: f for f in (
@@ -55,6 +57,10 @@ FAMILIES = {f.name: f for f in (
     Family('gpt_oss', 'GptOssForCausalLM', 'mlp', ('gate_up_proj', '', 'down_proj'), 'none',
            True, router='router', ffn='clamped_swiglu', biases=True, sinks=True, windows=True,
            interleaved=True, published_format='MXFP4'),
+    # DeepSeek-V3 / Kimi-K2 blocks: MLA, sigmoid group-limited routing with a selection bias,
+    # an ungated shared expert (dense first layers and MTP modules: not yet, refused).
+    Family('deepseek_v3', 'DeepseekV3ForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
+           'none', None, shared_expert='shared_experts', latent=True),
 )}
 
 # moejax keys an imported config takes from config.json (a user override of one of them is an
@@ -96,18 +102,21 @@ def _rope_keys(hf: dict[str, Any]) -> dict[str, Any]:
   keys = {'model.rope_base': float(params.get('rope_theta', hf.get('rope_theta', 10_000.0))),
           'model.rope_scaling': 'none', 'model.rope_factor': 1.0, 'model.rope_original_len': 0,
           'model.rope_beta_fast': 32.0, 'model.rope_beta_slow': 1.0, 'model.rope_truncate': True,
-          'model.rope_attention_factor': 0.0}
+          'model.rope_attention_factor': 0.0, 'model.softmax_mscale': 0.0}
   if kind == 'yarn':
-    if params.get('mscale') or params.get('mscale_all_dim'):
-      raise ConfigError('config.json YaRN with mscale / mscale_all_dim (DeepSeek\'s): moejax '
-                        'has YaRN with its default attention factor only.')
+    factor = float(params['factor'])
+    mscale = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+    attention_factor = params.get('attention_factor')
+    if attention_factor is None and params.get('mscale') and params.get('mscale_all_dim'):
+      attention_factor = mscale(params['mscale']) / mscale(params['mscale_all_dim'])
     keys.update({
         'model.rope_scaling': 'yarn', 'model.rope_factor': float(params['factor']),
         'model.rope_original_len': int(params['original_max_position_embeddings']),
         'model.rope_beta_fast': float(params.get('beta_fast') or 32.0),
         'model.rope_beta_slow': float(params.get('beta_slow') or 1.0),
         'model.rope_truncate': bool(params.get('truncate', True)),
-        'model.rope_attention_factor': float(params.get('attention_factor') or 0.0)})
+        'model.rope_attention_factor': float(attention_factor or 0.0),
+        'model.softmax_mscale': float(params.get('mscale_all_dim') or 0.0)})
   return keys
 
 
@@ -143,6 +152,15 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
                       if not family.windows else ['full_attention'], ['full_attention']),
       'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
                                    else None, None),
+      'first_k_dense_replace (dense layers before the MoE ones)': (
+          hf.get('first_k_dense_replace', 0) or 0, 0),
+      'num_nextn_predict_layers (multi-token prediction modules)': (
+          hf.get('num_nextn_predict_layers', hf.get('num_mtp_layers', 0)) or 0
+          if family.latent else 0, 0),
+      'scoring_func': (hf.get('scoring_func', 'sigmoid' if family.latent else 'softmax'),
+                       'sigmoid' if family.latent else 'softmax'),
+      'attention_bias (MLA)': (bool(hf.get('attention_bias')) and family.latent, False),
+      'rope_interleave': (hf.get('rope_interleave', True) if family.latent else True, True),
   }
   bad = [f'{k}={have!r} (moejax needs {want!r})' for k, (have, want) in checks.items()
          if have != want]
@@ -160,11 +178,19 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
   renorm = family.gates_renormalised
   if renorm is None:
     renorm = bool(hf.get('norm_topk_prob', False))
+  latent = family.latent
+  shared = (hf.get('n_shared_experts', 0) * hf['moe_intermediate_size'] if latent
+            else hf.get('shared_expert_intermediate_size', 0) if family.shared_expert else 0)
   return {
       'model.vocab_size': hf['vocab_size'],
       'model.d_model': hf['hidden_size'],
       'model.num_heads': heads,
-      'model.head_dim': hf.get('head_dim') or hf['hidden_size'] // heads,
+      'model.head_dim': (hf['qk_nope_head_dim'] if latent
+                         else hf.get('head_dim') or hf['hidden_size'] // heads),
+      'model.kv_lora_rank': hf['kv_lora_rank'] if latent else 0,
+      'model.q_lora_rank': (hf.get('q_lora_rank') or 0) if latent else 0,
+      'model.rope_head_dim': hf['qk_rope_head_dim'] if latent else 0,
+      'model.v_head_dim': hf['v_head_dim'] if latent else 0,
       'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
       'model.num_blocks': hf['num_hidden_layers'],
       'model.max_len': hf.get('max_position_embeddings', 4096),
@@ -178,7 +204,13 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.attn_bias': bool(hf.get(family.attn_bias_key, family.attn_bias_key == 'qkv_bias')),
       'model.attn_out_bias': family.attn_out_bias,
       'model.init_std': float(hf.get('initializer_range', 0.02)),
-      'moe.num_experts': hf.get('num_experts') or hf['num_local_experts'],
+      'moe.num_experts': (hf.get('n_routed_experts') or hf.get('num_experts')
+                          or hf['num_local_experts']),
+      'moe.router_score': 'sigmoid' if latent else 'softmax',
+      'moe.selection_bias': latent,
+      'moe.expert_groups': (hf.get('n_group') or 1) if latent else 1,
+      'moe.top_groups': (hf.get('topk_group') or 1) if latent else 1,
+      'moe.routed_scale': float(hf.get('routed_scaling_factor', 1.0)) if latent else 1.0,
       'moe.top_k': top_k,
       'moe.d_ff': hf.get('moe_intermediate_size') or hf['intermediate_size'],
       'moe.ffn': family.ffn,
@@ -190,9 +222,8 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'moe.normalize_gates_over': 'top_k',
       'moe.aux_loss_weight': (float(hf.get('router_aux_loss_coef', 0.0)) * top_k
                               / hf['num_hidden_layers']),
-      'moe.shared_d_ff': int(hf.get('shared_expert_intermediate_size', 0)
-                             if family.shared_expert else 0),
-      'moe.shared_gate': bool(family.shared_expert),
+      'moe.shared_d_ff': int(shared),
+      'moe.shared_gate': bool(family.shared_expert) and not latent,
   }
 
 
@@ -240,6 +271,17 @@ def hf_config(family: Family, m) -> dict[str, Any]:
         **({'attention_factor': m.rope_attention_factor} if m.rope_attention_factor else {})}
   if family.name == 'mixtral':
     out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff, sliding_window=None)
+  elif family.latent:
+    out.update(n_routed_experts=m.num_experts, moe_intermediate_size=m.d_ff,
+               n_shared_experts=m.shared_d_ff // m.d_ff, intermediate_size=m.shared_d_ff,
+               kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank or None,
+               qk_rope_head_dim=m.rope_head_dim, qk_nope_head_dim=m.head_dim,
+               v_head_dim=m.value_head_dim, head_dim=m.rope_head_dim, n_group=m.expert_groups,
+               topk_group=m.top_groups, routed_scaling_factor=m.routed_scale,
+               norm_topk_prob=m.normalize_gates, first_k_dense_replace=0, rope_interleave=True,
+               num_nextn_predict_layers=0, scoring_func='sigmoid', topk_method='noaux_tc')
+    if m.softmax_mscale:
+      out['rope_parameters']['mscale_all_dim'] = m.softmax_mscale
   elif family.name == 'gpt_oss':
     letters = {v: k for k, v in WINDOW_LETTERS.items()}
     out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff,
@@ -283,8 +325,10 @@ def check_exportable(family: Family | None, m) -> None:
     bad.append('attn_bias=True (Mixtral has no attention biases)')
   if m.attn_bias and m.attn_out_bias != family.attn_out_bias:
     bad.append(f'attn_out_bias={m.attn_out_bias} (needs {family.attn_out_bias})')
-  if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != bool(
-      family.shared_expert):
+  if family.latent and not m.latent:
+    bad.append('kv_lora_rank=0 (DeepSeek-V3 attention is MLA)')
+  if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != (
+      bool(family.shared_expert) and not family.latent):
     bad.append(f'shared_d_ff={m.shared_d_ff}, shared_gate={m.shared_gate} (needs '
                + ('a gated shared expert)' if family.shared_expert else 'none)'))
   if bad:

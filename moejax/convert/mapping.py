@@ -89,7 +89,9 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
            _one(lambda a: _t(a).reshape(n, h, d)), _one(lambda a: _t(a.reshape(n * h, d)))),
   ]
   qkv = [attn + f'{p}_proj.weight' for p in 'qkv']
-  if kv == n:
+  if m.latent:
+    out = [r for r in out if r.paths[0] != ('blocks', 'attn', 'wo')] + _latent_rules(m, attn)
+  elif kv == n:
     out.append(Rule((('blocks', 'attn', 'wqkv'),), tuple(qkv), 'block',
                     lambda arrays: (np.stack([_heads_in(n, h)(a) for a in arrays]),),
                     lambda arrays: tuple(_heads_out(a) for a in arrays[0])))
@@ -115,6 +117,9 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   router = moe + family.router
   out.append(Rule((('blocks', 'moe', 'router'),), (router + '.weight',), 'block',
                   _one(_t), _one(_t)))
+  if m.selection_bias:                       # DeepSeek-V3's e_score_correction_bias
+    out.append(Rule((('blocks', 'moe', 'select_bias'),), (router + '.e_score_correction_bias',),
+                    'block', _one(lambda a: a), _one(lambda a: a)))
   if m.router_bias:
     out.append(Rule((('blocks', 'moe', 'router_bias'),), (router + '.bias',), 'block',
                     _one(lambda a: a), _one(lambda a: a)))
@@ -131,6 +136,46 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
     out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))
             for path, name in zip(ffn, family.expert_names)]
   return out
+
+
+def _rope_order(width: int, rope: int) -> np.ndarray:
+  """Feature order moejax's rotary layout takes from DeepSeek's: of the last `rope` of `width`
+  features (pairs interleaved, (x0, x1), (x2, x3), ...), the even ones, then the odd ones (a
+  half split); the others in place."""
+  tail = np.arange(width - rope, width)
+  return np.concatenate([np.arange(width - rope), tail[0::2], tail[1::2]])
+
+
+def _latent_rules(m: ModelConfig, attn: str) -> list[Rule]:
+  """MLA's projections: q_a_proj [Rq, D], q_a_layernorm, q_b_proj [N*(H+Hr), Rq] (or q_proj
+  [N*(H+Hr), D]), kv_a_proj_with_mqa [R+Hr, D], kv_a_layernorm, kv_b_proj [N*(H+Hv), R],
+  o_proj [D, N*Hv]; the rotary features of queries and of the shared key reordered from
+  DeepSeek's interleaved pairs to moejax's half split (and back)."""
+  n, h, hr, hv, r = m.num_heads, m.head_dim, m.rope_head_dim, m.value_head_dim, m.kv_lora_rank
+  d = m.d_model
+  blocks = lambda name: ('blocks', 'attn', name)
+  same = _one(lambda a: a)
+  order = _rope_order(h + hr, hr)                      # per head, within H + Hr
+  back = np.argsort(order)
+  heads_in = lambda a: _t(a).reshape(a.shape[1], n, h + hr)[..., order]   # [in, N, H + Hr]
+  heads_out = lambda a: _t(a[..., back].reshape(a.shape[0], -1))
+  kv_order = _rope_order(r + hr, hr)
+  out = [Rule((blocks('wkv_a'),), (attn + 'kv_a_proj_with_mqa.weight',), 'block',
+              _one(lambda a: _t(a)[:, kv_order]), _one(lambda a: _t(a[:, np.argsort(kv_order)]))),
+         Rule((blocks('kv_a_norm'),), (attn + 'kv_a_layernorm.weight',), 'block', same, same),
+         Rule((blocks('wkv_b'),), (attn + 'kv_b_proj.weight',), 'block',
+              _one(lambda a: _t(a).reshape(r, n, h + hv)),
+              _one(lambda a: _t(a.reshape(r, -1)))),
+         Rule((blocks('wo'),), (attn + 'o_proj.weight',), 'block',
+              _one(lambda a: _t(a).reshape(n, hv, d)), _one(lambda a: _t(a.reshape(n * hv, d))))]
+  if m.q_lora_rank:
+    return out + [
+        Rule((blocks('wq_a'),), (attn + 'q_a_proj.weight',), 'block', _one(_t), _one(_t)),
+        Rule((blocks('q_a_norm'),), (attn + 'q_a_layernorm.weight',), 'block', same, same),
+        Rule((blocks('wq_b'),), (attn + 'q_b_proj.weight',), 'block', _one(heads_in),
+             _one(heads_out))]
+  return out + [Rule((blocks('wq'),), (attn + 'q_proj.weight',), 'block', _one(heads_in),
+                     _one(heads_out))]
 
 
 def _split_columns(a: np.ndarray) -> Arrays:

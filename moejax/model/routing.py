@@ -132,14 +132,13 @@ def choose(x: jax.Array, w_router: jax.Array, router_bias: jax.Array | None,
 
 def _within_top_groups(scores: jax.Array, scoring: Scoring) -> jax.Array:
   """scores [..., E] with the experts outside each token's top_groups groups (of E/groups
-  consecutive experts, ranked by the sum of their two best scores) set to 0 (DeepSeek-V3's
-  masking value)."""
+  consecutive experts, ranked by the sum of their two best scores) set to -inf: never chosen."""
   e = scores.shape[-1]
   grouped = scores.reshape(scores.shape[:-1] + (scoring.groups, e // scoring.groups))
   best = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)                 # [..., groups]
   _, top = jax.lax.top_k(best, scoring.top_groups)                      # [..., top_groups]
   keep = jnp.sum(jax.nn.one_hot(top, scoring.groups, dtype=jnp.int32), axis=-2) > 0
-  return jnp.where(keep[..., None], grouped, 0.0).reshape(scores.shape)
+  return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(scores.shape)
 
 
 def _losses(whole: jax.Array, k: int, e: int) -> tuple[jax.Array, jax.Array]:

@@ -50,6 +50,18 @@ FAMILIES = {
                          'beta_fast': 32.0, 'beta_slow': 1.0, 'truncate': False,
                          'original_max_position_embeddings': 8},
         swiglu_limit=0.05, rms_norm_eps=1e-5, **COMMON),
+    # MLA with a query latent, YaRN with DeepSeek's mscale, 4 groups of 2 experts (best 2
+    # groups), a shared expert; no dense first layers and no MTP module (moejax has neither).
+    'deepseek_v3': transformers.DeepseekV3Config(
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=EXPERTS,
+        n_shared_experts=1, moe_intermediate_size=F, intermediate_size=2 * F, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0,
+        num_mtp_layers=0, rms_norm_eps=1e-6,
+        rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
+                         'original_max_position_embeddings': 8, 'mscale': 1.0,
+                         'mscale_all_dim': 1.0, 'beta_fast': 32.0, 'beta_slow': 1.0},
+        **COMMON),
 }
 # Families whose published checkpoints store the experts in MXFP4: a second checkpoint
 # <family>_mxfp4 holds random MXFP4 experts, its logits computed with transformers' own
@@ -68,6 +80,9 @@ def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
       elif name.endswith('sinks'):
         p.copy_(torch.randn(p.shape, generator=gen))
+    for name, b in model.named_buffers():   # DeepSeek's selection bias: it must show
+      if name.endswith('e_score_correction_bias'):
+        b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def write_mxfp4(model, ids, gen: torch.Generator, out: str) -> None:
