@@ -152,6 +152,11 @@ class ModelConfig:
   top_groups: int = key('moe.top_groups', POSITIVE, default=1)
   # Gates times this (DeepSeek-V3's routed_scaling_factor).
   routed_scale: float = key('moe.routed_scale', POSITIVE_NUMBER, default=1.0, parse=float)
+  # Dense blocks before the MoE blocks (DeepSeek-V3's first_k_dense_replace): attention and a
+  # SwiGLU (moe.ffn) MLP of dense_d_ff hidden units split over tp; they run on each micro-batch
+  # before the pipeline (micro-batches split over pp), their params replicated over pp.
+  dense_blocks: int = key('model.dense_blocks', COUNT, default=0)
+  dense_d_ff: int = key('model.dense_d_ff', COUNT, default=0)
   # A selection bias [E] even without balancing updates (an imported e_score_correction_bias).
   selection_bias: bool = key('moe.selection_bias', default=False, parse=bool)
   # A learned bias [E] on the router's logits (GPT-OSS).

@@ -6,6 +6,7 @@ group by routing group; nothing is vectorised that could hide a mistake the mode
 
   embed:  x = tok[id] + pos[t]          (rotary positions: x = tok[id]; q, k rotated)
   block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block; or RMSNorm)
+          (dense blocks first: x += attn(ln1(x)) ; x += silu(ln2(x) W1) * (ln2(x) W3) W2)
   attn:   q,k,v = x Wq + bq, ... ; (QK-norm) ; causal softmax(q k^T / sqrt(H)) v ; concat heads ;
           Wo + bo   (grouped-query: query head n reads key/value head n // (N/K))
           (sinks: each row's softmax denominator also holds exp(sink[n]); a sliding window W:
@@ -271,6 +272,8 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
                       for k, v in tree.items()}
   params = f64(params)
   emb, head, blocks = params['embed'], params['head'], params['blocks']
+  dense = params.get('dense_blocks', {})
+  num_dense = dense['ln1']['scale'].shape[0] if dense else 0
   num_blocks = blocks['ln1']['scale'].shape[0]
   block = lambda b: {name: {k: v[b] for k, v in sub.items()} for name, sub in blocks.items()}
   inputs, labels = tokens[..., :-1], tokens[..., 1:]
@@ -281,6 +284,13 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
   kept = assigned = 0
   for mi in range(m):
     x = emb['tok'][inputs[mi]] + (emb['pos'][:t] if 'pos' in emb else 0.0)  # [B, T, D]
+    for nd in range(num_dense):       # dense blocks first: attention, then a SwiGLU MLP
+      p = {name: {k: v[nd] for k, v in sub.items()} for name, sub in dense.items()}
+      for bi in range(bsz):
+        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch)
+        h = norm(x[bi], p['ln2'], eps)
+        first = h @ p['mlp']['w1']
+        x[bi] = x[bi] + (first / (1.0 + np.exp(-first)) * (h @ p['mlp']['w3'])) @ p['mlp']['w2']
     for nb in range(num_blocks):
       p = block(nb)
       for bi in range(bsz):

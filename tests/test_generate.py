@@ -68,11 +68,11 @@ def test_cache_needs_a_mesh_without_stages():
 
 
 @pytest.mark.parametrize('arch,tp', [('deepseek_v3_mla', 4), ('deepseek_v3', 1), ('gpt_oss', 4),
-                                     ('qwen2', 4)])
+                                     ('qwen2', 4), ('deepseek_v3_dense', 4)])
 def test_cache_steps_equal_the_windowed_forward_for_new_blocks(arch, tp):
   """A prefill of 20 tokens, then 12 single-token steps, against the model's forward on the
   window: MLA (its cache holds latents and rotary keys; attention in latent space), DeepSeek's
-  router, GPT-OSS's sinks and windows, Qwen2-MoE's shared expert."""
+  router and dense first blocks, GPT-OSS's sinks and windows, Qwen2-MoE's shared expert."""
   from tests.test_reference import ARCHES
   config, plan, canonical, _ = _setup(tp, **{'moe.top_k': 2, 'moe.eval_capacity_factor': 8.0,
                                              **ARCHES[arch]})
@@ -89,4 +89,7 @@ def test_cache_steps_equal_the_windowed_forward_for_new_blocks(arch, tp):
     outs.append(np.asarray(logits))
   got, v = np.concatenate(outs, axis=1), config.model.vocab_size
   scale = np.abs(expected[0, 0, :, :v]).max()
-  assert np.abs(got[0, :, :v] - expected[0, 0, :, :v]).max() <= 1e-5 * scale
+  # MLA's cache attends in latent space: its products associate differently from the windowed
+  # forward's expanded keys and values (1e-5 relative after 10 blocks in float32; a wrong mask,
+  # rotation or routing is 1e-3 and up).
+  assert np.abs(got[0, :, :v] - expected[0, 0, :, :v]).max() <= 3e-5 * scale

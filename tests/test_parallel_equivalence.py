@@ -242,9 +242,11 @@ BLOCK_OPTIONS = {
                 'model.rope_original_len': 8, 'moe.ffn': 'clamped_swiglu',
                 'moe.swiglu_limit': 0.5, 'moe.router_bias': True, 'moe.top_k': 2,
                 'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k'},
-    # DeepSeek-V3's router: sigmoid affinities, a selection bias, group-limited choices, scaled
-    # gates; an ungated shared expert.
-    'deepseek_v3': {'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_bias': False,
+    # DeepSeek-V3: two dense blocks before the pipeline, MLA, its router (sigmoid affinities, a
+    # selection bias, group-limited choices, scaled gates), an ungated shared expert.
+    'deepseek_v3': {'model.dense_blocks': 2, 'model.dense_d_ff': 40, 'model.kv_lora_rank': 24,
+                    'model.q_lora_rank': 16, 'model.rope_head_dim': 8, 'model.v_head_dim': 12,
+                    'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_bias': False,
                     'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.router_score': 'sigmoid',
                     'moe.selection_bias': True, 'moe.expert_groups': 4, 'moe.top_groups': 2,
                     'moe.routed_scale': 2.5, 'moe.normalize_gates': True,
@@ -258,7 +260,7 @@ BLOCK_OPTIONS = {
 
 @pytest.mark.parametrize('family', sorted(BLOCK_OPTIONS))
 def test_new_family_blocks_match_1x1(family):
-  """The GPT-OSS, DeepSeek-V3 (router) and Qwen2-MoE block options on a 4x4 mesh (windows and sinks on split heads, a
+  """The GPT-OSS, DeepSeek-V3 and Qwen2-MoE block options on a 4x4 mesh (windows and sinks on split heads, a
   shared expert split over tp, the pipeline's block index choosing the window): loss and the
   gradient of every parameter equal the 1x1 mesh's."""
   loss, metrics, grads = loss_and_grads(small_config(4, 4, **BLOCK_OPTIONS[family]))

@@ -177,6 +177,16 @@ ARCHES = {
                         'model.rope_factor': 4.0, 'model.rope_original_len': 8,
                         'model.softmax_mscale': 1.0, 'moe.ffn': 'swiglu',
                         'moe.expert_bias': False},
+    # DeepSeek-V3's whole layout: two dense blocks first, then MLA blocks with its router
+    'deepseek_v3_dense': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
+                          'model.attn_bias': False, 'model.kv_lora_rank': 24,
+                          'model.q_lora_rank': 16, 'model.rope_head_dim': 8,
+                          'model.v_head_dim': 12, 'model.dense_blocks': 2,
+                          'model.dense_d_ff': 40, 'moe.ffn': 'swiglu', 'moe.expert_bias': False,
+                          'moe.router_score': 'sigmoid', 'moe.selection_bias': True,
+                          'moe.expert_groups': 4, 'moe.top_groups': 2, 'moe.routed_scale': 2.5,
+                          'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k',
+                          'moe.shared_d_ff': 16},
     # and without the query latent
     'deepseek_v2_lite_mla': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
                              'model.attn_bias': False, 'model.kv_lora_rank': 24,

@@ -152,8 +152,6 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
                       if not family.windows else ['full_attention'], ['full_attention']),
       'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
                                    else None, None),
-      'first_k_dense_replace (dense layers before the MoE ones)': (
-          hf.get('first_k_dense_replace', 0) or 0, 0),
       'num_nextn_predict_layers (multi-token prediction modules)': (
           hf.get('num_nextn_predict_layers', hf.get('num_mtp_layers', 0)) or 0
           if family.latent else 0, 0),
@@ -179,6 +177,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
   if renorm is None:
     renorm = bool(hf.get('norm_topk_prob', False))
   latent = family.latent
+  dense = (hf.get('first_k_dense_replace') or 0) if latent else 0
   shared = (hf.get('n_shared_experts', 0) * hf['moe_intermediate_size'] if latent
             else hf.get('shared_expert_intermediate_size', 0) if family.shared_expert else 0)
   return {
@@ -192,7 +191,9 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.rope_head_dim': hf['qk_rope_head_dim'] if latent else 0,
       'model.v_head_dim': hf['v_head_dim'] if latent else 0,
       'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
-      'model.num_blocks': hf['num_hidden_layers'],
+      'model.num_blocks': hf['num_hidden_layers'] - dense,
+      'model.dense_blocks': dense,
+      'model.dense_d_ff': hf['intermediate_size'] if dense else 0,
       'model.max_len': hf.get('max_position_embeddings', 4096),
       'model.positions': 'rope',
       **_rope_keys(hf),
@@ -221,7 +222,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'moe.normalize_gates': renorm,
       'moe.normalize_gates_over': 'top_k',
       'moe.aux_loss_weight': (float(hf.get('router_aux_loss_coef', 0.0)) * top_k
-                              / hf['num_hidden_layers']),
+                              / (hf['num_hidden_layers'] - dense)),
       'moe.shared_d_ff': int(shared),
       'moe.shared_gate': bool(family.shared_expert) and not latent,
   }
@@ -254,7 +255,7 @@ def hf_config(family: Family, m) -> dict[str, Any]:
       'architectures': [family.architecture], 'model_type': family.name,
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'num_attention_heads': m.num_heads,
       'num_key_value_heads': m.kv_heads, 'head_dim': m.head_dim,
-      'num_hidden_layers': m.num_blocks, 'max_position_embeddings': m.max_len,
+      'num_hidden_layers': m.dense_blocks + m.num_blocks, 'max_position_embeddings': m.max_len,
       'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_base,
       'rope_parameters': {'rope_theta': m.rope_base, 'rope_type': 'default'},
       'attention_bias': m.attn_bias, 'hidden_act': 'silu', 'tie_word_embeddings': False,
@@ -273,12 +274,14 @@ def hf_config(family: Family, m) -> dict[str, Any]:
     out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff, sliding_window=None)
   elif family.latent:
     out.update(n_routed_experts=m.num_experts, moe_intermediate_size=m.d_ff,
-               n_shared_experts=m.shared_d_ff // m.d_ff, intermediate_size=m.shared_d_ff,
+               n_shared_experts=m.shared_d_ff // m.d_ff,
+               intermediate_size=m.dense_d_ff or m.shared_d_ff,
                kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank or None,
                qk_rope_head_dim=m.rope_head_dim, qk_nope_head_dim=m.head_dim,
                v_head_dim=m.value_head_dim, head_dim=m.rope_head_dim, n_group=m.expert_groups,
                topk_group=m.top_groups, routed_scaling_factor=m.routed_scale,
-               norm_topk_prob=m.normalize_gates, first_k_dense_replace=0, rope_interleave=True,
+               norm_topk_prob=m.normalize_gates, first_k_dense_replace=m.dense_blocks,
+               rope_interleave=True,
                num_nextn_predict_layers=0, scoring_func='sigmoid', topk_method='noaux_tc')
     if m.softmax_mscale:
       out['rope_parameters']['mscale_all_dim'] = m.softmax_mscale
@@ -325,6 +328,8 @@ def check_exportable(family: Family | None, m) -> None:
     bad.append('attn_bias=True (Mixtral has no attention biases)')
   if m.attn_bias and m.attn_out_bias != family.attn_out_bias:
     bad.append(f'attn_out_bias={m.attn_out_bias} (needs {family.attn_out_bias})')
+  if m.dense_blocks and not family.latent:
+    bad.append(f'dense_blocks={m.dense_blocks} (only DeepSeek-V3 has dense first layers)')
   if family.latent and not m.latent:
     bad.append('kv_lora_rank=0 (DeepSeek-V3 attention is MLA)')
   if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != (

@@ -111,6 +111,8 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
     for p in 'qk':
       out.append(Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block',
                       _one(lambda a, s=shape[p]: a.reshape(s)), _one(lambda a: a.reshape(-1))))
+  if m.dense_blocks:   # the first layers: the same attention and norms, then a dense MLP
+    out += _dense_rules(m, [r for r in out if r.scope == 'block'], layer + 'mlp.')
   moe = layer + family.experts_prefix + '.'
   if m.shared_d_ff:
     out += _shared_rules(m, moe + family.shared_expert)
@@ -216,6 +218,18 @@ def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
       row((w('b2'),), (experts + 'down_proj_bias',), same, same)]
 
 
+def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str) -> list[Rule]:
+  """The dense blocks' rules: each block rule's copy for ('dense_blocks', ...) params, and the
+  MLP's Linear weights (gate_proj, up_proj, down_proj)."""
+  dense = lambda path: ('dense_blocks',) + path[1:]
+  out = [dataclasses.replace(r, paths=tuple(dense(p) for p in r.paths)) for r in block_rules]
+  names = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
+  if m.ffn == 'gelu':
+    del names['w3']
+  return out + [Rule((('dense_blocks', 'mlp', path),), (f'{mlp}{name}.weight',), 'block',
+                     _one(_t), _one(_t)) for path, name in names.items()]
+
+
 def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
   """The shared expert's Linear weights [out, in] and its gate [1, D] (Qwen2-MoE)."""
   names = {'shared_w1': 'gate_proj', 'shared_w3': 'up_proj', 'shared_w2': 'down_proj'}
@@ -248,13 +262,16 @@ def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
 
 
 def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
-  """Every application of every rule, blocks in order."""
+  """Every application of every rule, blocks in order: the dense blocks are Hugging Face's
+  first layers, the (MoE) blocks the layers after them."""
   for rule in table:
     if rule.scope == 'model':
       yield Use(rule, rule.names, ())
       continue
-    for b in range(m.num_blocks):
+    dense = rule.paths[0][0] == 'dense_blocks'
+    first, count = (0, m.dense_blocks) if dense else (m.dense_blocks, m.num_blocks)
+    for b in range(count):
       experts = range(m.num_experts) if rule.scope == 'expert' else [None]
       for e in experts:
-        names = tuple(name.format(b=b, e=e) for name in rule.names)
+        names = tuple(name.format(b=first + b, e=e) for name in rule.names)
         yield Use(rule, names, (b,) if e is None else (b, e), e if rule.rows else None)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.model import ffn as ffn_lib, moe as moe_lib, routing
-from moejax.model.layers import KV_HEADS, TOKENS, Attention, Head, KVCache, norm, shared_expert
+from moejax.model.layers import (KV_HEADS, TOKENS, Attention, DenseMLP, Head, KVCache,
+                                 dense_ffn, norm)
 from moejax.parallel import vocab
 from moejax.parallel.mesh import constrain
 
@@ -35,19 +36,23 @@ class Cache(NamedTuple):
   k: jax.Array       # [NB, B, L, K, H] keys of every position so far (MLA: latents [NB, B, L, R])
   v: jax.Array       # [NB, B, L, K, H] values (MLA: rotary keys [NB, B, L, Hr])
   choice: jax.Array  # [NB, K_, B, L] int32 experts each position chose (-1 before it is written)
+  dense_k: jax.Array | None = None   # [ND, ...] as k, of the dense blocks (model.dense_blocks)
+  dense_v: jax.Array | None = None
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """A cache for `batch` sequences of up to `length` tokens (under the active plan)."""
   choice = jnp.full((cfg.num_blocks, cfg.top_k, batch, length), -1, jnp.int32)
   if cfg.latent:   # MLA: the latent and the rotary key of each position, shared by the heads
-    lead = (cfg.num_blocks, batch, length)
-    latent = lambda width: constrain(jnp.zeros(lead + (width,), cfg.dtype),
-                                     (None, 'act_batch', None, None))
-    return Cache(latent(cfg.kv_lora_rank), latent(cfg.rope_head_dim), choice)
-  shape = (cfg.num_blocks, batch, length, cfg.kv_heads, cfg.head_dim)
-  kv = lambda: constrain(jnp.zeros(shape, cfg.dtype), (None,) + KV_HEADS)
-  return Cache(kv(), kv(), choice)
+    kv = lambda blocks, width: constrain(jnp.zeros((blocks, batch, length, width), cfg.dtype),
+                                         (None, 'act_batch', None, None))
+    k, v = (cfg.kv_lora_rank, cfg.rope_head_dim)
+  else:
+    kv = lambda blocks, heads: constrain(jnp.zeros(
+        (blocks, batch, length, heads, cfg.head_dim), cfg.dtype), (None,) + KV_HEADS)
+    k = v = cfg.kv_heads
+  dense = (kv(cfg.dense_blocks, k), kv(cfg.dense_blocks, v)) if cfg.dense_blocks else (None,) * 2
+  return Cache(kv(cfg.num_blocks, k), kv(cfg.num_blocks, v), choice, *dense)
 
 
 def _claims_before(expert: jax.Array, history: jax.Array, start: jax.Array,
@@ -98,20 +103,23 @@ def _moe(p: dict, x: jax.Array, history: jax.Array, start: jax.Array, cfg: Model
   y = jnp.einsum('EBTD,BTE->BTD', y.reshape(cfg.num_experts, b, t, d), weight.astype(dt))
   shared = ffn_lib.SharedWeights.of(p)
   if shared is not None:
-    y = y + shared_expert(shared, x, cfg, TOKENS)
+    y = y + dense_ffn(shared, x, cfg, TOKENS)
   return constrain(y, TOKENS), history
 
 
 def _block(x: jax.Array, p: dict, cache: tuple, start: jax.Array, layer: jax.Array,
            cfg: ModelConfig):
-  """layers.Block over a cache: x [B, T, D] of new tokens."""
-  k_cache, v_cache, history = cache
+  """layers.Block over a cache: x [B, T, D] of new tokens (a dense block: cache without the
+  routing history)."""
+  k_cache, v_cache, *history = cache
   h = norm(cfg, 'ln1').apply({'params': p['ln1']}, x)
   y, kv = Attention(cfg).apply({'params': p['attn']}, h, cache=KVCache(k_cache, v_cache),
                                start=start, layer=layer)
   x = x + y
   h = norm(cfg, 'ln2').apply({'params': p['ln2']}, x)
-  y, history = _moe(p['moe'], h, history, start, cfg)
+  if not history:
+    return constrain(x + DenseMLP(cfg).apply({'params': p['mlp']}, h), TOKENS), (kv.k, kv.v)
+  y, history = _moe(p['moe'], h, history[0], start, cfg)
   return constrain(x + y, TOKENS), (kv.k, kv.v, history)
 
 
@@ -127,10 +135,13 @@ def extend(params: dict[str, Any], cache: Cache, ids: jax.Array, start: jax.Arra
   x = constrain(x, TOKENS)
 
   def layer(x, inputs):
-    p, b, k_cache, v_cache, history = inputs
-    x, (k_cache, v_cache, history) = _block(x, p, (k_cache, v_cache, history), start, b, cfg)
-    return x, (k_cache, v_cache, history)
+    p, b, *cache = inputs
+    return _block(x, p, cache, start, b, cfg)
 
-  blocks = jnp.arange(cfg.num_blocks)
-  x, (k, v, choice) = jax.lax.scan(layer, x, (params['blocks'], blocks) + tuple(cache))
-  return Head(cfg).apply({'params': params['head']}, x), Cache(k, v, choice)
+  dense = (None, None)
+  if cfg.dense_blocks:
+    x, dense = jax.lax.scan(layer, x, (params['dense_blocks'], jnp.arange(cfg.dense_blocks),
+                                       cache.dense_k, cache.dense_v))
+  blocks = cfg.dense_blocks + jnp.arange(cfg.num_blocks)
+  x, (k, v, choice) = jax.lax.scan(layer, x, (params['blocks'], blocks) + tuple(cache[:3]))
+  return Head(cfg).apply({'params': params['head']}, x), Cache(k, v, choice, *dense)

@@ -32,8 +32,10 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   boxed = jax.eval_shape(lambda k: params_lib._boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   shapes = nn.unbox(boxed)
-  out = {'experts': 0.0}
-  for part in ('block', 'head'):
+  out = {'experts': 0.0, 'dense_block': 0.0}
+  for part in ('block', 'head', 'dense_block'):
+    if part not in specs:
+      continue
     total = 0.0
     for spec, leaf in zip(jax.tree.leaves(specs[part], is_leaf=lambda s: isinstance(s, P)),
                           jax.tree.leaves(shapes[part])):
@@ -69,9 +71,12 @@ def expert_flops(cfg: ModelConfig) -> float:
 
 
 def model_flops(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token of the whole model (every block and the LM head)."""
-  return (sum(block_flops(cfg, seq_len, b) for b in range(cfg.num_blocks))
-          + 6 * _matmul_macs(cfg)['head'])
+  """Training FLOPs per token of the whole model (every dense block, every block and the LM
+  head)."""
+  dense = sum(6 * _matmul_macs(cfg)['dense_block'] + attention_flops_per_token(cfg, seq_len, b)
+              for b in range(cfg.dense_blocks))
+  return (dense + sum(block_flops(cfg, seq_len, cfg.dense_blocks + b)
+                      for b in range(cfg.num_blocks)) + 6 * _matmul_macs(cfg)['head'])
 
 
 def block_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -449,7 +449,7 @@ class MoE(nn.Module):
     rng = self.make_rng('dropout') if settings.dropout_rate > 0.0 else jax.random.key(0)
     y, stats = moe_lib.moe(w, x, rng, settings, valid)
     if shared is not None:
-      y = y + shared_expert(shared, x, c, RESIDUAL)
+      y = y + dense_ffn(shared, x, c, RESIDUAL)
     return y, stats
 
   def _shared_weights(self) -> ffn_lib.SharedWeights | None:
@@ -469,17 +469,33 @@ class MoE(nn.Module):
         if c.shared_gate else None)
 
 
-SHARED_HIDDEN = ('act_batch', None, 'act_shared_mlp')   # [B, T, F] split over tp
+class DenseMLP(nn.Module):
+  """A dense block's MLP (model.dense_blocks): the experts' activation over dense_d_ff hidden
+  units split over tp, no biases."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:                        # [B, T, D] -> [B, T, D]
+    c = self.cfg
+    d, f = c.d_model, c.dense_d_ff
+    col, row = ('embed', 'dense_mlp'), ('dense_mlp', 'embed')
+    w = ffn_lib.SharedWeights(
+        w1=_param(self, 'w1', (d, f), col, _normal(c.init_std)),
+        w3=_param(self, 'w3', (d, f), col, _normal(c.init_std)) if c.ffn != 'gelu' else None,
+        w2=_param(self, 'w2', (f, d), row, _normal(c.init_std / (2 * c.num_blocks) ** 0.5)),
+        gate=None)
+    return dense_ffn(w, x, c, RESIDUAL, 'act_dense_mlp')
 
 
-def shared_expert(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig,
-                  out_axes: tuple) -> jax.Array:
-  """The shared expert on every token: x [B, T, D] -> [B, T, D] laid out as `out_axes`. Its
-  hidden units are split over tp (the sequence gathered first, as attention does), the output
-  reduced over them."""
+def dense_ffn(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig, out_axes: tuple,
+              hidden_axis: str = 'act_shared_mlp') -> jax.Array:
+  """A dense FFN on every token (the shared expert; a dense block's MLP): x [B, T, D] ->
+  [B, T, D] laid out as `out_axes`. Its hidden units are split over tp (logical `hidden_axis`;
+  the sequence gathered first, as attention does), the output reduced over them."""
   dt = cfg.dtype
   x = constrain(x.astype(dt), TOKENS)                                    # [B, T, D]
-  hidden = lambda m: constrain(jnp.einsum('BTD,DF->BTF', x, m.astype(dt)), SHARED_HIDDEN)
+  hidden = lambda m: constrain(jnp.einsum('BTD,DF->BTF', x, m.astype(dt)),
+                               ('act_batch', None, hidden_axis))       # [B, T, F] over tp
   h = ffn_lib.activation(hidden(w.w1), None if w.w3 is None else hidden(w.w3),
                         ffn_lib.Activation.of(cfg))
   y = jnp.einsum('BTF,FD->BTD', h, w.w2.astype(dt))                      # [B, T, D] over F
@@ -489,9 +505,11 @@ def shared_expert(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig,
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x += attn(norm(x)); x += moe(norm(x))."""
+  """Pre-norm transformer block: x += attn(norm(x)); x += moe(norm(x)) (a dense block: x +=
+  mlp(norm(x)), and no routing stats)."""
   cfg: ModelConfig
   train: bool
+  dense: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
@@ -502,6 +520,9 @@ class Block(nn.Module):
     c = self.cfg
     with jax.named_scope('attention'):
       x = x + Attention(c, name='attn')(norm(c, 'ln1')(x), positions, segments, layer=layer)
+    if self.dense:
+      with jax.named_scope('mlp'):
+        return constrain(x + DenseMLP(c, name='mlp')(norm(c, 'ln2')(x)), RESIDUAL), None
     valid = None if segments is None else segments != 0
     with jax.named_scope('moe'):
       y, stats = MoE(c, self.train, name='moe')(norm(c, 'ln2')(x), valid)

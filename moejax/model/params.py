@@ -68,25 +68,34 @@ def _examples(cfg: ModelConfig):
 
 
 def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
-  """One block's, the embedder's and the head's params, boxed with logical axes."""
+  """One block's (one dense block's, with model.dense_blocks), the embedder's and the head's
+  params, boxed with logical axes."""
   ids, x = _examples(cfg)
-  return {
+  out = {
       'embed': Embedder(cfg).init(rng_lib.embed_init(key), ids)['params'],
       'block': Block(cfg, train=False).init(rng_lib.block_template_init(key), x)['params'],
       'head': Head(cfg).init(rng_lib.head_init(key), x)['params'],
   }
+  if cfg.dense_blocks:
+    out['dense_block'] = Block(cfg, train=False, dense=True).init(
+        rng_lib.block_template_init(key), x)['params']
+  return out
 
 
 def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
   is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
-  axis split over pp in contiguous chunks (the training layout's placement when repeats=1)."""
+  axis split over pp in contiguous chunks (the training layout's placement when repeats=1).
+  Dense blocks [K, ...] lead with ('layers',) in both (replicated over pp)."""
   boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   lead = STAGE_AXES if lay is not None else ('stage',)
-  blocks = jax.tree.map(lambda s: P(*lead, *s), specs.pop('block'),
-                        is_leaf=lambda s: isinstance(s, P))
-  return {'embed': specs['embed'], 'blocks': blocks, 'head': specs['head']}
+  stack = lambda tree, axes: jax.tree.map(lambda s: P(*axes, *s), tree,
+                                          is_leaf=lambda s: isinstance(s, P))
+  out = {'embed': specs['embed'], 'blocks': stack(specs['block'], lead), 'head': specs['head']}
+  if cfg.dense_blocks:
+    out['dense_blocks'] = stack(specs['dense_block'], ('layers',))
+  return out
 
 
 def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
@@ -95,7 +104,11 @@ def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
   one = lambda k: nn.unbox(_boxed(cfg, k))
   blocks = jax.vmap(lambda k: one(k)['block'])(block_keys)
   rest = one(key)
-  return {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
+  out = {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
+  if cfg.dense_blocks:
+    dense_keys = rng_lib.dense_block_inits(key, cfg.dense_blocks)
+    out['dense_blocks'] = jax.vmap(lambda k: one(k)['dense_block'])(dense_keys)
+  return out
 
 
 def init(cfg: ModelConfig, lay: Layout, key: jax.Array) -> dict[str, Any]:

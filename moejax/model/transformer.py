@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from moejax import rng as rng_lib
 from moejax.config import Layout, ModelConfig, layers_per_stage
 from moejax.model import params as params_lib
+from moejax.model import layers
 from moejax.model.layers import Block, Embedder, Head
 from moejax.parallel import pipeline as pipeline_lib, remat
+from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.mesh import constrain
 
 def _layer_stats(stats) -> dict[str, jax.Array]:
@@ -41,12 +43,33 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
     positions, segments = (None, None) if packed is None else packed   # [B, T] each
     def layer(x, inputs):
       p, l = inputs
-      y, stats = block.apply({'params': p}, x, positions, segments, first + l,
+      y, stats = block.apply({'params': p}, x, positions, segments, cfg.dense_blocks + first + l,
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
     return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)), unroll=lay.unroll_layers)
   return stage_fn
+
+
+def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, train: bool, packed: Any
+                  ) -> jax.Array:
+  """x [M, B, T, D] through the dense blocks (params [K, ...]) before the pipeline: each
+  micro-batch on its own, micro-batches split over pp as the embedding leaves them (no stage
+  waits on another), the blocks' params replicated over pp."""
+  block = Block(cfg, train, dense=True)
+
+  def one(x, positions, segments):                                     # [B, T, D], [B, T]
+    def layer(x, inputs):
+      p, l = inputs
+      return block.apply({'params': p}, x, positions, segments, l)[0], None
+    return jax.lax.scan(layer, x, (params, jnp.arange(cfg.dense_blocks)))[0]
+
+  micro = mesh_lib.spec(('act_micro',))[0]
+  if packed is None:
+    run = jax.vmap(lambda x: one(x, None, None), spmd_axis_name=micro)
+    return constrain(run(x), ('act_micro',) + layers.RESIDUAL)
+  run = jax.vmap(one, spmd_axis_name=micro)
+  return constrain(run(x, packed[0], packed[1]), ('act_micro',) + layers.RESIDUAL)
 
 
 def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
@@ -76,6 +99,9 @@ def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
   positions = None if packed is None else packed[0]
   with jax.named_scope('embed'):
     x = Embedder(cfg).apply({'params': params['embed']}, inputs, positions)  # [M, B, T, D]
+  if cfg.dense_blocks:
+    with jax.named_scope('dense_blocks'):
+      x = _dense_blocks(params['dense_blocks'], x, cfg, train, packed)
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed)

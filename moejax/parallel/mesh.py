@@ -41,6 +41,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('experts', TP),      # expert parallelism inside a stage
     ('mlp', None),        # expert hidden width (experts are already split)
     ('shared_mlp', TP),   # shared expert's hidden width: column/row split like heads
+    ('dense_mlp', TP),    # dense blocks' MLP hidden width, split alike
     ('pos', None),
     ('stage', PP),        # pipeline stage axis of stacked blocks
     ('repeat', None),
@@ -53,6 +54,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ('act_heads', TP),
     ('act_kv_heads', TP),
     ('act_shared_mlp', TP),
+    ('act_dense_mlp', TP),
     ('act_vocab', TP),
     ('act_groups', TP),   # routing groups: tokens are split over tp before the all-to-all
 )
@@ -61,10 +63,11 @@ RULES: tuple[tuple[str, str | None], ...] = (
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
-def rules_for(lay: Layout | None, kv_heads: int = 0, shared_d_ff: int = 0) -> Rules:
+def rules_for(lay: Layout | None, kv_heads: int = 0, shared_d_ff: int = 0,
+              dense_d_ff: int = 0) -> Rules:
   """RULES, with experts over (dp, tp) when the layout folds expert parallelism over dp, and
-  key/value heads (the shared expert's hidden units) replicated when tp does not divide their
-  number `kv_heads` (`shared_d_ff`)."""
+  key/value heads (the shared expert's, the dense blocks' hidden units) replicated when tp does
+  not divide their number `kv_heads` (`shared_d_ff`, `dense_d_ff`)."""
   if lay is None:
     return RULES
   place = dict(RULES)
@@ -74,6 +77,8 @@ def rules_for(lay: Layout | None, kv_heads: int = 0, shared_d_ff: int = 0) -> Ru
     place['kv_heads'] = place['act_kv_heads'] = None
   if shared_d_ff % lay.tp:
     place['shared_mlp'] = place['act_shared_mlp'] = None
+  if dense_d_ff % lay.tp:
+    place['dense_mlp'] = place['act_dense_mlp'] = None
   return tuple(place.items())
 
 

@@ -47,7 +47,8 @@ class Plan:
     self.run = config_lib.run_config(config)
     lay = self.layout
     self.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
-    self.rules = mesh_lib.rules_for(lay, self.model.kv_heads, self.model.shared_d_ff)
+    self.rules = mesh_lib.rules_for(lay, self.model.kv_heads, self.model.shared_d_ff,
+                                    self.model.dense_d_ff)
     self.tx = optimizer.make(self.optim, params_lib.decayed(self.model, lay))
     self.schedule = optimizer.schedule(self.optim)
     with self.active():

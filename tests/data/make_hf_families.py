@@ -51,17 +51,17 @@ FAMILIES = {
                          'original_max_position_embeddings': 8},
         swiglu_limit=0.05, rms_norm_eps=1e-5, **COMMON),
     # MLA with a query latent, YaRN with DeepSeek's mscale, 4 groups of 2 experts (best 2
-    # groups), a shared expert; no dense first layers and no MTP module (moejax has neither).
+    # groups), a shared expert; one dense first layer (then 4 MoE layers), no MTP module.
     'deepseek_v3': transformers.DeepseekV3Config(
         num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, n_routed_experts=EXPERTS,
         n_shared_experts=1, moe_intermediate_size=F, intermediate_size=2 * F, n_group=4,
-        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
         num_mtp_layers=0, rms_norm_eps=1e-6,
         rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
                          'original_max_position_embeddings': 8, 'mscale': 1.0,
                          'mscale_all_dim': 1.0, 'beta_fast': 32.0, 'beta_slow': 1.0},
-        **COMMON),
+        **dict(COMMON, num_hidden_layers=LAYERS + 1)),
 }
 # Families whose published checkpoints store the experts in MXFP4: a second checkpoint
 # <family>_mxfp4 holds random MXFP4 experts, its logits computed with transformers' own
