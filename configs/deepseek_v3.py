@@ -1,29 +1,39 @@
 """DeepSeek-V3 blocks (deepseek-ai/DeepSeek-V3, moonshotai/Kimi-K2: the same block): multi-head
 latent attention (a query latent, a shared key/value latent and one rotary key per token, YaRN
 with its mscale on the softmax), sigmoid expert affinities chosen with a selection bias within
-the best expert groups, gates renormalised and scaled, an always-on shared expert.
+the best expert groups, gates renormalised and scaled, an always-on shared expert; dense blocks
+first (first_k_dense_replace), run before the pipeline.
 
   python main.py --config=configs/deepseek_v3.py:tiny --workdir=/tmp/dsv3_tiny   # CPU, 4x4 simulated
+  python main.py --config=configs/deepseek_v3.py:671b --workdir=/tmp/dsv3        # the published size
   python main.py --config=configs/deepseek_v3.py:HF_DIR --config.init_from=RUN ...
 
-Not yet in moejax: the published models' dense first layers (first_k_dense_replace) and their
-multi-token-prediction modules, so their config.json is refused naming both; `:tiny` and
-checkpoints without them (first_k_dense_replace=0, num_nextn_predict_layers=0) work.
+Not yet in moejax: multi-token prediction (DeepSeek-V3 section 2.2); an import leaves a
+checkpoint's MTP module out and says so.
 """
 import ml_collections
 
 from configs import defaults
 
 VARIANTS = {
-    'tiny': dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_hidden_layers=8,
+    'tiny': dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_hidden_layers=9,
                  kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16,
                  v_head_dim=16, n_routed_experts=16, n_shared_experts=1,
                  moe_intermediate_size=32, num_experts_per_tok=2, n_group=4, topk_group=2,
-                 routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0,
-                 num_nextn_predict_layers=0, rms_norm_eps=1e-6, max_position_embeddings=64,
+                 routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+                 intermediate_size=128, rms_norm_eps=1e-6, max_position_embeddings=64,
                  rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
                                   'original_max_position_embeddings': 16, 'mscale': 1.0,
                                   'mscale_all_dim': 1.0}),
+    '671b': dict(vocab_size=129280, hidden_size=7168, num_attention_heads=128,
+                 num_hidden_layers=61, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                 qk_nope_head_dim=128, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+                 moe_intermediate_size=2048, num_experts_per_tok=8, n_group=8, topk_group=4,
+                 routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=3,
+                 intermediate_size=18432, rms_norm_eps=1e-6, max_position_embeddings=163840,
+                 rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 40.0,
+                                  'original_max_position_embeddings': 4096, 'beta_fast': 32.0,
+                                  'beta_slow': 1.0, 'mscale': 1.0, 'mscale_all_dim': 1.0}),
 }
 
 

@@ -340,3 +340,21 @@ def test_import_in_small_chunks_restores_the_same_arrays(tmp_path, monkeypatch):
   monkeypatch.setattr(hf_lib, 'CHUNK', 4096)
   hf_lib.import_checkpoint(os.path.join(DATA, 'gpt_oss'), str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, _restored(str(tmp_path / 'run')), _load('gpt_oss'))
+
+
+def test_a_deepseek_checkpoints_mtp_module_is_left_out_and_said(tmp_path):
+  """DeepSeek-V3 stores its multi-token-prediction module as a layer past the model's: the
+  import leaves it out (moejax has no MTP module) and names it; the model's tensors import."""
+  def add_mtp(tensors):
+    out = dict(tensors)
+    out.update({n.replace('layers.4.', 'layers.5.'): a for n, a in tensors.items()
+                if n.startswith('model.layers.4.')})
+    out['model.layers.5.eh_proj.weight'] = np.zeros((32, 64), np.float32)
+    return out
+  src = _copy('deepseek_v3', tmp_path, add_mtp)
+  assert hf_lib.import_notes(src) == [
+      'Left out the 39 tensors of the multi-token-prediction module '
+      '(model.layers.5.eh_proj.weight, ...): moejax has no MTP module yet.']
+  hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, _restored(str(tmp_path / 'run')),
+               _load('deepseek_v3'))

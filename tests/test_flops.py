@@ -32,6 +32,33 @@ def independent(hf: dict, seq: int) -> float:
   return 6 * active + sum(12 * n * h * kq for kq in keys)
 
 
+def independent_deepseek(hf: dict, seq: int) -> float:
+  """DeepSeek-V3 (MLA, a shared expert, dense first layers) counted the same way: each layer's
+  query down/up, key/value down/up and output projections; a dense layer's three MLP matrices,
+  an MoE layer's router, top-k routed experts and shared experts."""
+  d, n = hf['hidden_size'], hf['num_attention_heads']
+  hn, hr, hv = hf['qk_nope_head_dim'], hf['qk_rope_head_dim'], hf['v_head_dim']
+  rq, r = hf['q_lora_rank'], hf['kv_lora_rank']
+  attention = d * rq + rq * n * (hn + hr) + d * (r + hr) + r * n * (hn + hv) + n * hv * d
+  f, e, k = hf['moe_intermediate_size'], hf['n_routed_experts'], hf['num_experts_per_tok']
+  dense_layers = hf['first_k_dense_replace']
+  moe_layers = hf['num_hidden_layers'] - dense_layers
+  active = (hf['num_hidden_layers'] * attention + dense_layers * 3 * d * hf['intermediate_size']
+            + moe_layers * (d * e + (k + hf['n_shared_experts']) * 3 * d * f)
+            + d * hf['vocab_size'])
+  per_key = 2 * 2 * n * (hn + hr + hv) / 2                 # score and value matmuls, forward
+  return 6 * active + hf['num_hidden_layers'] * 3 * per_key * seq / 2
+
+
+@pytest.mark.parametrize('variant', ['671b', 'tiny'])
+def test_deepseek_flops_match_an_independent_count(variant):
+  from configs import deepseek_v3
+  c = shapes.load('configs/deepseek_v3.py', variant)
+  c.data.seq_len = SEQ
+  expected = independent_deepseek(deepseek_v3.VARIANTS[variant], SEQ)
+  assert flops.flops_per_token(c) == pytest.approx(expected, rel=0.01)
+
+
 @pytest.mark.parametrize('family,variant', [('olmoe', '1b-7b'), ('qwen3_moe', '30b-a3b'),
                                             ('mixtral', '8x7b'), ('qwen2_moe', 'a2.7b'),
                                             ('qwen2_moe', '57b-a14b'), ('olmoe', 'tiny'),

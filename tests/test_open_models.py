@@ -30,21 +30,21 @@ def test_import_finetune_export(tmp_path):
   text = '\n'.join(outputs)
   assert 'Initialised params from' in text and 'Finished at step 20' in text
   assert 'validation loss' in text
-  exported = tmp_path / 'moejax_mixtral_hf'
+  exported = tmp_path / 'moejax_gpt_oss_hf'
   assert {'config.json', 'tokenizer.json'} <= set(os.listdir(exported))
 
   from moejax import config as config_lib
   from moejax.convert import families, hf as hf_lib
   from moejax.checkpoint_dir import saved_config
-  _, saved = saved_config(str(tmp_path / 'moejax_mixtral_ft'))
+  _, saved = saved_config(str(tmp_path / 'moejax_gpt_oss_ft'))
   m = config_lib.model_config(saved)
-  again = hf_lib.load_params(str(exported), m, families.FAMILIES['mixtral'])
-  item = os.path.join(tmp_path, 'moejax_mixtral_ft', 'checkpoints', '20', 'state')
+  again = hf_lib.load_params(str(exported), m, families.FAMILIES['gpt_oss'])
+  item = os.path.join(tmp_path, 'moejax_gpt_oss_ft', 'checkpoints', '20', 'state')
   for path, leaf in jax.tree_util.tree_leaves_with_path(again):
     keys = ('params',) + tuple(k.key for k in path)
     np.testing.assert_array_equal(leaf, hf_lib.restore_array(item, keys), err_msg=str(keys))
-  original = hf_lib.load_params(os.path.join(ROOT, 'tests/data/hf/mixtral'), m,
-                                families.FAMILIES['mixtral'])
+  original = hf_lib.load_params(os.path.join(ROOT, 'tests/data/hf/gpt_oss'), m,
+                                families.FAMILIES['gpt_oss'])
   assert not np.array_equal(again['head']['w'], original['head']['w'])   # it was fine-tuned
 
   torch = pytest.importorskip('torch', reason='torch is not in CI; run by hand (README)')

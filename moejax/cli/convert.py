@@ -58,8 +58,9 @@ def main(argv):
     if argv[1] == 'import':
       path = hf.import_checkpoint(f.hf_dir, f.workdir)
       family = hf.families.family_of(hf.families.read_hf_config(f.hf_dir)).name
-      quantized = ' (MXFP4 experts dequantized to float32)' if hf.is_quantized(f.hf_dir) else ''
-      print(f'Imported {f.hf_dir} into {path}{quantized} in {time.time() - start:.1f} s (peak '
+      for note in hf.import_notes(f.hf_dir):
+        print(note, flush=True)
+      print(f'Imported {f.hf_dir} into {path} in {time.time() - start:.1f} s (peak '
             f'host memory {_peak_gib():.2f} GiB). Train from it with '
             f'--config=configs/{family}.py:{f.hf_dir} '
             f'--config.init_from={os.path.abspath(f.workdir)}.', flush=True)

@@ -58,7 +58,7 @@ FAMILIES = {f.name: f for f in (
            True, router='router', ffn='clamped_swiglu', biases=True, sinks=True, windows=True,
            interleaved=True, published_format='MXFP4'),
     # DeepSeek-V3 / Kimi-K2 blocks: MLA, sigmoid group-limited routing with a selection bias,
-    # an ungated shared expert (dense first layers and MTP modules: not yet, refused).
+    # an ungated shared expert, dense first layers (MTP modules: left out on import).
     Family('deepseek_v3', 'DeepseekV3ForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            'none', None, shared_expert='shared_experts', latent=True),
 )}
@@ -152,9 +152,6 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
                       if not family.windows else ['full_attention'], ['full_attention']),
       'sliding_window (Mixtral)': (hf.get('sliding_window') if family.name == 'mixtral'
                                    else None, None),
-      'num_nextn_predict_layers (multi-token prediction modules)': (
-          hf.get('num_nextn_predict_layers', hf.get('num_mtp_layers', 0)) or 0
-          if family.latent else 0, 0),
       'scoring_func': (hf.get('scoring_func', 'sigmoid' if family.latent else 'softmax'),
                        'sigmoid' if family.latent else 'softmax'),
       'attention_bias (MLA)': (bool(hf.get('attention_bias')) and family.latent, False),

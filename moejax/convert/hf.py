@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -82,10 +83,20 @@ def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int,
   return out
 
 
+def mtp_tensors(reader: Reader, m: ModelConfig, family: families.Family) -> list[str]:
+  """A DeepSeek-V3 checkpoint's multi-token-prediction modules: its layers past the model's
+  (moejax has no MTP module yet; an import leaves them out and says so)."""
+  if not family.latent:
+    return []
+  layers = m.dense_blocks + m.num_blocks
+  match = lambda n: re.match(r'model\.layers\.(\d+)\.', n)
+  return [n for n in reader.names() if match(n) and int(match(n).group(1)) >= layers]
+
+
 def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
-           shapes: dict[Path, tuple[int, ...]]) -> list[str]:
+           shapes: dict[Path, tuple[int, ...]], ignored: list[str] = ()) -> list[str]:
   """Problems of a checkpoint against the table, from its headers alone: missing, misshaped,
-  extra or twice-used tensors, parameters not filled exactly once."""
+  extra (beyond `ignored`) or twice-used tensors, parameters not filled exactly once."""
   names = set(reader.names())
   used: dict[str, int] = {}
   filled: dict[Path, np.ndarray] = {}
@@ -108,7 +119,7 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
     for path in rule.paths:
       count = filled.setdefault(path, np.zeros(shapes[path][:len(use.index)], np.int32))
       count[use.index] += 1
-  extra = sorted(names - set(used))
+  extra = sorted(names - set(used) - set(ignored))
   twice = sorted(n for n, c in used.items() if c > 1)
   unfilled = ['/'.join(p) for p in shapes
               if p not in MOEJAX_ONLY and not (p in filled and np.all(filled[p] == 1))]
@@ -120,9 +131,18 @@ def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
   return [p for p in problems if p]
 
 
-def is_quantized(hf_dir: str) -> bool:
-  """Whether a checkpoint stores experts as MXFP4 blocks and scales."""
-  return any(n.endswith(QUANTIZED) for n in Reader(hf_dir).names())
+def import_notes(hf_dir: str) -> list[str]:
+  """What an import of hf_dir changed or left out, one sentence each."""
+  hf = families.read_hf_config(hf_dir)
+  family, reader = families.family_of(hf), Reader(hf_dir)
+  notes = []
+  if any(n.endswith(QUANTIZED) for n in reader.names()):
+    notes.append('The MXFP4 experts were dequantized to float32.')
+  mtp = mtp_tensors(reader, config_lib.model_config(imported_config(hf)), family)
+  if mtp:
+    notes.append(f'Left out the {len(mtp)} tensors of the multi-token-prediction module '
+                 f'({mtp[0]}, ...): moejax has no MTP module yet.')
+  return notes
 
 
 def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
@@ -133,7 +153,7 @@ def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
   quantized = any(n.endswith(QUANTIZED) for n in reader.names())
   table = mapping.rules(m, family, fused_experts=fused, quantized=quantized)
-  problems = _check(reader, table, m, canonical_shapes(m))
+  problems = _check(reader, table, m, canonical_shapes(m), mtp_tensors(reader, m, family))
   if problems:
     raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
                       f'({m.num_blocks} layers, {m.num_experts} experts): ' +

@@ -161,8 +161,9 @@ def main(names: list[str]) -> None:
     print(family, sorted(os.listdir(out)), logits.shape)
     if family in MXFP4:
       write_mxfp4(model, ids, gen, os.path.join(OUT, f'{family}_mxfp4'))
-  if not names or 'mixtral' in names:
-    write_tokenizer(os.path.join(OUT, 'mixtral', 'tokenizer.json'))
+  for family in ('mixtral', 'gpt_oss'):   # the READMEs' walkthroughs
+    if not names or family in names:
+      write_tokenizer(os.path.join(OUT, family, 'tokenizer.json'))
 
 
 if __name__ == '__main__':
