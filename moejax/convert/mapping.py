@@ -70,7 +70,7 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only);
   quantized: a GPT-OSS checkpoint's experts as MXFP4 `*_blocks` and `*_scales` (import: export
   writes them unquantized)."""
-  n, kv, h, d, f = m.num_heads, m.kv_heads, m.head_dim, m.d_model, m.d_ff
+  n, h, d = m.num_heads, m.head_dim, m.d_model
   # Vocabulary rows: the import writes the real ones (padded rows stay zero), export drops them.
   layer = 'model.layers.{b}.'
   attn = layer + 'self_attn.'
@@ -88,6 +88,15 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
       Rule((('blocks', 'attn', 'wo'),), (attn + 'o_proj.weight',), 'block',
            _one(lambda a: _t(a).reshape(n, h, d)), _one(lambda a: _t(a.reshape(n * h, d)))),
   ]
+  out = _attention_rules(m, out, attn)
+  if m.dense_blocks:   # the first layers: the same attention and norms, then a dense MLP
+    out += _dense_rules(m, [r for r in out if r.scope == 'block'], layer + 'mlp.')
+  return out + _moe_rules(m, family, layer, fused_experts, quantized)
+
+
+def _attention_rules(m: ModelConfig, out: list[Rule], attn: str) -> list[Rule]:
+  """`out` with the attention's projections, biases, sinks and QK-norm scales."""
+  n, kv, h = m.num_heads, m.kv_heads, m.head_dim
   qkv = [attn + f'{p}_proj.weight' for p in 'qkv']
   if m.latent:
     out = [r for r in out if r.paths[0] != ('blocks', 'attn', 'wo')] + _latent_rules(m, attn)
@@ -111,8 +120,13 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
     for p in 'qk':
       out.append(Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block',
                       _one(lambda a, s=shape[p]: a.reshape(s)), _one(lambda a: a.reshape(-1))))
-  if m.dense_blocks:   # the first layers: the same attention and norms, then a dense MLP
-    out += _dense_rules(m, [r for r in out if r.scope == 'block'], layer + 'mlp.')
+  return out
+
+
+def _moe_rules(m: ModelConfig, family: Family, layer: str, fused_experts: bool,
+               quantized: bool) -> list[Rule]:
+  """The MoE layer's: shared expert, router (bias, selection bias) and experts."""
+  f, out = m.d_ff, []
   moe = layer + family.experts_prefix + '.'
   if m.shared_d_ff:
     out += _shared_rules(m, moe + family.shared_expert)

@@ -16,12 +16,6 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string('config', None, 'A family config with its variant, e.g. configs/olmoe.py:1b-7b.')
-flags.DEFINE_integer('layers', 0, 'Layers to write (0: all).')
-flags.DEFINE_string('out', None, 'Directory to write.')
-flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Tensor dtype.')
-flags.mark_flags_as_required(['config', 'out'])
-
 
 def write(config, out: str, layers: int, dtype: str) -> int:
   """Writes the checkpoint; returns its bytes."""
@@ -52,6 +46,15 @@ def write(config, out: str, layers: int, dtype: str) -> int:
   return writer.total
 
 
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a program (tests import `write`)."""
+  flags.DEFINE_string('config', None, 'A family config with its variant, e.g. configs/olmoe.py:1b-7b.')
+  flags.DEFINE_integer('layers', 0, 'Layers to write (0: all).')
+  flags.DEFINE_string('out', None, 'Directory to write.')
+  flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Tensor dtype.')
+  flags.mark_flags_as_required(['config', 'out'])
+
+
 def main(argv):
   del argv
   import importlib.util
@@ -67,4 +70,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
