@@ -157,6 +157,14 @@ class ModelConfig:
   # before the pipeline (micro-batches split over pp), their params replicated over pp.
   dense_blocks: int = key('model.dense_blocks', COUNT, default=0)
   dense_d_ff: int = key('model.dense_d_ff', COUNT, default=0)
+  # Multi-token prediction (DeepSeek-V3 section 2.2) when mtp_depth > 0: depth d (1..mtp_depth)
+  # joins the previous depth's hidden state (the last block's at d=1) and the embedding of token
+  # t+d, each RMS-normalised, by a [2D, D] projection, runs one MoE block and predicts token
+  # t+1+d through its own final norm and the shared LM head; the mean of the depths' CE, times
+  # mtp_loss_weight, joins the loss. Training only: generation uses the main model.
+  mtp_depth: int = key('model.mtp_depth', COUNT, default=0)
+  mtp_loss_weight: float = key('model.mtp_loss_weight', POSITIVE_NUMBER, default=0.3,
+                               parse=float)
   # A selection bias [E] even without balancing updates (an imported e_score_correction_bias).
   selection_bias: bool = key('moe.selection_bias', default=False, parse=bool)
   # A learned bias [E] on the router's logits (GPT-OSS).

@@ -13,7 +13,7 @@ import jax
 
 # fold_in tags under the run's key; the numbers are part of the checkpoint format of a run (a
 # resumed run must draw what the straight one drew), so they never change.
-_EMBED, _BLOCK_TEMPLATE, _HEAD, _DROPOUT, _BLOCKS, _DENSE_BLOCKS = 0, 1, 2, 7, 1000, 2000
+_EMBED, _BLOCK_TEMPLATE, _HEAD, _DROPOUT, _BLOCKS, _DENSE_BLOCKS, _MTP = 0, 1, 2, 7, 1000, 2000, 3000
 
 
 def embed_init(key: jax.Array) -> jax.Array:
@@ -37,6 +37,11 @@ def block_inits(key: jax.Array, num_blocks: int) -> jax.Array:
 def dense_block_inits(key: jax.Array, num_blocks: int) -> jax.Array:
   """[K] keys, one per dense block (model.dense_blocks) in block order."""
   return jax.random.split(jax.random.fold_in(key, _DENSE_BLOCKS), num_blocks)
+
+
+def mtp_inits(key: jax.Array, depth: int) -> jax.Array:
+  """[mtp_depth] keys, one per multi-token-prediction depth."""
+  return jax.random.split(jax.random.fold_in(key, _MTP), depth)
 
 
 def dropout_step(seed: int, step: jax.Array) -> jax.Array:

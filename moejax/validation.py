@@ -135,6 +135,9 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   _check(errors, m.top_k <= m.num_experts,
          f'moe.top_k={m.top_k} > moe.num_experts={m.num_experts}; top_k must not exceed the '
          f'number of experts.')
+  _check(errors, not m.mtp_depth or m.positions == 'rope',
+         f'model.mtp_depth={m.mtp_depth} needs rotary positions: set model.positions=rope '
+         '(a depth embeds token t+d at position t, which a learned table would misplace).')
   _check(errors, m.positions != 'rope' or m.head_dim % 2 == 0,
          f'model.head_dim={m.head_dim} must be even for rotary positions (model.positions=rope).')
   from moejax.convert.families import FAMILIES

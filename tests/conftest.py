@@ -1,9 +1,11 @@
 """Every test runs on 16 simulated CPU devices (set before JAX's first use), and every program
 compiled by the test process or its subprocesses goes through one persistent compilation cache
 per test run (a temporary directory), so an end-to-end run recompiles nothing a test compiled."""
+import faulthandler
 import os
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # End-to-end modules (runs in subprocesses, several processes, whole CLIs): the quick tier
 # (`pytest -m "not slow"`) leaves them out.
-SLOW_MODULES = {'test_bench', 'test_checkpoint', 'test_faults', 'test_multiprocess', 'test_plot',
+SLOW_MODULES = {'test_bench', 'test_chaos', 'test_checkpoint', 'test_faults', 'test_multiprocess', 'test_plot',
                 'test_open_models',
                 'test_train', 'test_walkthrough', 'test_text_data'}
 
@@ -68,6 +70,37 @@ def _slow(item) -> bool:
   if module in SLOW_MODULES:
     return True
   return module in MESH_MODULES and not {item.name, item.originalname} & QUICK
+
+
+# Every test's time limit (setup, call and teardown; module-scoped fixtures count in the first
+# test that uses them): past it the test's process prints the test's name and every thread's
+# Python stack to the terminal's stderr and exits, which pytest-xdist reports as that test
+# failing ("worker crashed while running ..."), instead of hanging until CI's limit. The
+# longest test takes about 4 minutes on this 2-core machine (`--durations`).
+TIME_LIMIT_S = float(os.environ.get('MOEJAX_TEST_TIME_LIMIT_S', '600'))
+TIMED_OUT_EXIT = 3
+
+
+def _time_out(item, limit: float) -> None:
+  """Runs on a timer thread: the stacks to the real stderr (pytest's capture suspended), exit."""
+  capman = item.config.pluginmanager.getplugin('capturemanager')
+  if capman is not None:
+    capman.suspend()
+  os.write(2, (f'\nerror: {item.nodeid} ran past its {limit:.0f} s limit '
+               f'(MOEJAX_TEST_TIME_LIMIT_S); every thread\'s stack:\n').encode())
+  faulthandler.dump_traceback(file=2, all_threads=True)
+  os._exit(TIMED_OUT_EXIT)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  timer = threading.Timer(TIME_LIMIT_S, _time_out, (item, TIME_LIMIT_S))
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def pytest_configure(config):

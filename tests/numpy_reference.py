@@ -282,6 +282,25 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
   aux = np.zeros((num_blocks, m, bsz * t // group_size))   # a group: a chunk of the micro-batch
   z = np.zeros_like(aux)
   kept = assigned = 0
+  hidden = np.zeros((m, bsz, t, emb['tok'].shape[1]))
+
+  def moe_block(x, p, nb, aux_, z_):
+    """x [B, T, D] through block p (index nb); fills aux_, z_ [groups]."""
+    kept = assigned = 0
+    for bi in range(bsz):
+      window = arch.get('window', 0) if nb in arch.get('windowed', ()) else 0
+      x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch, window)
+    h = norm(x, p['ln2'], eps).reshape(bsz * t, -1)                   # [B*T, D]
+    y = np.zeros_like(h)
+    for g in range(bsz * t // group_size):
+      sl = slice(g * group_size, (g + 1) * group_size)
+      y[sl], aux_[g], z_[g], kk, aa = moe_group(
+          h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
+          normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters,
+          clamp=arch.get('clamp', ()), deepseek=arch.get('deepseek'))
+      kept, assigned = kept + kk, assigned + aa
+    return x + y.reshape(bsz, t, -1), kept, assigned
+
   for mi in range(m):
     x = emb['tok'][inputs[mi]] + (emb['pos'][:t] if 'pos' in emb else 0.0)  # [B, T, D]
     for nd in range(num_dense):       # dense blocks first: attention, then a SwiGLU MLP
@@ -292,27 +311,60 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
         first = h @ p['mlp']['w1']
         x[bi] = x[bi] + (first / (1.0 + np.exp(-first)) * (h @ p['mlp']['w3'])) @ p['mlp']['w2']
     for nb in range(num_blocks):
-      p = block(nb)
-      for bi in range(bsz):
-        window = arch.get('window', 0) if nb in arch.get('windowed', ()) else 0
-        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch, window)
-      h = norm(x, p['ln2'], eps).reshape(bsz * t, -1)                 # [B*T, D]
-      y = np.zeros_like(h)
-      for g in range(bsz * t // group_size):
-        sl = slice(g * group_size, (g + 1) * group_size)
-        y[sl], aux[nb, mi, g], z[nb, mi, g], kk, aa = moe_group(
-            h[sl], p['moe'], top_k=top_k, capacity=capacity, gelu_form=gelu_form,
-            normalize_gates=normalize_gates, sinkhorn_iters=sinkhorn_iters,
-            clamp=arch.get('clamp', ()), deepseek=arch.get('deepseek'))
-        kept, assigned = kept + kk, assigned + aa
-      x = x + y.reshape(bsz, t, -1)
-    x = norm(x, head['ln_f'], eps)
-    logits[mi] = x @ head['w'][:, :vocab_size]
+      x, k_, a_ = moe_block(x, block(nb), nb, aux[nb, mi], z[nb, mi])
+      kept, assigned = kept + k_, assigned + a_
+    hidden[mi] = x
+    logits[mi] = norm(x, head['ln_f'], eps) @ head['w'][:, :vocab_size]
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   label_logit = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
   ce = float(np.mean(lse - label_logit))
+  loss = ce
+  if 'mtp' in params:   # multi-token prediction (DeepSeek-V3 section 2.2)
+    mtp_ce, mtp_aux, mtp_z, kk, aa = mtp(params, hidden, inputs, labels, moe_block, eps,
+                                         vocab_size, bsz * t // group_size)
+    kept, assigned = kept + kk, assigned + aa
+    aux, z = np.concatenate([aux, mtp_aux]), np.concatenate([z, mtp_z])
+    loss = ce + arch['mtp_weight'] * mtp_ce
   aux_loss = aux_weight * float(aux.mean(axis=(1, 2)).sum())
   z_loss = z_weight * float(z.mean(axis=(1, 2)).sum())
   stats = {'ce': ce, 'aux_loss': aux_loss, 'z_loss': z_loss,
            'dropped_frac': 1.0 - kept / assigned}
-  return ce + aux_loss + z_loss, logits, stats
+  if 'mtp' in params:
+    stats['mtp_ce'] = mtp_ce
+  return loss + aux_loss + z_loss, logits, stats
+
+
+def mtp(params: dict, hidden: np.ndarray, inputs: np.ndarray, labels: np.ndarray, moe_block,
+        eps: float, vocab_size: int, groups: int) -> tuple:
+  """DeepSeek-V3's multi-token prediction: depth k turns h^{k-1}_i (h^0: the last block's
+  output) and Emb(t_{i+k}) into h^k_i = Block(M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]),
+  which predicts t_{i+k+1} through its own final norm and the shared head. Returns the mean
+  over depths of each depth's CE (over the positions i with t_{i+k+1} in the row; the last k
+  positions embed token 0, predicting nothing), the aux and z values [depths, M, groups] of
+  the depths' blocks, and their kept and assigned counts."""
+  m, bsz, t = inputs.shape
+  depths = params['mtp']['proj'].shape[0]
+  num_blocks = params['blocks']['ln1']['scale'].shape[0]
+  aux, z = np.zeros((depths, m, groups)), np.zeros((depths, m, groups))
+  ces, h, kept, assigned = [], hidden.copy(), 0, 0
+  for k in range(1, depths + 1):
+    take = lambda tree: {n: take(v) if isinstance(v, dict) else v[k - 1]
+                         for n, v in tree.items()}
+    p = take(params['mtp'])
+    nll = []
+    for mi in range(m):
+      # Emb(t_{i+k}); past T - k (no such token) token 0's, whose rows predict nothing but
+      # take their places in the block's expert capacity
+      ids = np.concatenate([inputs[mi][:, k:], np.zeros((bsz, k), int)], axis=1)
+      e = params['embed']['tok'][ids]
+      joined = (norm(e, p['enorm'], eps) @ p['proj'][0] +
+                norm(h[mi], p['hnorm'], eps) @ p['proj'][1])
+      h[mi], kk, aa = moe_block(joined, p['block'], num_blocks + k - 1, aux[k - 1, mi],
+                                z[k - 1, mi])
+      kept, assigned = kept + kk, assigned + aa
+      logits = (norm(h[mi], p['ln_f'], eps) @ params['head']['w'][:, :vocab_size])[:, :t - k]
+      target = labels[mi][:, k:]                     # t_{i+k+1}, i < T - k
+      lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+      nll.append(lse - np.take_along_axis(logits, target[..., None], -1)[..., 0])
+    ces.append(np.mean(nll))
+  return float(np.mean(ces)), aux, z, kept, assigned

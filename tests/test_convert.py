@@ -344,7 +344,7 @@ def test_import_in_small_chunks_restores_the_same_arrays(tmp_path, monkeypatch):
 
 def test_a_deepseek_checkpoints_mtp_module_is_left_out_and_said(tmp_path):
   """DeepSeek-V3 stores its multi-token-prediction module as a layer past the model's: the
-  import leaves it out (moejax has no MTP module) and names it; the model's tensors import."""
+  import leaves it out and names it; the model's tensors import."""
   def add_mtp(tensors):
     out = dict(tensors)
     out.update({n.replace('layers.4.', 'layers.5.'): a for n, a in tensors.items()
@@ -354,7 +354,7 @@ def test_a_deepseek_checkpoints_mtp_module_is_left_out_and_said(tmp_path):
   src = _copy('deepseek_v3', tmp_path, add_mtp)
   assert hf_lib.import_notes(src) == [
       'Left out the 39 tensors of the multi-token-prediction module '
-      '(model.layers.5.eh_proj.weight, ...): moejax has no MTP module yet.']
+      '(model.layers.5.eh_proj.weight, ...); model.mtp_depth=N trains new ones.']
   hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, _restored(str(tmp_path / 'run')),
                _load('deepseek_v3'))

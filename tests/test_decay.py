@@ -11,28 +11,32 @@ from moejax.perf import shapes
 from moejax.train import optimizer
 
 MATRICES = {'tok', 'w', 'wqkv', 'wq', 'wkv', 'wo', 'router', 'w1', 'w2', 'w3', 'shared_w1',
-            'shared_w2', 'shared_w3', 'shared_gate', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b'}
+            'shared_w2', 'shared_w3', 'shared_gate', 'wq_a', 'wq_b', 'wkv_a', 'wkv_b', 'proj'}
 NEVER = {'scale', 'bias', 'q_norm', 'k_norm', 'bqkv', 'bq', 'bkv', 'bo', 'b1', 'b2', 'b3',
          'select_bias', 'pos', 'sinks', 'router_bias', 'q_a_norm', 'kv_a_norm'}
 
 
-def listing(path: str, variant: str, **moe) -> dict[str, bool]:
+def listing(path: str, variant: str, **keys) -> dict[str, bool]:
   c = shapes.load(path, variant)
-  c.moe.update(moe)
+  for key, value in keys.items():
+    section, name = key.split('.')
+    c[section][name] = value
   flat = jax.tree_util.tree_leaves_with_path(params_lib.decayed(config_lib.model_config(c)))
   return {jax.tree_util.keystr(p): v for p, v in flat}
 
 
-@pytest.mark.parametrize('path,variant,moe', [
-    ('configs/tp4pp4.py', 'tiny', {'bias_update_rate': 0.01}),   # biases, learned positions
+@pytest.mark.parametrize('path,variant,keys', [
+    ('configs/tp4pp4.py', 'tiny', {'moe.bias_update_rate': 0.01}),   # biases, learned positions
     ('configs/olmoe.py', 'tiny', {}),                             # QK-norm over the width
     ('configs/qwen3_moe.py', 'tiny', {}),                         # QK-norm per head, GQA
     ('configs/mixtral.py', 'tiny', {}),
     ('configs/qwen2_moe.py', 'tiny', {}),                          # shared expert, q/k/v biases
     ('configs/gpt_oss.py', 'tiny', {}),                            # sinks, router and expert biases
-    ('configs/deepseek_v3.py', 'tiny', {})])                       # MLA latents and their norms
-def test_only_matrices_decay(path, variant, moe):
-  table = listing(path, variant, **moe)
+    ('configs/deepseek_v3.py', 'tiny', {}),                        # MLA latents and their norms
+    ('configs/deepseek_v3.py', 'tiny', {'model.mtp_depth': 2})])   # MTP's norms, projection
+def test_only_matrices_decay(path, variant, keys):
+  table = listing(path, variant, **keys)
+  assert any('mtp' in name for name in table) == ('model.mtp_depth' in keys)
   print('\n'.join(f'{k:40s} {"decay" if v else "-"}' for k, v in table.items()))
   for name, decays in table.items():
     leaf = name.rsplit("['", 1)[-1].rstrip("']")

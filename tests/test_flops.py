@@ -32,7 +32,7 @@ def independent(hf: dict, seq: int) -> float:
   return 6 * active + sum(12 * n * h * kq for kq in keys)
 
 
-def independent_deepseek(hf: dict, seq: int) -> float:
+def independent_deepseek(hf: dict, seq: int, mtp_depth: int = 0) -> float:
   """DeepSeek-V3 (MLA, a shared expert, dense first layers) counted the same way: each layer's
   query down/up, key/value down/up and output projections; a dense layer's three MLP matrices,
   an MoE layer's router, top-k routed experts and shared experts."""
@@ -46,16 +46,22 @@ def independent_deepseek(hf: dict, seq: int) -> float:
   active = (hf['num_hidden_layers'] * attention + dense_layers * 3 * d * hf['intermediate_size']
             + moe_layers * (d * e + (k + hf['n_shared_experts']) * 3 * d * f)
             + d * hf['vocab_size'])
+  # Multi-token prediction (num_nextn_predict_layers modules, when trained): each an MoE
+  # layer, its [2D, D] eh_proj and the shared head again.
+  mtp = mtp_depth * (attention + d * e + (k + hf['n_shared_experts']) * 3 * d * f
+                     + 2 * d * d + d * hf['vocab_size'])
   per_key = 2 * 2 * n * (hn + hr + hv) / 2                 # score and value matmuls, forward
-  return 6 * active + hf['num_hidden_layers'] * 3 * per_key * seq / 2
+  return 6 * (active + mtp) + (hf['num_hidden_layers'] + mtp_depth) * 3 * per_key * seq / 2
 
 
-@pytest.mark.parametrize('variant', ['671b', 'tiny'])
-def test_deepseek_flops_match_an_independent_count(variant):
+@pytest.mark.parametrize('variant,mtp_depth', [('671b', 0), ('tiny', 0), ('671b', 1),
+                                               ('tiny', 2)])
+def test_deepseek_flops_match_an_independent_count(variant, mtp_depth):
   from configs import deepseek_v3
   c = shapes.load('configs/deepseek_v3.py', variant)
   c.data.seq_len = SEQ
-  expected = independent_deepseek(deepseek_v3.VARIANTS[variant], SEQ)
+  c.model.mtp_depth = mtp_depth
+  expected = independent_deepseek(deepseek_v3.VARIANTS[variant], SEQ, mtp_depth)
   assert flops.flops_per_token(c) == pytest.approx(expected, rel=0.01)
 
 

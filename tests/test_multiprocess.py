@@ -21,19 +21,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_two(workdir, *extra):
-  """main.py as 2 processes of one run, started."""
+def start_two(workdir, *extra, env: dict | None = None):
+  """main.py as 2 processes of one run, started (env: subprocess_env()'s by default)."""
   address = f'127.0.0.1:{free_port()}'
   return [subprocess.Popen(
       command(workdir, *extra, f'--coordinator_address={address}', '--num_processes=2',
               f'--process_id={i}', '--coordinator_timeout=60'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=subprocess_env()) for i in range(2)]
+      env=env or subprocess_env()) for i in range(2)]
 
 
-def run_two(workdir, *extra, expect_ok: bool = True):
+def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None):
   """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
-  procs = start_two(workdir, *extra)
+  procs = start_two(workdir, *extra, env=env)
   outs = []
   for p in procs:
     try:

@@ -42,6 +42,8 @@ def reference(config, params, tokens, **kwargs):
     pattern = m.get('window_pattern', '') or 'S'
     arch.update(window=m.sliding_window, windowed=[
         b for b in range(m.num_blocks) if pattern[b % len(pattern)] == 'S'])
+  if m.get('mtp_depth', 0):
+    arch['mtp_weight'] = m.mtp_loss_weight
   if c.moe.get('router_score', 'softmax') == 'sigmoid':
     arch['deepseek'] = dict(groups=c.moe.expert_groups, top_groups=c.moe.top_groups,
                             scale=c.moe.routed_scale)
@@ -62,8 +64,10 @@ def assert_matches(config, params, tokens, rtol=1e-5, **ref_kwargs):
   err = np.abs(logits[..., :v] - ref_logits).max() / np.abs(ref_logits).max()
   assert err <= rtol, f'logits: relative error {err:.2e} > {rtol}'
   np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
-  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac'):
-    np.testing.assert_allclose(metrics[key], ref_stats[key], rtol=rtol, atol=1e-7, err_msg=key)
+  for key in ('ce', 'aux_loss', 'z_loss', 'dropped_frac', 'mtp_ce'):
+    if key in ref_stats:
+      np.testing.assert_allclose(metrics[key], ref_stats[key], rtol=rtol, atol=1e-7,
+                                 err_msg=key)
   return ref_stats
 
 
@@ -187,6 +191,17 @@ ARCHES = {
                           'moe.expert_groups': 4, 'moe.top_groups': 2, 'moe.routed_scale': 2.5,
                           'moe.normalize_gates': True, 'moe.normalize_gates_over': 'top_k',
                           'moe.shared_d_ff': 16},
+    # with two multi-token-prediction depths (their blocks' drops and aux losses count too)
+    'deepseek_v3_mtp': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
+                        'model.attn_bias': False, 'model.kv_lora_rank': 24,
+                        'model.q_lora_rank': 16, 'model.rope_head_dim': 8,
+                        'model.v_head_dim': 12, 'model.dense_blocks': 1,
+                        'model.dense_d_ff': 40, 'model.mtp_depth': 2,
+                        'model.mtp_loss_weight': 0.5, 'moe.ffn': 'swiglu',
+                        'moe.expert_bias': False, 'moe.router_score': 'sigmoid',
+                        'moe.selection_bias': True, 'moe.expert_groups': 4, 'moe.top_groups': 2,
+                        'moe.routed_scale': 2.5, 'moe.normalize_gates': True,
+                        'moe.normalize_gates_over': 'top_k', 'moe.shared_d_ff': 16},
     # and without the query latent
     'deepseek_v2_lite_mla': {'model.norm': 'rmsnorm', 'model.positions': 'rope',
                              'model.attn_bias': False, 'model.kv_lora_rank': 24,

@@ -58,7 +58,8 @@ FAMILIES = {f.name: f for f in (
            True, router='router', ffn='clamped_swiglu', biases=True, sinks=True, windows=True,
            interleaved=True, published_format='MXFP4'),
     # DeepSeek-V3 / Kimi-K2 blocks: MLA, sigmoid group-limited routing with a selection bias,
-    # an ungated shared expert, dense first layers (MTP modules: left out on import).
+    # an ungated shared expert, dense first layers (MTP modules: left out on import;
+    # model.mtp_depth trains new ones).
     Family('deepseek_v3', 'DeepseekV3ForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            'none', None, shared_expert='shared_experts', latent=True),
 )}

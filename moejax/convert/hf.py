@@ -85,7 +85,7 @@ def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int,
 
 def mtp_tensors(reader: Reader, m: ModelConfig, family: families.Family) -> list[str]:
   """A DeepSeek-V3 checkpoint's multi-token-prediction modules: its layers past the model's
-  (moejax has no MTP module yet; an import leaves them out and says so)."""
+  (an import leaves them out and says so: model.mtp_depth trains new ones)."""
   if not family.latent:
     return []
   layers = m.dense_blocks + m.num_blocks
@@ -141,7 +141,7 @@ def import_notes(hf_dir: str) -> list[str]:
   mtp = mtp_tensors(reader, config_lib.model_config(imported_config(hf)), family)
   if mtp:
     notes.append(f'Left out the {len(mtp)} tensors of the multi-token-prediction module '
-                 f'({mtp[0]}, ...): moejax has no MTP module yet.')
+                 f'({mtp[0]}, ...); model.mtp_depth=N trains new ones.')
   return notes
 
 

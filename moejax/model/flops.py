@@ -26,14 +26,14 @@ from moejax.config import ModelConfig
 @functools.lru_cache(maxsize=64)
 def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   """Multiply-accumulates per token of one block's matmul weights, of its routed experts'
-  alone, and of the head's."""
+  alone, of the head's, of a dense block's and of a multi-token-prediction depth's."""
   import flax.linen as nn
   from moejax.model import params as params_lib
   boxed = jax.eval_shape(lambda k: params_lib._boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   shapes = nn.unbox(boxed)
-  out = {'experts': 0.0, 'dense_block': 0.0}
-  for part in ('block', 'head', 'dense_block'):
+  out = {'experts': 0.0, 'dense_block': 0.0, 'mtp': 0.0}
+  for part in ('block', 'head', 'dense_block', 'mtp'):
     if part not in specs:
       continue
     total = 0.0
@@ -45,7 +45,7 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
       size = math.prod(leaf.shape)
       if 'experts' in axes:
         size = size * cfg.top_k / cfg.num_experts
-        out['experts'] += size
+        out['experts'] += size if part == 'block' else 0.0
       total += size
     out[part] = total
   return out
@@ -72,11 +72,15 @@ def expert_flops(cfg: ModelConfig) -> float:
 
 def model_flops(cfg: ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token of the whole model (every dense block, every block and the LM
-  head)."""
-  dense = sum(6 * _matmul_macs(cfg)['dense_block'] + attention_flops_per_token(cfg, seq_len, b)
+  head; with multi-token prediction each depth's projection, block and head again)."""
+  macs = _matmul_macs(cfg)
+  dense = sum(6 * macs['dense_block'] + attention_flops_per_token(cfg, seq_len, b)
               for b in range(cfg.dense_blocks))
+  first_mtp = cfg.dense_blocks + cfg.num_blocks
+  mtp = sum(6 * (macs['mtp'] + macs['head']) + attention_flops_per_token(cfg, seq_len, b)
+            for b in range(first_mtp, first_mtp + cfg.mtp_depth))
   return (dense + sum(block_flops(cfg, seq_len, cfg.dense_blocks + b)
-                      for b in range(cfg.num_blocks)) + 6 * _matmul_macs(cfg)['head'])
+                      for b in range(cfg.num_blocks)) + 6 * macs['head'] + mtp)
 
 
 def block_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -529,6 +529,30 @@ class Block(nn.Module):
     return constrain(x + y, RESIDUAL), stats
 
 
+class MtpDepth(nn.Module):
+  """One multi-token-prediction depth (model.mtp_depth): h' = Block(proj([norm(emb); norm(h)])).
+  It declares its own final norm `ln_f`, which the loss applies with the shared LM head's matrix
+  (DeepSeek-V3's enorm, hnorm, eh_proj with the embedding half first, shared_head.norm)."""
+  cfg: ModelConfig
+  train: bool
+
+  @nn.compact
+  def __call__(self, h: jax.Array, emb: jax.Array, positions: jax.Array | None = None,
+               segments: jax.Array | None = None, layer: jax.Array | int = 0
+               ) -> tuple[jax.Array, routing.GroupStats]:
+    """h, emb [B, T, D] -> (h' [B, T, D], the block's routing stats)."""
+    c = self.cfg
+    w = _param(self, 'proj', (2, c.d_model, c.d_model), (None, 'embed', 'mlp'),
+               _normal(c.init_std)).astype(c.dtype)
+    joined = (jnp.einsum('btd,de->bte', norm(c, 'enorm')(emb), w[0]) +
+              jnp.einsum('btd,de->bte', norm(c, 'hnorm')(h), w[1]))        # [B, T, D]
+    y, stats = Block(c, self.train, name='block')(constrain(joined, RESIDUAL), positions,
+                                                  segments, layer)
+    if self.is_initializing():
+      norm(c, 'ln_f')(y)                                                 # declared only
+    return y, stats
+
+
 class Head(nn.Module):
   """Final norm and the vocab-parallel LM head; padded vocab entries get -inf logits."""
   cfg: ModelConfig

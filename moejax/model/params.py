@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import rng as rng_lib
 from moejax.config import Layout, ModelConfig
-from moejax.model.layers import Block, Embedder, Head
+from moejax.model.layers import Block, Embedder, Head, MtpDepth
 
 _BLOCKS = jax.tree_util.DictKey('blocks')
 
@@ -79,6 +79,8 @@ def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
   if cfg.dense_blocks:
     out['dense_block'] = Block(cfg, train=False, dense=True).init(
         rng_lib.block_template_init(key), x)['params']
+  if cfg.mtp_depth:
+    out['mtp'] = MtpDepth(cfg, train=False).init(rng_lib.block_template_init(key), x, x)['params']
   return out
 
 
@@ -86,7 +88,8 @@ def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
   is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
   axis split over pp in contiguous chunks (the training layout's placement when repeats=1).
-  Dense blocks [K, ...] lead with ('layers',) in both (replicated over pp)."""
+  Dense blocks [K, ...] and MTP depths [mtp_depth, ...] lead with ('layers',) in both
+  (replicated over pp)."""
   boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   lead = STAGE_AXES if lay is not None else ('stage',)
@@ -95,6 +98,8 @@ def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   out = {'embed': specs['embed'], 'blocks': stack(specs['block'], lead), 'head': specs['head']}
   if cfg.dense_blocks:
     out['dense_blocks'] = stack(specs['dense_block'], ('layers',))
+  if cfg.mtp_depth:
+    out['mtp'] = stack(specs['mtp'], ('layers',))
   return out
 
 
@@ -108,6 +113,8 @@ def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
   if cfg.dense_blocks:
     dense_keys = rng_lib.dense_block_inits(key, cfg.dense_blocks)
     out['dense_blocks'] = jax.vmap(lambda k: one(k)['dense_block'])(dense_keys)
+  if cfg.mtp_depth:
+    out['mtp'] = jax.vmap(lambda k: one(k)['mtp'])(rng_lib.mtp_inits(key, cfg.mtp_depth))
   return out
 
 

@@ -51,25 +51,22 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
   return stage_fn
 
 
-def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, train: bool, packed: Any
-                  ) -> jax.Array:
-  """x [M, B, T, D] through the dense blocks (params [K, ...]) before the pipeline: each
-  micro-batch on its own, micro-batches split over pp as the embedding leaves them (no stage
-  waits on another), the blocks' params replicated over pp."""
+def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, lay: Layout, train: bool,
+                  packed: Any) -> jax.Array:
+  """x [M, B, T, D] through the dense blocks (params [K, ...], replicated over pp) before the
+  pipeline, on each micro-batch."""
   block = Block(cfg, train, dense=True)
 
-  def one(x, positions, segments):                                     # [B, T, D], [B, T]
+  def one(params, xs):                                          # x [B, T, D], packed [B, T]
+    x, (positions, segments) = xs
     def layer(x, inputs):
       p, l = inputs
       return block.apply({'params': p}, x, positions, segments, l)[0], None
     return jax.lax.scan(layer, x, (params, jnp.arange(cfg.dense_blocks)))[0]
 
-  micro = mesh_lib.spec(('act_micro',))[0]
-  if packed is None:
-    run = jax.vmap(lambda x: one(x, None, None), spmd_axis_name=micro)
-    return constrain(run(x), ('act_micro',) + layers.RESIDUAL)
-  run = jax.vmap(one, spmd_axis_name=micro)
-  return constrain(run(x, packed[0], packed[1]), ('act_micro',) + layers.RESIDUAL)
+  side = (None, None) if packed is None else packed
+  x = pipeline_lib.each_micro_batch(one, params, (x, side), lay.pp)
+  return constrain(x, ('act_micro',) + layers.RESIDUAL)
 
 
 def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
@@ -91,6 +88,58 @@ def _chunking(m: int, stages: int):
   return chunks, unchunk
 
 
+def _chunked_cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
+                               cfg: ModelConfig, lay: Layout) -> jax.Array:
+  """_cross_entropy_sum of hidden [M, B, T, D] in chunks of one micro-batch per stage, so the
+  vocab-sized logits exist for one chunk at a time; the pipeline's remat policy decides what
+  the backward pass recomputes."""
+  chunks, _ = _chunking(hidden.shape[0], lay.pp)
+  ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(head_params, h, l, cfg),
+                            policy=remat.policy(lay.remat_policy))
+  return jnp.sum(jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels))))
+
+
+def _shift(a: jax.Array, d: int, fill: int) -> jax.Array:
+  """a [..., T] moved d positions left along T, `fill` in the last d."""
+  return jnp.concatenate([a[..., d:], jnp.full(a.shape[:-1] + (d,), fill, a.dtype)], axis=-1)
+
+
+def _mtp(params, hidden: jax.Array, inputs: jax.Array, labels: jax.Array, packed: Any,
+         rng: jax.Array, ce_sum, cfg: ModelConfig, lay: Layout, train: bool
+         ) -> tuple[jax.Array, Any]:
+  """Multi-token prediction (model.mtp_depth): the mean over depths d of the CE of token t+1+d
+  at position t (labels -1 where t+d or t+1+d lies past the row or in another document), and
+  the depths' blocks' stats [mtp_depth, ...]. hidden [M, B, T, D]: the last block's output."""
+  m = inputs.shape[0]
+  first = cfg.dense_blocks + cfg.num_blocks                       # the depths' block indices
+  depth_block = layers.MtpDepth(cfg, train)
+  side = (None, None) if packed is None else packed
+  ce_sums, counts, all_stats, h = [], [], [], hidden
+  for d in range(1, cfg.mtp_depth + 1):                           # a few depths: unrolled
+    p = jax.tree.map(lambda a: a[d - 1], params['mtp'])
+    labels_d = _shift(labels, d, -1)                              # [M, B, T]: token t+1+d
+    if packed is not None:                                        # t and t+d in one document
+      labels_d = jnp.where(_shift(packed[1], d, 0) == packed[1], labels_d, -1)
+    emb = Embedder(cfg).apply({'params': params['embed']}, _shift(inputs, d, 0))
+
+    def one(p_rng, xs, layer=first + d - 1):                      # [B, T, D], [B, T] each
+      p, rng = p_rng
+      h, emb, micro, (positions, segments) = xs
+      y, stats = depth_block.apply({'params': p}, h, emb, positions, segments, layer,
+                                   rngs={'dropout': rng_lib.dropout_block(rng, micro, layer)})
+      return y, _layer_stats(stats)
+
+    h, stats = pipeline_lib.each_micro_batch(one, (p, rng), (h, emb, jnp.arange(m), side),
+                                             lay.pp)
+    h = constrain(h, ('act_micro',) + layers.RESIDUAL)
+    head = {'ln_f': p['ln_f'], 'w': params['head']['w']}
+    ce_sums.append(ce_sum(head, h, labels_d))
+    counts.append(jnp.sum(labels_d >= 0))
+    all_stats.append(jax.tree.map(lambda a: jnp.sum(a, axis=0), stats))   # over micro-batches
+  mean_ce = sum(c / jnp.maximum(n, 1) for c, n in zip(ce_sums, counts)) / cfg.mtp_depth
+  return mean_ce, jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
+
+
 def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
                   cfg: ModelConfig, lay: Layout, train: bool, packed: Any = None
                   ) -> tuple[jax.Array, Any]:
@@ -101,7 +150,7 @@ def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
     x = Embedder(cfg).apply({'params': params['embed']}, inputs, positions)  # [M, B, T, D]
   if cfg.dense_blocks:
     with jax.named_scope('dense_blocks'):
-      x = _dense_blocks(params['dense_blocks'], x, cfg, train, packed)
+      x = _dense_blocks(params['dense_blocks'], x, cfg, lay, train, packed)
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed)
@@ -135,22 +184,25 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
   [M, B, 3, T+1] (`unpack`); the CE averages over the predicted tokens (`targets`).
 
   Returns (loss, metrics) with per-block expert loads `expert_load` (kept), `expert_assigned`
-  and `expert_preferred` [NB, E].
+  and `expert_preferred` [NB, E] ([NB + mtp_depth, E] with multi-token prediction: its blocks
+  last, and its mean CE `mtp_ce`).
   """
   inputs, labels, packed = unpack(tokens)                              # [M, B, T]
   m, b, t = inputs.shape
   hidden, stats = hidden_states(params, inputs, rng, cfg=cfg, lay=lay, train=train,
                                 packed=packed)
-  chunks, _ = _chunking(m, lay.pp)
-  # The head runs in chunks of one micro-batch per stage, so the vocab-sized logits exist for
-  # one chunk at a time.
+  ce_sum = lambda head, hidden, labels: _chunked_cross_entropy_sum(head, hidden, labels, cfg,
+                                                                   lay)
   with jax.named_scope('head_loss'):
-    # The pipeline's remat policy decides here too what the backward pass recomputes.
-    ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(params['head'], h, l, cfg),
-                              policy=remat.policy(lay.remat_policy))
-    ce_sums = jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels)))
     targets = jnp.sum(labels >= 0)
-    ce = jnp.sum(ce_sums) / jnp.maximum(targets, 1)
+    ce = ce_sum(params['head'], hidden, labels) / jnp.maximum(targets, 1)
+  loss, mtp_metrics = ce, {}
+  if cfg.mtp_depth:
+    with jax.named_scope('mtp'):
+      mtp_ce, mtp_stats = _mtp(params, hidden, inputs, labels, packed, rng, ce_sum, cfg, lay,
+                                 train)
+    stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stats, mtp_stats)
+    loss, mtp_metrics = ce + cfg.mtp_loss_weight * mtp_ce, {'mtp_ce': mtp_ce}
   aux = cfg.aux_loss_weight * jnp.sum(stats['aux']) / m                # sum over blocks
   z = cfg.z_loss_weight * jnp.sum(stats['z']) / m
   kept, assigned = stats['kept'], stats['assigned']                     # [NB, E]
@@ -160,4 +212,4 @@ def loss_fn(params: dict[str, Any], tokens: jax.Array, rng: jax.Array, *, cfg: M
       'rerouted_frac': jnp.sum(stats['rerouted']) / jnp.sum(assigned),
       'expert_load': kept, 'expert_assigned': assigned, 'expert_preferred': stats['preferred'],
   }
-  return ce + aux + z, metrics
+  return loss + aux + z, dict(metrics, **mtp_metrics)

@@ -132,3 +132,14 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
       local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side)),
       out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
   return run(stage_params, xs, rng, side)
+
+
+def each_micro_batch(fn: Callable[[Any, Any], Any], params: Any, xs: Any, stages: int) -> Any:
+  """fn(params, x) on every micro-batch of xs (a tree of [M, ...] arrays, M split over pp):
+  each pp shard runs its own M/pp micro-batches (batched), nobody waits on another stage;
+  params are replicated over pp (other axes as they lie). Every output leads with [M]."""
+  run = lambda p, xs: jax.vmap(lambda x: fn(p, x))(xs)
+  if stages == 1:
+    return run(params, xs)
+  return jax.shard_map(run, in_specs=(P(), P(mesh_lib.PP)), out_specs=P(mesh_lib.PP),
+                       axis_names={mesh_lib.PP}, check_vma=False)(params, xs)

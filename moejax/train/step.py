@@ -48,11 +48,16 @@ def eval_step_fn(cfg: ModelConfig, lay: Layout) -> Callable:
 
 
 def _nudge_select_bias(params, preferred: jax.Array, cfg: ModelConfig, lay: Layout):
-  """params with each MoE layer's selection bias nudged by the step's loads [NB, E] (the
-  choices the biased scores make without in-group balancing: the bias is what inference uses)."""
-  moe = params['blocks']['moe']
+  """params with each MoE layer's selection bias nudged by the step's loads [NB (+ mtp_depth),
+  E] (the choices the biased scores make without in-group balancing: the bias is what inference
+  uses)."""
   step = moe_lib.select_bias_step(preferred, cfg.bias_update_rate, cfg.bias_update_rule)
-  delta = params_lib.to_stages(step,                                     # [NB, E] ->
-                               lay.pp, lay.repeats)                      # [S, R, L, E]
-  moe = dict(moe, select_bias=moe['select_bias'] + delta)
-  return dict(params, blocks=dict(params['blocks'], moe=moe))
+  nudge = lambda moe, delta: dict(moe, select_bias=moe['select_bias'] + delta)
+  blocks = params['blocks']
+  out = dict(params, blocks=dict(blocks, moe=nudge(blocks['moe'], params_lib.to_stages(
+      step[:cfg.num_blocks], lay.pp, lay.repeats))))                   # [NB, E] -> [S, R, L, E]
+  if cfg.mtp_depth:
+    mtp = params['mtp']
+    out['mtp'] = dict(mtp, block=dict(mtp['block'], moe=nudge(mtp['block']['moe'],
+                                                              step[cfg.num_blocks:])))
+  return out

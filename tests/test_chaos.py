@@ -1,0 +1,28 @@
+"""A two-process 4x4 run under 10 faults drawn from a seed (tests/chaos.py) ends in the state of
+an undisturbed run, bit for bit, with every step logged once and no checkpoint lost."""
+import collections
+
+from tests import chaos
+from tests.helpers import subprocess_env
+from tests.test_multiprocess import run_two
+
+STEPS, FAULTS = 12, 10
+EXTRA = ['--config.checkpoint_every=2']
+
+
+def test_ten_faults_lose_nothing(tmp_path):
+  reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'chaos')
+  run_two(reference, f'--config.num_steps={STEPS}', *EXTRA)
+  records = chaos.chaos(workdir, STEPS, FAULTS, seed=0, extra=EXTRA, env=subprocess_env())
+  struck = [r for r in records if r['outcome'].startswith('struck')]
+  kinds = collections.Counter((r['fault']['when'], r['fault']['signal']) for r in struck)
+  print(kinds)
+  assert len(struck) >= FAULTS - 2, records       # a run may end before a late fault strikes
+  assert {w for w, _ in kinds} == set(chaos.WHEN), kinds
+  for r in struck:   # a SIGTERM stops both cleanly; a SIGKILL ends the survivor with one line
+    if r['fault']['signal'] == 15:
+      assert r['exit'] == [0, 0] or r['fault']['when'] == 'compile', r
+    elif len(r['fault']['victims']) == 1:
+      survivor = 1 - r['fault']['victims'][0]
+      assert r['exit'][survivor] != 0 and r['errors'][survivor].startswith('error:'), r
+  chaos.check(workdir, reference, STEPS)
