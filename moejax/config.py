@@ -164,7 +164,7 @@ class ModelConfig:
   # mtp_loss_weight, joins the loss. Training only: generation uses the main model.
   mtp_depth: int = key('model.mtp_depth', COUNT, default=0)
   mtp_loss_weight: float = key('model.mtp_loss_weight', POSITIVE_NUMBER, default=0.3,
-                               parse=float)
+                               parse=float, run=True)
   # A selection bias [E] even without balancing updates (an imported e_score_correction_bias).
   selection_bias: bool = key('moe.selection_bias', default=False, parse=bool)
   # A learned bias [E] on the router's logits (GPT-OSS).

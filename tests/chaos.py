@@ -171,7 +171,6 @@ def check(workdir: str, reference: str, steps: int) -> None:
   import jax
   import numpy as np
 
-  from tests.test_checkpoint import saved_state
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(l) for l in f]
   assert [r['step'] for r in records] == list(range(1, steps + 1))
@@ -179,12 +178,24 @@ def check(workdir: str, reference: str, steps: int) -> None:
     assert [r['loss'] for r in records] == [json.loads(l)['loss'] for l in f]
   names = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert all(n.isdigit() for n in names), names          # nothing half-written or set aside
-  a, b = saved_state(workdir, steps), saved_state(reference, steps)
+  a, b = host_state(workdir, steps), host_state(reference, steps)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   for step in map(int, names):                          # every kept checkpoint restores
-    saved_state(workdir, step)
+    host_state(workdir, step)
+
+
+def host_state(workdir: str, step: int):
+  """A checkpoint's train state as NumPy arrays (a two-process run's, restored by one)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.PyTreeCheckpointer() as reader:
+    tree = reader.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return reader.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=args))
 
 
 if __name__ == '__main__':

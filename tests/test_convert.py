@@ -358,3 +358,88 @@ def test_a_deepseek_checkpoints_mtp_module_is_left_out_and_said(tmp_path):
   hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, _restored(str(tmp_path / 'run')),
                _load('deepseek_v3'))
+
+
+def _with_mtp(tmp_path) -> str:
+  """The tiny DeepSeek-V3 checkpoint with one multi-token-prediction layer as DeepSeek stores
+  it (layer 5 past the model's 1 dense + 4 MoE: a block's tensors, enorm, hnorm, eh_proj
+  [D, 2D], shared_head.norm, and copies of the token table and head), config.json naming it."""
+  rng = np.random.default_rng(0)
+  def add_mtp(tensors):
+    out = dict(tensors)
+    out.update({n.replace('layers.4.', 'layers.5.'): a + 0.01 * rng.standard_normal(a.shape)
+                for n, a in tensors.items() if n.startswith('model.layers.4.')})
+    mtp = 'model.layers.5.'
+    out.update({mtp + 'enorm.weight': 1 + 0.1 * rng.standard_normal(32),
+                mtp + 'hnorm.weight': 1 + 0.1 * rng.standard_normal(32),
+                mtp + 'shared_head.norm.weight': 1 + 0.1 * rng.standard_normal(32),
+                mtp + 'eh_proj.weight': 0.1 * rng.standard_normal((32, 64)),
+                mtp + 'embed_tokens.weight': tensors['model.embed_tokens.weight'],
+                mtp + 'shared_head.head.weight': tensors['lm_head.weight']})
+    return {n: np.asarray(a, np.float32) for n, a in out.items()}
+  src = _copy('deepseek_v3', tmp_path, add_mtp)
+  hf = json.load(open(os.path.join(src, 'config.json')))
+  json.dump(dict(hf, num_nextn_predict_layers=1), open(os.path.join(src, 'config.json'), 'w'))
+  return src
+
+
+def test_a_deepseek_mtp_layer_imports_and_exports(tmp_path):
+  """config.json's num_nextn_predict_layers=1 with its layer: imported as model.mtp_depth=1 (the
+  projection's halves, norms and block in place), exported back to the same tensors (the
+  token-table and head copies left out); without the layer the import turns MTP off and says
+  so."""
+  src = _with_mtp(tmp_path)
+  assert hf_lib.import_notes(src) == []
+  hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
+  from moejax.checkpoint_dir import saved_config
+  _, saved = saved_config(str(tmp_path / 'run'))
+  assert saved.model.mtp_depth == 1
+  params, reader = _restored(str(tmp_path / 'run')), Reader(src)
+  w = reader.get('model.layers.5.eh_proj.weight')
+  np.testing.assert_array_equal(params['mtp']['proj'][0, 0], w[:, :32].T)   # the embedding's
+  np.testing.assert_array_equal(params['mtp']['proj'][0, 1], w[:, 32:].T)   # the hidden state's
+  np.testing.assert_array_equal(params['mtp']['block']['ln1']['scale'][0],
+                                reader.get('model.layers.5.input_layernorm.weight'))
+  hf_lib.export_checkpoint(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32')
+  exported = Reader(str(tmp_path / 'out'))
+  copies = {'model.layers.5.embed_tokens.weight', 'model.layers.5.shared_head.head.weight'}
+  assert set(exported.names()) == set(reader.names()) - copies
+  for name in exported.names():
+    np.testing.assert_array_equal(exported.get(name), reader.get(name), err_msg=name)
+  assert json.load(open(tmp_path / 'out' / 'config.json'))['num_nextn_predict_layers'] == 1
+
+  def drop_mtp(tensors):
+    return {n: a for n, a in tensors.items() if not n.startswith('model.layers.5.')}
+  (tmp_path / 'bare').mkdir()
+  bare = _copy('deepseek_v3', tmp_path / 'bare', drop_mtp)
+  hf = json.load(open(os.path.join(bare, 'config.json')))
+  json.dump(dict(hf, num_nextn_predict_layers=1), open(os.path.join(bare, 'config.json'), 'w'))
+  assert hf_lib.import_notes(bare) == [
+      'config.json names 1 multi-token-prediction module(s) that the checkpoint does not hold: '
+      'imported without (model.mtp_depth=N on a fine-tune starts them fresh).']
+  hf_lib.import_checkpoint(bare, str(tmp_path / 'bare_run'))
+  assert saved_config(str(tmp_path / 'bare_run'))[1].model.mtp_depth == 0
+
+
+@pytest.mark.parametrize('mtp_depth', [0, 1])
+def test_an_imported_deepseek_fine_tunes_on_4x4_like_1x1_and_resumes(tmp_path, mtp_depth):
+  """init_from an import of the tiny DeepSeek-V3 (its MTP depth, when asked, starts fresh):
+  4x4 for 2 steps, resumed to 3, gives the losses of 3 straight steps on 1x1 (rtol 1e-4)."""
+  from moejax.train import loop
+  from tests.test_checkpoint import losses
+  hf_lib.import_checkpoint(os.path.join(DATA, 'deepseek_v3'), str(tmp_path / 'imp'))
+
+  def config(tp, pp, steps):
+    c = _config('deepseek_v3', tp, pp)
+    c.model.mtp_depth = mtp_depth
+    c.update(init_from=str(tmp_path / 'imp'), num_steps=steps, log_every=1, checkpoint_every=0)
+    return c
+  loop.train(config(4, 4, 2), str(tmp_path / 'a'))
+  loop.train(config(4, 4, 3), str(tmp_path / 'a'))
+  loop.train(config(1, 1, 3), str(tmp_path / 'b'))
+  a, b = losses(tmp_path / 'a'), losses(tmp_path / 'b')
+  assert sorted(a) == [1, 2, 3]
+  np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-4)
+  with open(tmp_path / 'a' / 'metrics.jsonl') as f:
+    records = [json.loads(l) for l in f]
+  assert ('mtp_ce' in records[-1]) == bool(mtp_depth), records[-1].keys()

@@ -4,8 +4,9 @@ When a peer dies, XLA's coordination client ends the survivors from its own thre
 with a native log and stack trace (jaxlib 0.10's missed-heartbeat callback cannot reach Python:
 its status argument fails to convert). Each process of a multi-process run therefore runs its
 trainer as a child: the parent forwards SIGTERM and SIGINT to it, passes its output through,
-holds back XLA's fatal native log, and when the child is ended by a signal says so in one
-`error:` line naming the process that went away and the newest complete checkpoint, releases
+holds back XLA's fatal native log (and a traceback just before it), and when the child is
+ended by a signal says so in one `error:` line naming the process that went away, the newest
+complete checkpoint and the log file that got what was held back (in the workdir), releases
 the run lock the child held, and exits 1. The child dies with the parent (a SIGKILL of the
 parent is a SIGKILL of the run's process). MOEJAX_TRACEBACK=1 also prints what was held back.
 """
@@ -19,10 +20,14 @@ import sys
 
 CHILD_ENV = 'MOEJAX_SUPERVISED_CHILD'
 # Lines that start XLA's fatal native log: an absl FATAL line, the coordination agent's error
-# poll, a C++ terminate, Python's fatal-error dump. Everything from the first is held back.
+# poll, a C++ terminate, Python's fatal-error dump; and a Python traceback (a collective that
+# fails because its peer died raises in the trainer just before XLA ends it). Everything from
+# the first is held back: written out if the trainer then exits by itself, else to the log
+# file the error line names.
 _FATAL = re.compile(r'^(?:F\d{4} \d\d:\d\d:\d\d|E\d{4} .*coordination|terminate called|'
-                    r'Fatal Python error|\*\*\* (?:SIG|Check failure))')
-_TASK = re.compile(r'/task:(\d+)')
+                    r'Fatal Python error|\*\*\* (?:SIG|Check failure)|'
+                    r'Traceback \(most recent call last\))')
+_TASK = re.compile(r'/task:(\d+)|Task (\d+) heartbeat timeout')   # the process that went away
 
 
 def wanted(coordinator_address: str, num_processes: int) -> bool:
@@ -66,7 +71,7 @@ def _report(signum: int, held: list[str], workdir: str, process_id: int, num_pro
   from moejax.train import workdir as workdir_lib
   workdir_lib.release_dead_owner(workdir, pid)
   text = ''.join(held)
-  tasks = sorted({int(t) for t in _TASK.findall(text)} - {process_id})
+  tasks = sorted({int(a or b) for a, b in _TASK.findall(text)} - {process_id})
   if 'coordination' in text or 'distributed service' in text:
     who = (f'process {tasks[0]} of {num_processes}' if tasks else
            f'process 0 of {num_processes} (the coordinator)' if process_id else 'a peer process')
@@ -76,9 +81,16 @@ def _report(signum: int, held: list[str], workdir: str, process_id: int, num_pro
            f'{signal.Signals(signum).name}')
   if os.environ.get('MOEJAX_TRACEBACK'):
     sys.stderr.write(text)
+  log = os.path.join(workdir, f'process_{process_id}.crash.log')
+  try:
+    with open(log, 'w') as f:
+      f.write(text)
+    details = f' (its last output: {log})'
+  except OSError:
+    details = ''
   print(f'error: {why}; stopping this process too. The newest complete checkpoint is '
-        f'{_newest(workdir)}: restart every process with the same command to resume from it.',
-        file=sys.stderr, flush=True)
+        f'{_newest(workdir)}: restart every process with the same command to resume from '
+        f'it{details}.', file=sys.stderr, flush=True)
 
 
 def _reason(text: str) -> str:

@@ -191,6 +191,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
       'model.num_blocks': hf['num_hidden_layers'] - dense,
       'model.dense_blocks': dense,
+      'model.mtp_depth': (hf.get('num_nextn_predict_layers') or 0) if latent else 0,
       'model.dense_d_ff': hf['intermediate_size'] if dense else 0,
       'model.max_len': hf.get('max_position_embeddings', 4096),
       'model.positions': 'rope',
@@ -280,7 +281,8 @@ def hf_config(family: Family, m) -> dict[str, Any]:
                topk_group=m.top_groups, routed_scaling_factor=m.routed_scale,
                norm_topk_prob=m.normalize_gates, first_k_dense_replace=m.dense_blocks,
                rope_interleave=True,
-               num_nextn_predict_layers=0, scoring_func='sigmoid', topk_method='noaux_tc')
+               num_nextn_predict_layers=m.mtp_depth, scoring_func='sigmoid',
+               topk_method='noaux_tc')
     if m.softmax_mscale:
       out['rope_parameters']['mscale_all_dim'] = m.softmax_mscale
   elif family.name == 'gpt_oss':

@@ -43,7 +43,7 @@ IN_FLIGHT = 4        # slices an import writes while it reads the next
 QUANTIZED = ('_blocks', '_scales')
 
 # moejax parameters with no Hugging Face counterpart: they start at their init on import.
-MOEJAX_ONLY = {('blocks', 'moe', 'select_bias')}
+MOEJAX_ONLY = {('blocks', 'moe', 'select_bias'), ('mtp', 'block', 'moe', 'select_bias')}
 
 
 def canonical_shapes(m: ModelConfig) -> dict[Path, tuple[int, ...]]:
@@ -84,13 +84,31 @@ def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int,
 
 
 def mtp_tensors(reader: Reader, m: ModelConfig, family: families.Family) -> list[str]:
-  """A DeepSeek-V3 checkpoint's multi-token-prediction modules: its layers past the model's
-  (an import leaves them out and says so: model.mtp_depth trains new ones)."""
+  """A DeepSeek-V3 checkpoint's multi-token-prediction tensors the import leaves out: its layers
+  past the model's and its model.mtp_depth depths (each depth's copies of the token table and
+  LM head, embed_tokens and shared_head.head, too: they are the model's)."""
   if not family.latent:
     return []
   layers = m.dense_blocks + m.num_blocks
-  match = lambda n: re.match(r'model\.layers\.(\d+)\.', n)
-  return [n for n in reader.names() if match(n) and int(match(n).group(1)) >= layers]
+  match = lambda n: re.match(r'model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)?', n)
+  return [n for n in reader.names() if match(n) and (
+      int(match(n).group(1)) >= layers + m.mtp_depth or
+      (int(match(n).group(1)) >= layers and match(n).group(2)))]
+
+
+def with_mtp_found(config: ml_collections.ConfigDict, reader: Reader
+                   ) -> tuple[ml_collections.ConfigDict, str]:
+  """The imported config with model.mtp_depth 0 where config.json names MTP modules that the
+  checkpoint does not hold (transformers saves none), and a note saying so ('' otherwise)."""
+  m = config_lib.model_config(config)
+  if not m.mtp_depth or any(n.startswith(f'model.layers.{m.dense_blocks + m.num_blocks}.eh_proj')
+                            for n in reader.names()):
+    return config, ''
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.mtp_depth = 0
+  return config, (f'config.json names {m.mtp_depth} multi-token-prediction module(s) that the '
+                  'checkpoint does not hold: imported without (model.mtp_depth=N on a '
+                  'fine-tune starts them fresh).')
 
 
 def _check(reader: Reader, table: list[mapping.Rule], m: ModelConfig,
@@ -138,7 +156,12 @@ def import_notes(hf_dir: str) -> list[str]:
   notes = []
   if any(n.endswith(QUANTIZED) for n in reader.names()):
     notes.append('The MXFP4 experts were dequantized to float32.')
-  mtp = mtp_tensors(reader, config_lib.model_config(imported_config(hf)), family)
+  config, missing = with_mtp_found(imported_config(hf), reader)
+  m = config_lib.model_config(config)
+  layers = m.dense_blocks + m.num_blocks + m.mtp_depth
+  mtp = [n for n in mtp_tensors(reader, m, family) if int(n.split('.')[2]) >= layers]
+  if missing:
+    notes.append(missing)
   if mtp:
     notes.append(f'Left out the {len(mtp)} tensors of the multi-token-prediction module '
                  f'({mtp[0]}, ...); model.mtp_depth=N trains new ones.')
@@ -259,7 +282,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   stacked array or the model."""
   hf = families.read_hf_config(hf_dir)
   family = families.family_of(hf)
-  config = imported_config(hf)
+  config, _ = with_mtp_found(imported_config(hf), Reader(hf_dir))
   m = config_lib.model_config(config)
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):

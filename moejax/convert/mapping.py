@@ -91,7 +91,10 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   out = _attention_rules(m, out, attn)
   if m.dense_blocks:   # the first layers: the same attention and norms, then a dense MLP
     out += _dense_rules(m, [r for r in out if r.scope == 'block'], layer + 'mlp.')
-  return out + _moe_rules(m, family, layer, fused_experts, quantized)
+  out += _moe_rules(m, family, layer, fused_experts, quantized)
+  if m.mtp_depth:      # the layers after the model's: a block each, and what joins it
+    out += _mtp_rules(m, [r for r in out if r.paths[0][0] == 'blocks'], layer)
+  return out
 
 
 def _attention_rules(m: ModelConfig, out: list[Rule], attn: str) -> list[Rule]:
@@ -244,6 +247,23 @@ def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str) -> list[Rule
                      _one(_t), _one(_t)) for path, name in names.items()]
 
 
+def _mtp_rules(m: ModelConfig, block_rules: list[Rule], layer: str) -> list[Rule]:
+  """The multi-token-prediction depths' rules (DeepSeek-V3's layers past the model's): each
+  block rule's copy for ('mtp', 'block', ...), the two norms, eh_proj [D, 2D] (the embedding's
+  half first) and shared_head.norm. Each layer's copies of the token table and the LM head
+  (embed_tokens, shared_head.head) are the model's: import checks and skips them, export leaves
+  them out."""
+  d = m.d_model
+  mtp = lambda path: ('mtp', 'block') + path[1:]
+  out = [dataclasses.replace(r, paths=tuple(mtp(p) for p in r.paths)) for r in block_rules]
+  norms = {'enorm': 'enorm', 'hnorm': 'hnorm', 'ln_f': 'shared_head.norm'}
+  out += [Rule((('mtp', name, 'scale'),), (f'{layer}{hf}.weight',), 'block', _one(lambda a: a),
+               _one(lambda a: a)) for name, hf in norms.items()]
+  return out + [Rule((('mtp', 'proj'),), (f'{layer}eh_proj.weight',), 'block',
+                     _one(lambda a: np.stack([a[:, :d].T, a[:, d:].T])),
+                     _one(lambda a: np.concatenate([a[0].T, a[1].T], axis=1)))]
+
+
 def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
   """The shared expert's Linear weights [out, in] and its gate [1, D] (Qwen2-MoE)."""
   names = {'shared_w1': 'gate_proj', 'shared_w3': 'up_proj', 'shared_w2': 'down_proj'}
@@ -277,13 +297,15 @@ def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
 
 def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
   """Every application of every rule, blocks in order: the dense blocks are Hugging Face's
-  first layers, the (MoE) blocks the layers after them."""
+  first layers, the (MoE) blocks the layers after them, then the multi-token-prediction
+  depths."""
   for rule in table:
     if rule.scope == 'model':
       yield Use(rule, rule.names, ())
       continue
-    dense = rule.paths[0][0] == 'dense_blocks'
-    first, count = (0, m.dense_blocks) if dense else (m.dense_blocks, m.num_blocks)
+    first, count = {'dense_blocks': (0, m.dense_blocks),
+                    'mtp': (m.dense_blocks + m.num_blocks, m.mtp_depth)}.get(
+                        rule.paths[0][0], (m.dense_blocks, m.num_blocks))
     for b in range(count):
       experts = range(m.num_experts) if rule.scope == 'expert' else [None]
       for e in experts:

@@ -136,9 +136,11 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
 
 def each_micro_batch(fn: Callable[[Any, Any], Any], params: Any, xs: Any, stages: int) -> Any:
   """fn(params, x) on every micro-batch of xs (a tree of [M, ...] arrays, M split over pp):
-  each pp shard runs its own M/pp micro-batches (batched), nobody waits on another stage;
-  params are replicated over pp (other axes as they lie). Every output leads with [M]."""
-  run = lambda p, xs: jax.vmap(lambda x: fn(p, x))(xs)
+  each pp shard runs its own M/pp micro-batches one after another (as the pipeline's ticks do:
+  the same shapes, and batching rules some kernels lack, e.g. ragged_dot's, are not needed),
+  nobody waits on another stage; params are replicated over pp (other axes as they lie). Every
+  output leads with [M]."""
+  run = lambda p, xs: jax.lax.map(lambda x: fn(p, x), xs)
   if stages == 1:
     return run(params, xs)
   return jax.shard_map(run, in_specs=(P(), P(mesh_lib.PP)), out_specs=P(mesh_lib.PP),

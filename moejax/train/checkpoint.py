@@ -126,11 +126,13 @@ class Checkpointer:
     self.manager.reload()
     return aside
 
-  def check_compatible(self, step: int, directory: str | None = None) -> None:
-    """Raises ConfigError naming the keys if the checkpoint is of another model."""
+  def check_compatible(self, step: int, directory: str | None = None,
+                       new_keys: tuple = ()) -> None:
+    """Raises ConfigError naming the keys if the checkpoint is of another model (keys
+    `new_keys`, (section, key) pairs, may differ)."""
     directory = directory or self.directory
     saved = read_config(os.path.join(directory, str(step)))
-    run_keys = config_lib.run_keys()
+    run_keys = set(config_lib.run_keys()) | set(new_keys)
     diffs = [f'{s}.{k}: checkpoint {_saved_value(saved, s, k)!r} vs config {v!r}'
              for s in MODEL_SECTIONS for k, v in self.config[s].items()
              if _saved_value(saved, s, k) != v and (s, k) not in run_keys]
@@ -139,23 +141,34 @@ class Checkpointer:
                         'model: ' + '; '.join(diffs) + '. Use a new --workdir, or the '
                         'checkpoint\'s model settings.')
 
-  def restore_params(self, directory: str) -> Any:
+  def restore_params(self, directory: str, fresh: Any = None) -> Any:
     """Params (training layout) of the newest checkpoint under `directory`: a run's, or a
-    params-only one (moejax.cli.convert import)."""
+    params-only one (moejax.cli.convert import). Given `fresh` params (training layout), an
+    imported checkpoint without multi-token-prediction depths gets fresh['mtp'] when the config
+    asks for them (model.mtp_depth: fine-tuning with MTP on)."""
     steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
     if not steps or not os.path.isdir(os.path.join(directory, str(steps[-1]), 'params')):
       return self.restore(directory=directory).params
     step = steps[-1]
-    self.check_compatible(step, directory)
+    abstract = self.plan.canonical_abstract.params
+    new_mtp = (fresh is not None and 'mtp' in abstract and
+               not _saved_value(read_config(os.path.join(directory, str(step))), 'model',
+                                'mtp_depth'))
+    self.check_compatible(step, directory, (('model', 'mtp_depth'),) if new_mtp else ())
+    if new_mtp:
+      abstract = {k: v for k, v in abstract.items() if k != 'mtp'}
     tree, _ = params_item(os.path.join(directory, str(step)))
     try:
       with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
-        params = reader.restore(tree, args=ocp.args.StandardRestore(
-            self.plan.canonical_abstract.params))
+        params = reader.restore(tree, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise CheckpointError(f'Cannot restore params from {directory}/{step}: '
                             f'{type(e).__name__}: {first}') from e
+    if new_mtp:   # outside 'blocks': the same in both layouts
+      print(f'The multi-token-prediction depths (model.mtp_depth) start fresh: {directory} '
+            'has none.', flush=True)
+      params = dict(params, mtp=fresh['mtp'])
     return self.plan.params_to_training(params)
 
   def restore(self, step: int | None = None, directory: str | None = None) -> TrainState:

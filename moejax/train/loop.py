@@ -53,7 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
   lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
   lost = lambda why: peers.exit_lost(why, newest_checkpoint(workdir), lambda: lock.__exit__())
-  with lock, peers.PeerWatch(lost):
+  with lock, peers.PeerWatch(lost) as watch:
     if jax.process_count() > 1:
       workdir_lib.check_shared(lock)
     num_steps = config_lib.run_config(config).num_steps
@@ -62,7 +62,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
       print(f'Already at step {done} (num_steps={num_steps}): nothing to train. Raise '
             f'--config.num_steps to continue.', flush=True)
       return {}
-    return _train(config, workdir, allow_other_data)
+    try:
+      return _train(config, workdir, allow_other_data)
+    except jax.errors.JaxRuntimeError as e:
+      watch.failed_collective(e)   # a peer died inside a collective: one line, never returns
+      raise
 
 
 def _say(message: str) -> None:

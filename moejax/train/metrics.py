@@ -25,8 +25,8 @@ def summarise(metrics: dict[str, Any], *, step: int, tokens_per_sec: float) -> d
   """Host-side scalars of one step's metrics (after device_get)."""
   kept = np.asarray(metrics['expert_load'])
   out = {'step': step}
-  for k in ('loss', 'ce', 'aux_loss', 'z_loss', 'dropped_frac', 'rerouted_frac', 'grad_norm',
-            'lr'):
+  for k in ('loss', 'ce', 'mtp_ce', 'aux_loss', 'z_loss', 'dropped_frac', 'rerouted_frac',
+            'grad_norm', 'lr'):
     if k in metrics:
       out[k] = float(metrics[k])
   out['tokens_per_sec'] = float(tokens_per_sec)

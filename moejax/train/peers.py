@@ -18,6 +18,10 @@ import jax
 BEAT_S = 2.0         # each process beats this often
 LOST_S = 20.0        # a peer silent this long is gone
 FIRST_BEAT_S = 90.0  # ... or, before its first beat, this long (processes start at different times)
+# What a collective raises when its peer is gone (Gloo on CPU; NCCL and the coordination service
+# on GPUs).
+_PEER_ERRORS = ('Connection reset by peer', 'Connection closed by peer', 'Gloo', 'NCCL',
+                'coordination service', 'Broken pipe', 'heartbeat')
 
 
 class PeerWatch:
@@ -48,6 +52,17 @@ class PeerWatch:
       self._client.key_value_set(f'moejax/done/{self._me}', '1', allow_overwrite=True)
     except Exception:
       pass
+
+  def failed_collective(self, error: Exception) -> None:
+    """After a runtime error in a multi-process run (a collective whose peer died raises
+    before the beats tell): waits for the watch to name the lost peer, else reports the error
+    as the loss; either ends the process. Returns (the caller re-raises) in a single process or
+    when the error does not come from a lost connection."""
+    text = str(error)
+    if self._thread is None or not any(s in text for s in _PEER_ERRORS):
+      return
+    self._thread.join(timeout=LOST_S + 3 * BEAT_S)    # on_lost ends the process from there
+    self.on_lost(f'a peer process went away (a collective failed: {text.splitlines()[0][:160]})')
 
   def _watch(self) -> None:
     started = time.monotonic()

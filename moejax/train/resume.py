@@ -30,7 +30,7 @@ def initial_state(plan: Plan, ckpt: Checkpointer) -> TrainState:
       source = os.path.join(source, 'checkpoints')
     if not os.path.isdir(source):
       raise ConfigError(f'init_from={init_from!r}: no such directory.')
-    state = state.replace(params=ckpt.restore_params(source))
+    state = state.replace(params=ckpt.restore_params(source, fresh=state.params))
     print(f'Initialised params from {source} (optimizer state fresh, step 0).', flush=True)
   return state
 

@@ -27,13 +27,18 @@ STALE_S = 180.0       # a lock not refreshed for this long is stale, whatever it
 
 
 def _alive(pid: int) -> bool:
+  """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (OSError, IndexError):
+    return True
 
 
 class RunLock:
