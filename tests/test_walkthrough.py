@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def walkthrough_commands() -> list[str]:
-  return readme_commands('## Train on your own text (walkthrough)')
+  return readme_commands('## Quickstart: train on your own text (walkthrough)')
 
 
 @pytest.fixture(scope='module')
