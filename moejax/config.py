@@ -42,7 +42,7 @@ NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, 'must be a finite number
 
 
 def one_of(*choices) -> Rule:
-  return Rule(lambda v: v in choices, f'not one of {choices}')
+  return Rule(lambda v: v in choices, f'must be one of {choices}')
 
 
 def within(lo: float, hi: float, says: str) -> Rule:
@@ -78,18 +78,25 @@ class ModelConfig:
   head_dim: int = key('model.head_dim', POSITIVE)       # H
   d_ff: int = key('moe.d_ff', POSITIVE)                 # F, expert hidden width
   num_blocks: int = key('model.num_blocks', POSITIVE)   # attention + MoE blocks
+  # Longest sequence (the learned position table's rows).
   max_len: int = key('model.max_len', POSITIVE)   # learned position rows (unused with rope)
   num_experts: int = key('moe.num_experts', POSITIVE)   # E
   top_k: int = key('moe.top_k', POSITIVE)               # K
+  # Training capacity: each expert takes capacity_factor x group tokens x top_k / experts per group.
   capacity_factor: float = key('moe.capacity_factor', POSITIVE_NUMBER, run=True)
+  # Capacity factor in evaluation.
   eval_capacity_factor: float = key('moe.eval_capacity_factor', POSITIVE_NUMBER, run=True)
   # Tokens per routing group: a chunk of a sequence, or whole sequences.
   group_size: int = key('moe.group_size', POSITIVE, run=True)
+  # Dropout inside the experts (training).
   expert_dropout: float = key('moe.dropout', UNIT, run=True)
+  # Weight of the Switch load-balancing loss (summed over MoE layers).
   aux_loss_weight: float = key('moe.aux_loss_weight', NON_NEGATIVE, run=True)
+  # Weight of the router z-loss.
   z_loss_weight: float = key('moe.z_loss_weight', NON_NEGATIVE, run=True)
   # Compute dtype; params are float32.
   dtype: str = key('model.dtype', one_of('float32', 'bfloat16'), run=True)
+  # Standard deviation of the normal init of the matrices.
   init_std: float = key('model.init_std', POSITIVE_NUMBER, run=True)
   # Biases on q/k/v and the output projection (Megatron's default).
   attn_bias: bool = key('model.attn_bias', default=True, parse=bool)
@@ -100,6 +107,7 @@ class ModelConfig:
   # Aux-loss-free balancing: per-step nudge of the selection bias, 'sign' (DeepSeek-V3) or
   # 'relative' (by the load's error).
   bias_update_rate: float = key('moe.bias_update_rate', NON_NEGATIVE, default=0.0, parse=float)
+  # How the selection bias moves: 'sign' or 'relative' (see bias_update_rate).
   bias_update_rule: str = key('moe.bias_update_rule', one_of('sign', 'relative'), default='sign',
                               run=True)
   # > 0: balance each routing group's choices in training (Sinkhorn iterations, 10-20 typical).
@@ -108,10 +116,12 @@ class ModelConfig:
   dispatch: str = key('moe.dispatch', one_of('capacity', 'dropless'), default='capacity', run=True)
   # 'learned' (a [max_len, D] table, the seed's) or 'rope'.
   positions: str = key('model.positions', one_of('learned', 'rope'), default='learned')
+  # Rotary frequency base (1e4, 1e6).
   rope_base: float = key('model.rope_base', Rule(lambda v: _is_number(v) and v > 1,
                                                  'must be > 1 (1e4 or 1e6)'), default=10_000.0)
   # 'layernorm' (GPT-2, the seed's) or 'rmsnorm' (Llama family).
   norm: str = key('model.norm', one_of('layernorm', 'rmsnorm'), default='layernorm')
+  # Epsilon of the norms.
   norm_eps: float = key('model.norm_eps', POSITIVE_NUMBER, default=1e-5)
   # Grouped-query attention: key/value heads (0: num_heads).
   num_kv_heads: int = key('model.num_kv_heads', COUNT, default=0)
@@ -142,6 +152,7 @@ class ModelConfig:
   shared_gate: bool = key('moe.shared_gate', default=False, parse=bool)
   # moe.ffn=clamped_swiglu's clamp and sigmoid slope (GPT-OSS: 7.0, 1.702).
   swiglu_limit: float = key('moe.swiglu_limit', POSITIVE_NUMBER, default=7.0, parse=float)
+  # The clamped SwiGLU's sigmoid slope (see swiglu_limit).
   swiglu_alpha: float = key('moe.swiglu_alpha', POSITIVE_NUMBER, default=1.702, parse=float)
   # Expert scores: 'softmax' over the experts, or each expert's 'sigmoid' (DeepSeek-V3: chosen on
   # sigmoid + selection bias, gates the chosen sigmoids, renormalised with normalize_gates).
@@ -149,6 +160,7 @@ class ModelConfig:
   # Group-limited routing (DeepSeek-V3's n_group, topk_group): experts in expert_groups groups;
   # a token chooses within the top_groups groups whose two best scores sum highest (1: off).
   expert_groups: int = key('moe.expert_groups', POSITIVE, default=1)
+  # Groups a token chooses within (see expert_groups).
   top_groups: int = key('moe.top_groups', POSITIVE, default=1)
   # Gates times this (DeepSeek-V3's routed_scaling_factor).
   routed_scale: float = key('moe.routed_scale', POSITIVE_NUMBER, default=1.0, parse=float)
@@ -156,6 +168,7 @@ class ModelConfig:
   # SwiGLU (moe.ffn) MLP of dense_d_ff hidden units split over tp; they run on each micro-batch
   # before the pipeline (micro-batches split over pp), their params replicated over pp.
   dense_blocks: int = key('model.dense_blocks', COUNT, default=0)
+  # Hidden width of the dense blocks' MLP (see dense_blocks).
   dense_d_ff: int = key('model.dense_d_ff', COUNT, default=0)
   # Multi-token prediction (DeepSeek-V3 section 2.2) when mtp_depth > 0: depth d (1..mtp_depth)
   # joins the previous depth's hidden state (the last block's at d=1) and the embedding of token
@@ -163,6 +176,7 @@ class ModelConfig:
   # t+1+d through its own final norm and the shared LM head; the mean of the depths' CE, times
   # mtp_loss_weight, joins the loss. Training only: generation uses the main model.
   mtp_depth: int = key('model.mtp_depth', COUNT, default=0)
+  # Weight of the mean multi-token-prediction CE in the loss (see mtp_depth).
   mtp_loss_weight: float = key('model.mtp_loss_weight', POSITIVE_NUMBER, default=0.3,
                                parse=float, run=True)
   # A selection bias [E] even without balancing updates (an imported e_score_correction_bias).
@@ -176,6 +190,7 @@ class ModelConfig:
   # it (0: no window), in the blocks window_pattern marks 'S' (block b follows letter
   # b % len: 'SF' alternates windowed and full, GPT-OSS; '': every block windowed).
   sliding_window: int = key('model.sliding_window', COUNT, default=0)
+  # Which blocks are windowed: 'S'/'F' letters by block index (see sliding_window).
   window_pattern: str = key('model.window_pattern', Rule(
       lambda v: isinstance(v, str) and set(v) <= {'S', 'F'},
       "must be a string of 'S' (windowed) and 'F' (full) letters, e.g. 'SF'"), default='')
@@ -184,8 +199,11 @@ class ModelConfig:
   # of rope_head_dim per token), queries through a q_lora_rank latent (0: a plain projection);
   # each head's key is head_dim non-rotary features and the rotary ones, its value v_head_dim.
   kv_lora_rank: int = key('model.kv_lora_rank', COUNT, default=0)
+  # MLA: the query latent's width (0: a plain query projection).
   q_lora_rank: int = key('model.q_lora_rank', COUNT, default=0)
+  # MLA: rotary features per head (one shared rotary key per token).
   rope_head_dim: int = key('model.rope_head_dim', COUNT, default=0)
+  # MLA: value width per head.
   v_head_dim: int = key('model.v_head_dim', COUNT, default=0)
   # > 0: the softmax scale times (0.1 x softmax_mscale x ln(rope_factor) + 1)^2 (DeepSeek's YaRN
   # mscale_all_dim).
@@ -194,11 +212,17 @@ class ModelConfig:
   # rope_beta_slow rotations over rope_original_len interpolated by rope_factor; cos and sin
   # scaled by rope_attention_factor, 0: 0.1 ln(factor) + 1).
   rope_scaling: str = key('model.rope_scaling', one_of('none', 'yarn'), default='none')
+  # YaRN: context extension factor.
   rope_factor: float = key('model.rope_factor', POSITIVE_NUMBER, default=1.0, parse=float)
+  # YaRN: the context length the model was trained at.
   rope_original_len: int = key('model.rope_original_len', COUNT, default=0)
+  # YaRN: high-frequency boundary (rotations per context).
   rope_beta_fast: float = key('model.rope_beta_fast', POSITIVE_NUMBER, default=32.0, parse=float)
+  # YaRN: low-frequency boundary (rotations per context).
   rope_beta_slow: float = key('model.rope_beta_slow', POSITIVE_NUMBER, default=1.0, parse=float)
+  # YaRN: round the correction range to whole dimensions.
   rope_truncate: bool = key('model.rope_truncate', default=True, parse=bool)
+  # YaRN: attention scale (0: 0.1 ln(factor) + 1).
   rope_attention_factor: float = key('model.rope_attention_factor', NON_NEGATIVE, default=0.0,
                                      parse=float)
 
@@ -251,7 +275,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
   """The device mesh: sizes of its axes and what is split over dp."""
+  # Tensor (and expert) parallel size.
   tp: int = key('mesh.tp', POSITIVE)
+  # Pipeline stages.
   pp: int = key('mesh.pp', POSITIVE)
   dp: int = key('mesh.dp', POSITIVE)   # data parallel: micro-batch sequences split over dp
   # Experts split over dp x tp ("parallel folding") instead of tp (only where dp > 1).
@@ -265,6 +291,7 @@ class Schedule:
   """The pipeline schedule: micro-batches, circular repeats, what the backward recomputes."""
   repeats: int = key('pipeline.repeats', POSITIVE)                   # circular repeats (r)
   num_micro_batches: int = key('data.num_micro_batches', POSITIVE)   # M
+  # What the backward pass keeps instead of recomputing (jax.checkpoint policies).
   remat_policy: str = key('pipeline.remat_policy', one_of(*REMAT_POLICIES))
   # A stage's layers as straight-line code (True) or a lax.scan over them (False: one layer's
   # program, compiles about 2x faster for 8 layers on CPU; XLA copies the stacked weight
@@ -276,6 +303,7 @@ class Schedule:
 class BatchShape:
   """One micro-batch: sequences and their length."""
   micro_batch_size: int = key('data.micro_batch_size', POSITIVE)   # sequences per micro-batch
+  # Tokens per sequence (T).
   seq_len: int = key('data.seq_len', POSITIVE)
 
 
@@ -345,6 +373,7 @@ def _profile_steps(text) -> range:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where tokens come from (the batch shape is the Layout's)."""
+  # Tokens: 'random', 'learnable' (synthetic with structure) or 'tokens' (data.path).
   source: str = key('data.source', one_of('random', 'learnable', 'tokens'))
   path: str = key('data.path', parse=str)   # token dataset directory (source='tokens')
   # Rows of whole documents (segment ids, positions) instead of windows.
@@ -356,13 +385,19 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warmup, cosine decay to lr * min_lr_ratio, global-norm clipping."""
+  # Peak learning rate.
   lr: float = key('optim.lr', POSITIVE_NUMBER, parse=float)
+  # Linear warmup steps.
   warmup_steps: int = key('optim.warmup_steps', COUNT)
   decay_steps: int = key('optim.decay_steps', POSITIVE)   # cosine decay length after warmup
+  # The cosine decay ends at lr x min_lr_ratio.
   min_lr_ratio: float = key('optim.min_lr_ratio', within(0.0, 1.0 + 1e-9, 'must be in [0, 1]'),
                             parse=float)
+  # Adam beta1.
   b1: float = key('optim.b1', UNIT, parse=float)
+  # Adam beta2.
   b2: float = key('optim.b2', UNIT, parse=float)
+  # AdamW decay of the matrices (never norms, biases or positions).
   weight_decay: float = key('optim.weight_decay', NON_NEGATIVE, parse=float)
   grad_clip: float = key('optim.grad_clip', NON_NEGATIVE, parse=float)   # 0 disables
 
@@ -370,16 +405,22 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """How long to train, and when to log, save, evaluate and profile."""
+  # Train steps in all (a resume continues to it).
   num_steps: int = key('num_steps', POSITIVE)
+  # Seed of init, data order and dropout.
   seed: int = key('seed', Rule(_is_int, 'must be an integer'))
+  # Steps between console lines and metrics records.
   log_every: int = key('log_every', POSITIVE)
   checkpoint_every: int = key('checkpoint_every', COUNT)   # 0: only at the end
+  # Newest complete checkpoints kept.
   checkpoint_keep: int = key('checkpoint_keep', Rule(
       lambda v: _is_int(v) and v >= 1, 'must be >= 1 (the newest checkpoints kept; 0 would '
       'delete every one)'))
   eval_every: int = key('eval_every', COUNT)                # 0: never
+  # Evaluation batches per evaluation.
   eval_batches: int = key('eval_batches', COUNT)
   init_from: str = key('init_from', default='', parse=lambda v: str(v or ''))  # params from here
+  # Steps to trace with jax.profiler, e.g. '10-12' (written to WORKDIR/profile).
   profile_steps: range = key('profile_steps', default=range(0), parse=_profile_steps)
   hf_dir: str = key('hf_dir', default='', parse=lambda v: str(v or ''))  # config from here
 

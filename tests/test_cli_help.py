@@ -29,4 +29,4 @@ def test_help_lists_the_commands_own_flags(command):
   for flag in COMMANDS[command]:
     assert f'  {flag}' in out.stdout, (flag, out.stdout[-3000:])
   if '--config' in COMMANDS[command]:
-    assert 'configs/tp4pp4.py' in out.stdout and 'docs/configs.md' in out.stdout
+    assert 'configs/tp4pp4.py' in out.stdout and 'docs/config_keys.md' in out.stdout
