@@ -31,34 +31,17 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# End-to-end modules (runs in subprocesses, several processes, whole CLIs): the quick tier
-# (`pytest -m "not slow"`) leaves them out.
-SLOW_MODULES = {'test_bench', 'test_chaos', 'test_checkpoint', 'test_faults', 'test_multiprocess', 'test_plot',
-                'test_open_models',
-                'test_train', 'test_walkthrough', 'test_text_data'}
-
-
-# Mesh-equivalence modules: their many mesh x option cases run in the whole suite; the quick tier
-# keeps only the tests named in QUICK (one mesh-equivalence case, one 1x1-vs-NumPy case, and the
-# modules' unit tests: the reference's own checks, the exchange, the weight-name table, token
-# choice). A test name without brackets stands for all its parameters.
-MESH_MODULES = {'test_parallel_equivalence', 'test_reference', 'test_dropless', 'test_convert',
-                'test_generate', 'test_data_parallel'}
-QUICK = {'test_pipeline_meshes_match_1x1[2-2-1]',
-         'test_1x1_model_equals_numpy_reference[2-1.1-True]',
-         'test_reference_sees_the_gelu_form_and_the_attention_biases',
-         'test_reference_sees_the_renormalisation_point',
-         'test_padded_exchange_has_ragged_all_to_all_semantics',
-         'test_the_exchange_is_chosen_by_the_meshs_backend',
-         'test_the_mapping_uses_every_tensor_and_fills_every_parameter_once',
-         'test_a_wrong_checkpoint_is_one_error_naming_the_tensor',
-         'test_token_choice_rules', 'test_cache_needs_a_mesh_without_stages',
-         'test_folded_experts_are_split_over_dp_and_tp'}
-
-
-# Modules whose tests share module-scoped fixtures (runs they extend in order): one pytest-xdist
-# worker runs each of them whole (`--dist loadgroup`). Started first: they are the longest.
-ONE_WORKER = ('test_walkthrough', 'test_multiprocess', 'test_checkpoint')
+# Tiers, set by marks in each module: `pytestmark = pytest.mark.e2e` (runs in subprocesses,
+# several processes, whole CLIs) and `pytestmark = pytest.mark.mesh` (mesh-equivalence cases) are
+# slow, except the cases a mesh module marks `quick` (its unit tests, one mesh-equivalence case,
+# one 1x1-vs-NumPy case); the quick tier (`pytest -m "not slow"`) leaves the slow ones out.
+# `one_worker` (with e2e): the module's tests extend one module-scoped run in order, so one
+# pytest-xdist worker runs the module whole (`--dist loadgroup`), and such modules start first:
+# they are the longest.
+MARKS = {'e2e': 'end-to-end: slow', 'mesh': 'mesh-equivalence cases: slow unless quick',
+         'quick': 'a mesh module\'s case kept in the quick tier',
+         'one_worker': 'the module runs whole on one xdist worker, first',
+         'slow': 'left out of the quick tier (set from e2e / mesh / quick)'}
 
 
 def _module(item) -> str:
@@ -66,10 +49,8 @@ def _module(item) -> str:
 
 
 def _slow(item) -> bool:
-  module = _module(item)
-  if module in SLOW_MODULES:
-    return True
-  return module in MESH_MODULES and not {item.name, item.originalname} & QUICK
+  marks = {m.name for m in item.iter_markers()}
+  return 'e2e' in marks or ('mesh' in marks and 'quick' not in marks)
 
 
 # Every test's time limit (setup, call and teardown; module-scoped fixtures count in the first
@@ -104,15 +85,18 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: end-to-end tests left out of the quick tier')
+  for name, meaning in MARKS.items():
+    config.addinivalue_line('markers', f'{name}: {meaning}')
 
 
 @pytest.hookimpl(tryfirst=True)    # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+  one_worker = []
   for item in items:
     if _slow(item):
       item.add_marker(pytest.mark.slow)
-    if _module(item) in ONE_WORKER:
+    if item.get_closest_marker('one_worker'):
       item.add_marker(pytest.mark.xdist_group(_module(item)))
-  first = {m: i for i, m in enumerate(ONE_WORKER)}
+      one_worker += [_module(item)] if _module(item) not in one_worker else []
+  first = {m: i for i, m in enumerate(one_worker)}
   items.sort(key=lambda item: first.get(_module(item), len(first)))   # stable otherwise

@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers import subprocess_env
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('step_time_s', 'forward_latency_s', 'tokens_per_sec', 'flops_per_token', 'mfu', 'peak_flops_source',
           'memory_per_device_bytes', 'collective_bytes', 'collective_bytes_min', 'dropped_frac', 'balance',

@@ -2,9 +2,13 @@
 an undisturbed run, bit for bit, with every step logged once and no checkpoint lost."""
 import collections
 
+import pytest
+
 from tests import chaos
 from tests.helpers import subprocess_env
 from tests.test_multiprocess import run_two
+
+pytestmark = pytest.mark.e2e
 
 STEPS, FAULTS = 12, 10
 EXTRA = ['--config.checkpoint_every=2']

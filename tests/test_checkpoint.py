@@ -16,6 +16,8 @@ from moejax.train import loop
 from moejax.checkpoint_dir import saved_config
 from tests.helpers import assert_trees_close, small_config, subprocess_env, without_key_bias
 
+pytestmark = [pytest.mark.e2e, pytest.mark.one_worker]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ['--config=configs/tp4pp4.py:tiny', '--config.log_every=1',
         '--config.data.num_micro_batches=8', '--config.checkpoint_every=0']

@@ -24,6 +24,8 @@ from moejax.model import decode
 from moejax.train.plan import Plan
 from tests.helpers import model_forward
 
+pytestmark = pytest.mark.mesh
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'hf')
 FAMILIES = ('olmoe', 'qwen3_moe', 'mixtral', 'qwen2_moe', 'gpt_oss', 'deepseek_v3')
 
@@ -177,6 +179,7 @@ def test_fused_expert_tensors_are_accepted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, fused, _load('olmoe'))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize('edit,message', [
     (lambda t: {n: a for n, a in t.items() if n != 'model.layers.2.mlp.experts.5.up_proj.weight'},
      'missing tensors: model.layers.2.mlp.experts.5.up_proj.weight'),
@@ -192,6 +195,7 @@ def test_a_wrong_checkpoint_is_one_error_naming_the_tensor(tmp_path, edit, messa
   assert not (tmp_path / 'run').exists()                      # nothing written
 
 
+@pytest.mark.quick
 def test_the_mapping_uses_every_tensor_and_fills_every_parameter_once():
   """Walking the table both ways: every HF name of a checkpoint (every row of a fused one)
   appears in exactly one application, and every parameter slice is the target of exactly one."""

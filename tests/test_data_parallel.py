@@ -12,6 +12,8 @@ from moejax.train.plan import Plan
 from tests.helpers import (assert_trees_close, loss_and_grads, small_config, train_steps,
                            without_key_bias)
 
+pytestmark = pytest.mark.mesh
+
 BATCH = {'data.micro_batch_size': 4, 'data.num_micro_batches': 8}
 
 
@@ -33,6 +35,7 @@ def test_data_parallel_meshes_match_1x1(dp, tp, pp, folded):
   assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
+@pytest.mark.quick
 def test_folded_experts_are_split_over_dp_and_tp():
   config = small_config(2, 4, dp=2, **BATCH, **{'mesh.experts_over_dp': True})
   plan = Plan(config)

@@ -14,6 +14,8 @@ from moejax.parallel import experts as ep_lib
 from moejax.train import loop
 from tests.helpers import assert_trees_close, loss_and_grads, small_config
 
+pytestmark = pytest.mark.mesh
+
 DROPLESS = {'moe.dispatch': 'dropless'}
 ROOMY = 8.0   # capacity factor E: C = K*S slots, nothing can drop
 
@@ -85,6 +87,7 @@ def _documented_ragged_all_to_all(operand, output, input_offsets, send_sizes, ou
   return result
 
 
+@pytest.mark.quick
 def test_padded_exchange_has_ragged_all_to_all_semantics():
   """Random slices with gaps and any order of offsets, over 4 devices, as the docstring says."""
   devices, rows, out_rows = 4, 6, 16
@@ -105,6 +108,7 @@ def test_padded_exchange_has_ragged_all_to_all_semantics():
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+@pytest.mark.quick
 def test_the_exchange_is_chosen_by_the_meshs_backend():
   mesh = Mesh(np.array(jax.devices()[:1]), ('x',))
   with jax.set_mesh(mesh):

@@ -20,6 +20,8 @@ from moejax.errors import CheckpointError, DataError, DivergedError, WorkdirInUs
 from moejax.train import loop, workdir as workdir_lib
 from tests.helpers import small_config, subprocess_env
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

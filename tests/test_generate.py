@@ -11,6 +11,8 @@ from moejax.model import decode, params as params_lib
 from moejax.train.plan import Plan
 from tests.helpers import model_forward, perturbed_params, small_config
 
+pytestmark = pytest.mark.mesh
+
 PROMPT = [3, 17, 5, 9, 200, 11, 7, 3, 3, 17, 90]
 
 
@@ -48,6 +50,7 @@ def test_greedy_generation_with_the_cache_equals_without(tp):
   assert len(set(cached[0, len(PROMPT):].tolist())) > 3      # not one token repeated
 
 
+@pytest.mark.quick
 def test_token_choice_rules():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
   keys = jax.random.key(0)
@@ -59,6 +62,7 @@ def test_token_choice_rules():
   assert set(draw(gen.Sampling(temperature=1.0))) == {0, 1, 2, 3}
 
 
+@pytest.mark.quick
 def test_cache_needs_a_mesh_without_stages():
   plan = Plan(small_config(1, 2, **{'data.num_micro_batches': 2, 'data.seq_len': 32}))
   with pytest.raises(ConfigError, match='pp=1'):

@@ -12,6 +12,8 @@ import pytest
 from tests.helpers import subprocess_env
 from tests.test_checkpoint import command, losses, run
 
+pytestmark = [pytest.mark.e2e, pytest.mark.one_worker]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import readme_commands, subprocess_env
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -11,6 +11,8 @@ from moejax.data.synthetic import SyntheticSource
 from tests import numpy_reference
 from tests.helpers import model_forward, perturbed_params, small_config
 
+pytestmark = pytest.mark.mesh
+
 
 def _case(tp=1, pp=1, **overrides):
   config = small_config(tp, pp, **{'data.num_micro_batches': 4, 'data.seq_len': 16,
@@ -72,7 +74,8 @@ def assert_matches(config, params, tokens, rtol=1e-5, **ref_kwargs):
 
 
 @pytest.mark.parametrize('top_k,capacity_factor,normalize', [
-    (1, 1.1, False), (1, 8.0, False), (2, 1.1, False), (2, 8.0, False), (2, 1.1, True)])
+    (1, 1.1, False), (1, 8.0, False), (2, 1.1, False), (2, 8.0, False),
+    pytest.param(2, 1.1, True, marks=pytest.mark.quick)])
 def test_1x1_model_equals_numpy_reference(top_k, capacity_factor, normalize):
   config, params, tokens = _case(**{'moe.top_k': top_k, 'moe.capacity_factor': capacity_factor,
                                     'moe.normalize_gates': normalize})
@@ -131,6 +134,7 @@ def test_dense_limit_is_a_gpt2_block_stack():
   assert stats['dropped_frac'] == 0.0
 
 
+@pytest.mark.quick
 def test_reference_sees_the_gelu_form_and_the_attention_biases():
   """The comparison can fail: the tanh GELU, or a dropped bias, is far outside the tolerance."""
   config, params, tokens = _case()
@@ -226,6 +230,7 @@ def test_open_family_blocks_equal_numpy_reference(arch, tp, pp):
   assert stats['dropped_frac'] > 0.02
 
 
+@pytest.mark.quick
 def test_reference_sees_the_renormalisation_point():
   """Renormalising over the kept gates instead of the top-k choices is outside tolerance."""
   config, params, tokens = _case(**{'moe.top_k': 2, **ARCHES['qwen3']})

@@ -13,6 +13,8 @@ from moejax.data import tokenizer as tokenizer_lib
 from moejax.data.tokens import TokenSource
 from moejax.train import loop
 
+pytestmark = pytest.mark.e2e
+
 TEXT = ('It was the best of times, it was the worst of times, it was the age of wisdom, it was '
         'the age of foolishness. ') * 60
 

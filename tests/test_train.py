@@ -7,8 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from moejax.data.synthetic import SyntheticSource
 from tests.helpers import subprocess_env
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

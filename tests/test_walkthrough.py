@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import readme_commands, subprocess_env
 
+pytestmark = [pytest.mark.e2e, pytest.mark.one_worker]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
