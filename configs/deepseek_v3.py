@@ -2,14 +2,15 @@
 latent attention (a query latent, a shared key/value latent and one rotary key per token, YaRN
 with its mscale on the softmax), sigmoid expert affinities chosen with a selection bias within
 the best expert groups, gates renormalised and scaled, an always-on shared expert; dense blocks
-first (first_k_dense_replace), run before the pipeline.
+first (first_k_dense_replace), run before the pipeline; multi-token prediction
+(num_nextn_predict_layers -> model.mtp_depth; 671b trains one depth, as DeepSeek-V3 did).
 
   python main.py --config=configs/deepseek_v3.py:tiny --workdir=/tmp/dsv3_tiny   # CPU, 4x4 simulated
   python main.py --config=configs/deepseek_v3.py:671b --workdir=/tmp/dsv3        # the published size
   python main.py --config=configs/deepseek_v3.py:HF_DIR --config.init_from=RUN ...
 
-Not yet in moejax: multi-token prediction (DeepSeek-V3 section 2.2); an import leaves a
-checkpoint's MTP module out and says so.
+An import of a checkpoint without its MTP layers (transformers saves none) turns MTP off and
+says so; `--config.model.mtp_depth=N` on a fine-tune from it starts N fresh depths.
 """
 import ml_collections
 
@@ -31,6 +32,7 @@ VARIANTS = {
                  moe_intermediate_size=2048, num_experts_per_tok=8, n_group=8, topk_group=4,
                  routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=3,
                  intermediate_size=18432, rms_norm_eps=1e-6, max_position_embeddings=163840,
+                 num_nextn_predict_layers=1,
                  rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 40.0,
                                   'original_max_position_embeddings': 4096, 'beta_fast': 32.0,
                                   'beta_slow': 1.0, 'mscale': 1.0, 'mscale_all_dim': 1.0}),

@@ -36,14 +36,15 @@ class Fault:
 
 
 def plan(seed: int, faults: int) -> list[Fault]:
-  """The faults of a seed: every kind of moment, signal and victim set appears (faults >= 6)."""
+  """The faults of a seed: the first six cover every moment, both signals and every victim set
+  (the coordinator, the other process, both); the rest are drawn."""
   rng = random.Random(seed)
-  out = []
+  out, who = [], ((1,), (0,), (0, 1))
   for i in range(faults):
     when = WHEN[i % 3] if i < 6 else rng.choice(WHEN)
     sig = (signal.SIGKILL, signal.SIGTERM)[(i // 3) % 2] if i < 6 else rng.choice(
         (signal.SIGKILL, signal.SIGTERM))
-    victims = rng.choice(((0,), (1,), (0, 1)))
+    victims = who[(i // 2) % 3] if i < 6 else rng.choice(who)
     delay = rng.uniform(1.0, 8.0) if when == 'compile' else rng.randint(1, 3)
     out.append(Fault(when, sig, victims, delay))
   return out

@@ -14,6 +14,7 @@ STEPS, FAULTS = 12, 10
 EXTRA = ['--config.checkpoint_every=2']
 
 
+@pytest.mark.time_limit(1500)
 def test_ten_faults_lose_nothing(tmp_path):
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'chaos')
   run_two(reference, f'--config.num_steps={STEPS}', *EXTRA)
@@ -23,6 +24,7 @@ def test_ten_faults_lose_nothing(tmp_path):
   print(kinds)
   assert len(struck) >= FAULTS - 2, records       # a run may end before a late fault strikes
   assert {w for w, _ in kinds} == set(chaos.WHEN), kinds
+  assert {tuple(r['fault']['victims']) for r in struck} >= {(0,), (1,)}, records
   for r in struck:   # a SIGTERM stops both cleanly; a SIGKILL ends the survivor with one line
     if r['fault']['signal'] == 15:
       assert r['exit'] == [0, 0] or r['fault']['when'] == 'compile', r

@@ -425,25 +425,34 @@ def test_a_deepseek_mtp_layer_imports_and_exports(tmp_path):
   assert saved_config(str(tmp_path / 'bare_run'))[1].model.mtp_depth == 0
 
 
-@pytest.mark.parametrize('mtp_depth', [0, 1])
-def test_an_imported_deepseek_fine_tunes_on_4x4_like_1x1_and_resumes(tmp_path, mtp_depth):
-  """init_from an import of the tiny DeepSeek-V3 (its MTP depth, when asked, starts fresh):
-  4x4 for 2 steps, resumed to 3, gives the losses of 3 straight steps on 1x1 (rtol 1e-4)."""
+@pytest.mark.parametrize('family,mtp_depth', [('deepseek_v3', 0), ('deepseek_v3', 1),
+                                              ('gpt_oss', 0)])
+def test_an_imported_model_fine_tunes_on_4x4_like_1x1_resumes_and_exports(tmp_path, family,
+                                                                          mtp_depth):
+  """init_from an import of a tiny DeepSeek-V3 (its MTP depth, when asked, starting fresh) or
+  GPT-OSS: 4x4 for 2 steps, resumed to 3, logs the losses of 3 straight steps on 4x4 bit for bit
+  and on 1x1 to rtol 1e-4; the result exports (MTP layer included) and imports back."""
   from moejax.train import loop
   from tests.test_checkpoint import losses
-  hf_lib.import_checkpoint(os.path.join(DATA, 'deepseek_v3'), str(tmp_path / 'imp'))
+  hf_lib.import_checkpoint(os.path.join(DATA, family), str(tmp_path / 'imp'))
 
   def config(tp, pp, steps):
-    c = _config('deepseek_v3', tp, pp)
+    c = _config(family, tp, pp)
     c.model.mtp_depth = mtp_depth
     c.update(init_from=str(tmp_path / 'imp'), num_steps=steps, log_every=1, checkpoint_every=0)
     return c
   loop.train(config(4, 4, 2), str(tmp_path / 'a'))
   loop.train(config(4, 4, 3), str(tmp_path / 'a'))
+  loop.train(config(4, 4, 3), str(tmp_path / 'straight'))
   loop.train(config(1, 1, 3), str(tmp_path / 'b'))
   a, b = losses(tmp_path / 'a'), losses(tmp_path / 'b')
-  assert sorted(a) == [1, 2, 3]
+  assert sorted(a) == [1, 2, 3] and a == losses(tmp_path / 'straight')
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-4)
   with open(tmp_path / 'a' / 'metrics.jsonl') as f:
     records = [json.loads(l) for l in f]
   assert ('mtp_ce' in records[-1]) == bool(mtp_depth), records[-1].keys()
+  hf_lib.export_checkpoint(str(tmp_path / 'a'), str(tmp_path / 'out'), dtype='float32')
+  names = set(Reader(str(tmp_path / 'out')).names())
+  assert names >= set(Reader(os.path.join(DATA, family)).names())
+  assert any('eh_proj' in n for n in names) == bool(mtp_depth)
+  hf_lib.import_checkpoint(str(tmp_path / 'out'), str(tmp_path / 'again'))

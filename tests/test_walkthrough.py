@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import readme_commands, subprocess_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.one_worker]
+pytestmark = [pytest.mark.e2e, pytest.mark.one_worker, pytest.mark.time_limit(1200)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

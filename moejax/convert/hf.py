@@ -188,12 +188,14 @@ def stream_slices(reader: Reader, table: list[mapping.Rule], m: ModelConfig
                   ) -> Iterator[tuple[Path, tuple[int, ...], np.ndarray]]:
   """(path, index, float32 value) of every parameter slice the checkpoint fills (a whole
   array, a block's or an expert's; vocabulary: its real rows), one rule application at a time:
-  host memory holds one application's tensors."""
+  host memory holds one application's tensors (the caller drops each value before asking
+  for the next: a vocabulary table is never held twice)."""
   for rule in table:
     for use in mapping.uses([rule], m):
       values = rule.to_moejax(tuple(reader.get(n, use.row) for n in use.names))
       for path, value in zip(rule.paths, values):
         yield path, use.index, np.asarray(value, np.float32)
+      del values, value
 
 
 def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
@@ -315,6 +317,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
       pending.popleft().result()
     written.add(path)
     _zero_padding(arrays[path], index, value.shape)
+    del value                            # before the next is read
   for path in set(arrays) - written:     # MOEJAX_ONLY: their init, zeros
     _zero_padding(arrays[path], (), ())
   for write in pending:
@@ -394,6 +397,7 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
       slices = tuple(np.asarray(a[use.index], np.float32) for a in arrays)
       for n, a in zip(use.names, rule.to_hf(slices)):
         writer.add(n, a, use.row)
+      del slices, a                      # before the next is read
     del arrays
   files = writer.finish()
   hf = families.hf_config(family, m)
