@@ -96,9 +96,10 @@ class Run:
     return next((l for l in reversed(self.errs[i]) if l.startswith('error:')), '')
 
 
-def _saving(workdir: str) -> bool:
+def _temporaries(workdir: str) -> set[str]:
+  """The checkpoint directories being written (Orbax's temporary names)."""
   directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any('tmp' in n for n in os.listdir(directory))
+  return {n for n in os.listdir(directory) if 'tmp' in n} if os.path.isdir(directory) else set()
 
 
 def complete_steps(workdir: str) -> list[int]:
@@ -110,13 +111,13 @@ def complete_steps(workdir: str) -> list[int]:
 
 def _strike(run: Run, fault: Fault, workdir: str) -> str:
   """Waits for the fault's moment and sends its signal; returns what happened."""
-  start, before = time.time(), run.steps_logged()
+  start, before, left = time.time(), run.steps_logged(), _temporaries(workdir)
   while run.running():
     if fault.when == 'compile' and time.time() - start >= fault.delay_s:
       break
     if fault.when == 'step' and run.steps_logged() >= before + fault.delay_s:
       break
-    if fault.when == 'save' and _saving(workdir):
+    if fault.when == 'save' and _temporaries(workdir) - left:   # a save of this attempt's
       break
     time.sleep(0.005)
   else:
