@@ -1,4 +1,4 @@
-"""A two-process 4x4 run under 10 faults drawn from a seed (tests/chaos.py) ends in the state of
+"""A two-process 4x4 run under 12 faults drawn from a seed (at least 10 strike before it ends) (tests/chaos.py) ends in the state of
 an undisturbed run, bit for bit, with every step logged once and no checkpoint lost."""
 import collections
 
@@ -10,19 +10,19 @@ from tests.test_multiprocess import run_two
 
 pytestmark = pytest.mark.e2e
 
-STEPS, FAULTS = 12, 10
+STEPS, FAULTS = 16, 12
 EXTRA = ['--config.checkpoint_every=2']
 
 
 @pytest.mark.time_limit(1500)
-def test_ten_faults_lose_nothing(tmp_path):
+def test_ten_faults_or_more_lose_nothing(tmp_path):
   reference, workdir = str(tmp_path / 'reference'), str(tmp_path / 'chaos')
   run_two(reference, f'--config.num_steps={STEPS}', *EXTRA)
   records = chaos.chaos(workdir, STEPS, FAULTS, seed=0, extra=EXTRA, env=subprocess_env())
   struck = [r for r in records if r['outcome'].startswith('struck')]
   kinds = collections.Counter((r['fault']['when'], r['fault']['signal']) for r in struck)
   print(kinds)
-  assert len(struck) >= FAULTS - 2, records       # a run may end before a late fault strikes
+  assert len(struck) >= 10, records         # a run may end before a late fault strikes
   assert {w for w, _ in kinds} == set(chaos.WHEN), kinds
   assert {tuple(r['fault']['victims']) for r in struck} >= {(0,), (1,)}, records
   for r in struck:   # a SIGTERM stops both cleanly; a SIGKILL ends the survivor with one line
