@@ -31,8 +31,3 @@ class SyntheticSource(Source):
       return rng.integers(0, self.vocab, t, dtype=np.int64).astype(np.int32)
     start, stride = rng.integers(0, self.vocab), rng.integers(1, MAX_STRIDE + 1)
     return ((start + stride * np.arange(t)) % self.vocab).astype(np.int32)
-
-  def floor_loss(self) -> float:
-    """Best achievable mean CE per token of the learnable source (nats)."""
-    t = self.shape[-1] - 1
-    return (np.log(self.vocab) + np.log(MAX_STRIDE)) / t

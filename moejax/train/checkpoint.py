@@ -86,9 +86,9 @@ class Checkpointer:
           state=ocp.args.StandardSave(canonical), config=ocp.args.JsonSave(config_json),
           data=ocp.args.JsonSave(self.data_identity())), force=force)
     except Exception as e:   # this save, or an earlier asynchronous one, failed
-      self._failed(None, e)
+      self._failed(e)
 
-  def _failed(self, step: int | None, error: Exception):
+  def _failed(self, error: Exception):
     try:   # let earlier in-flight saves finish first: their temporary directories are not ours
       self.manager.wait_until_finished()
     except Exception:
@@ -96,7 +96,7 @@ class Checkpointer:
     for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
       shutil.rmtree(tmp, ignore_errors=True)
     free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
-    good = [s for s in self.all_steps() if s != step]
+    good = self.all_steps()
     raise CheckpointError(
         f'Saving {"a checkpoint" if step is None else f"step {step}"} under {self.directory} '
         f'failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}); '
@@ -199,7 +199,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:
-      self._failed(None, e)
+      self._failed(e)
 
   def close(self) -> None:
     self.wait()
