@@ -98,7 +98,7 @@ class Checkpointer:
     free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
     good = self.all_steps()
     raise CheckpointError(
-        f'Saving {"a checkpoint" if step is None else f"step {step}"} under {self.directory} '
+        f'Saving a checkpoint under {self.directory} '
         f'failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ""}); '
         f'{free / 2**20:.0f} MiB free there. '
         f'The newest complete checkpoint is {good[-1] if good else "none"}. Free disk space (or '
