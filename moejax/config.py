@@ -78,7 +78,6 @@ class ModelConfig:
   head_dim: int = key('model.head_dim', POSITIVE)       # H
   d_ff: int = key('moe.d_ff', POSITIVE)                 # F, expert hidden width
   num_blocks: int = key('model.num_blocks', POSITIVE)   # attention + MoE blocks
-  # Longest sequence (the learned position table's rows).
   max_len: int = key('model.max_len', POSITIVE)   # learned position rows (unused with rope)
   num_experts: int = key('moe.num_experts', POSITIVE)   # E
   top_k: int = key('moe.top_k', POSITIVE)               # K
@@ -172,7 +171,7 @@ class ModelConfig:
   dense_d_ff: int = key('model.dense_d_ff', COUNT, default=0)
   # Multi-token prediction (DeepSeek-V3 section 2.2) when mtp_depth > 0: depth d (1..mtp_depth)
   # joins the previous depth's hidden state (the last block's at d=1) and the embedding of token
-  # t+d, each RMS-normalised, by a [2D, D] projection, runs one MoE block and predicts token
+  # t+d, each normalised (model.norm), by a [2D, D] projection, runs one MoE block and predicts token
   # t+1+d through its own final norm and the shared LM head; the mean of the depths' CE, times
   # mtp_loss_weight, joins the loss. Training only: generation uses the main model.
   mtp_depth: int = key('model.mtp_depth', COUNT, default=0)

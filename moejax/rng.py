@@ -13,7 +13,8 @@ import jax
 
 # fold_in tags under the run's key; the numbers are part of the checkpoint format of a run (a
 # resumed run must draw what the straight one drew), so they never change.
-_EMBED, _BLOCK_TEMPLATE, _HEAD, _DROPOUT, _BLOCKS, _DENSE_BLOCKS, _MTP = 0, 1, 2, 7, 1000, 2000, 3000
+_EMBED, _BLOCK_TEMPLATE, _HEAD, _DROPOUT = 0, 1, 2, 7
+_BLOCKS, _DENSE_BLOCKS, _MTP = 1000, 2000, 3000
 
 
 def embed_init(key: jax.Array) -> jax.Array:

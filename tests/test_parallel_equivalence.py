@@ -248,7 +248,8 @@ BLOCK_OPTIONS = {
     # DeepSeek-V3: two dense blocks before the pipeline, MLA, its router (sigmoid affinities, a
     # selection bias, group-limited choices, scaled gates), an ungated shared expert, two
     # multi-token-prediction depths after the pipeline.
-    'deepseek_v3': {'model.dense_blocks': 2, 'model.mtp_depth': 2, 'model.dense_d_ff': 40, 'model.kv_lora_rank': 24,
+    'deepseek_v3': {'model.dense_blocks': 2, 'model.mtp_depth': 2, 'model.dense_d_ff': 40,
+                    'model.kv_lora_rank': 24,
                     'model.q_lora_rank': 16, 'model.rope_head_dim': 8, 'model.v_head_dim': 12,
                     'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_bias': False,
                     'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.router_score': 'sigmoid',

@@ -48,7 +48,8 @@ def write(config, out: str, layers: int, dtype: str) -> int:
 
 def _define_flags() -> None:
   """Command-line flags, defined only when run as a program (tests import `write`)."""
-  flags.DEFINE_string('config', None, 'A family config with its variant, e.g. configs/olmoe.py:1b-7b.')
+  flags.DEFINE_string('config', None,
+                      'A family config with its variant, e.g. configs/olmoe.py:1b-7b.')
   flags.DEFINE_integer('layers', 0, 'Layers to write (0: all).')
   flags.DEFINE_string('out', None, 'Directory to write.')
   flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Tensor dtype.')
