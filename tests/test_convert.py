@@ -11,6 +11,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -209,6 +210,28 @@ def test_the_mapping_uses_every_tensor_and_fills_every_parameter_once():
     assert len(paths) == len(set(paths))
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize('family', ['qwen2_moe', 'qwen3_moe'])
+def test_qwens_dense_layers_come_first_or_are_refused(family):
+  """Qwen's dense layers (mlp_only_layers, and decoder_sparse_step: layer i is MoE when
+  (i + 1) % step == 0): a leading run becomes model.dense_blocks and exports back as
+  mlp_only_layers; dense layers after an MoE layer are one error naming them."""
+  hf = families.read_hf_config(os.path.join(DATA, family))
+  hf.update(num_hidden_layers=6, mlp_only_layers=[1, 0], decoder_sparse_step=1)
+  keys = families.model_keys(hf)
+  assert (keys['model.dense_blocks'], keys['model.num_blocks']) == (2, 4)
+  assert keys['model.dense_d_ff'] == hf['intermediate_size']
+  m = config_lib.model_config(ml_collections.ConfigDict(families.sections(hf)))
+  back = families.hf_config(families.FAMILIES[family], m)
+  assert (back['mlp_only_layers'], back['decoder_sparse_step']) == ([0, 1], 1)
+  assert back['intermediate_size'] == hf['intermediate_size']
+  for bad, dense in [({'decoder_sparse_step': 2, 'mlp_only_layers': []}, r'\[0, 2, 4\]'),
+                     ({'mlp_only_layers': [0, 3]}, r'\[0, 3\]'),
+                     ({'mlp_only_layers': list(range(6))}, r'\[0, 1, 2, 3, 4, 5\]')]:
+    with pytest.raises(ConfigError, match=rf'layers {dense} of 0..5 dense .*only first'):
+      families.model_keys({**hf, **bad})
+
+
 def test_own_family_export_and_conflicting_overrides_are_refused(tmp_path):
   from configs import tp4pp4
   with pytest.raises(ConfigError, match='no Hugging Face architecture'):
@@ -338,12 +361,25 @@ def _restored(workdir):
                        for p in hf_lib.canonical_shapes(m)})
 
 
-def test_import_in_small_chunks_restores_the_same_arrays(tmp_path, monkeypatch):
-  """With 4 KiB chunks every array is cut, and the vocabulary tables are written in row pieces:
-  what Orbax restores is still exactly the checkpoint's parameters."""
+def test_conversion_in_small_chunks_gives_the_same_arrays(tmp_path, monkeypatch):
+  """With 4 KiB chunks every array is cut, and the vocabulary tables move in spans of 32 rows
+  (4 spans of 100, the last short), both ways: what Orbax restores is still exactly the
+  checkpoint's parameters, and the export holds exactly its tensors."""
   monkeypatch.setattr(hf_lib, 'CHUNK', 4096)
-  hf_lib.import_checkpoint(os.path.join(DATA, 'gpt_oss'), str(tmp_path / 'run'))
+  src = os.path.join(DATA, 'gpt_oss')
+  spans = []
+  real_get = Reader.get
+  monkeypatch.setattr(Reader, 'get', lambda self, name, row=None, span=None: (
+      spans.append(span) if name == 'lm_head.weight' else None,
+      real_get(self, name, row, span))[1])
+  hf_lib.import_checkpoint(src, str(tmp_path / 'run'))
+  assert spans == [(0, 32), (32, 64), (64, 96), (96, 100)], spans
   jax.tree.map(np.testing.assert_array_equal, _restored(str(tmp_path / 'run')), _load('gpt_oss'))
+  hf_lib.export_checkpoint(str(tmp_path / 'run'), str(tmp_path / 'out'), dtype='float32')
+  original, exported = Reader(src), Reader(str(tmp_path / 'out'))
+  assert exported.names() == original.names()
+  for name in original.names():
+    np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
 
 
 def test_a_deepseek_checkpoints_mtp_module_is_left_out_and_said(tmp_path):

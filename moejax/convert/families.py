@@ -39,18 +39,19 @@ class Family:
   interleaved: bool = False            # experts fused [E, D, 2F] (gate even, up odd columns)
   published_format: str = ''           # how the published checkpoints store the experts
   latent: bool = False                 # multi-head latent attention, sigmoid group routing
+  dense_layers: str = ''               # config.json's key placing dense (non-MoE) layers
 
 
 FAMILIES = {f.name: f for f in (
     Family('olmoe', 'OlmoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'), 'full',
            None),
     Family('qwen3_moe', 'Qwen3MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
-           'head', None),
+           'head', None, dense_layers='mlp_only_layers'),
     Family('mixtral', 'MixtralForCausalLM', 'block_sparse_moe', ('w1', 'w3', 'w2'), 'none', True),
     # Qwen1.5-MoE / Qwen2-57B-A14B: a gated shared expert beside the routed ones.
     Family('qwen2_moe', 'Qwen2MoeForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
            'none', None, attn_bias_key='qkv_bias', attn_out_bias=False,
-           shared_expert='shared_expert'),
+           shared_expert='shared_expert', dense_layers='mlp_only_layers'),
     # gpt-oss-20b / 120b: attention sinks, alternating windowed and full attention, YaRN,
     # biases everywhere, the clamped SwiGLU; experts stored fused (gate and up interleaved), in
     # the published checkpoints as MXFP4.
@@ -58,10 +59,10 @@ FAMILIES = {f.name: f for f in (
            True, router='router', ffn='clamped_swiglu', biases=True, sinks=True, windows=True,
            interleaved=True, published_format='MXFP4'),
     # DeepSeek-V3 / Kimi-K2 blocks: MLA, sigmoid group-limited routing with a selection bias,
-    # an ungated shared expert, dense first layers (MTP modules: left out on import;
-    # model.mtp_depth trains new ones).
+    # an ungated shared expert, dense first layers, multi-token prediction modules.
     Family('deepseek_v3', 'DeepseekV3ForCausalLM', 'mlp', ('gate_proj', 'up_proj', 'down_proj'),
-           'none', None, shared_expert='shared_experts', latent=True),
+           'none', None, shared_expert='shared_experts', latent=True,
+           dense_layers='first_k_dense_replace'),
 )}
 
 # moejax keys an imported config takes from config.json (a user override of one of them is an
@@ -146,8 +147,6 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
       'tie_word_embeddings': (hf.get('tie_word_embeddings', False), False),
       'hidden_act': (hf.get('hidden_act', 'silu'), 'silu'),
       'clip_qkv': (hf.get('clip_qkv'), None),
-      'mlp_only_layers': (list(hf.get('mlp_only_layers') or []), []),
-      'decoder_sparse_step': (hf.get('decoder_sparse_step', 1), 1),
       'use_sliding_window': (bool(hf.get('use_sliding_window', False)), False),
       'layer_types': (sorted(set(hf.get('layer_types') or ['full_attention']))
                       if not family.windows else ['full_attention'], ['full_attention']),
@@ -165,6 +164,26 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
                       f'not have: {"; ".join(bad)}.')
 
 
+def _dense_first(hf: dict[str, Any], family: Family) -> int:
+  """How many dense layers come before the MoE layers: DeepSeek-V3's first_k_dense_replace, or
+  the layers Qwen's mlp_only_layers and decoder_sparse_step (layer i is MoE when (i + 1) % step
+  is 0) leave dense, which moejax's model places only first."""
+  if family.dense_layers == 'first_k_dense_replace':
+    return hf.get('first_k_dense_replace') or 0
+  if family.dense_layers != 'mlp_only_layers':
+    return 0
+  n, step = hf['num_hidden_layers'], hf.get('decoder_sparse_step') or 1
+  only = set(hf.get('mlp_only_layers') or [])
+  dense = [i for i in range(n) if i in only or (i + 1) % step]
+  if dense != list(range(len(dense))) or len(dense) == n:
+    raise ConfigError(
+        f'config.json makes layers {dense} of 0..{n - 1} dense (mlp_only_layers='
+        f'{sorted(only)}, decoder_sparse_step={step}): moejax\'s model has dense layers only '
+        f'first, before at least one MoE layer (mlp_only_layers=[0, ..., k-1], '
+        f'decoder_sparse_step=1).')
+  return len(dense)
+
+
 def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
   """moejax config keys ('section.key': value) of a transformers config.json's model."""
   family = family_of(hf)
@@ -175,7 +194,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
   if renorm is None:
     renorm = bool(hf.get('norm_topk_prob', False))
   latent = family.latent
-  dense = (hf.get('first_k_dense_replace') or 0) if latent else 0
+  dense = _dense_first(hf, family)
   shared = (hf.get('n_shared_experts', 0) * hf['moe_intermediate_size'] if latent
             else hf.get('shared_expert_intermediate_size', 0) if family.shared_expert else 0)
   return {
@@ -293,12 +312,14 @@ def hf_config(family: Family, m) -> dict[str, Any]:
                layer_types=[letters['S' if m.windowed(b) else 'F'] for b in range(m.num_blocks)])
   elif family.name == 'qwen3_moe':
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
-               intermediate_size=m.d_ff, norm_topk_prob=m.normalize_gates,
-               decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+               intermediate_size=m.dense_d_ff or m.d_ff, norm_topk_prob=m.normalize_gates,
+               decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_blocks)),
+               use_sliding_window=False)
   elif family.name == 'qwen2_moe':
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
-               shared_expert_intermediate_size=m.shared_d_ff, intermediate_size=m.shared_d_ff,
-               norm_topk_prob=m.normalize_gates, decoder_sparse_step=1, mlp_only_layers=[],
+               shared_expert_intermediate_size=m.shared_d_ff,
+               intermediate_size=m.dense_d_ff or m.shared_d_ff, norm_topk_prob=m.normalize_gates,
+               decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_blocks)),
                use_sliding_window=False, qkv_bias=m.attn_bias)
     del out['attention_bias']
   else:
@@ -328,8 +349,8 @@ def check_exportable(family: Family | None, m) -> None:
     bad.append('attn_bias=True (Mixtral has no attention biases)')
   if m.attn_bias and m.attn_out_bias != family.attn_out_bias:
     bad.append(f'attn_out_bias={m.attn_out_bias} (needs {family.attn_out_bias})')
-  if m.dense_blocks and not family.latent:
-    bad.append(f'dense_blocks={m.dense_blocks} (only DeepSeek-V3 has dense first layers)')
+  if m.dense_blocks and not family.dense_layers:
+    bad.append(f'dense_blocks={m.dense_blocks} ({family.name} has no dense layers)')
   if family.latent and not m.latent:
     bad.append('kv_lora_rank=0 (DeepSeek-V3 attention is MLA)')
   if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != (

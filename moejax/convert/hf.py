@@ -184,39 +184,31 @@ def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
   return reader, table
 
 
+def vocab_rows(m: ModelConfig) -> int:
+  """Vocabulary entries a conversion moves at a time: one stored chunk's worth."""
+  return max(1, CHUNK // (4 * m.d_model))
+
+
 def stream_slices(reader: Reader, table: list[mapping.Rule], m: ModelConfig
-                  ) -> Iterator[tuple[Path, tuple[int, ...], np.ndarray]]:
-  """(path, index, float32 value) of every parameter slice the checkpoint fills (a whole
-  array, a block's or an expert's; vocabulary: its real rows), one rule application at a time:
-  host memory holds one application's tensors (the caller drops each value before asking
-  for the next: a vocabulary table is never held twice)."""
-  for rule in table:
-    for use in mapping.uses([rule], m):
-      values = rule.to_moejax(tuple(reader.get(n, use.row) for n in use.names))
-      for path, value in zip(rule.paths, values):
-        yield path, use.index, np.asarray(value, np.float32)
-      del values, value
+                  ) -> Iterator[tuple[Path, mapping.Use, np.ndarray]]:
+  """(path, application, float32 value) of every parameter slice the checkpoint fills (a
+  whole array, a block's or an expert's; a vocabulary table's real rows in spans of
+  vocab_rows), one application at a time: host memory holds one application's tensors (the
+  caller drops each value before asking for the next)."""
+  for use in mapping.pieces(table, m, vocab_rows(m)):
+    values = use.rule.to_moejax(tuple(reader.get(n, use.row, use.span) for n in use.names))
+    for path, value in zip(use.rule.paths, values):
+      yield path, use, np.asarray(value, np.float32)
+    del values, value
 
 
 def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
   """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory, whole."""
   shapes = canonical_shapes(m)
   arrays = {p: np.zeros(s, np.float32) for p, s in shapes.items()}   # MOEJAX_ONLY: zeros
-  for path, index, value in stream_slices(*checked_table(hf_dir, m, family), m):
-    _place(arrays[path], index, value)
+  for path, use, value in stream_slices(*checked_table(hf_dir, m, family), m):
+    arrays[path][use.region(value.shape)] = value
   return _nest(arrays)
-
-
-def _place(target, index: tuple[int, ...], value: np.ndarray, first: int = 0):
-  """target[index] = value, value filling the leading part of the slice (the vocabulary's
-  real rows; padded rows stay zero) from row `first` of its first axis on; target: a numpy
-  array, or a tensorstore array (returns the write's future)."""
-  where = index + (slice(first, first + value.shape[0]),) + tuple(
-      slice(0, n) for n in value.shape[1:])
-  if isinstance(target, np.ndarray):
-    target[where] = value
-    return None
-  return target[where].write(value)
 
 
 def _zero_padding(target, index: tuple[int, ...], shape: tuple[int, ...]) -> None:
@@ -238,11 +230,15 @@ def imported_config(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: dict(v) for k, v in sections.items()})
 
 
-def chunk_shape(shape: tuple[int, ...], lead: int, itemsize: int = 4) -> tuple[int, ...]:
+def chunk_shape(shape: tuple[int, ...], lead: int, itemsize: int = 4,
+                vocab: tuple[int, int] | None = None) -> tuple[int, ...]:
   """Chunks of a stored array written in slices of its `lead` leading axes (0: whole; 1: a
   block's; 2: an expert's): those axes cut to single entries, then further leading axes until
   a chunk holds at most CHUNK bytes, so each slice is written (and read back) as whole chunks
-  of its own, never read and rewritten."""
+  of its own, never read and rewritten. vocab: (axis, rows) of a vocabulary table, written in
+  spans of that many rows: chunks of one span."""
+  if vocab is not None:
+    return tuple(min(vocab[1], n) if axis == vocab[0] else n for axis, n in enumerate(shape))
   chunk = [1] * lead + list(shape[lead:])
   for axis in range(lead, len(shape)):
     if math.prod(chunk) * itemsize <= CHUNK:
@@ -252,14 +248,14 @@ def chunk_shape(shape: tuple[int, ...], lead: int, itemsize: int = 4) -> tuple[i
   return tuple(max(c, 1) for c in chunk)
 
 
-def _create_array(leaf_dir: str, shape: tuple[int, ...], lead: int):
-  """An empty float32 zarr3 array (zeros) of `shape` at leaf_dir, as Orbax stores an array,
-  chunked for writes of its `lead` leading axes' slices."""
+def _create_array(leaf_dir: str, shape: tuple[int, ...], chunk: tuple[int, ...]):
+  """An empty float32 zarr3 array (zeros) of `shape` at leaf_dir, as Orbax stores an array, in
+  chunks of `chunk`."""
   import tensorstore as ts
   spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': leaf_dir},
           'metadata': {'shape': list(shape), 'data_type': 'float32', 'fill_value': 0.0,
                        'chunk_grid': {'name': 'regular',
-                                      'configuration': {'chunk_shape': list(chunk_shape(shape, lead))}},
+                                      'configuration': {'chunk_shape': list(chunk)}},
                        'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}]}}
   return ts.open(spec, create=True, delete_existing=True).result()
 
@@ -279,9 +275,9 @@ def _tree_metadata(params_dir: str, shapes: dict[Path, tuple[int, ...]]) -> None
 def import_checkpoint(hf_dir: str, workdir: str) -> str:
   """Writes <workdir>/checkpoints/0 (params and config) from a transformers checkpoint;
   returns the checkpoint directory, which appears under its step number only when complete.
-  Each rule application's slice (a block's, an expert's) is converted and written into its
-  place in the stored array before the next is read: host memory holds one slice, not a
-  stacked array or the model."""
+  Each rule application's slice (a block's, an expert's, a span of a vocabulary table's rows)
+  is converted and written into its place in the stored array before the next is read: host
+  memory holds a few slices, not a stacked array, a whole table or the model."""
   hf = families.read_hf_config(hf_dir)
   family = families.family_of(hf)
   config, _ = with_mtp_found(imported_config(hf), Reader(hf_dir))
@@ -290,38 +286,39 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
     raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
   reader, table = checked_table(hf_dir, m, family)
-  lead = {p: {'model': 0, 'block': 1, 'expert': 2}[rule.scope] for rule in table
-          for p in rule.paths}
+  shapes = canonical_shapes(m)
+  chunks = {p: chunk_shape(shapes[p], {'model': 0, 'block': 1, 'expert': 2}[rule.scope],
+                          vocab=(None if rule.vocab_axis is None
+                                 else (rule.vocab_axis, vocab_rows(m))))
+            for rule in table for p in rule.paths}
   tmp = os.path.join(directory, '0.import-tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(os.path.join(tmp, 'config'))
-  shapes = canonical_shapes(m)
   params_dir = os.path.join(tmp, 'params')
   _tree_metadata(params_dir, shapes)
   state = os.path.join(params_dir, 'state')
-  arrays = {p: _create_array(os.path.join(state, '.'.join(p)), s, lead.get(p, 1))
+  arrays = {p: _create_array(os.path.join(state, '.'.join(p)), s,
+                             chunks.get(p) or chunk_shape(s, 1))
             for p, s in shapes.items()}
   pending = collections.deque()        # writes in flight: at most IN_FLIGHT slices held
   written = set()
-  for path, index, value in stream_slices(reader, table, m):
-    if value.nbytes > CHUNK:             # a whole-model array (vocabulary): alone, in pieces
-      for write in pending:
-        write.result()
-      pending.clear()
-      rows = max(1, CHUNK // (value.nbytes // value.shape[0]))
-      for lo in range(0, value.shape[0], rows):
-        _place(arrays[path], index, value[lo:lo + rows], lo).result()
-    else:
-      pending.append(_place(arrays[path], index, value))
-    if len(pending) > IN_FLIGHT:
+  for path, use, value in stream_slices(reader, table, m):
+    pending.append(arrays[path][use.region(value.shape)].write(value))
+    while len(pending) > (IN_FLIGHT if use.span is None else 0):   # a table's span: alone
       pending.popleft().result()
     written.add(path)
-    _zero_padding(arrays[path], index, value.shape)
+    if use.span is None:
+      _zero_padding(arrays[path], use.index, value.shape)
     del value                            # before the next is read
-  for path in set(arrays) - written:     # MOEJAX_ONLY: their init, zeros
-    _zero_padding(arrays[path], (), ())
   for write in pending:
     write.result()
+  for rule in table:                     # a vocabulary table's padded rows
+    for path in rule.paths if rule.vocab_axis is not None else ():
+      full = list(shapes[path])
+      full[rule.vocab_axis] = m.vocab_size
+      _zero_padding(arrays[path], (), tuple(full))
+  for path in set(arrays) - written:     # MOEJAX_ONLY: their init, zeros
+    _zero_padding(arrays[path], (), ())
   with open(os.path.join(tmp, 'config', 'metadata'), 'w') as f:
     json.dump(config.to_dict(), f)
   os.rename(tmp, os.path.join(directory, '0'))
@@ -393,10 +390,10 @@ def export_checkpoint(workdir: str, out_dir: str, step: int = -1, dtype: str = '
                   max_shard_bytes, dtype)
   for rule in table:
     arrays = [_open_array(item_dir, prefix + p) for p in rule.paths]
-    for use in mapping.uses([rule], m):
-      slices = tuple(np.asarray(a[use.index], np.float32) for a in arrays)
+    for use in mapping.pieces([rule], m, vocab_rows(m)):
+      slices = tuple(np.asarray(a[use.where()], np.float32) for a in arrays)
       for n, a in zip(use.names, rule.to_hf(slices)):
-        writer.add(n, a, use.row)
+        writer.add(n, a, use.row, use.span)
       del slices, a                      # before the next is read
     del arrays
   files = writer.finish()

@@ -34,6 +34,7 @@ class Rule:
   to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices (vocabulary: real rows)
   to_hf: Callable[[Arrays], Arrays]         # moejax slices -> HF tensors
   rows: bool = False
+  vocab_axis: int | None = None             # the moejax axis the HF tensor's rows lie along
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,22 @@ class Use:
   names: tuple[str, ...]
   index: tuple[int, ...]     # () whole array, (b,) or (b, e)
   row: int | None = None     # rows rules: the HF tensors' row (expert) this application is
+  span: tuple[int, int] | None = None   # (`pieces`) the HF rows (vocabulary entries) lo:hi
+
+  def region(self, shape: tuple[int, ...]) -> tuple:
+    """The part of the moejax slice that a value of `shape` (HF rows -> moejax) fills: from
+    the span's first row on the vocabulary axis, from 0 on every other (a vocabulary's padded
+    rows are never written)."""
+    first = [0] * len(shape)
+    if self.span is not None:
+      first[self.rule.vocab_axis] = self.span[0]
+    return self.index + tuple(slice(f, f + n) for f, n in zip(first, shape))
+
+  def where(self) -> tuple:
+    """The moejax slice this application reads: its index, on the vocabulary axis the span."""
+    if self.span is None:
+      return self.index
+    return self.index + (slice(None),) * self.rule.vocab_axis + (slice(*self.span),)
 
 
 # Hooks: HF Linear [out, in] -> moejax [in, ...out split...] and back.
@@ -76,9 +93,9 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   attn = layer + 'self_attn.'
   out = [
       Rule((('embed', 'tok'),), ('model.embed_tokens.weight',), 'model',
-           _one(lambda a: a), _one(lambda a: a[:m.vocab_size])),
+           _one(lambda a: a), _one(lambda a: a[:m.vocab_size]), vocab_axis=0),
       Rule((('head', 'w'),), ('lm_head.weight',), 'model',
-           _one(_t), _one(lambda a: _t(a[:, :m.vocab_size]))),
+           _one(_t), _one(lambda a: _t(a[:, :m.vocab_size])), vocab_axis=1),
       Rule((('head', 'ln_f', 'scale'),), ('model.norm.weight',), 'model',
            _one(lambda a: a), _one(lambda a: a)),
       Rule((('blocks', 'ln1', 'scale'),), (layer + 'input_layernorm.weight',), 'block',
@@ -311,3 +328,14 @@ def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
       for e in experts:
         names = tuple(name.format(b=first + b, e=e) for name in rule.names)
         yield Use(rule, names, (b,) if e is None else (b, e), e if rule.rows else None)
+
+
+def pieces(table: list[Rule], m: ModelConfig, rows: int) -> Iterator[Use]:
+  """uses(table, m) with each vocabulary table's application cut into spans of `rows`
+  vocabulary entries, so no conversion holds a whole table."""
+  for use in uses(table, m):
+    if use.rule.vocab_axis is None:
+      yield use
+      continue
+    for lo in range(0, m.vocab_size, rows):
+      yield dataclasses.replace(use, span=(lo, min(lo + rows, m.vocab_size)))

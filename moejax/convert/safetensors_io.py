@@ -105,9 +105,10 @@ class Reader:
   def dtype(self, name: str) -> str:
     return self.entries[name][1]['dtype']
 
-  def get(self, name: str, row: int | None = None) -> np.ndarray:
-    """The tensor, or its `row` along the first axis alone (only those bytes are read): floats
-    in float32, uint8 (MXFP4 blocks and scales) as stored."""
+  def get(self, name: str, row: int | None = None,
+          span: tuple[int, int] | None = None) -> np.ndarray:
+    """The tensor, its `row` along the first axis alone, or its rows span[0]:span[1] (only
+    those bytes are read): floats in float32, uint8 (MXFP4 blocks and scales) as stored."""
     path, entry, start = self.entries[name]
     kinds = {**_NUMPY, **_RAW}
     if entry['dtype'] not in kinds:
@@ -116,9 +117,11 @@ class Reader:
     dtype = np.dtype(kinds[entry['dtype']])
     begin, end = entry['data_offsets']
     shape = list(entry['shape'])
-    if row is not None:
+    if row is not None or span is not None:
+      lo, hi = (row, row + 1) if span is None else span
       step = (end - begin) // shape[0]
-      begin, end, shape = begin + row * step, begin + (row + 1) * step, shape[1:]
+      begin, end = begin + lo * step, begin + hi * step
+      shape = shape[1:] if span is None else [hi - lo] + shape[1:]
     count = (end - begin) // dtype.itemsize
     if entry['dtype'] in _RAW:
       return np.fromfile(path, dtype=dtype, count=count, offset=start + begin).reshape(shape)
@@ -183,18 +186,22 @@ class Writer:
       for name, shape in shard:
         self.place[name] = (path, 8 + len(text) + header[name]['data_offsets'][0], tuple(shape))
       self.total += offset
-    self.written: set = set()             # names written whole or every row; (name, row)
+    self.written: set = set()             # names written whole or every row; (name, row, span)
     self.rows: dict[str, int] = {}        # rows written so far of tensors written by rows
 
-  def add(self, name: str, array: np.ndarray, row: int | None = None) -> None:
-    """Writes tensor `name`, or its `row` along the first axis (every row, once each)."""
+  def add(self, name: str, array: np.ndarray, row: int | None = None,
+          span: tuple[int, int] | None = None) -> None:
+    """Writes tensor `name`, its `row` along the first axis, or its rows span[0]:span[1] (every
+    row once, by rows or by spans)."""
     path, offset, shape = self.place[name]
-    want = shape if row is None else shape[1:]
-    key = name if row is None else (name, row)
+    want = (shape if row is None and span is None else shape[1:] if span is None
+            else (span[1] - span[0],) + shape[1:])
+    key = name if row is None and span is None else (name, row, span)
     if tuple(array.shape) != want or key in self.written:
       raise ValueError(f'{name}: shape {array.shape} (planned {want}) or written twice')
-    if row is not None:
-      offset += row * int(np.prod(want)) * self.dtype.itemsize
+    if row is not None or span is not None:
+      offset += (row if span is None else span[0]) * int(np.prod(shape[1:])) * \
+          self.dtype.itemsize
     rows = max(1, READ_PIECE // max(1, array[:1].size * self.dtype.itemsize)) if array.ndim else 1
     with open(path, 'r+b') as f:      # converted in pieces: no whole copy of a large tensor
       f.seek(offset)
@@ -202,8 +209,8 @@ class Writer:
         piece = array[lo:lo + rows] if array.ndim else array
         f.write(np.ascontiguousarray(piece, dtype=self.dtype).tobytes())
     self.written.add(key)
-    if row is not None:
-      self.rows[name] = self.rows.get(name, 0) + 1
+    if key != name:
+      self.rows[name] = self.rows.get(name, 0) + (1 if span is None else span[1] - span[0])
       if self.rows[name] == shape[0]:
         self.written.add(name)
 

@@ -7,8 +7,9 @@ tests/test_convert.py. Needs torch and transformers (not CI's requirements):
 
 Fixed seed, float32, eager attention. Every norm weight is moved off 1 and the vocabulary is
 not a multiple of 128, so a mapping or padding error shows in the logits. Shapes divide a 4x4
-mesh: 4 layers, 8 experts, 4 query heads (Qwen3: 8 heads of 8 over a 32-wide model, 4 key/value
-heads split over tp; Mixtral: 2 key/value heads, replicated over tp=4).
+mesh: 4 MoE layers (DeepSeek-V3 and Qwen2-MoE: after a dense one), 8 experts, 4 query heads
+(Qwen3: 8 heads of 8 over a 32-wide model, 4 key/value heads split over tp; Mixtral: 2
+key/value heads, replicated over tp=4).
 """
 import json
 import os
@@ -38,8 +39,9 @@ FAMILIES = {
     'qwen2_moe': transformers.Qwen2MoeConfig(
         moe_intermediate_size=F, shared_expert_intermediate_size=2 * F, intermediate_size=2 * F,
         num_attention_heads=4, num_key_value_heads=2, num_experts=EXPERTS, norm_topk_prob=False,
-        qkv_bias=True, rms_norm_eps=1e-6,
-        rope_parameters={'rope_theta': 1e6, 'rope_type': 'default'}, **COMMON),
+        qkv_bias=True, rms_norm_eps=1e-6, mlp_only_layers=[0],   # a dense first layer
+        rope_parameters={'rope_theta': 1e6, 'rope_type': 'default'},
+        **dict(COMMON, num_hidden_layers=LAYERS + 1)),
     # Every other layer windowed (4 of 16 positions), YaRN x4 over 8 positions, a clamp low
     # enough to bind on these activations; expert widths multiples of 32 (MXFP4 groups).
     'gpt_oss': transformers.GptOssConfig(
