@@ -75,13 +75,19 @@ def test_nothing_in_the_package_imports_the_repositorys_configs():
       assert not any(a.name.startswith('configs') for a in node.names), path
 
 
-def test_one_attention_module():
-  """Cached decoding uses the training model's attention, not a copy of it."""
+def test_one_block_module():
+  """Cached decoding runs the training model's block, not a copy of it or of its parts:
+  attention, norms, MLPs and the router's prefix and gates (routing.choose, routing.gates)."""
   decode = open(os.path.join(ROOT, 'model', 'decode.py')).read()
   imported = {a.name for node in ast.walk(ast.parse(decode)) if isinstance(node, ast.ImportFrom)
               and node.module == 'moejax.model.layers' for a in node.names}
-  assert 'Attention' in imported
-  assert 'dot_product_attention' not in decode and 'wqkv' not in decode
+  assert 'Block' in imported
+  for copy in ('dot_product_attention', 'wqkv', 'Attention', 'norm(', 'DenseMLP', 'dense_ffn',
+               'routing.', 'take_along_axis', 'expert_ffn'):
+    assert copy not in decode, copy
+  cached = open(os.path.join(ROOT, 'model', 'cached_moe.py')).read()
+  assert 'routing.choose(' in cached and 'routing.gates(' in cached
+  assert 'take_along_axis' not in cached and 'softmax' not in cached
 
 
 def test_no_large_tracked_files():

@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
 from moejax.errors import ConfigError
-from moejax.model import ffn as ffn_lib, routing
+from moejax.model import cached_moe, ffn as ffn_lib, routing
 from moejax.model import moe as moe_lib
 from moejax.model.positions import Yarn, rope
 from moejax.parallel import mesh as mesh_lib, remat, vocab
@@ -413,15 +413,18 @@ def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> 
 class MoE(nn.Module):
   """Top-k Mixture-of-Experts feed-forward, expert-parallel over tp.
 
-  Returns (y [B, T, D], per-part routing stats with leading axes [B', nG]: moe.moe's parts).
+  Returns (y [B, T, D], per-part routing stats with leading axes [B', nG]: moe.moe's parts);
+  decoding over a cache (`history`), (y, the history holding these tokens' choices too).
   """
   cfg: ModelConfig
   train: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array | None = None
-               ) -> tuple[jax.Array, routing.GroupStats]:
-    """valid [B, T] (packed rows): padding takes no capacity and no part in the stats."""
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None,
+               history: jax.Array | None = None, start: jax.Array | int = 0):
+    """valid [B, T] (packed rows): padding takes no capacity and no part in the stats.
+    history [K_, B, L]: every cached position's choices (cached_moe); start: x's first
+    position in it."""
     c = self.cfg
     e, d, f = c.num_experts, c.d_model, c.d_ff
     ax = moe_lib.WEIGHT_AXES
@@ -445,12 +448,15 @@ class MoE(nn.Module):
       # init only declares parameters (outputs are discarded); skipping the expert shard_map
       # keeps init independent of how the example input divides over the mesh.
       return jnp.zeros_like(x), None
-    settings = moe_lib.MoESettings.of(c, self.train)
-    rng = self.make_rng('dropout') if settings.dropout_rate > 0.0 else jax.random.key(0)
-    y, stats = moe_lib.moe(w, x, rng, settings, valid)
+    if history is not None:
+      y, out = cached_moe.cached_moe(w, x, history, start, c)
+    else:
+      settings = moe_lib.MoESettings.of(c, self.train)
+      rng = self.make_rng('dropout') if settings.dropout_rate > 0.0 else jax.random.key(0)
+      y, out = moe_lib.moe(w, x, rng, settings, valid)
     if shared is not None:
-      y = y + dense_ffn(shared, x, c, RESIDUAL)
-    return y, stats
+      y = y + dense_ffn(shared, x, c, RESIDUAL if history is None else TOKENS)
+    return y, out
 
   def _shared_weights(self) -> ffn_lib.SharedWeights | None:
     """The shared expert's weights (None without one), declared after the routed experts'."""
@@ -506,27 +512,38 @@ def dense_ffn(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig, out_axes
 
 class Block(nn.Module):
   """Pre-norm transformer block: x += attn(norm(x)); x += moe(norm(x)) (a dense block: x +=
-  mlp(norm(x)), and no routing stats)."""
+  mlp(norm(x)), and no routing stats). Training, evaluation and cached decoding run it."""
   cfg: ModelConfig
   train: bool
   dense: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-               segments: jax.Array | None = None, layer: jax.Array | int = 0
-               ) -> tuple[jax.Array, routing.GroupStats]:
+               segments: jax.Array | None = None, layer: jax.Array | int = 0,
+               cache: tuple | None = None, start: jax.Array | int = 0):
     """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding);
-    layer: the block's index in the model."""
+    layer: the block's index in the model. Returns (y, routing stats; None for a dense block).
+    Decoding: cache (keys, values[, routing history]) of positions before `start`, and
+    returns (y, that cache holding x's tokens too)."""
     c = self.cfg
+    layout = RESIDUAL if cache is None else TOKENS
     with jax.named_scope('attention'):
-      x = x + Attention(c, name='attn')(norm(c, 'ln1')(x), positions, segments, layer=layer)
+      h = norm(c, 'ln1')(x)
+      if cache is None:
+        x = x + Attention(c, name='attn')(h, positions, segments, layer=layer)
+      else:
+        y, kv = Attention(c, name='attn')(h, cache=KVCache(*cache[:2]), start=start, layer=layer)
+        x = x + y
+    h = norm(c, 'ln2')(x)
     if self.dense:
       with jax.named_scope('mlp'):
-        return constrain(x + DenseMLP(c, name='mlp')(norm(c, 'ln2')(x)), RESIDUAL), None
+        x = constrain(x + DenseMLP(c, name='mlp')(h), layout)
+      return x, (None if cache is None else tuple(kv))
     valid = None if segments is None else segments != 0
     with jax.named_scope('moe'):
-      y, stats = MoE(c, self.train, name='moe')(norm(c, 'ln2')(x), valid)
-    return constrain(x + y, RESIDUAL), stats
+      y, out = MoE(c, self.train, name='moe')(h, valid, *([] if cache is None else
+                                                           [cache[2], start]))
+    return constrain(x + y, layout), (out if cache is None else tuple(kv) + (out,))
 
 
 class MtpDepth(nn.Module):

@@ -90,8 +90,6 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
     wanted = jnp.sum(onehot, axis=1, keepdims=True)                    # [G, 1, S, E] 0/1
     onehot = _choices(expert, num_experts, valid)
     rerouted = jnp.sum(onehot * (1 - wanted), axis=(1, 2, 3))          # [G]
-  gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [G, S, K]
-  gate, expert = gate.transpose(0, 2, 1), expert.transpose(0, 2, 1)    # [G, K, S]
   g, k, s, e = onehot.shape
   flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
   part = _statistics(onehot, preferred, probs, logits, valid)          # [G, K*E + 2E + 2]
@@ -99,7 +97,9 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   keep = slot < capacity
   if valid is not None:
     keep = keep & valid[:, None, :]
-  gate = _normalize(gate, keep, normalize_gates) * scoring.scale
+  gate = gates(probs, expert, keep.transpose(0, 2, 1), normalize_gates,
+               scoring.scale).transpose(0, 2, 1)                       # [G, K, S]
+  expert = expert.transpose(0, 2, 1)                                   # [G, K, S]
   assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   aux, z = _losses(whole, k, e)                                        # [G] each
@@ -168,14 +168,18 @@ def _slots(flat: jax.Array, part: jax.Array, share, k: int) -> tuple[jax.Array, 
   return jnp.sum(position * flat, axis=-1).reshape(g, k, s), whole
 
 
-def _normalize(gate: jax.Array, keep: jax.Array, normalize_gates: bool | str) -> jax.Array:
-  """Gates [G, K, S] renormalised per token: True or 'kept' over the kept ones (after
-  capacity), 'top_k' over every choice (before capacity), False or 'none' not at all."""
+def gates(probs: jax.Array, expert: jax.Array, keep: jax.Array, normalize_gates: bool | str,
+          scale: float) -> jax.Array:
+  """The gates [..., K] of the chosen experts [..., K] (keep [..., K]: within capacity): their
+  scores probs [..., E], renormalised per token (True or 'kept': over the kept ones, after
+  capacity; 'top_k': over every choice, before capacity; False or 'none': not at all), times
+  `scale`. Training's routing and cached decoding both take their gates from here."""
+  gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [..., K]
   over = 'kept' if normalize_gates is True else (normalize_gates or 'none')
-  if over == 'none':
-    return gate
-  norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)  # [G, K, S]
-  return norm_gate / jnp.maximum(jnp.sum(norm_gate, axis=1, keepdims=True), 1e-9)
+  if over != 'none':
+    norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)
+    gate = norm_gate / jnp.maximum(jnp.sum(norm_gate, axis=-1, keepdims=True), 1e-9)
+  return gate * scale
 
 
 def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> jax.Array:
