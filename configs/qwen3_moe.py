@@ -15,13 +15,14 @@ from configs import defaults
 VARIANTS = {
     'tiny': dict(vocab_size=256, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
                  head_dim=16, num_hidden_layers=8, num_experts=16, num_experts_per_tok=2,
-                 moe_intermediate_size=64, rms_norm_eps=1e-6, rope_theta=1e6,
-                 max_position_embeddings=64, router_aux_loss_coef=0.001, norm_topk_prob=True),
+                 moe_intermediate_size=64, intermediate_size=128, rms_norm_eps=1e-6,
+                 rope_theta=1e6, max_position_embeddings=64, router_aux_loss_coef=0.001,
+                 norm_topk_prob=True),
     '30b-a3b': dict(vocab_size=151936, hidden_size=2048, num_attention_heads=32,
                     num_key_value_heads=4, head_dim=128, num_hidden_layers=48, num_experts=128,
-                    num_experts_per_tok=8, moe_intermediate_size=768, rms_norm_eps=1e-6,
-                    rope_theta=1e6, max_position_embeddings=40960, router_aux_loss_coef=0.001,
-                    norm_topk_prob=True),
+                    num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+                    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
+                    router_aux_loss_coef=0.001, norm_topk_prob=True),
 }
 
 

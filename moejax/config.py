@@ -167,8 +167,12 @@ class ModelConfig:
   # SwiGLU (moe.ffn) MLP of dense_d_ff hidden units split over tp; they run on each micro-batch
   # before the pipeline (micro-batches split over pp), their params replicated over pp.
   dense_blocks: int = key('model.dense_blocks', COUNT, default=0)
-  # Hidden width of the dense blocks' MLP (see dense_blocks).
+  # Hidden width of the dense blocks' MLP (see dense_blocks, dense_per_block).
   dense_d_ff: int = key('model.dense_d_ff', COUNT, default=0)
+  # Dense layers inside each (MoE) block, before its own attention and MoE: every block is this
+  # many dense layers (attention and an MLP of dense_d_ff) then one MoE layer (Qwen's
+  # decoder_sparse_step - 1); pipelined with the block.
+  dense_per_block: int = key('model.dense_per_block', COUNT, default=0)
   # Multi-token prediction (DeepSeek-V3 section 2.2) when mtp_depth > 0: depth d (1..mtp_depth)
   # joins the previous depth's hidden state (the last block's at d=1) and the embedding of token
   # t+d, each normalised (model.norm), by a [2D, D] projection, runs one MoE block and predicts token
@@ -251,10 +255,21 @@ class ModelConfig:
       scale *= (0.1 * self.softmax_mscale * math.log(self.rope_factor) + 1.0) ** 2
     return scale
 
-  def windowed(self, block: int) -> bool:
-    """Whether block `block` attends within the sliding window."""
+  def windowed(self, layer: int) -> bool:
+    """Whether layer `layer` (block_layer numbering) attends within the sliding window."""
     pattern = self.window_pattern or 'S'
-    return self.sliding_window > 0 and pattern[block % len(pattern)] == 'S'
+    return self.sliding_window > 0 and pattern[layer % len(pattern)] == 'S'
+
+  def block_layer(self, block):
+    """The model's layer index (Hugging Face's numbering) of block `block`'s first layer: the
+    dense blocks are layers 0..dense_blocks-1, each block then dense_per_block + 1 layers (its
+    MoE layer last), the multi-token-prediction depths the layers after them."""
+    return self.dense_blocks + block * (self.dense_per_block + 1)
+
+  @property
+  def num_layers(self) -> int:
+    """Layers of the model (multi-token-prediction depths not counted)."""
+    return self.block_layer(self.num_blocks)
 
   @property
   def gate_norm(self) -> str:

@@ -138,6 +138,9 @@ def _check_model_values(errors: list[str], m: ModelConfig) -> None:
   _check(errors, not m.mtp_depth or m.positions == 'rope',
          f'model.mtp_depth={m.mtp_depth} needs rotary positions: set model.positions=rope '
          '(a depth embeds token t+d at position t, which a learned table would misplace).')
+  _check(errors, not (m.dense_blocks or m.dense_per_block) or m.dense_d_ff > 0,
+         f'model.dense_blocks={m.dense_blocks} / model.dense_per_block={m.dense_per_block} '
+         'need the dense MLP\'s width: set model.dense_d_ff.')
   _check(errors, m.positions != 'rope' or m.head_dim % 2 == 0,
          f'model.head_dim={m.head_dim} must be even for rotary positions (model.positions=rope).')
   from moejax.convert.families import FAMILIES

@@ -6,7 +6,8 @@ group by routing group; nothing is vectorised that could hide a mistake the mode
 
   embed:  x = tok[id] + pos[t]          (rotary positions: x = tok[id]; q, k rotated)
   block:  x += attn(ln1(x)) ; x += moe(ln2(x))          (GPT-2 pre-LN block; or RMSNorm)
-          (dense blocks first: x += attn(ln1(x)) ; x += silu(ln2(x) W1) * (ln2(x) W3) W2)
+          (dense blocks first, and each block's own before its MoE layer:
+           x += attn(ln1(x)) ; x += silu(ln2(x) W1) * (ln2(x) W3) W2)
   attn:   q,k,v = x Wq + bq, ... ; (QK-norm) ; causal softmax(q k^T / sqrt(H)) v ; concat heads ;
           Wo + bo   (grouped-query: query head n reads key/value head n // (N/K))
           (sinks: each row's softmax denominator also holds exp(sink[n]); a sliding window W:
@@ -275,7 +276,8 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
   dense = params.get('dense_blocks', {})
   num_dense = dense['ln1']['scale'].shape[0] if dense else 0
   num_blocks = blocks['ln1']['scale'].shape[0]
-  block = lambda b: {name: {k: v[b] for k, v in sub.items()} for name, sub in blocks.items()}
+  at = lambda tree, i: {k: at(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
+  block = lambda b: at(blocks, b)
   inputs, labels = tokens[..., :-1], tokens[..., 1:]
   m, bsz, t = inputs.shape
   logits = np.zeros((m, bsz, t, vocab_size))
@@ -301,17 +303,23 @@ def forward(params: dict, tokens: np.ndarray, *, vocab_size: int, group_size: in
       kept, assigned = kept + kk, assigned + aa
     return x + y.reshape(bsz, t, -1), kept, assigned
 
+  def dense_block(x, p):
+    """x [B, T, D] through a dense block: attention, then a SwiGLU MLP."""
+    for bi in range(bsz):
+      x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch)
+      h = norm(x[bi], p['ln2'], eps)
+      first = h @ p['mlp']['w1']
+      x[bi] = x[bi] + (first / (1.0 + np.exp(-first)) * (h @ p['mlp']['w3'])) @ p['mlp']['w2']
+
   for mi in range(m):
     x = emb['tok'][inputs[mi]] + (emb['pos'][:t] if 'pos' in emb else 0.0)  # [B, T, D]
-    for nd in range(num_dense):       # dense blocks first: attention, then a SwiGLU MLP
-      p = {name: {k: v[nd] for k, v in sub.items()} for name, sub in dense.items()}
-      for bi in range(bsz):
-        x[bi] = x[bi] + attention(norm(x[bi], p['ln1'], eps), p['attn'], arch)
-        h = norm(x[bi], p['ln2'], eps)
-        first = h @ p['mlp']['w1']
-        x[bi] = x[bi] + (first / (1.0 + np.exp(-first)) * (h @ p['mlp']['w3'])) @ p['mlp']['w2']
-    for nb in range(num_blocks):
-      x, k_, a_ = moe_block(x, block(nb), nb, aux[nb, mi], z[nb, mi])
+    for nd in range(num_dense):       # dense blocks first
+      dense_block(x, at(dense, nd))
+    for nb in range(num_blocks):      # each block: its own dense blocks, then its MoE layer
+      p = block(nb)
+      for i in range(sum(name.startswith('dense_') for name in p)):
+        dense_block(x, p[f'dense_{i}'])
+      x, k_, a_ = moe_block(x, p, nb, aux[nb, mi], z[nb, mi])
       kept, assigned = kept + k_, assigned + a_
     hidden[mi] = x
     logits[mi] = norm(x, head['ln_f'], eps) @ head['w'][:, :vocab_size]

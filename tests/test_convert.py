@@ -212,24 +212,35 @@ def test_the_mapping_uses_every_tensor_and_fills_every_parameter_once():
 
 @pytest.mark.quick
 @pytest.mark.parametrize('family', ['qwen2_moe', 'qwen3_moe'])
-def test_qwens_dense_layers_come_first_or_are_refused(family):
+def test_qwens_dense_layers_import_and_export_or_are_refused(family):
   """Qwen's dense layers (mlp_only_layers, and decoder_sparse_step: layer i is MoE when
-  (i + 1) % step == 0): a leading run becomes model.dense_blocks and exports back as
-  mlp_only_layers; dense layers after an MoE layer are one error naming them."""
+  (i + 1) % step == 0): a leading run becomes model.dense_blocks, a run before every MoE layer
+  model.dense_per_block, and both export back to keys that place the same layers; any other
+  placement is one error naming the dense layers."""
   hf = families.read_hf_config(os.path.join(DATA, family))
-  hf.update(num_hidden_layers=6, mlp_only_layers=[1, 0], decoder_sparse_step=1)
-  keys = families.model_keys(hf)
-  assert (keys['model.dense_blocks'], keys['model.num_blocks']) == (2, 4)
-  assert keys['model.dense_d_ff'] == hf['intermediate_size']
-  m = config_lib.model_config(ml_collections.ConfigDict(families.sections(hf)))
-  back = families.hf_config(families.FAMILIES[family], m)
-  assert (back['mlp_only_layers'], back['decoder_sparse_step']) == ([0, 1], 1)
-  assert back['intermediate_size'] == hf['intermediate_size']
-  for bad, dense in [({'decoder_sparse_step': 2, 'mlp_only_layers': []}, r'\[0, 2, 4\]'),
-                     ({'mlp_only_layers': [0, 3]}, r'\[0, 3\]'),
-                     ({'mlp_only_layers': list(range(6))}, r'\[0, 1, 2, 3, 4, 5\]')]:
-    with pytest.raises(ConfigError, match=rf'layers {dense} of 0..5 dense .*only first'):
-      families.model_keys({**hf, **bad})
+  cases = [  # (keys, dense_blocks, dense_per_block, num_blocks, exported keys)
+      ({'mlp_only_layers': [1, 0], 'decoder_sparse_step': 1}, 2, 0, 4, ([0, 1], 1)),
+      ({'mlp_only_layers': [], 'decoder_sparse_step': 2}, 0, 1, 3, ([], 2)),
+      ({'mlp_only_layers': [1], 'decoder_sparse_step': 2}, 2, 1, 2, ([1], 2)),
+      ({'mlp_only_layers': [0, 1, 2, 4], 'decoder_sparse_step': 1}, 2, 1, 2, ([1], 2)),
+      ({'mlp_only_layers': [0, 1, 2, 3, 4], 'decoder_sparse_step': 1}, 5, 0, 1, ([0, 1, 2, 3, 4], 1)),
+      ({'mlp_only_layers': [0, 1, 3], 'decoder_sparse_step': 1}, 0, 0, 0, None),
+      ({'mlp_only_layers': [], 'decoder_sparse_step': 4}, 0, 0, 0, None),   # 4, 5 dense last
+      ({'mlp_only_layers': list(range(6)), 'decoder_sparse_step': 1}, 0, 0, 0, None)]
+  for keys, dense, between, blocks, exported in cases:
+    case = {**hf, 'num_hidden_layers': 6, **keys}
+    if exported is None:
+      with pytest.raises(ConfigError, match=r'makes layers \[.*\] of 0..5 dense .*last layer'):
+        families.model_keys(case)
+      continue
+    got = families.model_keys(case)
+    assert (got['model.dense_blocks'], got['model.dense_per_block'],
+            got['model.num_blocks'], got['model.dense_d_ff']) == (
+                dense, between, blocks, hf['intermediate_size']), keys
+    m = config_lib.model_config(ml_collections.ConfigDict(families.sections(case)))
+    back = families.hf_config(families.FAMILIES[family], m)
+    assert (back['mlp_only_layers'], back['decoder_sparse_step']) == exported, keys
+    assert back['num_hidden_layers'] == 6 and back['intermediate_size'] == hf['intermediate_size']
 
 
 def test_own_family_export_and_conflicting_overrides_are_refused(tmp_path):

@@ -20,10 +20,15 @@ def independent(hf: dict, seq: int) -> float:
   e = hf.get('num_experts', hf.get('num_local_experts'))
   f = hf.get('moe_intermediate_size', hf.get('intermediate_size'))
   k = hf['num_experts_per_tok']
-  per_layer = d * n * h + 2 * d * kv * h + n * h * d + d * e + k * 3 * d * f
+  attention = d * n * h + 2 * d * kv * h + n * h * d
+  per_layer = attention + d * e + k * 3 * d * f
   if 'shared_expert_intermediate_size' in hf:
     per_layer += 3 * d * hf['shared_expert_intermediate_size'] + d
-  active = hf['num_hidden_layers'] * per_layer + d * hf['vocab_size']
+  # Qwen's dense layers: attention and a SwiGLU MLP of intermediate_size.
+  only, step = set(hf.get('mlp_only_layers') or []), hf.get('decoder_sparse_step') or 1
+  dense_layer = attention + 3 * d * hf.get('intermediate_size', 0)
+  active = sum(per_layer if i not in only and (i + 1) % step == 0 else dense_layer
+               for i in range(hf['num_hidden_layers'])) + d * hf['vocab_size']
   # Each layer's keys per query, summed over the T queries of a sequence and divided by T:
   # T/2 causal (the convention), sum_t min(t + 1, W) / T with a sliding window W.
   window = hf.get('sliding_window')
@@ -77,6 +82,20 @@ def test_each_familys_flops_match_an_independent_count(family, variant):
   c.data.seq_len = SEQ
   ours = flops.flops_per_token(c)
   assert ours == pytest.approx(independent(hf, SEQ), rel=0.01)
+
+
+@pytest.mark.parametrize('family,variant', [('qwen2_moe', 'a2.7b'), ('qwen3_moe', '30b-a3b')])
+def test_qwens_dense_layers_are_counted(family, variant, tmp_path):
+  """Layers 0, 1 and every other one after them dense (mlp_only_layers=[1],
+  decoder_sparse_step=2): dense first layers and a dense layer inside each block."""
+  import json
+  hf = dict(importlib.import_module(f'configs.{family}').VARIANTS[variant],
+            mlp_only_layers=[1], decoder_sparse_step=2, model_type=family)
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  c = shapes.load(f'configs/{family}.py', str(tmp_path))
+  assert (c.model.dense_blocks, c.model.dense_per_block) == (2, 1)
+  c.data.seq_len = SEQ
+  assert flops.flops_per_token(c) == pytest.approx(independent(hf, SEQ), rel=0.01)
 
 
 def test_the_seeds_model_counts_its_two_gelu_matrices_and_its_head():

@@ -256,10 +256,12 @@ BLOCK_OPTIONS = {
                     'moe.selection_bias': True, 'moe.expert_groups': 4, 'moe.top_groups': 2,
                     'moe.routed_scale': 2.5, 'moe.normalize_gates': True,
                     'moe.normalize_gates_over': 'top_k', 'moe.shared_d_ff': 16, 'moe.top_k': 2},
-    # Qwen2-MoE: a gated shared expert (its hidden units split over tp), q/k/v biases only.
+    # Qwen2-MoE: a gated shared expert (its hidden units split over tp), q/k/v biases only; a
+    # dense first layer and a dense layer inside each pipelined block (decoder_sparse_step 2).
     'qwen2_moe': {'model.norm': 'rmsnorm', 'model.positions': 'rope', 'model.attn_out_bias': False,
                   'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.shared_d_ff': 32,
-                  'moe.shared_gate': True, 'moe.top_k': 2},
+                  'moe.shared_gate': True, 'moe.top_k': 2, 'model.dense_blocks': 1,
+                  'model.dense_per_block': 1, 'model.dense_d_ff': 40},
 }
 
 

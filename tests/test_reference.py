@@ -160,6 +160,12 @@ ARCHES = {
               'model.positions': 'rope', 'model.rope_base': 1e6, 'model.attn_out_bias': False,
               'moe.ffn': 'swiglu', 'moe.expert_bias': False, 'moe.shared_d_ff': 24,
               'moe.shared_gate': True},
+    # with Qwen's dense layers: one first, one inside each block before its MoE layer
+    'qwen2_dense': {'model.norm': 'rmsnorm', 'model.norm_eps': 1e-6, 'model.num_kv_heads': 2,
+                    'model.positions': 'rope', 'model.rope_base': 1e6,
+                    'model.attn_out_bias': False, 'moe.ffn': 'swiglu', 'moe.expert_bias': False,
+                    'moe.shared_d_ff': 24, 'moe.shared_gate': True, 'model.dense_blocks': 1,
+                    'model.dense_per_block': 1, 'model.dense_d_ff': 40},
     # GPT-OSS: sinks, every other block windowed (4 of 32 positions), YaRN, biases everywhere
     # (router too), the clamped SwiGLU with a limit low enough to bind.
     'gpt_oss': {'model.norm': 'rmsnorm', 'model.num_kv_heads': 2, 'model.positions': 'rope',

@@ -164,24 +164,50 @@ def _refuse_unsupported(hf: dict[str, Any], family: Family) -> None:
                       f'not have: {"; ".join(bad)}.')
 
 
-def _dense_first(hf: dict[str, Any], family: Family) -> int:
-  """How many dense layers come before the MoE layers: DeepSeek-V3's first_k_dense_replace, or
-  the layers Qwen's mlp_only_layers and decoder_sparse_step (layer i is MoE when (i + 1) % step
-  is 0) leave dense, which moejax's model places only first."""
+def _dense_layers(hf: dict[str, Any], family: Family) -> tuple[int, int]:
+  """(dense first layers, dense layers before each MoE layer): DeepSeek-V3's
+  first_k_dense_replace, or the layers Qwen's mlp_only_layers and decoder_sparse_step (layer i
+  is MoE when (i + 1) % step is 0) leave dense, which must be a leading run and then a repeating
+  run before each MoE layer (moejax's model.dense_blocks and model.dense_per_block)."""
   if family.dense_layers == 'first_k_dense_replace':
-    return hf.get('first_k_dense_replace') or 0
+    return hf.get('first_k_dense_replace') or 0, 0
   if family.dense_layers != 'mlp_only_layers':
-    return 0
+    return 0, 0
   n, step = hf['num_hidden_layers'], hf.get('decoder_sparse_step') or 1
   only = set(hf.get('mlp_only_layers') or [])
-  dense = [i for i in range(n) if i in only or (i + 1) % step]
-  if dense != list(range(len(dense))) or len(dense) == n:
+  moe = [i for i in range(n) if i not in only and (i + 1) % step == 0]
+  between = moe[1] - moe[0] - 1 if len(moe) > 1 else 0
+  first = moe[0] - between if moe else -1
+  if first < 0 or moe != [first + b * (between + 1) + between for b in range(len(moe))] or (
+      moe[-1] != n - 1):
+    dense = sorted(set(range(n)) - set(moe))
     raise ConfigError(
         f'config.json makes layers {dense} of 0..{n - 1} dense (mlp_only_layers='
-        f'{sorted(only)}, decoder_sparse_step={step}): moejax\'s model has dense layers only '
-        f'first, before at least one MoE layer (mlp_only_layers=[0, ..., k-1], '
-        f'decoder_sparse_step=1).')
-  return len(dense)
+        f'{sorted(only)}, decoder_sparse_step={step}): moejax\'s model has dense layers first '
+        f'and the same number before each MoE layer, the last layer MoE.')
+  return first, between
+
+
+def _qwen_dense_keys(m) -> dict[str, Any]:
+  """Qwen's decoder_sparse_step and mlp_only_layers for moejax's dense layers (the step the
+  repeating run gives where the first run is a whole number of its periods, else 1)."""
+  step = m.dense_per_block + 1
+  step = 1 if m.dense_blocks % step else step
+  moe = {m.block_layer(b) + m.dense_per_block for b in range(m.num_blocks)}
+  return {'decoder_sparse_step': step,
+          'mlp_only_layers': [i for i in range(m.num_layers)
+                              if i not in moe and (i + 1) % step == 0]}
+
+
+def _layer_keys(hf: dict[str, Any], family: Family) -> dict[str, Any]:
+  """model.num_blocks (the MoE layers), dense_blocks, dense_per_block and dense_d_ff."""
+  dense, between = _dense_layers(hf, family)
+  if (dense or between) and not hf.get('intermediate_size'):
+    raise ConfigError('config.json has dense layers but no intermediate_size (their MLP\'s '
+                      'width); add it.')
+  return {'model.num_blocks': (hf['num_hidden_layers'] - dense) // (between + 1),
+          'model.dense_blocks': dense, 'model.dense_per_block': between,
+          'model.dense_d_ff': hf['intermediate_size'] if dense or between else 0}
 
 
 def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
@@ -194,10 +220,11 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
   if renorm is None:
     renorm = bool(hf.get('norm_topk_prob', False))
   latent = family.latent
-  dense = _dense_first(hf, family)
+  layers = _layer_keys(hf, family)
   shared = (hf.get('n_shared_experts', 0) * hf['moe_intermediate_size'] if latent
             else hf.get('shared_expert_intermediate_size', 0) if family.shared_expert else 0)
   return {
+      **layers,
       'model.vocab_size': hf['vocab_size'],
       'model.d_model': hf['hidden_size'],
       'model.num_heads': heads,
@@ -208,10 +235,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'model.rope_head_dim': hf['qk_rope_head_dim'] if latent else 0,
       'model.v_head_dim': hf['v_head_dim'] if latent else 0,
       'model.num_kv_heads': hf.get('num_key_value_heads') or heads,
-      'model.num_blocks': hf['num_hidden_layers'] - dense,
-      'model.dense_blocks': dense,
       'model.mtp_depth': (hf.get('num_nextn_predict_layers') or 0) if latent else 0,
-      'model.dense_d_ff': hf['intermediate_size'] if dense else 0,
       'model.max_len': hf.get('max_position_embeddings', 4096),
       'model.positions': 'rope',
       **_rope_keys(hf),
@@ -240,7 +264,7 @@ def model_keys(hf: dict[str, Any]) -> dict[str, Any]:
       'moe.normalize_gates': renorm,
       'moe.normalize_gates_over': 'top_k',
       'moe.aux_loss_weight': (float(hf.get('router_aux_loss_coef', 0.0)) * top_k
-                              / (hf['num_hidden_layers'] - dense)),
+                              / layers['model.num_blocks']),
       'moe.shared_d_ff': int(shared),
       'moe.shared_gate': bool(family.shared_expert) and not latent,
   }
@@ -273,7 +297,7 @@ def hf_config(family: Family, m) -> dict[str, Any]:
       'architectures': [family.architecture], 'model_type': family.name,
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'num_attention_heads': m.num_heads,
       'num_key_value_heads': m.kv_heads, 'head_dim': m.head_dim,
-      'num_hidden_layers': m.dense_blocks + m.num_blocks, 'max_position_embeddings': m.max_len,
+      'num_hidden_layers': m.num_layers, 'max_position_embeddings': m.max_len,
       'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_base,
       'rope_parameters': {'rope_theta': m.rope_base, 'rope_type': 'default'},
       'attention_bias': m.attn_bias, 'hidden_act': 'silu', 'tie_word_embeddings': False,
@@ -309,18 +333,16 @@ def hf_config(family: Family, m) -> dict[str, Any]:
     out.update(num_local_experts=m.num_experts, intermediate_size=m.d_ff,
                sliding_window=m.sliding_window, swiglu_limit=m.swiglu_limit,
                swiglu_alpha=m.swiglu_alpha,
-               layer_types=[letters['S' if m.windowed(b) else 'F'] for b in range(m.num_blocks)])
+               layer_types=[letters['S' if m.windowed(i) else 'F'] for i in range(m.num_layers)])
   elif family.name == 'qwen3_moe':
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
                intermediate_size=m.dense_d_ff or m.d_ff, norm_topk_prob=m.normalize_gates,
-               decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_blocks)),
-               use_sliding_window=False)
+               use_sliding_window=False, **_qwen_dense_keys(m))
   elif family.name == 'qwen2_moe':
     out.update(num_experts=m.num_experts, moe_intermediate_size=m.d_ff,
                shared_expert_intermediate_size=m.shared_d_ff,
                intermediate_size=m.dense_d_ff or m.shared_d_ff, norm_topk_prob=m.normalize_gates,
-               decoder_sparse_step=1, mlp_only_layers=list(range(m.dense_blocks)),
-               use_sliding_window=False, qkv_bias=m.attn_bias)
+               use_sliding_window=False, qkv_bias=m.attn_bias, **_qwen_dense_keys(m))
     del out['attention_bias']
   else:
     out.update(num_experts=m.num_experts, intermediate_size=m.d_ff,
@@ -351,6 +373,9 @@ def check_exportable(family: Family | None, m) -> None:
     bad.append(f'attn_out_bias={m.attn_out_bias} (needs {family.attn_out_bias})')
   if m.dense_blocks and not family.dense_layers:
     bad.append(f'dense_blocks={m.dense_blocks} ({family.name} has no dense layers)')
+  if m.dense_per_block and family.dense_layers != 'mlp_only_layers':
+    bad.append(f'dense_per_block={m.dense_per_block} ({family.name} has dense layers only '
+               'first)')
   if family.latent and not m.latent:
     bad.append('kv_lora_rank=0 (DeepSeek-V3 attention is MLA)')
   if bool(m.shared_d_ff) != bool(family.shared_expert) or m.shared_gate != (

@@ -89,7 +89,7 @@ def mtp_tensors(reader: Reader, m: ModelConfig, family: families.Family) -> list
   LM head, embed_tokens and shared_head.head, too: they are the model's)."""
   if not family.latent:
     return []
-  layers = m.dense_blocks + m.num_blocks
+  layers = m.num_layers
   match = lambda n: re.match(r'model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)?', n)
   return [n for n in reader.names() if match(n) and (
       int(match(n).group(1)) >= layers + m.mtp_depth or
@@ -101,7 +101,7 @@ def with_mtp_found(config: ml_collections.ConfigDict, reader: Reader
   """The imported config with model.mtp_depth 0 where config.json names MTP modules that the
   checkpoint does not hold (transformers saves none), and a note saying so ('' otherwise)."""
   m = config_lib.model_config(config)
-  if not m.mtp_depth or any(n.startswith(f'model.layers.{m.dense_blocks + m.num_blocks}.eh_proj')
+  if not m.mtp_depth or any(n.startswith(f'model.layers.{m.num_layers}.eh_proj')
                             for n in reader.names()):
     return config, ''
   config = ml_collections.ConfigDict(config.to_dict())
@@ -158,7 +158,7 @@ def import_notes(hf_dir: str) -> list[str]:
     notes.append('The MXFP4 experts were dequantized to float32.')
   config, missing = with_mtp_found(imported_config(hf), reader)
   m = config_lib.model_config(config)
-  layers = m.dense_blocks + m.num_blocks + m.mtp_depth
+  layers = m.num_layers + m.mtp_depth
   mtp = [n for n in mtp_tensors(reader, m, family) if int(n.split('.')[2]) >= layers]
   if missing:
     notes.append(missing)

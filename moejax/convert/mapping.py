@@ -106,11 +106,16 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
            _one(lambda a: _t(a).reshape(n, h, d)), _one(lambda a: _t(a.reshape(n * h, d)))),
   ]
   out = _attention_rules(m, out, attn)
-  if m.dense_blocks:   # the first layers: the same attention and norms, then a dense MLP
-    out += _dense_rules(m, [r for r in out if r.scope == 'block'], layer + 'mlp.')
-  out += _moe_rules(m, family, layer, fused_experts, quantized)
+  block_rules = [r for r in out if r.scope == 'block']
+  # Dense layers (the first ones; each block's own before its MoE layer): the same attention
+  # and norms, then a dense MLP.
+  for prefix in ([('dense_blocks',)] if m.dense_blocks else []) + [
+      ('blocks', f'dense_{i}') for i in range(m.dense_per_block)]:
+    out += _dense_rules(m, block_rules, layer + 'mlp.', prefix)
+  moe = _moe_rules(m, family, layer, fused_experts, quantized)
+  out += moe
   if m.mtp_depth:      # the layers after the model's: a block each, and what joins it
-    out += _mtp_rules(m, [r for r in out if r.paths[0][0] == 'blocks'], layer)
+    out += _mtp_rules(m, block_rules + moe, layer)
   return out
 
 
@@ -252,15 +257,17 @@ def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
       row((w('b2'),), (experts + 'down_proj_bias',), same, same)]
 
 
-def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str) -> list[Rule]:
-  """The dense blocks' rules: each block rule's copy for ('dense_blocks', ...) params, and the
-  MLP's Linear weights (gate_proj, up_proj, down_proj)."""
-  dense = lambda path: ('dense_blocks',) + path[1:]
+def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str, prefix: Path
+                 ) -> list[Rule]:
+  """Dense blocks' rules: each block rule's copy for the params under `prefix`
+  (('dense_blocks',), or a block's own ('blocks', 'dense_I')), and the MLP's Linear weights
+  (gate_proj, up_proj, down_proj)."""
+  dense = lambda path: prefix + path[1:]
   out = [dataclasses.replace(r, paths=tuple(dense(p) for p in r.paths)) for r in block_rules]
   names = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
   if m.ffn == 'gelu':
     del names['w3']
-  return out + [Rule((('dense_blocks', 'mlp', path),), (f'{mlp}{name}.weight',), 'block',
+  return out + [Rule((prefix + ('mlp', path),), (f'{mlp}{name}.weight',), 'block',
                      _one(_t), _one(_t)) for path, name in names.items()]
 
 
@@ -312,21 +319,29 @@ def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
                      lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
 
 
+def _layers(path: Path, m: ModelConfig) -> tuple[int, int, int]:
+  """(first, step, count): the Hugging Face layers of a block parameter's applications, as
+  ModelConfig.block_layer numbers them (the dense blocks first, then each block's own dense
+  blocks and its MoE layer, then the multi-token-prediction depths)."""
+  if path[0] == 'dense_blocks':
+    return 0, 1, m.dense_blocks
+  if path[0] == 'mtp':
+    return m.num_layers, 1, m.mtp_depth
+  own = int(path[1][len('dense_'):]) if path[1].startswith('dense_') else m.dense_per_block
+  return m.block_layer(0) + own, m.dense_per_block + 1, m.num_blocks
+
+
 def uses(table: list[Rule], m: ModelConfig) -> Iterator[Use]:
-  """Every application of every rule, blocks in order: the dense blocks are Hugging Face's
-  first layers, the (MoE) blocks the layers after them, then the multi-token-prediction
-  depths."""
+  """Every application of every rule, blocks in order (_layers gives their layers)."""
   for rule in table:
     if rule.scope == 'model':
       yield Use(rule, rule.names, ())
       continue
-    first, count = {'dense_blocks': (0, m.dense_blocks),
-                    'mtp': (m.dense_blocks + m.num_blocks, m.mtp_depth)}.get(
-                        rule.paths[0][0], (m.dense_blocks, m.num_blocks))
+    first, step, count = _layers(rule.paths[0], m)
     for b in range(count):
       experts = range(m.num_experts) if rule.scope == 'expert' else [None]
       for e in experts:
-        names = tuple(name.format(b=first + b, e=e) for name in rule.names)
+        names = tuple(name.format(b=first + b * step, e=e) for name in rule.names)
         yield Use(rule, names, (b,) if e is None else (b, e), e if rule.rows else None)
 
 

@@ -32,21 +32,24 @@ class Cache(NamedTuple):
   choice: jax.Array  # [NB, K_, B, L] int32 experts each position chose (-1 before it is written)
   dense_k: jax.Array | None = None   # [ND, ...] as k, of the dense blocks (model.dense_blocks)
   dense_v: jax.Array | None = None
+  lead_k: jax.Array | None = None    # [NB, dense_per_block, ...] as k, of each block's own
+  lead_v: jax.Array | None = None    # dense blocks (model.dense_per_block)
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
   """A cache for `batch` sequences of up to `length` tokens (under the active plan)."""
   choice = jnp.full((cfg.num_blocks, cfg.top_k, batch, length), -1, jnp.int32)
   if cfg.latent:   # MLA: the latent and the rotary key of each position, shared by the heads
-    kv = lambda blocks, width: constrain(jnp.zeros((blocks, batch, length, width), cfg.dtype),
-                                         (None, 'act_batch', None, None))
+    kv = lambda blocks, width: constrain(jnp.zeros(blocks + (batch, length, width), cfg.dtype),
+                                         (None,) * len(blocks) + ('act_batch', None, None))
     k, v = (cfg.kv_lora_rank, cfg.rope_head_dim)
   else:
     kv = lambda blocks, heads: constrain(jnp.zeros(
-        (blocks, batch, length, heads, cfg.head_dim), cfg.dtype), (None,) + KV_HEADS)
+        blocks + (batch, length, heads, cfg.head_dim), cfg.dtype), (None,) * len(blocks) + KV_HEADS)
     k = v = cfg.kv_heads
-  dense = (kv(cfg.dense_blocks, k), kv(cfg.dense_blocks, v)) if cfg.dense_blocks else (None,) * 2
-  return Cache(kv(cfg.num_blocks, k), kv(cfg.num_blocks, v), choice, *dense)
+  pair = lambda *blocks: (kv(blocks, k), kv(blocks, v)) if min(blocks) else (None, None)
+  return Cache(kv((cfg.num_blocks,), k), kv((cfg.num_blocks,), v), choice,
+               *pair(cfg.dense_blocks), *pair(cfg.num_blocks, cfg.dense_per_block))
 
 
 def extend(params: dict[str, Any], cache: Cache, ids: jax.Array, start: jax.Array, *,
@@ -60,16 +63,19 @@ def extend(params: dict[str, Any], cache: Cache, ids: jax.Array, start: jax.Arra
     x = x + jax.lax.dynamic_slice_in_dim(emb['pos'], start, ids.shape[1]).astype(cfg.dtype)
   x = constrain(x, TOKENS)
 
-  def scan(x, params, first, count, cache, dense=False):
+  def scan(x, params, layers, cache, dense=False):
     block = Block(cfg, train=False, dense=dense)
     def layer(x, inputs):
       p, b, *cache = inputs
       return block.apply({'params': p}, x, layer=b, cache=cache, start=start)
-    return jax.lax.scan(layer, x, (params, first + jnp.arange(count)) + tuple(cache))
+    return jax.lax.scan(layer, x, (params, layers) + tuple(cache))
 
   dense = (None, None)
   if cfg.dense_blocks:
-    x, dense = scan(x, params['dense_blocks'], 0, cfg.dense_blocks,
+    x, dense = scan(x, params['dense_blocks'], jnp.arange(cfg.dense_blocks),
                     (cache.dense_k, cache.dense_v), dense=True)
-  x, (k, v, choice) = scan(x, params['blocks'], cfg.dense_blocks, cfg.num_blocks, cache[:3])
-  return Head(cfg).apply({'params': params['head']}, x), Cache(k, v, choice, *dense)
+  blocks = cache[:3] + ((cache.lead_k, cache.lead_v) if cfg.dense_per_block else ())
+  x, (k, v, choice, *lead) = scan(x, params['blocks'],
+                                  cfg.block_layer(jnp.arange(cfg.num_blocks)), blocks)
+  return (Head(cfg).apply({'params': params['head']}, x),
+          Cache(k, v, choice, *dense, *(lead or (None, None))))

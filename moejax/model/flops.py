@@ -51,18 +51,22 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   return out
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, block: int = 0) -> float:
-  """Training FLOPs per token of block `block`'s causal score and value matmuls."""
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layer: int = 0) -> float:
+  """Training FLOPs per token of layer `layer`'s causal score and value matmuls."""
   keys = seq_len / 2                                                    # on average
   w = cfg.sliding_window
-  if cfg.windowed(block) and w < seq_len:
+  if cfg.windowed(layer) and w < seq_len:
     keys = w - w * w / (2 * seq_len)
   return 6 * cfg.num_heads * (cfg.qk_head_dim + cfg.value_head_dim) * keys
 
 
 def block_flops(cfg: ModelConfig, seq_len: int, block: int = 0) -> float:
-  """Training FLOPs per token of block `block`: 6 x its active matmul weights + attention."""
-  return 6 * _matmul_macs(cfg)['block'] + attention_flops_per_token(cfg, seq_len, block)
+  """Training FLOPs per token of block `block` (its own dense blocks included, with
+  model.dense_per_block): 6 x its active matmul weights + each of its layers' attention."""
+  first = cfg.block_layer(block)
+  return 6 * _matmul_macs(cfg)['block'] + sum(
+      attention_flops_per_token(cfg, seq_len, layer)
+      for layer in range(first, first + cfg.dense_per_block + 1))
 
 
 def expert_flops(cfg: ModelConfig) -> float:
@@ -76,11 +80,11 @@ def model_flops(cfg: ModelConfig, seq_len: int) -> float:
   macs = _matmul_macs(cfg)
   dense = sum(6 * macs['dense_block'] + attention_flops_per_token(cfg, seq_len, b)
               for b in range(cfg.dense_blocks))
-  first_mtp = cfg.dense_blocks + cfg.num_blocks
+  first_mtp = cfg.num_layers
   mtp = sum(6 * (macs['mtp'] + macs['head']) + attention_flops_per_token(cfg, seq_len, b)
             for b in range(first_mtp, first_mtp + cfg.mtp_depth))
-  return (dense + sum(block_flops(cfg, seq_len, cfg.dense_blocks + b)
-                      for b in range(cfg.num_blocks)) + 6 * macs['head'] + mtp)
+  return (dense + sum(block_flops(cfg, seq_len, b) for b in range(cfg.num_blocks))
+          + 6 * macs['head'] + mtp)
 
 
 def block_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -240,8 +240,8 @@ class Attention(nn.Module):
     query position q_at [B|1, T], or everywhere in a block that is not windowed."""
     c = self.cfg
     near = (q_at[:, :, None] - k_at[:, None, :]) < c.sliding_window      # [B|1, T, L]
-    flags = [c.windowed(b) for b in range(c.num_blocks)]
-    windowed = flags[0] if len(set(flags)) == 1 else jnp.asarray(flags)[layer]
+    flags = [c.windowed(i) for i in range(len(c.window_pattern or 'S'))]   # one period
+    windowed = flags[0] if len(set(flags)) == 1 else jnp.asarray(flags)[layer % len(flags)]
     return (near | jnp.logical_not(windowed))[:, None]
 
   def _weights(self) -> tuple[jax.Array, ...]:
@@ -512,21 +512,32 @@ def dense_ffn(w: ffn_lib.SharedWeights, x: jax.Array, cfg: ModelConfig, out_axes
 
 class Block(nn.Module):
   """Pre-norm transformer block: x += attn(norm(x)); x += moe(norm(x)) (a dense block: x +=
-  mlp(norm(x)), and no routing stats). Training, evaluation and cached decoding run it."""
+  mlp(norm(x)), and no routing stats), after `leading` dense blocks of its own (None:
+  model.dense_per_block). Training, evaluation and cached decoding run it."""
   cfg: ModelConfig
   train: bool
   dense: bool = False
+  leading: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                segments: jax.Array | None = None, layer: jax.Array | int = 0,
                cache: tuple | None = None, start: jax.Array | int = 0):
     """x [B, T, D]; positions, segments [B, T] of packed documents (segment 0: padding);
-    layer: the block's index in the model. Returns (y, routing stats; None for a dense block).
-    Decoding: cache (keys, values[, routing history]) of positions before `start`, and
-    returns (y, that cache holding x's tokens too)."""
+    layer: the model's index of the block's first layer (ModelConfig.block_layer). Returns (y,
+    routing stats; None for a dense block). Decoding: cache (keys, values[, routing history[,
+    the leading dense blocks' keys and values [dense_per_block, ...]]]) of positions before
+    `start`, and returns (y, that cache holding x's tokens too)."""
     c = self.cfg
     layout = RESIDUAL if cache is None else TOKENS
+    lead = 0 if self.dense else c.dense_per_block if self.leading is None else self.leading
+    lead_kv = []
+    for i in range(lead):
+      x, kv = Block(c, self.train, dense=True, name=f'dense_{i}')(
+          x, positions, segments, layer + i, None if cache is None else
+          (cache[3][i], cache[4][i]), start)
+      lead_kv.append(kv)
+    layer = layer + lead
     with jax.named_scope('attention'):
       h = norm(c, 'ln1')(x)
       if cache is None:
@@ -543,7 +554,9 @@ class Block(nn.Module):
     with jax.named_scope('moe'):
       y, out = MoE(c, self.train, name='moe')(h, valid, *([] if cache is None else
                                                            [cache[2], start]))
-    return constrain(x + y, layout), (out if cache is None else tuple(kv) + (out,))
+    if cache is not None:
+      out = tuple(kv) + (out,) + tuple(jnp.stack(a) for a in zip(*lead_kv))
+    return constrain(x + y, layout), out
 
 
 class MtpDepth(nn.Module):
@@ -563,8 +576,8 @@ class MtpDepth(nn.Module):
                _normal(c.init_std)).astype(c.dtype)
     joined = (jnp.einsum('btd,de->bte', norm(c, 'enorm')(emb), w[0]) +
               jnp.einsum('btd,de->bte', norm(c, 'hnorm')(h), w[1]))        # [B, T, D]
-    y, stats = Block(c, self.train, name='block')(constrain(joined, RESIDUAL), positions,
-                                                  segments, layer)
+    y, stats = Block(c, self.train, leading=0, name='block')(constrain(joined, RESIDUAL),
+                                                             positions, segments, layer)
     if self.is_initializing():
       norm(c, 'ln_f')(y)                                                 # declared only
     return y, stats

@@ -43,7 +43,7 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
     positions, segments = (None, None) if packed is None else packed   # [B, T] each
     def layer(x, inputs):
       p, l = inputs
-      y, stats = block.apply({'params': p}, x, positions, segments, cfg.dense_blocks + first + l,
+      y, stats = block.apply({'params': p}, x, positions, segments, cfg.block_layer(first + l),
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
@@ -111,7 +111,7 @@ def _mtp(params, hidden: jax.Array, inputs: jax.Array, labels: jax.Array, packed
   at position t (labels -1 where t+d or t+1+d lies past the row or in another document), and
   the depths' blocks' stats [mtp_depth, ...]. hidden [M, B, T, D]: the last block's output."""
   m = inputs.shape[0]
-  first = cfg.dense_blocks + cfg.num_blocks                       # the depths' block indices
+  first = cfg.num_layers                                          # the depths' layer indices
   depth_block = layers.MtpDepth(cfg, train)
   side = (None, None) if packed is None else packed
   ce_sums, counts, all_stats, h = [], [], [], hidden

@@ -7,9 +7,9 @@ tests/test_convert.py. Needs torch and transformers (not CI's requirements):
 
 Fixed seed, float32, eager attention. Every norm weight is moved off 1 and the vocabulary is
 not a multiple of 128, so a mapping or padding error shows in the logits. Shapes divide a 4x4
-mesh: 4 MoE layers (DeepSeek-V3 and Qwen2-MoE: after a dense one), 8 experts, 4 query heads
-(Qwen3: 8 heads of 8 over a 32-wide model, 4 key/value heads split over tp; Mixtral: 2
-key/value heads, replicated over tp=4).
+mesh: 4 MoE layers (DeepSeek-V3, Qwen2-MoE: after a dense one; Qwen3: each after one), 8
+experts, 4 query heads (Qwen3: 8 heads of 8 over a 32-wide model, 4 key/value heads split over
+tp; Mixtral: 2 key/value heads, replicated over tp=4).
 """
 import json
 import os
@@ -28,11 +28,12 @@ FAMILIES = {
     'olmoe': transformers.OlmoeConfig(
         intermediate_size=F, num_attention_heads=4, num_key_value_heads=4, num_experts=EXPERTS,
         rms_norm_eps=1e-5, **COMMON),
+    # Every other layer dense (decoder_sparse_step 2): a dense layer before each MoE layer.
     'qwen3_moe': transformers.Qwen3MoeConfig(
         moe_intermediate_size=F, intermediate_size=2 * F, num_attention_heads=8,
         num_key_value_heads=4, head_dim=8, num_experts=EXPERTS, norm_topk_prob=True,
         rms_norm_eps=1e-6, rope_parameters={'rope_theta': 1e6, 'rope_type': 'default'},
-        **COMMON),
+        decoder_sparse_step=2, **dict(COMMON, num_hidden_layers=2 * LAYERS)),
     'mixtral': transformers.MixtralConfig(
         intermediate_size=F, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=EXPERTS, rms_norm_eps=1e-5, **COMMON),
