@@ -72,7 +72,8 @@ SHAPE_KEYS = ('model.vocab_size', 'model.d_model', 'model.num_heads', 'model.hea
               'model.norm_eps', 'model.qk_norm', 'model.attn_bias', 'model.positions',
               'moe.num_experts', 'moe.top_k', 'moe.d_ff', 'moe.ffn', 'moe.expert_bias',
               'moe.normalize_gates', 'moe.normalize_gates_over', 'model.attn_out_bias',
-              'moe.shared_d_ff', 'moe.shared_gate')
+              'moe.shared_d_ff', 'moe.shared_gate', 'model.dense_blocks', 'model.dense_per_block',
+              'model.dense_d_ff')
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
