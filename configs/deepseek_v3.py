@@ -14,7 +14,9 @@ says so; `--config.model.mtp_depth=N` on a fine-tune from it starts N fresh dept
 """
 import ml_collections
 
-from configs import defaults
+from moejax import config_files
+
+tp4pp4 = config_files.sibling(__file__, 'tp4pp4')
 
 VARIANTS = {
     'tiny': dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_hidden_layers=9,
@@ -40,4 +42,4 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return defaults.open_family(arg, 'deepseek_v3', VARIANTS)
+  return config_files.open_family(arg, 'deepseek_v3', VARIANTS, tp4pp4.get_config)

@@ -13,7 +13,9 @@ dequantizes them (moejax trains in float32 / bfloat16).
 """
 import ml_collections
 
-from configs import defaults
+from moejax import config_files
+
+tp4pp4 = config_files.sibling(__file__, 'tp4pp4')
 
 _YARN = {'rope_type': 'yarn', 'rope_theta': 150000.0, 'factor': 32.0, 'beta_fast': 32.0,
          'beta_slow': 1.0, 'truncate': False, 'original_max_position_embeddings': 4096}
@@ -42,4 +44,4 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return defaults.open_family(arg, 'gpt_oss', VARIANTS)
+  return config_files.open_family(arg, 'gpt_oss', VARIANTS, tp4pp4.get_config)

@@ -11,7 +11,9 @@ for CPU-sized run settings).
 """
 import ml_collections
 
-from configs import defaults
+from moejax import config_files
+
+tp4pp4 = config_files.sibling(__file__, 'tp4pp4')
 
 VARIANTS = {
     'tiny': dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
@@ -35,4 +37,4 @@ VARIANTS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  return defaults.open_family(arg, 'qwen2_moe', VARIANTS)
+  return config_files.open_family(arg, 'qwen2_moe', VARIANTS, tp4pp4.get_config)

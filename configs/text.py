@@ -12,7 +12,9 @@ the tokenizer's vocabulary (prepare prints it).
 """
 import ml_collections
 
-from configs import tp4pp4
+from moejax import config_files
+
+tp4pp4 = config_files.sibling(__file__, 'tp4pp4')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

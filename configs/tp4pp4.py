@@ -7,7 +7,7 @@ Any key can be overridden, e.g. --config.mesh.tp=2 --config.mesh.pp=8.
 """
 import ml_collections
 
-from configs import defaults
+from moejax import config_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,8 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pack=False,                         # source='tokens': rows of whole documents, masked apart
       buckets='',                         # e.g. '32,64,128': row lengths per step, tokens per step fixed
   ))
-  c.optim = defaults.adamw(3e-3 if tiny else 1e-4, warmup_steps=20 if tiny else 2000,
+  c.optim = config_files.adamw(3e-3 if tiny else 1e-4, warmup_steps=20 if tiny else 2000,
                            decay_steps=1000 if tiny else 100_000)
-  defaults.run_keys(c, num_steps=300 if tiny else 100_000, log_every=10 if tiny else 50,
+  config_files.run_keys(c, num_steps=300 if tiny else 100_000, log_every=10 if tiny else 50,
                     checkpoint_every=100 if tiny else 1000)
   return c

@@ -3,8 +3,8 @@
 Each field of the frozen dataclasses below (ModelConfig, MeshShape, Schedule, BatchShape,
 DataConfig, OptimConfig, RunConfig) is one config key: `key('section.name', rule)` says which key
 fills it, what a valid value is, and its value where a config or a saved checkpoint predates it.
-Adding a key is a field here and its line in the config files (configs/defaults.py,
-configs/tp4pp4.py); checks that relate several keys live in moejax.validation. After
+Adding a key is a field here and its line in the config files (configs/tp4pp4.py,
+moejax/config_files.py); checks that relate several keys live in moejax.validation. After
 `moejax.validation.validate`, code reads these dataclasses (moejax.train.plan.Plan holds them);
 the ConfigDict is written into checkpoints, compared at resume and read by the config files.
 """
@@ -360,9 +360,8 @@ class Layout:
 
 
 def _buckets(text) -> tuple[int, ...]:
-  from moejax.data import buckets
   try:
-    return buckets.parse(text)
+    return tuple(int(t) for t in str(text).replace(' ', '').split(',') if t)
   except ValueError:
     raise ConfigError(f'data.buckets={text!r}: expected comma-separated sequence lengths, e.g. '
                       f'"128,256,512".') from None

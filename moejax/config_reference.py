@@ -57,7 +57,7 @@ def render() -> str:
   out = ['# Config keys', '',
          'Generated from moejax/config.py by `python -m moejax.config_reference` (a test '
          'fails when this page is stale). "required": every config file sets it '
-         '(configs/tp4pp4.py, configs/defaults.py); a default is what a config or a saved '
+         '(configs/tp4pp4.py, moejax/config_files.py); a default is what a config or a saved '
          'checkpoint without the key means. Rules that relate several keys: '
          'moejax/validation.py.', '']
   for section, lines in rows.items():

@@ -12,7 +12,7 @@ from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                      if not os.path.basename(f).startswith(('_', 'defaults')))
+                      if not os.path.basename(f).startswith('_'))
 
 
 def load(path, arg=None):

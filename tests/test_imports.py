@@ -1,6 +1,9 @@
-"""Layers depend one way: parallel/ never imports model/, and no module imports itself back."""
+"""Layers depend one way: packages on floors, parallel/ never imports model/, and no module
+imports itself back."""
 import ast
 import os
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'moejax')
 
@@ -30,6 +33,87 @@ def test_parallel_imports_nothing_from_model():
   for module, deps in imports().items():
     if module.startswith('moejax.parallel'):
       assert not [d for d in deps if d.startswith('moejax.model')], (module, deps)
+
+
+FLOORS = [   # lowest first; a package imports from its own floor or below
+    {'config', 'errors', 'rng', 'runtime', 'checkpoint_dir', 'targets'},
+    {'model', 'parallel', 'data', 'convert', 'generate', 'validation'},
+    {'train'},
+    {'perf'},
+    {'cli', 'bench', 'config_files', 'config_reference'},
+]
+
+
+def _package(module: str) -> str:
+  return module.split('.')[1] if '.' in module else module
+
+
+def package_imports() -> dict[str, set[str]]:
+  """moejax package (or top-level module) -> the other packages it imports from."""
+  graph: dict[str, set[str]] = {}
+  for module, deps in imports().items():
+    if module != 'moejax':
+      graph.setdefault(_package(module), set()).update(
+          _package(d) for d in deps if d != 'moejax')
+  return {p: deps - {p} for p, deps in graph.items()}
+
+
+def _check_floors(graph: dict[str, set[str]]) -> None:
+  floor = {p: i for i, ps in enumerate(FLOORS) for p in ps}
+  assert not set(graph) - set(floor), f'packages on no floor: {set(graph) - set(floor)}'
+  up = [(p, d) for p, deps in graph.items() for d in deps if floor[d] > floor[p]]
+  assert not up, f'imports pointing up a floor: {up}'
+  for start in graph:
+    seen, todo = set(), list(graph[start])
+    while todo:
+      p = todo.pop()
+      assert p != start, f'package loop through {start}'
+      if p not in seen:
+        seen.add(p)
+        todo.extend(graph.get(p, ()))
+
+
+def test_packages_import_one_way():
+  """Entry points -> measurement -> training -> parts -> foundations: nothing imports a floor above
+  its own, every package is on a floor, and no two packages import each other through any path."""
+  _check_floors(package_imports())
+
+
+@pytest.mark.parametrize('change', [
+    {'config': {'data'}},                     # an arrow up (config -> data.buckets was one)
+    {'convert': {'validation'}},              # a loop on one floor (validation -> convert)
+    {'hub': set()},                           # a package placed on no floor
+])
+def test_the_floor_check_can_fail(change):
+  graph = package_imports()
+  for p, deps in change.items():
+    graph[p] = graph.get(p, set()) | deps
+  with pytest.raises(AssertionError):
+    _check_floors(graph)
+
+
+def test_config_files_are_not_a_package_and_load_without_a_circle():
+  """configs/ holds files loaded by path: no __init__.py, no `import configs`, nothing installed
+  under that name, and config_files.sibling links them without a circle."""
+  import re
+  top = os.path.dirname(ROOT)
+  folder = os.path.join(top, 'configs')
+  assert not os.path.exists(os.path.join(folder, '__init__.py'))
+  assert '"configs' not in open(os.path.join(top, 'pyproject.toml')).read()
+  links = {}
+  for name in os.listdir(folder):
+    if name.endswith('.py'):
+      text = open(os.path.join(folder, name)).read()
+      assert not re.search(r'^\s*(from|import) configs\b', text, re.M), name
+      links[name[:-3]] = set(re.findall(r"sibling\(__file__, '(\w+)'\)", text))
+  for start in links:
+    seen, todo = set(), list(links[start])
+    while todo:
+      f = todo.pop()
+      assert f != start, f'config file circle through {start}'
+      if f not in seen:
+        seen.add(f)
+        todo.extend(links.get(f, ()))
 
 
 def test_no_import_cycles():

@@ -79,7 +79,7 @@ def _config_file_error(e: BaseException, arg: str) -> str:
 
 
 CONFIG_HELP = ('Config keys (--config.SECTION.KEY=VALUE): every key is commented in '
-               'configs/tp4pp4.py and configs/defaults.py and listed in docs/config_keys.md.')
+               'configs/tp4pp4.py and moejax/config_files.py and listed in docs/config_keys.md.')
 
 
 def run(main, module_name: str, flags_parser=None) -> None:

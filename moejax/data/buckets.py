@@ -10,11 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def parse(text: str) -> tuple[int, ...]:
-  """'128,256' -> (128, 256); '' -> () (no buckets: every step at data.seq_len)."""
-  return tuple(int(t) for t in str(text).replace(' ', '').split(',') if t)
-
-
 def choose(seed: int, step: int, count: int) -> int:
   """The bucket (index) of a step."""
   if count <= 1:

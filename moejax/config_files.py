@@ -1,4 +1,10 @@
-"""Shared helpers for config files (plain functions; configs call what they need)."""
+"""What the config files in configs/ share: the run-control keys, the AdamW block, an open
+family's config, and `sibling` to load another config file. The config files are files loaded by
+path (`--config=configs/tp4pp4.py`), not a package: installing moejax adds no `configs`."""
+import importlib.util
+import os
+import types
+
 import ml_collections
 
 
@@ -30,15 +36,22 @@ def adamw(lr: float, *, warmup_steps: int, decay_steps: int) -> ml_collections.C
   ))
 
 
-def open_family(arg: str | None, family: str, variants: dict[str, dict]) -> ml_collections.ConfigDict:
+def sibling(config_file: str, name: str) -> types.ModuleType:
+  """The config file `name`.py in the folder of `config_file` (a config's __file__)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'moejax_config_file_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def open_family(arg: str | None, family: str, variants: dict[str, dict],
+                run_settings) -> ml_collections.ConfigDict:
   """A config of an open MoE family: `arg` names a variant (a transformers config.json's fields
   in `variants`: 'tiny' trains on CPU, the others are the published sizes) or is a Hugging Face
   checkpoint directory whose config.json decides the model (`DIR,cpu`: with CPU-sized run
-  settings: one device, short sequences). Run settings come from configs/tp4pp4.py's ('tiny'
-  and ',cpu': its CPU variant)."""
-  import os
-
-  from configs import tp4pp4
+  settings: one device, short sequences). Run settings come from `run_settings` (configs/tp4pp4.py's
+  get_config: 'tiny' for 'tiny' and ',cpu', else 'full')."""
   from moejax.convert import families
   from moejax.errors import ConfigError
 
@@ -56,7 +69,7 @@ def open_family(arg: str | None, family: str, variants: dict[str, dict]) -> ml_c
   else:
     raise ConfigError(f'configs/{family}.py:{arg}: expected one of {sorted(variants)} or a '
                       f'Hugging Face checkpoint directory (optionally DIR,cpu).')
-  c = tp4pp4.get_config('tiny' if cpu else 'full')
+  c = run_settings('tiny' if cpu else 'full')
   for section, keys in families.sections(hf).items():
     c[section].update(keys)
   c.hf_dir = os.path.abspath(hf_dir) if hf_dir else ''
