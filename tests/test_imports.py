@@ -58,19 +58,24 @@ def package_imports() -> dict[str, set[str]]:
   return {p: deps - {p} for p, deps in graph.items()}
 
 
+def _assert_no_loop(graph: dict[str, set[str]], what: str) -> None:
+  """No node of `graph` (node -> nodes it points to) reaches itself."""
+  for start in graph:
+    seen, todo = set(), list(graph[start])
+    while todo:
+      node = todo.pop()
+      assert node != start, f'{what} through {start}'
+      if node not in seen:
+        seen.add(node)
+        todo.extend(graph.get(node, ()))
+
+
 def _check_floors(graph: dict[str, set[str]]) -> None:
   floor = {p: i for i, ps in enumerate(FLOORS) for p in ps}
   assert not set(graph) - set(floor), f'packages on no floor: {set(graph) - set(floor)}'
   up = [(p, d) for p, deps in graph.items() for d in deps if floor[d] > floor[p]]
   assert not up, f'imports pointing up a floor: {up}'
-  for start in graph:
-    seen, todo = set(), list(graph[start])
-    while todo:
-      p = todo.pop()
-      assert p != start, f'package loop through {start}'
-      if p not in seen:
-        seen.add(p)
-        todo.extend(graph.get(p, ()))
+  _assert_no_loop(graph, 'package loop')
 
 
 def test_packages_import_one_way():
@@ -106,14 +111,7 @@ def test_config_files_are_not_a_package_and_load_without_a_circle():
       text = open(os.path.join(folder, name)).read()
       assert not re.search(r'^\s*(from|import) configs\b', text, re.M), name
       links[name[:-3]] = set(re.findall(r"sibling\(__file__, '(\w+)'\)", text))
-  for start in links:
-    seen, todo = set(), list(links[start])
-    while todo:
-      f = todo.pop()
-      assert f != start, f'config file circle through {start}'
-      if f not in seen:
-        seen.add(f)
-        todo.extend(links.get(f, ()))
+  _assert_no_loop(links, 'config file circle')
 
 
 def test_no_import_cycles():
