@@ -97,6 +97,26 @@ def test_expert_parallel_moe_equals_naive_reference(tp, top_k, capacity):
 
 
 @pytest.mark.parametrize('tp', [1, 4])
+@pytest.mark.parametrize('rows', [False, True])
+def test_both_dispatchers_equal_naive_reference(tp, rows, monkeypatch):
+  """Capacity dispatch through fixed buffers and through ragged rows (the dispatcher
+  forced): the same tokens kept, the same outputs."""
+  from moejax.model import dispatch as dispatch_lib
+  used = []
+  choose = dispatch_lib.dispatcher
+  monkeypatch.setattr(dispatch_lib, 'sends_rows', lambda dispatch, parts: rows)
+  monkeypatch.setattr(dispatch_lib, 'dispatcher',
+                      lambda *a, **k: used.append(choose(*a, **k)) or used[-1])
+  x, w = _inputs(t=64)
+  y, stats = run_moe(x, w, tp, 2, 2)
+  ref, kept, kept_count = naive_moe(x, w, 2, 2)
+  assert {type(d).__name__ for d in used} == {'Rows' if rows else 'Buffers'}
+  assert kept.sum() < kept.size
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(stats.kept, kept_count)
+
+
+@pytest.mark.parametrize('tp', [1, 4])
 def test_normalized_gates_equal_naive_reference(tp):
   x, w = _inputs(t=64)
   y, _ = run_moe(x, w, tp, 2, 2, normalize_gates=True)

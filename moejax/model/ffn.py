@@ -72,6 +72,27 @@ class SharedWeights(NamedTuple):
     return cls(p['shared_w1'], p.get('shared_w3'), p['shared_w2'], p.get('shared_gate'))
 
 
+class ExpertRows(NamedTuple):
+  """Rows at one shard's experts (what a dispatcher delivers): fixed buffers x [E, C, D]
+  (expert None), or rows in any order x [R, D] with each row's expert [R] (>= E: padding). ids:
+  each row's mesh-independent name for its dropout mask ([E, C] or [R]; None without dropout)."""
+  x: jax.Array
+  expert: jax.Array | None = None
+  ids: jax.Array | None = None
+
+
+def experts(rows: ExpertRows, w: FFNWeights, *, act: Activation = Activation(),
+            dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+  """Each row through its expert's FFN, in the rows' layout: [E, C, D] buffers (expert_ffn) or
+  [R, D] rows (grouped_expert_ffn)."""
+  if rows.expert is None:
+    keep = (None if dropout_rate == 0.0 else
+            dropout_keep(rng, rows.ids, w.w1.shape[-1], dropout_rate))   # [E, C, F]
+    return expert_ffn(rows.x, w, act=act, dropout_rate=dropout_rate, dropout_keep=keep)
+  return grouped_expert_ffn(rows.x, rows.expert, w, act=act, dropout_rate=dropout_rate,
+                            dropout_rng=rng, row_ids=rows.ids)
+
+
 def _drop(h: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
   if keep is None:
     return h

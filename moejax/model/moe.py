@@ -1,9 +1,7 @@
 """The Mixture-of-Experts layer: route, dispatch, expert FFN, combine, on each shard of the
-expert-parallel axes (moejax.parallel.experts moves the rows between shards). Two dispatches:
-'capacity' (overflow dropped; the seed's) and 'dropless' (nothing dropped). At capacity, a
-routing group held in one part fills fixed [E, C] buffers; a group split into parts (over shards
-or rows) sends only its kept rows, as dropless sends every row: assignments sorted by expert,
-ragged exchange, grouped matmuls.
+expert-parallel axes. Two dispatches: 'capacity' (overflow dropped; the seed's) and 'dropless'
+(nothing dropped); moejax.model.dispatch moves the tokens to their experts and back (fixed
+[E, C] buffers where a routing group is one part, else ragged rows).
 
 Legend: B batch, T seq, D d_model; the tokens are routed in parts [B', nG, S] (B' rows of nG
 parts of S tokens; a part is a routing group or one shard's piece of one), G_ local parts,
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.model import ffn as ffn_lib, routing
+from moejax.model import dispatch as dispatch_lib, ffn as ffn_lib, routing
 from moejax.parallel import experts as ep_lib, mesh as mesh_lib
 
 
@@ -101,27 +99,6 @@ def _part_names(b_: int, ng_: int, s: int, groups: Groups, axes: tuple[str, ...]
   return gid.reshape(b0.shape[0], -1), start.reshape(b0.shape[0], -1)
 
 
-def _dispatched_row_ids(gid: jax.Array, num_experts: int, capacity: int,
-                        axes: tuple[str, ...]) -> jax.Array:
-  """Mesh-independent name of every row of the dispatched buffer [E/ep, ep*G_*C]:
-  (global group * E + global expert) * C + slot; gid [ep, G_] every source's part groups."""
-  ep = gid.shape[0]
-  local = num_experts // ep
-  expert = jax.lax.axis_index(axes) * local + jnp.arange(local)       # [E/ep] global ids
-  ids = ((gid[None, :, :, None] * num_experts + expert[:, None, None, None]) * capacity
-         + jnp.arange(capacity))                                       # [E/ep, ep, G_, C]
-  return ids.reshape(local, -1)                                        # [E/ep, ep*G_*C]
-
-
-def _assignment_ids(gid_: jax.Array, start_: jax.Array, top_k: int, s: int,
-                    group_size: int) -> jax.Array:
-  """Mesh-independent name of each of this shard's token assignments [G_*K*S] in (g, k, s)
-  order: (global group * K + k) * group_size + position in the group; gid_, start_ [G_]."""
-  at = start_[:, None, None] + jnp.arange(s)                           # [G_, 1, S]
-  return ((gid_[:, None, None] * top_k + jnp.arange(top_k)[:, None]) * group_size
-          + at).reshape(-1)                                            # [G_*K*S]
-
-
 def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
   """routing.route's `share` for groups made of several parts (here or on other shards): a
   small all-gather of every part's statistics [G_, X], summed over each local part's group,
@@ -135,81 +112,6 @@ def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
     pick = lambda mask: jnp.einsum('PJI,PJX->IX', mask.astype(part.dtype), every)
     return pick(same), pick(earlier)
   return share
-
-
-def _capacity_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                      rng: jax.Array, *, axes: tuple[str, ...],
-                      names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
-  """Expert outputs for tokens_ [G_, S, D] in fixed buffers: every expert gets `capacity` rows
-  per part, full or not (assignments past them were dropped by routing)."""
-  g_, s, d = tokens_.shape
-  num_experts = w_.router.shape[-1]
-  capacity, dropout_rate = settings.capacity, settings.dropout_rate
-  compute_dtype, act = settings.compute_dtype, settings.act
-  buf_ = routing.dispatch(tokens_.astype(compute_dtype), r, num_experts, capacity)  # [G_, E, C, D]
-  buf_ = buf_.transpose(1, 0, 2, 3).reshape(num_experts, -1, d)          # [E, G_*C, D]
-  keep = None
-  if dropout_rate > 0.0:   # a unit's mask follows its token, slot and expert, not the device
-    rows = _dispatched_row_ids(names[0], num_experts, capacity, axes)
-    keep = ffn_lib.dropout_keep(rng, rows, w_.w1.shape[-1], dropout_rate)   # [E/ep, ep*G_*C, F]
-  local_experts = lambda rows_: ffn_lib.expert_ffn(                     # [E/ep, ep*G_*C, D]
-      rows_, w_.ffn(compute_dtype), act=act, dropout_rate=dropout_rate, dropout_keep=keep)
-  out_ = ep_lib.exchange(buf_, local_experts, axes)                     # [E, G_*C, D]
-  out_ = out_.reshape(num_experts, g_, capacity, d).transpose(1, 0, 2, 3)  # [G_, E, C, D]
-  return routing.combine(out_, r)                                       # [G_, S, D]
-
-
-def _row_experts(w_: ExpertWeights, tokens_: jax.Array, r: routing.Routing,
-                 rng: jax.Array, *, axes: tuple[str, ...],
-                 names: tuple[jax.Array, jax.Array], settings: MoESettings) -> jax.Array:
-  """Expert outputs for tokens_ [G_, S, D] by rows: the shard's K*G_*S assignments (dropless),
-  or only those routing kept (capacity), sorted by expert, travel as ragged rows to their
-  expert's shard, where each expert multiplies exactly the rows it received (grouped matmuls).
-  At capacity a unit's dropout mask follows the slot it took, as in _capacity_experts."""
-  g_, s, d = tokens_.shape
-  capacity, dropout_rate = settings.dispatch == 'capacity', settings.dropout_rate
-  compute_dtype, act = settings.compute_dtype, settings.act
-  k = r.expert.shape[1]
-  num_experts = w_.router.shape[-1]
-  local = w_.w1.shape[0]                                                # E/ep on this shard
-  # [A_] (g, k, s) order; a dropped assignment gets expert E: sorted last and never sent
-  expert = (jnp.where(r.keep, r.expert, num_experts) if capacity else r.expert).reshape(-1)
-  order = jnp.argsort(expert, stable=True)                              # by expert = by shard
-  token = (jnp.arange(g_)[:, None, None] * s + jnp.arange(s)) * jnp.ones((1, k, 1), jnp.int32)
-  rows_ = tokens_.reshape(-1, d).astype(compute_dtype)[token.reshape(-1)[order]]  # [A_, D]
-  send = jnp.bincount(expert // local, length=num_experts // local)     # [ep] rows per shard
-  keys = (expert[order] % local)[:, None]                               # [A_, 1] local expert
-  if dropout_rate > 0.0:   # a unit's mask follows its (token, choice) or slot, not the device
-    me = jax.lax.axis_index(axes)
-    ids = (_kept_slot_ids(names[0][me], r, num_experts, settings.capacity) if capacity else
-           _assignment_ids(names[0][me], names[1][me], k, s, settings.group_size))[order]
-    keys = jnp.concatenate([keys, ids[:, None]], axis=1)                # [A_, 2]
-  local_experts = lambda rows, keys_: ffn_lib.grouped_expert_ffn(       # [ep*A_, D]
-      rows, keys_[:, 0], w_.ffn(compute_dtype), act=act, dropout_rate=dropout_rate,
-      dropout_rng=rng, row_ids=keys_[:, -1])
-  out_ = ep_lib.ragged_exchange(rows_, keys, send, local_experts, axes, pad_key=local)  # [A_, D]
-  out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s) order
-  weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)            # [G_, K, S]
-  return jnp.einsum('GKSD,GKS->GSD', out_.reshape(g_, k, s, d), weight)  # [G_, S, D]
-
-
-def _kept_slot_ids(gid_: jax.Array, r: routing.Routing, num_experts: int,
-                   capacity: int) -> jax.Array:
-  """The names _dispatched_row_ids gives the slots this shard's assignments took [G_*K*S]
-  ((global group * E + expert) * C + slot; dropped assignments get names never used)."""
-  ids = (gid_[:, None, None] * num_experts + r.expert) * capacity + r.slot   # [G_, K, S]
-  return jnp.where(r.keep, ids, -1).reshape(-1)
-
-
-def sends_rows(dispatch: str, groups: Groups) -> bool:
-  """Whether the experts' tokens travel as ragged rows (dropless; capacity where a routing group
-  is split into parts, each of which would carry the group's whole capacity: P x the expert
-  matmuls) rather than in fixed [E, C] buffers (capacity, each group in one part)."""
-  return dispatch == 'dropless' or groups.parts > 1
-
-
-def _expert_path(settings: MoESettings, groups: Groups):
-  return _row_experts if sends_rows(settings.dispatch, groups) else _capacity_experts
 
 
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
@@ -229,8 +131,15 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
   r, stats = routing.route(tokens_, w_.router, settings.top_k, settings.route_capacity,
                            settings.normalize_gates, w_.select_bias, valid_, share,
                            settings.sinkhorn_iters, w_.router_bias, settings.scoring)
-  y_ = _expert_path(settings, groups)(w_, tokens_, r, rng, axes=axes, names=names,
-                                      settings=settings)               # [G_, S, D]
+  d_ = dispatch_lib.dispatcher(
+      settings.dispatch, groups.parts, num_experts=w_.router.shape[-1],
+      local_experts=w_.w1.shape[0], capacity=settings.capacity, group_size=settings.group_size,
+      axes=axes, names=names if settings.dropout_rate > 0.0 else None,
+      compute_dtype=settings.compute_dtype)
+  rows, back = d_.dispatch(tokens_, r)                                  # at this shard's experts
+  out = ffn_lib.experts(rows, w_.ffn(settings.compute_dtype), act=settings.act,
+                        dropout_rate=settings.dropout_rate, rng=rng)
+  y_ = d_.combine(out, back)                                            # [G_, S, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)
   return y_.reshape(b_, ng_, s, d), stats
 

@@ -1,5 +1,5 @@
-"""Top-k routing with per-group capacity, and the dispatch / combine steps around the experts
-(the experts' FFNs are in moejax.model.ffn).
+"""Top-k routing with per-group capacity: which experts each token chooses, its place in their
+queues and its gates (moving the tokens is moejax.model.dispatch's, the FFNs moejax.model.ffn's).
 
 Legend: G routing groups, S tokens per group, D d_model, E experts, K top-k, C capacity.
 Priority at capacity: every token's first choice before any second choice (GShard); within one
@@ -231,24 +231,3 @@ def _statistics(onehot: jax.Array, preferred: jax.Array, probs: jax.Array, logit
                           jnp.sum(probs * weight[..., None], axis=1),
                           jnp.sum(weight, axis=-1, keepdims=True),
                           jnp.sum(lse2 * weight, axis=-1, keepdims=True)], axis=-1)
-
-
-def dispatch(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Array:
-  """Packs tokens x [G, S, D] into expert buffers [G, E, C, D]; empty slots are zero."""
-  g, s, d = x.shape
-  k = r.expert.shape[1]
-  groups = jnp.arange(g)[:, None, None]                                # [G, 1, 1]
-  slot = jnp.where(r.keep, r.slot, capacity)                           # dropped -> out of range
-  tokens = jnp.broadcast_to(x[:, None], (g, k, s, d))                  # [G, K, S, D]
-  buf = jnp.zeros((g, num_experts, capacity, d), x.dtype)
-  return buf.at[groups, r.expert, slot].add(tokens, mode='drop')       # [G, E, C, D]
-
-
-def combine(y: jax.Array, r: Routing) -> jax.Array:
-  """Gathers expert outputs y [G, E, C, D] back to tokens [G, S, D], weighted by their gates."""
-  g = y.shape[0]
-  groups = jnp.arange(g)[:, None, None]                                # [G, 1, 1]
-  slot = jnp.where(r.keep, r.slot, 0)
-  out = y[groups, r.expert, slot]                                      # [G, K, S, D]
-  weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)              # [G, K, S]
-  return jnp.einsum('GKSD,GKS->GSD', out, weight)

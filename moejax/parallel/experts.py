@@ -1,16 +1,16 @@
-"""Expert parallelism, independent of what the experts compute: the all_to_all exchanges around
-the local experts (fixed-size buffers, or ragged rows with per-peer sizes), and the shard_map
-that runs a function of one shard's tokens and experts over the mesh axes the experts are split
-over (tp, or dp x tp when folded).
+"""Expert parallelism, independent of what the experts compute: the exchanges that take rows to
+the shards of their experts and the results back (all_to_all of fixed-size buffers, or ragged
+rows with per-peer sizes), and the shard_map that runs a function of one shard's tokens and
+experts over the mesh axes the experts are split over (tp, or dp x tp when folded).
 
-The MoE maths (routing, dispatch, the expert FFN, combine) is moejax.model.moe's; it hands this
-module a shard-local function. Names ending in `_` are shard-local.
+The MoE maths (routing, which rows go where, the expert FFN) is moejax.model's (moe.py,
+dispatch.py); moe hands this module a shard-local function. Names ending in `_` are shard-local.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,16 @@ def expert_axes() -> tuple[str, ...]:
   return mesh_lib.axes_of(mesh_lib.spec(('experts',))[0])
 
 
-def exchange(buf_: jax.Array, local_experts: Callable[[jax.Array], jax.Array],
-             axes: tuple[str, ...]) -> jax.Array:
-  """Rows for every expert buf_ [E, R_, D] -> each shard's experts get theirs from every shard
-  [E/ep, ep*R_, D] -> local_experts -> the results go home [E, R_, D]."""
+def to_experts(buf_: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """Rows for every expert buf_ [E, R_, D] -> each shard's experts get theirs from every shard,
+  by source [E/ep, ep*R_, D]."""
   with jax.named_scope('moe_all_to_all_dispatch'):
     buf_ = jax.lax.all_to_all(buf_, axes, 0, 1, tiled=True)           # [E/ep, ep*R_, D]
-  out_ = local_experts(checkpoint_name(buf_, remat.MOE_DISPATCHED))              # [E/ep, ep*R_, D]
+  return checkpoint_name(buf_, remat.MOE_DISPATCHED)
+
+
+def from_experts(out_: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """to_experts' inverse: the experts' results [E/ep, ep*R_, D] go home [E, R_, D]."""
   with jax.named_scope('moe_all_to_all_combine'):
     out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)           # [E, R_, D]
   return checkpoint_name(out_, remat.MOE_RETURNED)
@@ -66,41 +69,70 @@ def _exclusive_cumsum(a: jax.Array) -> jax.Array:
   return jnp.cumsum(a) - a
 
 
-def ragged_exchange(rows_: jax.Array, keys_: jax.Array, send_sizes: jax.Array,
-                    local_fn: Callable[[jax.Array, jax.Array], jax.Array],
-                    axes: tuple[str, ...], pad_key: int) -> jax.Array:
+class RaggedTrip(NamedTuple):
+  """Where ragged_to_experts sent a shard's rows [ep] (offsets and sizes), to bring them home."""
+  send_off: jax.Array    # where each destination's rows start in the sender's rows_
+  send_sizes: jax.Array  # rows sent to each destination
+  recv_off: jax.Array    # where each source's rows start in the receiver's buffer
+  recv_sizes: jax.Array  # rows received from each source
+  home_off: jax.Array    # where the results for each source start in its rows_
+
+
+def ragged_to_experts(rows_: jax.Array, keys_: jax.Array, send_sizes: jax.Array,
+                      axes: tuple[str, ...], pad_key: int
+                      ) -> tuple[jax.Array, jax.Array, RaggedTrip]:
   """Rows grouped by destination shard rows_ [N_, D] (send_sizes [ep] of them for each shard, in
   shard order) with int keys_ [N_, ...] -> each shard receives its rows from every shard, by
-  source, in a worst-case buffer [ep*N_, D] (keys pad_key past what arrived) -> local_fn(rows,
-  keys) -> [ep*N_, D'] -> results back to their senders, in rows_'s order [N_, D'].
+  source, in a worst-case buffer [ep*N_, D] with their keys (pad_key past what arrived), and the
+  trip that ragged_from_experts reverses.
 
   Per-peer sizes are exchanged first (an all_to_all of [ep] counts); the rows then move by
-  jax.lax.ragged_all_to_all, or by padded_ragged_all_to_all where the backend lacks it.
+  jax.lax.ragged_all_to_all, or by padded_ragged_all_to_all where the backend lacks it. A group
+  of one shard moves nothing (no collective kernel).
   """
-  ragged = (jax.lax.ragged_all_to_all if ragged_kind() == 'ragged'
-            else padded_ragged_all_to_all)
   n, ep = rows_.shape[0], send_sizes.shape[0]
-  if ep == 1:   # a group of one shard: the exchange is the identity (no collective kernel)
-    sent = jnp.arange(n) < send_sizes[0]                                # [N_]
-    rows_ = jnp.where(sent.reshape((n,) + (1,) * (rows_.ndim - 1)), rows_, 0)
-    keys_ = jnp.where(sent.reshape((n,) + (1,) * (keys_.ndim - 1)), keys_, pad_key)
-    out = local_fn(checkpoint_name(rows_, remat.MOE_DISPATCHED), keys_)  # [N_, D']
-    out = jnp.where(sent.reshape((n,) + (1,) * (out.ndim - 1)), out, 0)
-    return checkpoint_name(out, remat.MOE_RETURNED)
   send_off = _exclusive_cumsum(send_sizes)                              # [ep] in my rows_
+  if ep == 1:
+    sent = _first(n, send_sizes[0])
+    trip = RaggedTrip(send_off, send_sizes, send_off, send_sizes, send_off)
+    return (checkpoint_name(jnp.where(sent(rows_.ndim), rows_, 0), remat.MOE_DISPATCHED),
+            jnp.where(sent(keys_.ndim), keys_, pad_key), trip)
   recv_sizes = jax.lax.all_to_all(send_sizes, axes, 0, 0, tiled=True)   # [ep] from each source
   recv_off = _exclusive_cumsum(recv_sizes)                              # [ep] in my buffer
   dest_off = jax.lax.all_to_all(recv_off, axes, 0, 0, tiled=True)       # [ep] mine, on each peer
   home_off = jax.lax.all_to_all(send_off, axes, 0, 0, tiled=True)       # [ep] theirs, at home
-  go = lambda a, out: ragged(a, out, send_off, send_sizes, dest_off, recv_sizes, axis_name=axes)
+  go = lambda a, out: _ragged()(a, out, send_off, send_sizes, dest_off, recv_sizes,
+                                axis_name=axes)
   with jax.named_scope('moe_ragged_dispatch'):
     got = go(rows_, jnp.zeros((ep * n,) + rows_.shape[1:], rows_.dtype))  # [ep*N_, D]
     got_keys = go(keys_, jnp.full((ep * n,) + keys_.shape[1:], pad_key, keys_.dtype))
-  out = local_fn(checkpoint_name(got, remat.MOE_DISPATCHED), got_keys)  # [ep*N_, D']
-  with jax.named_scope('moe_ragged_combine'):
-    back = ragged(out, jnp.zeros((n,) + out.shape[1:], out.dtype), recv_off, recv_sizes,
-                  home_off, send_sizes, axis_name=axes)                 # [N_, D']
-  return checkpoint_name(back, remat.MOE_RETURNED)
+  trip = RaggedTrip(send_off, send_sizes, recv_off, recv_sizes, home_off)
+  return checkpoint_name(got, remat.MOE_DISPATCHED), got_keys, trip
+
+
+def ragged_from_experts(out: jax.Array, trip: RaggedTrip, axes: tuple[str, ...]) -> jax.Array:
+  """ragged_to_experts' inverse: results for the received rows [ep*N_, D'] back to their
+  senders, in rows_'s order [N_, D'] (0 past the rows sent)."""
+  ep = trip.send_sizes.shape[0]
+  n = out.shape[0] // ep
+  if ep == 1:
+    back = jnp.where(_first(n, trip.send_sizes[0])(out.ndim), out, 0)
+  else:
+    with jax.named_scope('moe_ragged_combine'):
+      back = _ragged()(out, jnp.zeros((n,) + out.shape[1:], out.dtype), trip.recv_off,
+                       trip.recv_sizes, trip.home_off, trip.send_sizes, axis_name=axes)
+  return checkpoint_name(back, remat.MOE_RETURNED)                      # [N_, D']
+
+
+def _ragged():
+  return (jax.lax.ragged_all_to_all if ragged_kind() == 'ragged'
+          else padded_ragged_all_to_all)
+
+
+def _first(n: int, count: jax.Array):
+  """ndim -> a mask of the first `count` of n rows, shaped to broadcast over ndim dims."""
+  sent = jnp.arange(n) < count                                          # [n]
+  return lambda ndim: sent.reshape((n,) + (1,) * (ndim - 1))
 
 
 def source_offsets(spec: P, local_shape: Sequence[int], axes: tuple[str, ...]

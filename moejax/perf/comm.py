@@ -25,7 +25,8 @@ import math
 import jax.numpy as jnp
 
 from moejax.config import Layout, ModelConfig
-from moejax.model.moe import group_parts, sends_rows
+from moejax.model.dispatch import sends_rows
+from moejax.model.moe import group_parts
 from moejax.parallel import mesh as mesh_lib
 
 
@@ -67,7 +68,7 @@ def _expert_rows(cfg: ModelConfig, lay: Layout) -> dict[str, int]:
   """{exchange kind: rows} one device sends per MoE layer, micro-batch and direction."""
   (rows, groups, _), split = group_parts(lay.micro_batch_size, lay.seq_len, cfg.group_size,
                                          lay.tp, lay.dp)
-  if sends_rows(cfg.dispatch, split):
+  if sends_rows(cfg.dispatch, split.parts):
     tokens = lay.micro_batch_size // lay.dp * lay.seq_len // lay.tp
     return {'ragged-all-to-all': tokens * cfg.top_k}
   parts = rows // lay.dp * groups // lay.tp   # [B'/dp, nG/tp] parts on a device
