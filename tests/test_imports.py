@@ -173,11 +173,8 @@ def test_one_block_module():
 
 
 def test_no_large_tracked_files():
-  import subprocess
   top = os.path.dirname(ROOT)
-  files = subprocess.run(['git', 'ls-files'], cwd=top, capture_output=True, text=True).stdout
-  large = [f for f in files.split() if os.path.isfile(os.path.join(top, f))
-           and os.path.getsize(os.path.join(top, f)) > 512 * 1024]
+  large = [f for f in _tracked_files() if os.path.getsize(os.path.join(top, f)) > 512 * 1024]
   assert not large, large
 
 
@@ -187,3 +184,41 @@ def test_the_loop_is_the_loop_alone():
   assert lines <= 250, lines
   for name in ('signals', 'guard', 'resume', 'evaluation', 'memory'):
     assert os.path.exists(os.path.join(ROOT, 'train', f'{name}.py')), name
+
+
+def _tracked_files() -> list[str]:
+  import subprocess
+  top = os.path.dirname(ROOT)
+  out = subprocess.run(['git', 'ls-files'], cwd=top, capture_output=True, text=True).stdout
+  return [f for f in out.split() if os.path.isfile(os.path.join(top, f))]
+
+
+def test_no_file_cites_a_document_the_repository_lacks():
+  """Every `NAME.md` a tracked text file names is a tracked file (DESIGN.md, STYLE.md are not)."""
+  import re
+  top = os.path.dirname(ROOT)
+  files = _tracked_files()
+  have = {os.path.basename(f) for f in files}
+  missing = set()
+  for f in files:
+    if f != 'tests/test_imports.py' and (f.endswith(('.py', '.md', '.sh', '.toml', '.txt'))
+                                          or f.startswith('.ci/')):
+      for name in re.findall(r'\b([\w-]+\.md)\b', open(os.path.join(top, f)).read()):
+        if name not in have:
+          missing.add((f, name))
+  assert not missing, sorted(missing)
+
+
+def test_benchmarks_open_with_current_figures():
+  """BENCHMARKS.md's first section is the table of current figures, each row with its value,
+  command, machine, date and commit."""
+  import re
+  text = open(os.path.join(os.path.dirname(ROOT), 'BENCHMARKS.md')).read()
+  first = text.split('\n## ')[1]
+  assert first.startswith('Current figures'), first[:40]
+  rows = [r for r in first.splitlines() if r.startswith('| ') and not r.startswith('| figure')]
+  assert len(rows) >= 5
+  for row in rows:
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert len(cells) == 6 and all(cells), row
+    assert re.search(r'20\d\d-\d\d-\d\d', cells[4]) and re.search(r'\b[0-9a-f]{7}\b', cells[5]), row

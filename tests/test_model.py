@@ -43,7 +43,7 @@ def test_param_count_matches_design():
   moe = d * e + e * d * f + e * f + e * f * d + e * d        # router, w1, b1, w2, b2
   block = attn + moe + 2 * 2 * d                              # + two LayerNorms
   assert total == v * d + pos * d + nb * block + 2 * d + d * v
-  assert 2.2e9 < total < 2.4e9     # DESIGN.md: about 2.29 B parameters
+  assert 2.2e9 < total < 2.4e9     # the seed design guide: about 2.29 B parameters
 
 
 def test_output_shapes_and_router_gradient_from_lm_loss():

@@ -27,7 +27,7 @@ def _case(tp=1, pp=1, **overrides):
 def reference(config, params, tokens, **kwargs):
   c = config
   capacity = math.ceil(c.moe.capacity_factor * c.moe.group_size * c.moe.top_k
-                       / c.moe.num_experts)                  # DESIGN.md's formula
+                       / c.moe.num_experts)                  # ceil(cf x group tokens x k / E)
   m = c.model
   over = c.moe.get('normalize_gates_over', 'kept')
   arch = dict(rope_base=m.get('rope_base', 1e4) if m.positions == 'rope' else None,

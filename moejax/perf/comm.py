@@ -1,4 +1,4 @@
-"""The analytic minimum of collective traffic for a layout (DESIGN.md section 3).
+"""The analytic minimum of collective traffic for a layout.
 
 Bytes are counted like `moejax.perf.hlo`: the result size of each collective, per device,
 per train step, so the two can be compared directly. The minimum assumes no recomputation (a

@@ -1,7 +1,7 @@
 """Loss, metrics and gradients of one training batch on any mesh, for comparing meshes.
 
 The same params (from the seed) and batch (step 0 of the random source) on every mesh: the
-1x1 mesh is the reference every other mesh must equal (DESIGN.md section 4).
+1x1 mesh is the reference every other mesh must equal.
 """
 from __future__ import annotations
 
