@@ -133,7 +133,7 @@ class ModelConfig:
   # The open family (convert/families.py; checked in validation) or '' (moejax's own).
   family: str = key('model.family', default='')
   # Attention kernel: 'auto' (cuDNN's fused attention on NVIDIA GPUs where it applies, XLA's
-  # elsewhere), 'xla' or 'cudnn' (model.layers.attention_kernel).
+  # elsewhere), 'xla' or 'cudnn' (moejax.kernels.attention).
   attention: str = key('model.attention', one_of('auto', 'xla', 'cudnn'), default='auto',
                        run=True)
   # With normalize_gates: over the 'kept' gates (after capacity; NLLB) or the 'top_k' choices

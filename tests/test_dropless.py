@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from moejax.parallel import experts as ep_lib
+from moejax import kernels
+from moejax.parallel import experts as ep_lib, mesh as mesh_lib
 from moejax.train import loop
 from tests.helpers import assert_trees_close, loss_and_grads, small_config
 
@@ -112,8 +113,8 @@ def test_padded_exchange_has_ragged_all_to_all_semantics():
 def test_the_exchange_is_chosen_by_the_meshs_backend():
   mesh = Mesh(np.array(jax.devices()[:1]), ('x',))
   with jax.set_mesh(mesh):
-    assert ep_lib.ragged_kind() == 'padded'      # XLA:CPU has no ragged-all-to-all
-  assert 'cuda' in ep_lib.RAGGED_PLATFORMS
+    assert kernels.exchange(mesh_lib.platform()) == 'padded'   # XLA:CPU: no ragged-all-to-all
+  assert kernels.exchange('cuda') == 'ragged'
 
 
 def test_checkpoints_move_between_capacity_and_dropless(tmp_path):

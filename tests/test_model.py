@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from moejax import config as config_lib
+from moejax import config as config_lib, kernels
 from moejax.errors import ConfigError
 from moejax.model import layers, params as params_lib
 from moejax.train.plan import Plan
@@ -90,7 +90,7 @@ def test_the_attention_kernel_is_cudnn_only_where_it_applies():
   def kernel(platform, packed=False, **model):
     c = tp4pp4.get_config('tiny')
     c.model.update(**model)
-    return layers.attention_kernel(config_lib.model_config(c), platform, packed)
+    return kernels.attention(config_lib.model_config(c), platform, packed)
   bf16 = dict(dtype='bfloat16')
   assert kernel('cpu', **bf16) == ('xla', 'XLA attention')
   assert kernel('cuda', **bf16) == ('cudnn', 'cuDNN fused attention')
@@ -109,13 +109,29 @@ def test_the_attention_kernel_is_cudnn_only_where_it_applies():
 
 def test_the_grouped_matmul_is_tokamax_mosaic_on_nvidia_targets(monkeypatch):
   import importlib.util
-  from moejax.model import grouped_matmul
-  assert grouped_matmul.kernel('cpu') == ('xla', 'XLA ragged_dot')
+
+  assert kernels.grouped_matmul('cpu') == ('xla', 'XLA ragged_dot')
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)      # no tokamax
-  kind, why = grouped_matmul.kernel('cuda')
+  kind, why = kernels.grouped_matmul('cuda')
   assert kind == 'xla' and 'pip install -r requirements-cuda12.txt' in why
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name: object())
-  kind, why = grouped_matmul.kernel('cuda')          # compiled here for abstract GPUs
+  kind, why = kernels.grouped_matmul('cuda')          # compiled here for abstract GPUs
   assert kind == 'xla' and 'ahead-of-time' in why
-  monkeypatch.setattr(grouped_matmul.jax, 'default_backend', lambda: 'cuda')   # on a GPU
-  assert grouped_matmul.kernel('cuda') == ('mosaic', 'tokamax Mosaic GPU grouped matmul')
+  monkeypatch.setattr(kernels.jax, 'default_backend', lambda: 'cuda')   # on a GPU
+  assert kernels.grouped_matmul('cuda') == ('mosaic', 'tokamax Mosaic GPU grouped matmul')
+
+
+def test_one_choice_of_kernels_says_the_compile_line():
+  """kernels.choose gathers the three choices; the line names each, as the console prints it."""
+  c = tp4pp4.get_config('tiny')
+  c.moe.dispatch = 'dropless'
+  cfg = config_lib.model_config(c)
+  cpu = kernels.choose(cfg, 'cpu', packed=False, rows=True)
+  assert (cpu.attention, cpu.grouped_matmul, cpu.exchange) == ('xla', 'xla', 'padded')
+  assert cpu.line == ('dropless experts by ragged rows (padded all-to-all, XLA ragged_dot), '
+                      'XLA attention')
+  gpu = kernels.choose(cfg, 'cuda', packed=False, rows=True)
+  assert gpu.exchange == 'ragged' and 'ragged all-to-all' in gpu.line
+  c.moe.dispatch = 'capacity'
+  line = kernels.choose(config_lib.model_config(c), 'cpu', False, rows=False).line
+  assert line == 'capacity experts in fixed buffers, XLA attention'

@@ -89,3 +89,18 @@ def test_compiled_gpu_programs_get_their_classes_and_a_calibrated_step():
   assert moe['predicted_step_s'] == pytest.approx(sum(by_class.values()))
   links = estimate.time_model(_gpu_program('h100_collectives.hlo'), [0] * 16, 'h100', 1e9)
   assert links['predicted_s_by_class']['collectives_exposed'] > 0
+
+
+def test_a_program_is_parsed_once_per_analysis(monkeypatch):
+  """The benchmark's analyses of one program (collectives, overlap, FLOPs, grouped matmuls, op
+  classes, the time model) read one parse of its text."""
+  from moejax.perf import estimate, hlo
+  text = _gpu_program('h100_dropless_moe.hlo')
+  built = []
+  init = hlo.Module.__init__
+  monkeypatch.setattr(hlo.Module, '__init__', lambda self, t: built.append(1) or init(self, t))
+  hlo.parse.cache_clear()
+  hlo.bytes_by_kind(text), hlo.overlap_fraction(text), hlo.flops(text), hlo.grouped_matmuls(text)
+  opclass.predict(text, RATES)
+  estimate.time_model(text, [0] * 4, 'h100', 1e9)
+  assert len(built) == 1

@@ -88,7 +88,7 @@ def attention_kernels(device, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from moejax.parallel.mesh import NVIDIA_PLATFORMS
+  from moejax.kernels import NVIDIA_PLATFORMS
   gpu = device.platform in NVIDIA_PLATFORMS
   t = 8192 if gpu else 512
   q, k, v = (jax.device_put(jax.random.normal(jax.random.key(i), (1, t, 4, 64), jnp.bfloat16),
@@ -125,7 +125,7 @@ def grouped_matmul_speed(device, steps: int) -> dict:
   rows, and its largest relative difference from jax.lax.ragged_dot. NVIDIA GPUs with tokamax
   only (requirements-cuda12.txt); {} elsewhere."""
   import importlib.util
-  from moejax.parallel.mesh import NVIDIA_PLATFORMS
+  from moejax.kernels import NVIDIA_PLATFORMS
   if device.platform not in NVIDIA_PLATFORMS or importlib.util.find_spec('tokamax') is None:
     return {}
   import jax

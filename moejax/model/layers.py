@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax import kernels
 from moejax.config import ModelConfig
-from moejax.errors import ConfigError
 from moejax.model import cached_moe, ffn as ffn_lib, routing
 from moejax.model import moe as moe_lib
 from moejax.model.positions import Yarn, rope
@@ -165,7 +165,7 @@ class Attention(nn.Module):
           segments[:, None, :, None] == segments[:, None, None, :])    # [B, 1, T, T]
       if c.sliding_window:
         mask = _and(mask, self._window(positions, positions, layer))
-      kernel, _ = attention_kernel(c, mesh_lib.platform(), packed=segments is not None)
+      kernel, _ = kernels.attention(c, mesh_lib.platform(), packed=segments is not None)
       o = _attend(q, k, v, mask, causal=True, kernel=kernel, sinks=sinks,
                   scale=c.softmax_scale)                                # [B, T, N, Hv]
     else:
@@ -292,40 +292,6 @@ class Attention(nn.Module):
     return y.astype(x.dtype)
 
 
-CUDNN_DTYPES = ('bfloat16', 'float16')
-
-
-def attention_kernel(cfg: ModelConfig, platform: str, packed: bool) -> tuple[str, str]:
-  """The training attention kernel, 'cudnn' (cuDNN's fused flash attention: no [T, T] scores
-  stored, the masked causal half skipped) or 'xla', and why, for cfg.attention on devices of
-  `platform` with rows of packed documents or not. A ConfigError where 'cudnn' is asked for
-  and cannot apply. Cached decoding always uses XLA's."""
-  if cfg.attention == 'xla':
-    return 'xla', 'XLA attention (model.attention=xla)'
-  if cfg.attention == 'auto' and platform not in mesh_lib.NVIDIA_PLATFORMS:
-    return 'xla', 'XLA attention'
-  cannot = [why for why, fails in (
-      (f'the devices are {platform}, not NVIDIA GPUs',
-       platform not in mesh_lib.NVIDIA_PLATFORMS),
-      (f'model.dtype={cfg.dtype} (cuDNN computes in bfloat16 or float16)',
-       cfg.dtype not in CUDNN_DTYPES),
-      (f'model.head_dim={cfg.head_dim} (cuDNN: a multiple of 8, at most 128)',
-       cfg.head_dim % 8 or cfg.head_dim > 128),
-      ('packed documents (data.pack) need a per-document mask that cuDNN\'s fused attention '
-       'does not take', packed),
-      ('attention sinks (model.attn_sinks) are a logit cuDNN\'s fused attention does not take',
-       cfg.attn_sinks),
-      ('a sliding window (model.sliding_window) set per block', cfg.sliding_window > 0),
-      ('multi-head latent attention\'s values are narrower than its keys', cfg.latent),
-  ) if fails]
-  if not cannot:
-    return 'cudnn', 'cuDNN fused attention'
-  if cfg.attention == 'cudnn':
-    raise ConfigError(f'model.attention=cudnn cannot apply: {"; ".join(cannot)}. Use '
-                      f'model.attention=auto (cuDNN where it applies) or xla.')
-  return 'xla', f'XLA attention ({"; ".join(cannot)})'
-
-
 def _and(mask: jax.Array | None, more: jax.Array) -> jax.Array:
   return more if mask is None else mask & more
 
@@ -335,7 +301,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
             scale: float | None = None) -> jax.Array:
   """Softmax attention of q [B, T, N, H] over k [B, L, K, H], v [B, L, K, Hv]: each key/value
   head serves N/K query heads (repeated to N heads, split over tp like the queries). kernel:
-  'xla' or 'cudnn' (attention_kernel). sinks [N]: a logit per head in every softmax, with no
+  'xla' or 'cudnn' (moejax.kernels.attention). sinks [N]: a logit per head in every softmax, with no
   value. scale: of the logits (default 1/sqrt(H))."""
   n, kv = q.shape[2], k.shape[2]
   if kv != n:

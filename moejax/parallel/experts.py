@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from moejax import kernels
 from moejax.parallel import mesh as mesh_lib, remat
 
 
@@ -38,16 +39,6 @@ def from_experts(out_: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   with jax.named_scope('moe_all_to_all_combine'):
     out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)           # [E, R_, D]
   return checkpoint_name(out_, remat.MOE_RETURNED)
-
-
-RAGGED_PLATFORMS = ('cuda', 'gpu', 'rocm')   # backends that implement ragged-all-to-all
-
-
-def ragged_kind(platform: str | None = None) -> str:
-  """Which ragged exchange a backend (default: the active mesh's) runs: 'ragged'
-  (jax.lax.ragged_all_to_all) or 'padded' (a dense all_to_all of worst-case buffers; XLA:CPU
-  has no ragged-all-to-all)."""
-  return 'ragged' if (platform or mesh_lib.platform()) in RAGGED_PLATFORMS else 'padded'
 
 
 def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -125,7 +116,7 @@ def ragged_from_experts(out: jax.Array, trip: RaggedTrip, axes: tuple[str, ...])
 
 
 def _ragged():
-  return (jax.lax.ragged_all_to_all if ragged_kind() == 'ragged'
+  return (jax.lax.ragged_all_to_all if kernels.exchange(mesh_lib.platform()) == 'ragged'
           else padded_ragged_all_to_all)
 
 

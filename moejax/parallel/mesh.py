@@ -26,8 +26,6 @@ PP = 'pp'
 # assignments), and shard_maps nested pp-outside, tp-inside name their manual axes in mesh order
 # (XLA's named_sharding aborts on 'Manual axes must be sorted by mesh axis index' otherwise).
 AXES = (DP, PP, TP)
-# Platform names of NVIDIA GPU devices (a mesh's, or jax.Device.platform).
-NVIDIA_PLATFORMS = ('cuda', 'gpu')
 
 # Logical axis -> mesh axis. One table for params and activations; no fallbacks.
 RULES: tuple[tuple[str, str | None], ...] = (

@@ -11,6 +11,7 @@ device sends out, or gets back, when every row it holds travels).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -144,9 +145,16 @@ class Module:
     return any(i.op not in _NO_WORK and not i.op.endswith(('-start', '-done')) for i in between)
 
 
+@functools.lru_cache(maxsize=2)
+def parse(hlo_text: str) -> Module:
+  """The program's Module, parsed once however many analyses read it (the newest two programs
+  are kept: a benchmark or a layout search analyses one program at a time). Read-only."""
+  return Module(hlo_text)
+
+
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective op in the HLO module text (an async pair once, at its -done)."""
-  module = Module(hlo_text)
+  module = parse(hlo_text)
   out = []
   for i in module.instrs:
     kind = i.op[:-len('-done')] if i.op.endswith('-done') else i.op
@@ -252,7 +260,7 @@ def grouped_matmul(module: Module, i: Instr) -> GroupedMatmul | None:
 
 def grouped_matmuls(hlo_text: str) -> list[tuple[GroupedMatmul, int]]:
   """Every grouped matmul of the program with its executions per run."""
-  module = Module(hlo_text)
+  module = parse(hlo_text)
   return [(g, module.count(i)) for i in module.instrs
           if (g := grouped_matmul(module, i)) is not None]
 
@@ -303,7 +311,7 @@ def flops(hlo_text: str, row_share: float = 1.0) -> dict[str, int]:
   """Executed matmul FLOPs per device per run, by part: 'remat' (recomputed in the backward
   pass), 'head' (LM head and loss), 'embed', 'blocks' (the rest), and 'total'. Grouped matmuls
   count `row_share` of their buffer rows (instr_flops)."""
-  module = Module(hlo_text)
+  module = parse(hlo_text)
   parts = collections.Counter({'blocks': 0, 'head': 0, 'embed': 0, 'remat': 0})
   for i in module.instrs:
     f = instr_flops(module, i, row_share)

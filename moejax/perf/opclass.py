@@ -151,7 +151,7 @@ def _traffic(module: hlo.Module, params: dict, i: hlo.Instr) -> int:
 
 def kernels(hlo_text: str, row_share: float = 1.0) -> list[Kernel]:
   """Every kernel of a compiled program with its class, executions, FLOPs and bytes."""
-  module = hlo.Module(hlo_text)
+  module = hlo.parse(hlo_text)
   params = _parameters(hlo_text)
   fused = _fused(module)
   out = []
@@ -209,7 +209,7 @@ def measured_by_class(events: list[dict], hlo_text: str, fine: bool = False
   after the last matched instruction in schedule order, cuDNN's attention kernels are
   attention, tokamax's grouped matmul kernels are expert GEMMs, and copies or memsets are
   'other'. fine: grouped matmuls under GROUPED, apart from the other expert GEMMs."""
-  module = hlo.Module(hlo_text)
+  module = hlo.parse(hlo_text)
   cls = {k.name: k.key if fine else k.cls for k in kernels(hlo_text)}
   by_kernel_name = {name.replace('.', '_'): name for name in cls}
   out: dict[str, float] = collections.defaultdict(float)

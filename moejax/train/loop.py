@@ -11,15 +11,14 @@ import time
 import jax
 import ml_collections
 
-from moejax import config as config_lib, validation
+from moejax import config as config_lib, kernels, validation
 from moejax.errors import CheckpointError, ClusterError, ConfigError
 from moejax.data import buckets as buckets_lib
 from moejax.data.source import Source, global_batch
 from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
-from moejax.model import grouped_matmul
-from moejax.model.layers import attention_kernel
-from moejax.parallel import experts as ep_lib
+from moejax.model import dispatch
+from moejax.model.moe import group_parts
 from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
 from moejax.train import workdir as workdir_lib
 from moejax.checkpoint_dir import saved_config
@@ -189,15 +188,14 @@ def _compile(plans: list[Plan]) -> list:
   plan = plans[0]
   cfg, lay = plan.model, plan.layout
   platform = plan.mesh.devices.flat[0].platform
-  experts = (f'dropless experts, {ep_lib.ragged_kind(platform)} all-to-all, '
-             f'{grouped_matmul.kernel(platform)[1]}'
-             if cfg.dispatch == 'dropless' else 'experts at capacity')
-  _, attention = attention_kernel(cfg, platform, plan.data.pack)   # raises if it cannot apply
+  rows = dispatch.sends_rows(cfg.dispatch, group_parts(
+      lay.micro_batch_size, lay.seq_len, cfg.group_size, lay.tp, lay.dp)[1].parts)
+  chosen = kernels.choose(cfg, platform, plan.data.pack, rows)   # raises if one cannot apply
   shapes = (f'buckets {", ".join(f"{p.layout.micro_batch_size}x{p.layout.seq_len}" for p in plans)}'
             f' rows x tokens' if len(plans) > 1 else f'{lay.micro_batch_size}x{lay.seq_len}')
   _say(f'Compiling the train step for {lay.devices} {platform} devices '
        f'(dp={lay.dp} tp={lay.tp} pp={lay.pp}, {lay.tokens_per_step:,} tokens per step as '
-       f'{lay.num_micro_batches} micro-batches of {shapes}, {experts}, {attention})...')
+       f'{lay.num_micro_batches} micro-batches of {shapes}, {chosen.line})...')
   started = time.perf_counter()
   compiled = []
   for p in plans:

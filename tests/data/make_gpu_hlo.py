@@ -12,7 +12,7 @@ h100_dropless_moe.hlo, 4 H100s (tp=4): the gradient of one dropless MoE layer
 (moejax.model.moe, 8 experts, x [2, 64, 32] f32).
 
 h100_cudnn_attention.hlo, 4 H100s (tp=4, heads split): the gradient of causal attention
-(moejax.model.layers._attend with the kernel attention_kernel picks for a bfloat16 model on
+(moejax.model.layers._attend with the kernel moejax.kernels.attention picks for a bfloat16 model on
 NVIDIA GPUs) of q, k, v [2, 512, 8, 64] bf16.
 """
 import os
@@ -80,13 +80,14 @@ def dropless_moe_program() -> str:
 
 def cudnn_attention_program() -> str:
   from moejax import config as config_lib
+  from moejax import kernels
   from moejax.model import layers
   from moejax.parallel import mesh as mesh_lib
   from moejax.train import plan as plan_lib
   from configs import tp4pp4
   c = tp4pp4.get_config('tiny')
   c.model.update(dtype='bfloat16', num_heads=8, head_dim=64, d_model=512)
-  kernel, _ = layers.attention_kernel(config_lib.model_config(c), 'cuda', packed=False)
+  kernel, _ = kernels.attention(config_lib.model_config(c), 'cuda', packed=False)
   assert kernel == 'cudnn', kernel
   mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
   with plan_lib.bare(mesh):
