@@ -11,16 +11,20 @@ import ml_collections
 from moejax.errors import CheckpointError, ConfigError
 
 
-def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
-  """(step, config) of a run's newest (or given) complete checkpoint, read without JAX.
+def complete_steps(directory: str) -> list[int]:
+  """The complete checkpoints' steps under a checkpoints directory, oldest first: Orbax writes a
+  step under a temporary name and renames it to the bare number when complete."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
-  Orbax writes a step under a temporary name and renames it to the bare number when complete,
-  so the all-digit directories are the complete checkpoints.
-  """
+
+def saved_config(workdir: str, step: int = -1) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, config) of a run's newest (or given) complete checkpoint, read without JAX."""
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if not os.path.isdir(directory):
     raise ConfigError(f'{directory} does not exist: train first, or pass the run\'s --workdir.')
-  steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  steps = complete_steps(directory)
   if not steps or (step >= 0 and step not in steps):
     raise ConfigError(f'No complete checkpoint{"" if step < 0 else f" at step {step}"} in '
                       f'{directory} (complete steps: {steps or "none"}).')

@@ -299,6 +299,11 @@ class MeshShape:
   # Adam moments sharded over dp as well (ZeRO-1).
   shard_optimizer: bool = key('mesh.shard_optimizer', parse=bool)
 
+  @property
+  def devices(self) -> int:
+    """Devices the mesh needs."""
+    return self.dp * self.tp * self.pp
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -349,9 +354,7 @@ class Layout:
   def tokens_per_step(self) -> int:
     return self.global_batch * self.seq_len
 
-  @property
-  def devices(self) -> int:
-    return self.dp * self.tp * self.pp
+  devices = property(lambda self: self.mesh.devices)
 
   @property
   def expert_shards(self) -> int:
@@ -522,13 +525,12 @@ def run_config(config: ml_collections.ConfigDict) -> RunConfig:
   return _build(RunConfig, config)
 
 
-def profile_steps(config: ml_collections.ConfigDict) -> range:
-  """Steps to trace from config.profile_steps: '' (none), 'N' or 'FIRST-LAST'."""
-  return _profile_steps(config.profile_steps)
+def mesh_shape(config: ml_collections.ConfigDict) -> MeshShape:
+  return _build(MeshShape, config)
 
 
 def layout(config: ml_collections.ConfigDict) -> Layout:
-  mesh = _build(MeshShape, config)
+  mesh = mesh_shape(config)
   mesh = dataclasses.replace(mesh, experts_over_dp=mesh.experts_over_dp and mesh.dp > 1)
   return Layout(mesh=mesh, schedule=_build(Schedule, config), batch=_build(BatchShape, config))
 

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from moejax import config as config_lib
 from moejax.errors import ConfigError
 from moejax.errors import ClusterError
 
@@ -43,8 +44,7 @@ def detect(coordinator_address: str, num_processes: int, process_id: int,
 
 def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster()) -> None:
   """Joins the cluster (if any); on CPU-only hosts simulates this process's share of devices."""
-  m = config.mesh
-  need = m.dp * m.tp * m.pp
+  need = config_lib.mesh_shape(config).devices
   if need % cluster.num_processes:
     raise ConfigError(
         f'mesh.dp * mesh.tp * mesh.pp = {need} devices cannot be split evenly over '

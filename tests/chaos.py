@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 
+from moejax import checkpoint_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEN = ('compile', 'step', 'save')                   # when a fault strikes
 EXIT_LIMIT_S = 120                                   # a fault's processes must end within
@@ -103,10 +105,7 @@ def _temporaries(workdir: str) -> set[str]:
 
 
 def complete_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  return checkpoint_dir.complete_steps(os.path.join(workdir, 'checkpoints'))
 
 
 def _strike(run: Run, fault: Fault, workdir: str) -> str:

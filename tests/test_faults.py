@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from moejax import checkpoint_dir
 from moejax.data import tokens
 from moejax.errors import CheckpointError, DataError, DivergedError, WorkdirInUse
 from moejax.train import loop, workdir as workdir_lib
@@ -37,7 +38,7 @@ def records(workdir):
 
 
 def complete_steps(workdir):
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  return checkpoint_dir.complete_steps(os.path.join(workdir, 'checkpoints'))
 
 
 def params_of(workdir, step):

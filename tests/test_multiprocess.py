@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from moejax import checkpoint_dir
 from tests.helpers import subprocess_env
 from tests.test_checkpoint import command, losses, run
 
@@ -52,7 +53,7 @@ def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None):
 
 
 def complete_steps(workdir) -> list[int]:
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+  return checkpoint_dir.complete_steps(os.path.join(workdir, 'checkpoints'))
 
 
 def same_5_digits(a: dict, b: dict) -> None:

@@ -283,7 +283,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   config, _ = with_mtp_found(imported_config(hf), Reader(hf_dir))
   m = config_lib.model_config(config)
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
+  if checkpoint_dir.complete_steps(directory):
     raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
   reader, table = checked_table(hf_dir, m, family)
   shapes = canonical_shapes(m)

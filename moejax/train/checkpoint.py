@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from typing import Any
 
 from moejax import config as config_lib
-from moejax.checkpoint_dir import params_item, read_config
+from moejax.checkpoint_dir import complete_steps, params_item, read_config
 from moejax.data import tokens
 from moejax.errors import ConfigError
 from moejax.errors import CheckpointError
@@ -146,7 +146,7 @@ class Checkpointer:
     params-only one (moejax.cli.convert import). Given `fresh` params (training layout), an
     imported checkpoint without multi-token-prediction depths gets fresh['mtp'] when the config
     asks for them (model.mtp_depth: fine-tuning with MTP on)."""
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    steps = complete_steps(directory)
     if not steps or not os.path.isdir(os.path.join(directory, str(steps[-1]), 'params')):
       return self.restore(directory=directory).params
     step = steps[-1]
