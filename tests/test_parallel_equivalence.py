@@ -275,3 +275,28 @@ def test_new_family_blocks_match_1x1(family):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_array_equal(metrics['expert_load'], ref_metrics['expert_load'])
   assert_trees_close(grads, ref_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
+def test_experts_cast_once_per_step_change_no_number(tp, pp, monkeypatch):
+  """bfloat16: the pipeline hands its stages the experts' matrices cast once per step
+  (transformer.cast_once) with the same loss and gradients, bit for bit, as casting them at
+  every tick; the lowered step converts each expert matrix once, as the whole stage stack."""
+  import re
+  import jax
+  from moejax.model import transformer
+  from moejax.train.plan import Plan
+  config = small_config(tp, pp, **{'model.dtype': 'bfloat16'})
+  plan = Plan(config)
+  assert transformer.cast_once(plan.model, plan.layout)['moe']['w1'] == 'bfloat16'
+  converts = lambda: re.findall(   # f32 -> bf16 converts of expert matrices ([.., 32, 48])
+      r'stablehlo.convert %\S+ : \(tensor<([\dx]*)x(?:32x48|48x32)xf32>\) -> tensor<[^>]*bf16>',
+      Plan(config).train_step().lower(plan.abstract_state, plan.batch_abstract()).as_text())
+  once, (loss, _, grads) = converts(), loss_and_grads(config)
+  monkeypatch.setattr(transformer, 'cast_once', lambda cfg, lay: None)
+  per_tick, (loss_tick, _, grads_tick) = converts(), loss_and_grads(config)
+  assert sorted(once) == [f'{pp}x1x{8 // pp}x8'] * 2                # [S, R, L, E] once each
+  assert len(per_tick) == 4 and all(s == f'{8 // tp}' for s in per_tick)  # fwd + recompute
+  assert loss == loss_tick
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_tick)):
+    np.testing.assert_array_equal(a, b)

@@ -8,6 +8,7 @@ NB blocks, S stages, R repeats, L layers per stage.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -140,6 +141,20 @@ def _mtp(params, hidden: jax.Array, inputs: jax.Array, labels: jax.Array, packed
   return mean_ce, jax.tree.map(lambda *a: jnp.stack(a), *all_stats)
 
 
+@functools.lru_cache(maxsize=8)
+def cast_once(cfg: ModelConfig, lay: Layout) -> Any:
+  """The block params the pipeline hands its stages in the compute dtype, cast once per step
+  (a tree of dtype names, '' for as they are): the experts' matrices, most of a stage's bytes
+  (cast at every tick, their reads and writes were a large part of a bf16 step on a GPU).
+  None in float32."""
+  if cfg.dtype == 'float32':
+    return None
+  expert_matrix = lambda s: 'experts' in tuple(s) and params_lib.role(tuple(s)) == 'matrix'
+  return jax.tree.map(lambda s: cfg.dtype if expert_matrix(s) else '',
+                      params_lib.param_axes(cfg, lay)['blocks'],
+                      is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+
+
 def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
                   cfg: ModelConfig, lay: Layout, train: bool, packed: Any = None
                   ) -> tuple[jax.Array, Any]:
@@ -153,7 +168,8 @@ def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
       x = _dense_blocks(params['dense_blocks'], x, cfg, lay, train, packed)
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
-      repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed)
+      repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed,
+      cast_once=cast_once(cfg, lay))
   return hidden, params_lib.from_stages(stats)
 
 

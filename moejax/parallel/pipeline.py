@@ -11,6 +11,7 @@ Legend: S stages, R repeats, L layers per stage, M micro-batches, B batch, T seq
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
   [M, ...] (every stage holds all micro-batches' side inputs)."""
   if stages > 1:
     xs = _gather_to_first(xs, stages)                                   # [M, B, T, D] on stage 0
-  params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
+  params_ = jax.tree.map(lambda a: a[0], params_)                       # ([R, L, ...], low)
   m_count = xs.shape[0]
   total = repeats * m_count
   # With one stage there is no pp axis to be manual over (XLA rejects collectives over a
@@ -103,35 +104,67 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
   return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cast_once(w: jax.Array, w_low: jax.Array, dtype: str) -> jax.Array:
+  """w_low (w cast to a lower dtype once per step); w's cotangent is the result's, in dtype."""
+  return w_low
+
+
+def _cast_once_fwd(w, w_low, dtype):
+  return w_low, None
+
+
+def _cast_once_bwd(dtype, _, ct):
+  return ct.astype(dtype), None
+
+
+_cast_once.defvjp(_cast_once_fwd, _cast_once_bwd)
+
+
 def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array, *,
-             stages: int, repeats: int, remat_policy: str, side: Any = None
-             ) -> tuple[jax.Array, Any]:
+             stages: int, repeats: int, remat_policy: str, side: Any = None,
+             cast_once: Any = None) -> tuple[jax.Array, Any]:
   """Runs all micro-batches through all stages.
 
   stage_fn(params [L, ...], x [B, T, D], micro, repeat, stage, rng, side) -> (y [B, T, D],
   stats) with per-layer stats of leading axis L. xs: [M, B, T, D]. side: None or a tree of
-  [M, ...] arrays (e.g. packed rows' positions); stage_fn gets micro-batch m's. Returns outputs
-  [M, B, T, D] (M split over pp) and the stats summed over micro-batches, stacked [S, R, L, ...].
+  [M, ...] arrays (e.g. packed rows' positions); stage_fn gets micro-batch m's. cast_once: None,
+  or a tree like stage_params of dtype names ('' for as they are): those leaves reach stage_fn
+  in that dtype, cast once per call instead of at every tick (and again in the backward's
+  recomputation); their gradients still accumulate over the ticks in the params' dtype. Returns
+  outputs [M, B, T, D] (M split over pp) and the stats summed over micro-batches, stacked
+  [S, R, L, ...].
   """
   policy = remat.policy(remat_policy)
+  if cast_once is None:
+    low = join = None
+  else:
+    low = jax.tree.map(lambda a, dt: jax.lax.stop_gradient(a.astype(dt) if dt else a),
+                       stage_params, cast_once)
+    join = lambda p, p_low: jax.tree.map(
+        lambda a, a_low, dt: _cast_once(a, a_low, a.dtype.name) if dt else a,
+        p, p_low, cast_once)
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).
-  fn = jax.checkpoint(lambda p, x, m, r, s, k, d: stage_fn(_index(p, r), x, m, r, s, k, d),
-                      policy=policy)
+  def run_stage(p, x, m, r, s, k, d):
+    p, p_low = p
+    p = _index(p, r) if join is None else join(_index(p, r), _index(p_low, r))
+    return stage_fn(p, x, m, r, s, k, d)
+  fn = jax.checkpoint(run_stage, policy=policy)
   stats_like = jax.eval_shape(
       lambda p, x, d: stage_fn(p, x, 0, 0, 0, rng, d)[1],
       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0],
       jax.tree.map(lambda a: a[0], side))
-  params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
+  params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), (stage_params, low))
   local = lambda p, x, k, d: _pipeline_local(p, x, k, d, stage_fn=fn, stats_like=stats_like,
                                             stages=stages, repeats=repeats)
   if stages == 1:
-    return local(stage_params, xs, rng, side)
+    return local((stage_params, low), xs, rng, side)
   run = jax.shard_map(
       local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side)),
       out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
-  return run(stage_params, xs, rng, side)
+  return run((stage_params, low), xs, rng, side)
 
 
 def each_micro_batch(fn: Callable[[Any, Any], Any], params: Any, xs: Any, stages: int) -> Any:
