@@ -222,3 +222,59 @@ def test_benchmarks_open_with_current_figures():
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert len(cells) == 6 and all(cells), row
     assert re.search(r'20\d\d-\d\d-\d\d', cells[4]) and re.search(r'\b[0-9a-f]{7}\b', cells[5]), row
+
+
+def _legend_table() -> dict[str, str]:
+  """BUILD.md's shape letters: letter -> meaning."""
+  import re
+  text = open(os.path.join(os.path.dirname(ROOT), 'BUILD.md')).read()
+  section = text.split('## Shape letters')[1].split('\n## ')[0]
+  table = {}
+  for row in re.findall(r'^\| (.+) \|$', section, re.M):
+    cells = [c.strip() for c in row.split('|')]
+    for letter, meaning in zip(cells[::2], cells[1::2]):
+      if letter not in ('letter', '---'):
+        table[letter] = meaning
+  return table
+
+
+def _legend_mismatches(source: str, table: dict[str, str]) -> list[str]:
+  """Items of a module's `Legend:` sentence whose letter is not in the table or means another
+  thing there (the table's meaning must appear in the item's)."""
+  if 'Legend:' not in source:
+    return []
+  text = ' '.join(source.split('Legend:', 1)[1].split())
+  depth, items, item = 0, [], ''
+  for i, ch in enumerate(text + ' '):
+    depth += (ch == '(') - (ch == ')')
+    if depth == 0 and (ch in ',;' or (ch == '.' and text[i + 1:i + 2] in (' ', ''))):
+      items.append(item)
+      item = ''
+      if ch == '.':
+        break
+    else:
+      item += ch
+  bad = []
+  for item in items:
+    letter, _, meaning = item.strip().partition(' ')
+    letter = letter.rstrip('_')
+    if letter not in table or table[letter] not in meaning:
+      bad.append(item.strip())
+  return bad
+
+
+def test_every_legend_uses_the_one_table_of_shape_letters():
+  """Every module's `Legend:` says what BUILD.md's table of shape letters says (K is key/value
+  heads everywhere, top-k is P; S is pipeline stages, tokens per group Q; ...)."""
+  table = _legend_table()
+  assert table['K'] == 'key/value heads' and len(table) >= 20
+  bad, seen = {}, 0
+  for path in sorted(os.path.join(d, f) for d, _, fs in os.walk(ROOT) for f in fs
+                     if f.endswith('.py')):
+    source = open(path).read()
+    seen += 'Legend:' in source
+    if _legend_mismatches(source, table):
+      bad[os.path.relpath(path, ROOT)] = _legend_mismatches(source, table)
+  assert seen >= 10 and not bad, bad
+  # the check can fail: a legend that reuses K for top-k
+  assert _legend_mismatches('"""x.\n\nLegend: G routing groups, K top-k.\n"""', table) == ['K top-k']

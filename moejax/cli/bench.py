@@ -136,9 +136,10 @@ def _aot(config) -> None:
 
 
 def _search(config) -> None:
+  from moejax import config as config_lib
   from moejax.perf import search
   ranked = search.search(config, FLAGS.target, report=_print_candidate)
-  print(f'\nLayouts for {config.mesh.dp * config.mesh.tp * config.mesh.pp} x '
+  print(f'\nLayouts for {config_lib.mesh_shape(config).devices} x '
         f'{FLAGS.target}, best first (the time model: kernels by op class at the card\'s rates, '
         f'calibrated on its last measured run; collectives at NVLink / network bandwidth, hidden '
         f'where the schedule overlaps them):')

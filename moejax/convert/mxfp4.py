@@ -16,15 +16,16 @@ E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 
 
 def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-  """blocks [..., R, G, 16] uint8, scales [..., R, G] uint8 -> float32 [..., R, G*32]."""
+  """blocks [..., r, g, 16] uint8, scales [..., r, g] uint8 (g scale groups of 32 values
+  along a row) -> float32 [..., r, g*32]."""
   if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != GROUP // 2:
     raise ValueError(f'MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not '
                      f'match (blocks [..., G, 16] for scales [..., G])')
-  codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)                # [..., G, 16, 2]
-  values = E2M1[codes].reshape(scales.shape + (GROUP,))                  # [..., G, 32]
-  power = np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127)       # [..., G]
+  codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)                # [..., g, 16, 2]
+  values = E2M1[codes].reshape(scales.shape + (GROUP,))                  # [..., g, 32]
+  power = np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127)       # [..., g]
   values *= power[..., None].astype(np.float32)
-  return values.reshape(scales.shape[:-1] + (-1,))                       # [..., R, G*32]
+  return values.reshape(scales.shape[:-1] + (-1,))                       # [..., r, g*32]
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,11 +33,11 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   each group's scale is the power of two that brings its largest magnitude within 6, each
   element rounded to the nearest E2M1 value."""
   *lead, cols = x.shape
-  groups = x.reshape(tuple(lead) + (cols // GROUP, GROUP)).astype(np.float32)  # [..., G, 32]
-  top = np.max(np.abs(groups), axis=-1)                                  # [..., G]
+  groups = x.reshape(tuple(lead) + (cols // GROUP, GROUP)).astype(np.float32)  # [..., g, 32]
+  top = np.max(np.abs(groups), axis=-1)                                  # [..., g]
   exp = np.where(top > 0, np.ceil(np.log2(np.maximum(top, 1e-38) / 6.0)), 0).astype(np.int32)
   exp = np.clip(exp, -127, 127)
-  scaled = groups / np.ldexp(np.float32(1.0), exp)[..., None]            # [..., G, 32]
+  scaled = groups / np.ldexp(np.float32(1.0), exp)[..., None]            # [..., g, 32]
   codes = np.argmin(np.abs(np.abs(scaled)[..., None] - E2M1[:8]), axis=-1).astype(np.uint8)
   codes = codes | np.where(scaled < 0, 8, 0).astype(np.uint8)
   pairs = codes.reshape(codes.shape[:-1] + (GROUP // 2, 2))

@@ -1,7 +1,7 @@
 """Generation with a key/value cache: a prompt fills the cache in one pass, then every new token
 is one step over the cache (no re-run of the context).
 
-`extend` appends T new tokens at position `start`: T = the prompt length for the prefill, 1 per
+`extend` appends T sequence (the new tokens) at position `start`: T = the prompt length for the prefill, 1 per
 decode step; the same code for both. It computes what the windowed forward
 (transformer.loss_fn on the whole context) computes for those positions, on meshes without
 pipeline stages (pp=1; tp and dp any), with the training model's own blocks (layers.Block
@@ -10,8 +10,9 @@ router and keeps a routing history, moejax.model.cached_moe; the embedding and t
 same too): the caches are split over tp by key/value heads like attention's weights, experts
 stay split over tp.
 
-Legend: NB blocks, B batch, L cache length, T new tokens, D d_model, K key/value heads, H
-head_dim, E experts, K_ top-k, V padded vocab.
+Legend: NB blocks, B batch, W key/value positions (the cache length), T sequence (the new tokens), D d_model,
+K key/value heads, H head_dim (Hr rotary), Z latent rank, E experts, P top-k picks per token,
+V vocabulary (Vp padded).
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from moejax.parallel.mesh import constrain
 
 
 class Cache(NamedTuple):
-  k: jax.Array       # [NB, B, L, K, H] keys of every position so far (MLA: latents [NB, B, L, R])
-  v: jax.Array       # [NB, B, L, K, H] values (MLA: rotary keys [NB, B, L, Hr])
-  choice: jax.Array  # [NB, K_, B, L] int32 experts each position chose (-1 before it is written)
+  k: jax.Array       # [NB, B, W, K, H] keys of every position so far (MLA: latents [NB, B, W, Z])
+  v: jax.Array       # [NB, B, W, K, H] values (MLA: rotary keys [NB, B, W, Hr])
+  choice: jax.Array  # [NB, P, B, W] int32 experts each position chose (-1 before it is written)
   dense_k: jax.Array | None = None   # [ND, ...] as k, of the dense blocks (model.dense_blocks)
   dense_v: jax.Array | None = None
   lead_k: jax.Array | None = None    # [NB, dense_per_block, ...] as k, of each block's own

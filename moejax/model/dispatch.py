@@ -1,8 +1,8 @@
 """How one shard's routed tokens reach their experts and come back: two dispatchers with one
 interface, chosen in one place (`dispatcher`).
 
-  rows, back = d.dispatch(tokens_, r)   # tokens_ [G_, S, D] + routing -> rows at this shard's experts
-  y_ = d.combine(out, back)             # the experts' results for those rows -> [G_, S, D], gated
+  rows, back = d.dispatch(tokens_, r)   # tokens_ [G_, Q, D] + routing -> rows at this shard's experts
+  y_ = d.combine(out, back)             # the experts' results for those rows -> [G_, Q, D], gated
 
 Buffers (capacity dispatch, each routing group in one part): every expert gets C slots per part,
 full or not, and the [E, G_*C, D] buffers move by all_to_all. Rows (dropless; capacity where a
@@ -10,8 +10,9 @@ group is split into parts): the part's assignments (dropless: all of them; capac
 ones) sorted by expert move as ragged rows and come back to be unsorted. Dropped assignments
 contribute zero (the residual carries them).
 
-Legend: G_ local parts, S tokens per part, D d_model, E experts (E_ = E/ep on a shard), C
-capacity, K top-k, A_ = G_*K*S assignments, ep expert shards. Names ending in `_` are
+Legend: G_ local parts (routing groups or pieces of one), Q tokens per group (or part), D d_model,
+E experts (E_ = E/ep on a shard), C capacity (rows per expert), P top-k picks per token,
+A_ assignments (G_*P*Q), ep expert shards. Names ending in `_` are
 shard-local.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Buffers:
   compute_dtype: Any
 
   def dispatch(self, tokens_: jax.Array, r: Routing) -> tuple[ffn_lib.ExpertRows, Routing]:
-    """tokens_ [G_, S, D] -> this shard's experts' buffers from every shard [E_, ep*G_*C, D]."""
+    """tokens_ [G_, Q, D] -> this shard's experts' buffers from every shard [E_, ep*G_*C, D]."""
     d = tokens_.shape[-1]
     buf_ = _pack(tokens_.astype(self.compute_dtype), r, self.num_experts, self.capacity)
     buf_ = buf_.transpose(1, 0, 2, 3).reshape(self.num_experts, -1, d)  # [E, G_*C, D]
@@ -67,7 +68,7 @@ class Buffers:
     return ffn_lib.ExpertRows(ep_lib.to_experts(buf_, self.axes), ids=ids), r
 
   def combine(self, out: jax.Array, r: Routing) -> jax.Array:
-    """The experts' results [E_, ep*G_*C, D] -> tokens [G_, S, D], weighted by their gates."""
+    """The experts' results [E_, ep*G_*C, D] -> tokens [G_, Q, D], weighted by their gates."""
     g_, d = r.expert.shape[0], out.shape[-1]
     out_ = ep_lib.from_experts(out, self.axes)                          # [E, G_*C, D]
     return _unpack(out_.reshape(self.num_experts, g_, self.capacity, d).transpose(1, 0, 2, 3), r)
@@ -86,7 +87,7 @@ class Rows:
   compute_dtype: Any
 
   def dispatch(self, tokens_: jax.Array, r: Routing) -> tuple[ffn_lib.ExpertRows, tuple]:
-    """tokens_ [G_, S, D] -> the rows this shard's experts received from every shard
+    """tokens_ [G_, Q, D] -> the rows this shard's experts received from every shard
     [ep*A_, D] with their local expert [ep*A_] (E_: padding past what arrived)."""
     g_, s, d = tokens_.shape
     k, e, local = r.expert.shape[1], self.num_experts, self.local_experts
@@ -104,13 +105,13 @@ class Rows:
     return ffn_lib.ExpertRows(got, got_keys[:, 0], ids), (trip, order, r)
 
   def combine(self, out: jax.Array, back: tuple) -> jax.Array:
-    """The experts' results [ep*A_, D] -> tokens [G_, S, D], weighted by their gates."""
+    """The experts' results [ep*A_, D] -> tokens [G_, Q, D], weighted by their gates."""
     trip, order, r = back
     g_, k, s = r.expert.shape
     out_ = ep_lib.ragged_from_experts(out, trip, self.axes)             # [A_, D] sorted
     out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s)
-    weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)          # [G_, K, S]
-    return jnp.einsum('GKSD,GKS->GSD', out_.reshape(g_, k, s, -1), weight)  # [G_, S, D]
+    weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)          # [G_, P, Q]
+    return jnp.einsum('GPQD,GPQ->GQD', out_.reshape(g_, k, s, -1), weight)  # [G_, Q, D]
 
   def _row_ids(self, r: Routing, s: int) -> jax.Array:
     """This shard's assignments' names [A_] in (g, k, s) order: at capacity the slot each took
@@ -119,9 +120,9 @@ class Rows:
     gid_, start_ = self.names[0][me], self.names[1][me]                 # [G_] each
     if self.capacity:
       ids = (gid_[:, None, None] * self.num_experts + r.expert) * self.capacity + r.slot
-      return jnp.where(r.keep, ids, -1).reshape(-1)                     # [G_, K, S] -> [A_]
+      return jnp.where(r.keep, ids, -1).reshape(-1)                     # [G_, P, Q] -> [A_]
     k = r.expert.shape[1]
-    at = start_[:, None, None] + jnp.arange(s)                          # [G_, 1, S]
+    at = start_[:, None, None] + jnp.arange(s)                          # [G_, 1, Q]
     return ((gid_[:, None, None] * k + jnp.arange(k)[:, None]) * self.group_size
             + at).reshape(-1)                                           # [A_]
 
@@ -139,21 +140,21 @@ def _buffer_row_ids(gid: jax.Array, num_experts: int, capacity: int,
 
 
 def _pack(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Array:
-  """Tokens x [G, S, D] into expert buffers [G, E, C, D]; empty slots are zero."""
+  """Tokens x [G, Q, D] into expert buffers [G, E, C, D]; empty slots are zero."""
   g, s, d = x.shape
   k = r.expert.shape[1]
   groups = jnp.arange(g)[:, None, None]                                 # [G, 1, 1]
   slot = jnp.where(r.keep, r.slot, capacity)                            # dropped -> out of range
-  tokens = jnp.broadcast_to(x[:, None], (g, k, s, d))                   # [G, K, S, D]
+  tokens = jnp.broadcast_to(x[:, None], (g, k, s, d))                   # [G, P, Q, D]
   buf = jnp.zeros((g, num_experts, capacity, d), x.dtype)
   return buf.at[groups, r.expert, slot].add(tokens, mode='drop')        # [G, E, C, D]
 
 
 def _unpack(y: jax.Array, r: Routing) -> jax.Array:
-  """Expert outputs y [G, E, C, D] back to tokens [G, S, D], weighted by their gates."""
+  """Expert outputs y [G, E, C, D] back to tokens [G, Q, D], weighted by their gates."""
   g = y.shape[0]
   groups = jnp.arange(g)[:, None, None]                                 # [G, 1, 1]
   slot = jnp.where(r.keep, r.slot, 0)
-  out = y[groups, r.expert, slot]                                       # [G, K, S, D]
-  weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)               # [G, K, S]
-  return jnp.einsum('GKSD,GKS->GSD', out, weight)
+  out = y[groups, r.expert, slot]                                       # [G, P, Q, D]
+  weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)               # [G, P, Q]
+  return jnp.einsum('GPQD,GPQ->GQD', out, weight)

@@ -2,7 +2,7 @@
 family's: silu(x w1) * (x w3), then w2; biases optional) or GPT-OSS's clamped SwiGLU, on fixed
 buffers or on ragged rows.
 
-Legend: E experts, C rows per expert, R rows in any order, D d_model, F expert hidden.
+Legend: E experts, C capacity (rows per expert), Y rows in any order, D d_model, F expert hidden.
 """
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ class SharedWeights(NamedTuple):
 
 class ExpertRows(NamedTuple):
   """Rows at one shard's experts (what a dispatcher delivers): fixed buffers x [E, C, D]
-  (expert None), or rows in any order x [R, D] with each row's expert [R] (>= E: padding). ids:
-  each row's mesh-independent name for its dropout mask ([E, C] or [R]; None without dropout)."""
+  (expert None), or rows in any order x [Y, D] with each row's expert [Y] (>= E: padding). ids:
+  each row's mesh-independent name for its dropout mask ([E, C] or [Y]; None without dropout)."""
   x: jax.Array
   expert: jax.Array | None = None
   ids: jax.Array | None = None
@@ -84,7 +84,7 @@ class ExpertRows(NamedTuple):
 def experts(rows: ExpertRows, w: FFNWeights, *, act: Activation = Activation(),
             dropout_rate: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
   """Each row through its expert's FFN, in the rows' layout: [E, C, D] buffers (expert_ffn) or
-  [R, D] rows (grouped_expert_ffn)."""
+  [Y, D] rows (grouped_expert_ffn)."""
   if rows.expert is None:
     keep = (None if dropout_rate == 0.0 else
             dropout_keep(rng, rows.ids, w.w1.shape[-1], dropout_rate))   # [E, C, F]
@@ -124,33 +124,33 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *,
                        act: Activation = Activation(),
                        dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                        row_ids: jax.Array | None = None) -> jax.Array:
-  """expert_ffn on rows in any order: x [R, D], key [R] the expert of each row (keys >= E mark
+  """expert_ffn on rows in any order: x [Y, D], key [Y] the expert of each row (keys >= E mark
   padding rows, which return 0). Rows are sorted by expert and each expert's weights multiply
   exactly its rows (grouped matmuls: model.grouped_matmul). Rows past the experts' (padding)
   are 0. With dropout, row i's hidden-unit
   mask is dropout_keep(dropout_rng, row_ids[i]).
   """
   num_experts = w.w1.shape[0]
-  order = jnp.argsort(key, stable=True)                                # [R] grouped by expert
+  order = jnp.argsort(key, stable=True)                                # [Y] grouped by expert
   sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
-  expert = jnp.minimum(key[order], num_experts - 1)                    # [R]
+  expert = jnp.minimum(key[order], num_experts - 1)                    # [Y]
   grouped = lambda a, m: checkpoint_name(_scoped(grouped_matmul.ragged_dot, a, m, sizes),
                                         remat.GROUPED_MATMUL)
-  # Each row's bias as a one-hot matmul [R, E] x [E, F|D]: its gradient is a matmul too (the
+  # Each row's bias as a one-hot matmul [Y, E] x [E, F|D]: its gradient is a matmul too (the
   # transpose of a gather, a scatter-add of R rows into E, ran at 20-40 ms per call on an H200).
-  onehot = jax.nn.one_hot(expert, num_experts, dtype=x.dtype)          # [R, E]
-  bias = lambda b: None if b is None else jnp.einsum(                  # [R, F] or [R, D]
+  onehot = jax.nn.one_hot(expert, num_experts, dtype=x.dtype)          # [Y, E]
+  bias = lambda b: None if b is None else jnp.einsum(                  # [Y, F] or [Y, D]
       'RE,EF->RF', onehot, b, preferred_element_type=jnp.float32).astype(x.dtype)
-  rows = x[order]                                                      # [R, D]
-  first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [R, F]
+  rows = x[order]                                                      # [Y, D]
+  first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [Y, F]
   up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))
   h = activation(first, up, act)
   if dropout_rate > 0.0:
     h = _drop(h, dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate),
               dropout_rate)
-  y = _bias(grouped(h, w.w2), bias(w.b2))                              # [R, D]
+  y = _bias(grouped(h, w.w2), bias(w.b2))                              # [Y, D]
   y = jnp.where((key[order] < num_experts)[:, None], y, 0)
-  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [R, D] input order
+  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [Y, D] input order
 
 
 def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:

@@ -1,5 +1,5 @@
-"""The grouped matmul of dropless experts: rows [M, K] sorted by group, times each group's
-matrix [G, K, N].
+"""The grouped matmul of dropless experts: rows [m, k] sorted by group, times each group's
+matrix [G, k, n].
 
 On NVIDIA targets it is tokamax's Pallas Mosaic GPU kernel (forward and both gradients): on an
 H200 it ran the experts' grouped matmuls (fwd + bwd) at 127-275 TFLOP/s where XLA's
@@ -18,8 +18,8 @@ from moejax.parallel import mesh as mesh_lib
 
 
 def ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """lhs [M, K] (rows of group g after those of groups < g), rhs [G, K, N], group_sizes [G]
-  -> [M, N]; rows past sum(group_sizes) are not computed (their values are unspecified)."""
+  """lhs [m, k] (rows of group g after those of groups < g), rhs [G, k, n], group_sizes [G]
+  -> [m, n]; rows past sum(group_sizes) are not computed (their values are unspecified)."""
   if kernels.grouped_matmul(mesh_lib.platform())[0] == 'xla':
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
   import tokamax

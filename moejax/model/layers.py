@@ -1,7 +1,8 @@
 """Flax Linen layers of the transformer: embedding, attention, MoE feed-forward, block, LM head.
 
-Legend: B batch, T sequence, L cache length, D d_model, N heads, K key/value heads, H head_dim,
-V padded vocabulary, E experts, F expert hidden. Every parameter is declared once here with its shape, logical axes and
+Legend: B batch, T sequence, W key/value positions (the cache length), D d_model, N heads,
+K key/value heads, H head_dim (Hr rotary, Hv value), Z latent rank (Zq the query's),
+V vocabulary (Vp padded), E experts, F expert hidden, P top-k picks per token. Every parameter is declared once here with its shape, logical axes and
 initializer; shardings are derived from those axes (moejax.parallel.mesh.RULES).
 The residual stream [B, T, D] is split over tp along T (sequence parallelism).
 """
@@ -90,20 +91,20 @@ class Embedder(nn.Module):
 
 class KVCache(NamedTuple):
   """One block's keys and values of every position so far, for cached decoding (MLA: its
-  normalised latent [B, L, R] and rotary key [B, L, Hr] instead)."""
-  k: jax.Array       # [B, L, K, H]
-  v: jax.Array       # [B, L, K, H]
+  normalised latent [B, W, Z] and rotary key [B, W, Hr] instead)."""
+  k: jax.Array       # [B, W, K, H]
+  v: jax.Array       # [B, W, K, H]
 
 
 class LatentWeights(NamedTuple):
   """Multi-head latent attention's projections (Attention._latent_weights)."""
   wq: jax.Array | None          # [D, N, H + Hr] (no query latent)
-  wq_a: jax.Array | None        # [D, Rq]
-  q_norm: jax.Array | None      # [Rq]
-  wq_b: jax.Array | None        # [Rq, N, H + Hr]
-  wkv_a: jax.Array              # [D, R + Hr]
-  kv_norm: jax.Array            # [R]
-  wkv_b: jax.Array              # [R, N, H + Hv]
+  wq_a: jax.Array | None        # [D, Zq]
+  q_norm: jax.Array | None      # [Zq]
+  wq_b: jax.Array | None        # [Zq, N, H + Hr]
+  wkv_a: jax.Array              # [D, Z + Hr]
+  kv_norm: jax.Array            # [Z]
+  wkv_b: jax.Array              # [Z, N, H + Hv]
 
 
 HEADS = ('act_batch', None, 'act_heads', None)          # [B, T, N, H] split by heads over tp
@@ -169,13 +170,13 @@ class Attention(nn.Module):
       o = _attend(q, k, v, mask, causal=True, kernel=kernel, sinks=sinks,
                   scale=c.softmax_scale)                                # [B, T, N, Hv]
     else:
-      keys = jnp.arange(cache.k.shape[1])                                # [L]
-      mask = (keys[None, :] <= at[:, None])[None, None]                  # [1, 1, T, L]
+      keys = jnp.arange(cache.k.shape[1])                                # [W]
+      mask = (keys[None, :] <= at[:, None])[None, None]                  # [1, 1, T, W]
       if c.sliding_window:
         mask = _and(mask, self._window(at[None], keys[None], layer))
       new = compressed if c.latent else (k, v)
       cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), start, 1)
-                        for a, b in zip(cache, new)))   # [B, L, K, H]; MLA [B, L, R], [B, L, Hr]
+                        for a, b in zip(cache, new)))   # [B, W, K, H]; MLA [B, W, Z], [B, W, Hr]
       if c.latent:   # attend in latent space: keys and values never expanded per position
         o = _latent_attend(q, cache, latent.wkv_b.astype(dt), c.head_dim, mask, c.softmax_scale)
       else:
@@ -190,8 +191,8 @@ class Attention(nn.Module):
 
   def _latent_weights(self) -> LatentWeights:
     """MLA's projections (declared in this order): the query's (wq [D, N, H + Hr], or wq_a
-    [D, Rq], its norm's scale [Rq] and wq_b [Rq, N, H + Hr]), wkv_a [D, R + Hr] (the latent and
-    the rotary key), the latent norm's scale [R], wkv_b [R, N, H + Hv]."""
+    [D, Zq], its norm's scale [Zq] and wq_b [Zq, N, H + Hr]), wkv_a [D, Z + Hr] (the latent and
+    the rotary key), the latent norm's scale [Z], wkv_b [Z, N, H + Hv]."""
     c = self.cfg
     n, hq, hr = c.num_heads, c.qk_head_dim, c.rope_head_dim
     r, rq = c.kv_lora_rank, c.q_lora_rank
@@ -215,7 +216,7 @@ class Attention(nn.Module):
   def _latent_project(self, x: jax.Array, w: LatentWeights, rotate
                       ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """MLA of x [B, T, D]: q and k [B, T, N, H + Hr] (rotary features last, rotated), v
-    [B, T, N, Hv], and what a cache keeps: the normalised latent [B, T, R] and the rotary key
+    [B, T, N, Hv], and what a cache keeps: the normalised latent [B, T, Z] and the rotary key
     [B, T, Hr] (one per token, every head's)."""
     c = self.cfg
     dt, h, r = c.dtype, c.head_dim, c.kv_lora_rank
@@ -223,11 +224,11 @@ class Attention(nn.Module):
     if w.wq is not None:
       q = jnp.einsum('BTD,DNH->BTNH', x, w.wq.astype(dt))
     else:
-      q_latent = rms(jnp.einsum('BTD,DR->BTR', x, w.wq_a.astype(dt)), w.q_norm)   # [B, T, Rq]
+      q_latent = rms(jnp.einsum('BTD,DZ->BTZ', x, w.wq_a.astype(dt)), w.q_norm)   # [B, T, Zq]
       q = jnp.einsum('BTR,RNH->BTNH', q_latent, w.wq_b.astype(dt))
     q = constrain(q, HEADS)                                             # [B, T, N, H + Hr]
-    kv = jnp.einsum('BTD,DR->BTR', x, w.wkv_a.astype(dt))              # [B, T, R + Hr]
-    latent = rms(kv[..., :r], w.kv_norm)                                # [B, T, R]
+    kv = jnp.einsum('BTD,DZ->BTZ', x, w.wkv_a.astype(dt))              # [B, T, Z + Hr]
+    latent = rms(kv[..., :r], w.kv_norm)                                # [B, T, Z]
     k_rope = rotate(kv[..., None, r:])[:, :, 0]                         # [B, T, Hr]
     q = jnp.concatenate([q[..., :h], rotate(q[..., h:])], axis=-1)
     kv = constrain(jnp.einsum('BTR,RNH->BTNH', latent, w.wkv_b.astype(dt)), HEADS)
@@ -236,10 +237,10 @@ class Attention(nn.Module):
     return q, constrain(k, HEADS), kv[..., h:], (latent, k_rope)
 
   def _window(self, q_at: jax.Array, k_at: jax.Array, layer: jax.Array | int) -> jax.Array:
-    """[B|1, 1, T, L] True where key position k_at [B|1, L] lies within the sliding window of
+    """[B|1, 1, T, W] True where key position k_at [B|1, W] lies within the sliding window of
     query position q_at [B|1, T], or everywhere in a block that is not windowed."""
     c = self.cfg
-    near = (q_at[:, :, None] - k_at[:, None, :]) < c.sliding_window      # [B|1, T, L]
+    near = (q_at[:, :, None] - k_at[:, None, :]) < c.sliding_window      # [B|1, T, W]
     flags = [c.windowed(i) for i in range(len(c.window_pattern or 'S'))]   # one period
     windowed = flags[0] if len(set(flags)) == 1 else jnp.asarray(flags)[layer % len(flags)]
     return (near | jnp.logical_not(windowed))[:, None]
@@ -299,13 +300,13 @@ def _and(mask: jax.Array | None, more: jax.Array) -> jax.Array:
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
             causal: bool, kernel: str = 'xla', sinks: jax.Array | None = None,
             scale: float | None = None) -> jax.Array:
-  """Softmax attention of q [B, T, N, H] over k [B, L, K, H], v [B, L, K, Hv]: each key/value
+  """Softmax attention of q [B, T, N, H] over k [B, W, K, H], v [B, W, K, Hv]: each key/value
   head serves N/K query heads (repeated to N heads, split over tp like the queries). kernel:
   'xla' or 'cudnn' (moejax.kernels.attention). sinks [N]: a logit per head in every softmax, with no
   value. scale: of the logits (default 1/sqrt(H))."""
   n, kv = q.shape[2], k.shape[2]
   if kv != n:
-    k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, L, N, H]
+    k, v = (constrain(jnp.repeat(a, n // kv, axis=2), HEADS) for a in (k, v))  # [B, W, N, H]
   if scale is not None and abs(scale - q.shape[-1] ** -0.5) <= 1e-12 * scale:
     scale = None                                                        # the default
   if kernel == 'cudnn':
@@ -321,7 +322,7 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
                        causal: bool, sinks: jax.Array | None, scale: float | None) -> jax.Array:
   """Softmax attention written out (float32 scores), for what jax.nn.dot_product_attention
   does not take: values of another width than keys (MLA), and a sink logit per head [N] in
-  every row's softmax. q [B, T, N, H], k [B, L, N, H], v [B, L, N, Hv] -> [B, T, N, Hv]."""
+  every row's softmax. q [B, T, N, H], k [B, W, N, H], v [B, W, N, Hv] -> [B, T, N, Hv]."""
   t, length = q.shape[1], k.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   scores = jnp.einsum('BTNH,BLNH->BNTL', q, k, preferred_element_type=jnp.float32) * scale
@@ -332,10 +333,10 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 def _softmax_values(scores: jax.Array, values: jax.Array, spec: str, mask: jax.Array | None,
                     sinks: jax.Array | None) -> jax.Array:
-  """softmax(scores [B, N, T, L] where mask; with a sink logit per head [N] when given) applied
+  """softmax(scores [B, N, T, W] where mask; with a sink logit per head [N] when given) applied
   to values by einsum `spec`."""
   if mask is not None:
-    scores = jnp.where(mask, scores, -jnp.inf)                          # [B, N, T, L]
+    scores = jnp.where(mask, scores, -jnp.inf)                          # [B, N, T, W]
   top = jnp.max(scores, axis=-1, keepdims=True)                         # [B, N, T, 1]
   extra = 0.0
   if sinks is not None:
@@ -349,15 +350,15 @@ def _softmax_values(scores: jax.Array, values: jax.Array, spec: str, mask: jax.A
 
 def _latent_attend(q: jax.Array, cache: KVCache, wkv_b: jax.Array, h: int,
                    mask: jax.Array, scale: float) -> jax.Array:
-  """MLA over a cache of latents: q [B, T, N, H + Hr] against the cached latent [B, L, R] and
-  rotary key [B, L, Hr], wkv_b [R, N, H + Hv] folded into the query and the output (keys and
+  """MLA over a cache of latents: q [B, T, N, H + Hr] against the cached latent [B, W, Z] and
+  rotary key [B, W, Hr], wkv_b [Z, N, H + Hv] folded into the query and the output (keys and
   values never expanded per position) -> [B, T, N, Hv]."""
   latent, k_rope = cache
-  q_latent = jnp.einsum('BTNH,RNH->BTNR', q[..., :h], wkv_b[..., :h])   # [B, T, N, R]
+  q_latent = jnp.einsum('BTNH,ZNH->BTNZ', q[..., :h], wkv_b[..., :h])   # [B, T, N, Z]
   scores = (jnp.einsum('BTNR,BLR->BNTL', q_latent, latent, preferred_element_type=jnp.float32)
             + jnp.einsum('BTNH,BLH->BNTL', q[..., h:], k_rope,
-                         preferred_element_type=jnp.float32)) * scale  # [B, N, T, L]
-  o_latent = _softmax_values(scores, latent, 'BNTL,BLR->BTNR', mask, None)  # [B, T, N, R]
+                         preferred_element_type=jnp.float32)) * scale  # [B, N, T, W]
+  o_latent = _softmax_values(scores, latent, 'BNTW,BWZ->BTNZ', mask, None)  # [B, T, N, Z]
   return jnp.einsum('BTNR,RNH->BTNH', o_latent, wkv_b[..., h:])
 
 
@@ -389,7 +390,7 @@ class MoE(nn.Module):
   def __call__(self, x: jax.Array, valid: jax.Array | None = None,
                history: jax.Array | None = None, start: jax.Array | int = 0):
     """valid [B, T] (packed rows): padding takes no capacity and no part in the stats.
-    history [K_, B, L]: every cached position's choices (cached_moe); start: x's first
+    history [P, B, W]: every cached position's choices (cached_moe); start: x's first
     position in it."""
     c = self.cfg
     e, d, f = c.num_experts, c.d_model, c.d_ff

@@ -3,9 +3,10 @@ expert-parallel axes. Two dispatches: 'capacity' (overflow dropped; the seed's) 
 (nothing dropped); moejax.model.dispatch moves the tokens to their experts and back (fixed
 [E, C] buffers where a routing group is one part, else ragged rows).
 
-Legend: B batch, T seq, D d_model; the tokens are routed in parts [B', nG, S] (B' rows of nG
-parts of S tokens; a part is a routing group or one shard's piece of one), G_ local parts,
-E experts, C capacity, F expert hidden, K top-k, A_ = G_*K*S assignments. Names ending in `_`
+Legend: B batch, T sequence, D d_model, Q tokens per group (or part), G_ local parts (routing
+groups or pieces of one), E experts, C capacity (rows per expert), F expert hidden, P top-k
+picks per token, A_ assignments (G_*P*Q). The tokens are routed in parts [B', nG, Q] (B' rows of
+nG parts of Q tokens; a part is a routing group or one shard's piece of one). Names ending in `_`
 are shard-local.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ WEIGHT_AXES = ExpertWeights(
     router=('embed', None), w1=('experts', 'embed', 'mlp'), b1=('experts', 'mlp'),
     w2=('experts', 'mlp', 'embed'), b2=('experts', 'embed'), select_bias=(None,),
     w3=('experts', 'embed', 'mlp'), b3=('experts', 'mlp'), router_bias=(None,))
-GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, S, D] token parts
+GROUP_AXES = ('act_batch', 'act_groups')  # leading axes of [B', nG, Q, D] token parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class MoESettings:
 
 
 class Groups(NamedTuple):
-  """Where routing groups sit in the MoE's token parts [B', nG, S] (moe() lays x [B, T, D] out
+  """Where routing groups sit in the MoE's token parts [B', nG, Q] (moe() lays x [B, T, D] out
   so): a group is `rows` consecutive rows of `span` consecutive parts each."""
   rows: int
   span: int
@@ -117,12 +118,12 @@ def _group_share(gid: jax.Array, start: jax.Array, axes: tuple[str, ...]):
 def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple[str, ...],
                token_spec: P, groups: Groups, settings: MoESettings
                ) -> tuple[jax.Array, routing.GroupStats]:
-  """Shard-local MoE: (x_ [B_, nG_, S, D], valid_ [B_, nG_, S] or None) -> ([B_, nG_, S, D],
+  """Shard-local MoE: (x_ [B_, nG_, Q, D], valid_ [B_, nG_, Q] or None) -> ([B_, nG_, Q, D],
   per-part stats); `groups` says which parts make one routing group."""
   x_, valid_ = inputs_
   b_, ng_, s, d = x_.shape
-  tokens_ = x_.reshape(b_ * ng_, s, d)                                  # [G_, S, D]
-  valid_ = None if valid_ is None else valid_.reshape(b_ * ng_, s)     # [G_, S]
+  tokens_ = x_.reshape(b_ * ng_, s, d)                                  # [G_, Q, D]
+  valid_ = None if valid_ is None else valid_.reshape(b_ * ng_, s)     # [G_, Q]
   names = _part_names(b_, ng_, s, groups, axes, token_spec)             # [ep, G_] x 2
   share = None
   if groups.parts > 1:   # a group's parts may lie on any shard the tokens are split over
@@ -139,7 +140,7 @@ def _moe_local(w_: ExpertWeights, inputs_: tuple, rng: jax.Array, *, axes: tuple
   rows, back = d_.dispatch(tokens_, r)                                  # at this shard's experts
   out = ffn_lib.experts(rows, w_.ffn(settings.compute_dtype), act=settings.act,
                         dropout_rate=settings.dropout_rate, rng=rng)
-  y_ = d_.combine(out, back)                                            # [G_, S, D]
+  y_ = d_.combine(out, back)                                            # [G_, Q, D]
   stats = jax.tree.map(lambda a: a.reshape((b_, ng_) + a.shape[1:]), stats)
   return y_.reshape(b_, ng_, s, d), stats
 
@@ -161,7 +162,7 @@ def moe(weights: ExpertWeights, x: jax.Array, rng: jax.Array, settings: MoESetti
   choices are balanced in-group (routing.route).
   """
   b, t, d = x.shape
-  shape, groups = _layout(b, t, settings.group_size)                    # [B', nG, S]
+  shape, groups = _layout(b, t, settings.group_size)                    # [B', nG, Q]
   parts = mesh_lib.constrain(x.reshape(shape + (d,)), GROUP_AXES + (None, 'act_embed'))
   fn = functools.partial(_moe_local, groups=groups, settings=settings)
   axes = WEIGHT_AXES._replace(**{name: None for name, w in weights._asdict().items() if w is None})
@@ -178,7 +179,7 @@ def _layout(b: int, t: int, group_size: int) -> tuple[tuple[int, int, int], Grou
 
 def group_parts(b: int, t: int, group_size: int, seq_shards: int = 1, batch_shards: int = 1
                 ) -> tuple[tuple[int, int, int], Groups]:
-  """The parts [B', nG, S] x [B, T] is cut into for routing, and how they make groups, when
+  """The parts [B', nG, Q] x [B, T] is cut into for routing, and how they make groups, when
   a sequence is split over `seq_shards` devices and the batch over `batch_shards`. A part is
   one shard's piece of a group: a whole group where a shard holds whole groups (several whole
   sequences merged into one row where the batch split allows), else the group's tokens on one

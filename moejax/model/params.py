@@ -88,7 +88,7 @@ def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   """Tree of logical PartitionSpecs; blocks lead with ('stage','repeat','layers') when `lay`
   is given (the training layout), else with ('stage',): the canonical [NB, ...] layout, its block
   axis split over pp in contiguous chunks (the training layout's placement when repeats=1).
-  Dense blocks [K, ...] and MTP depths [mtp_depth, ...] lead with ('layers',) in both
+  Dense blocks [dense_blocks, ...] and MTP depths [mtp_depth, ...] lead with ('layers',) in both
   (replicated over pp)."""
   boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)

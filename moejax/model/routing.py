@@ -1,7 +1,8 @@
 """Top-k routing with per-group capacity: which experts each token chooses, its place in their
 queues and its gates (moving the tokens is moejax.model.dispatch's, the FFNs moejax.model.ffn's).
 
-Legend: G routing groups, S tokens per group, D d_model, E experts, K top-k, C capacity.
+Legend: G routing groups, Q tokens per group (or part), D d_model, E experts, P top-k picks per token,
+C capacity (rows per expert), X statistics per group.
 Priority at capacity: every token's first choice before any second choice (GShard); within one
 choice rank, earlier tokens first. Dropped assignments contribute zero (the residual carries them).
 Nothing here scales as tokens x experts x capacity.
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 
 
 class Routing(NamedTuple):
-  expert: jax.Array  # [G, K, S] int32 chosen expert
-  slot: jax.Array    # [G, K, S] int32 position in that expert's buffer (>= C when dropped)
-  keep: jax.Array    # [G, K, S] bool, within capacity
-  gate: jax.Array    # [G, K, S] float32 softmax probability of the chosen expert
+  expert: jax.Array  # [G, P, Q] int32 chosen expert
+  slot: jax.Array    # [G, P, Q] int32 position in that expert's buffer (>= C when dropped)
+  keep: jax.Array    # [G, P, Q] bool, within capacity
+  gate: jax.Array    # [G, P, Q] float32 softmax probability of the chosen expert
 
 
 class Scoring(NamedTuple):
@@ -52,7 +53,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
           valid: jax.Array | None = None, share=None,
           sinkhorn_iters: int = 0, router_bias: jax.Array | None = None,
           scoring: Scoring = Scoring()) -> tuple[Routing, GroupStats]:
-  """Routes x [G, S, D] with router weights [D, E] (and a bias [E] on the logits: GPT-OSS;
+  """Routes x [G, Q, D] with router weights [D, E] (and a bias [E] on the logits: GPT-OSS;
   softmax in float32).
 
   Gates are the chosen experts' softmax probabilities (Switch, GShard without renormalisation);
@@ -64,7 +65,7 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   (counts over S) is K times it. select_bias [E] (aux-loss-free balancing) is added to the
   logits for choosing experts only (a prior multiplying the probabilities, so its scale does
   not depend on E); gates stay the chosen experts' unbiased probabilities.
-  valid [G, S] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
+  valid [G, Q] (packed rows): tokens outside it (padding) claim no slot, are not kept and count
   in none of the stats; the losses average over a group's valid tokens.
 
   sinkhorn_iters > 0 balances each group's choices (Sinkhorn, as Megatron's 'sinkhorn' router;
@@ -81,25 +82,25 @@ def route(x: jax.Array, w_router: jax.Array, top_k: int, capacity: int,
   """
   num_experts = w_router.shape[-1]
   logits, probs, scores, expert = choose(x, w_router, router_bias, select_bias, top_k, scoring)
-  onehot = _choices(expert, num_experts, valid)                        # [G, K, S, E]
+  onehot = _choices(expert, num_experts, valid)                        # [G, P, Q, E]
   preferred = jnp.sum(onehot, axis=(1, 2))                             # [G, E]
   rerouted = jnp.zeros(onehot.shape[0], jnp.int32)                     # [G]
   if sinkhorn_iters > 0:
     offset = balancing_offset(scores, valid, sinkhorn_iters, share)    # [G, E]
-    _, expert = jax.lax.top_k(scores + offset[:, None, :], top_k)      # [G, S, K]
-    wanted = jnp.sum(onehot, axis=1, keepdims=True)                    # [G, 1, S, E] 0/1
+    _, expert = jax.lax.top_k(scores + offset[:, None, :], top_k)      # [G, Q, P]
+    wanted = jnp.sum(onehot, axis=1, keepdims=True)                    # [G, 1, Q, E] 0/1
     onehot = _choices(expert, num_experts, valid)
     rerouted = jnp.sum(onehot * (1 - wanted), axis=(1, 2, 3))          # [G]
   g, k, s, e = onehot.shape
-  flat = onehot.reshape(g, k * s, e)                                   # [G, K*S, E] k-major
-  part = _statistics(onehot, preferred, probs, logits, valid)          # [G, K*E + 2E + 2]
-  slot, whole = _slots(flat, part, share, k)                           # [G, K, S], [G, X]
+  flat = onehot.reshape(g, k * s, e)                                   # [G, P*Q, E] k-major
+  part = _statistics(onehot, preferred, probs, logits, valid)          # [G, P*E + 2E + 2]
+  slot, whole = _slots(flat, part, share, k)                           # [G, P, Q], [G, X]
   keep = slot < capacity
   if valid is not None:
     keep = keep & valid[:, None, :]
   gate = gates(probs, expert, keep.transpose(0, 2, 1), normalize_gates,
-               scoring.scale).transpose(0, 2, 1)                       # [G, K, S]
-  expert = expert.transpose(0, 2, 1)                                   # [G, K, S]
+               scoring.scale).transpose(0, 2, 1)                       # [G, P, Q]
+  expert = expert.transpose(0, 2, 1)                                   # [G, P, Q]
   assigned = jnp.sum(flat, axis=1)                                     # [G, E] this part's
   kept = jnp.sum(flat * keep.reshape(g, k * s, 1), axis=1)             # [G, E]
   aux, z = _losses(whole, k, e)                                        # [G] each
@@ -112,7 +113,7 @@ def choose(x: jax.Array, w_router: jax.Array, router_bias: jax.Array | None,
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The router's prefix, shared by training and cached decoding: x [..., D] -> logits,
   expert scores (softmax probabilities or sigmoids; the gates are theirs), selection scores
-  (logits, or sigmoids, + select_bias) [..., E] (float32) and the top-k experts [..., K] of the
+  (logits, or sigmoids, + select_bias) [..., E] (float32) and the top-k experts [..., P] of the
   selection scores (within the best groups when scoring.groups > 1)."""
   logits = jnp.einsum('...D,DE->...E', x.astype(jnp.float32), w_router.astype(jnp.float32))
   if router_bias is not None:
@@ -151,17 +152,17 @@ def _losses(whole: jax.Array, k: int, e: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _slots(flat: jax.Array, part: jax.Array, share, k: int) -> tuple[jax.Array, jax.Array]:
-  """Each assignment's place in its expert's queue [G, K, S] (claims of earlier ranks, earlier
+  """Each assignment's place in its expert's queue [G, P, Q] (claims of earlier ranks, earlier
   tokens and, through `share`, earlier parts of the group come first) and the group's whole
-  statistics [G, X] (this part's own when the part is the whole group). flat [G, K*S, E]
+  statistics [G, X] (this part's own when the part is the whole group). flat [G, P*Q, E]
   one-hot choices, k-major; part [G, X] this part's statistics (_statistics)."""
   g, ks, e = flat.shape
   s = ks // k
-  position = jnp.cumsum(flat, axis=1) - flat                           # [G, K*S, E] prior claims
+  position = jnp.cumsum(flat, axis=1) - flat                           # [G, P*Q, E] prior claims
   whole = part
   if share is not None:
     whole, earlier = share(part)
-    claims = lambda a: a[:, :k * e].reshape(g, k, e)                   # [G, K, E] per rank
+    claims = lambda a: a[:, :k * e].reshape(g, k, e)                   # [G, P, E] per rank
     others = claims(whole) - claims(part)                              # other parts, any order
     prefix = (jnp.cumsum(others, axis=1) - others) + claims(earlier)   # ranks < k; earlier k
     position = position + jnp.repeat(prefix.astype(position.dtype), s, axis=1)
@@ -170,11 +171,11 @@ def _slots(flat: jax.Array, part: jax.Array, share, k: int) -> tuple[jax.Array, 
 
 def gates(probs: jax.Array, expert: jax.Array, keep: jax.Array, normalize_gates: bool | str,
           scale: float) -> jax.Array:
-  """The gates [..., K] of the chosen experts [..., K] (keep [..., K]: within capacity): their
+  """The gates [..., P] of the chosen experts [..., P] (keep [..., P]: within capacity): their
   scores probs [..., E], renormalised per token (True or 'kept': over the kept ones, after
   capacity; 'top_k': over every choice, before capacity; False or 'none': not at all), times
   `scale`. Training's routing and cached decoding both take their gates from here."""
-  gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [..., K]
+  gate = jnp.take_along_axis(probs, expert, axis=-1)                   # [..., P]
   over = 'kept' if normalize_gates is True else (normalize_gates or 'none')
   if over != 'none':
     norm_gate = gate if over == 'top_k' else jnp.where(keep, gate, 0.0)
@@ -183,7 +184,7 @@ def gates(probs: jax.Array, expert: jax.Array, keep: jax.Array, normalize_gates:
 
 
 def _choices(expert: jax.Array, num_experts: int, valid: jax.Array | None) -> jax.Array:
-  """One-hot choices [G, K, S, E] of expert [G, S, K]; invalid tokens choose nothing."""
+  """One-hot choices [G, P, Q, E] of expert [G, Q, P]; invalid tokens choose nothing."""
   onehot = jax.nn.one_hot(expert.transpose(0, 2, 1), num_experts, dtype=jnp.int32)
   if valid is not None:
     onehot = onehot * valid[:, None, :, None].astype(jnp.int32)
@@ -195,7 +196,7 @@ ANNEAL = 0.03   # the last Sinkhorn temperature, as a fraction of the score spre
 
 def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
                      share=None) -> jax.Array:
-  """Per-group expert offsets [G, E] that balance the top choices of scores [G, S, E] over a
+  """Per-group expert offsets [G, E] that balance the top choices of scores [G, Q, E] over a
   group's valid tokens: `iters` Sinkhorn iterations in log space (rows normalised by a softmax,
   columns scaled toward an equal share per expert) at a temperature annealed from the group's
   score spread to 3% of it, so the soft shares approach the hard choices' counts whatever the
@@ -204,28 +205,28 @@ def balancing_offset(scores: jax.Array, valid: jax.Array | None, iters: int,
   scores = jax.lax.stop_gradient(scores)
   weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
   total = (lambda a: a) if share is None else (lambda a: share(a)[0])  # over the whole group
-  centred = scores - jnp.mean(scores, axis=-1, keepdims=True)          # [G, S, E]
+  centred = scores - jnp.mean(scores, axis=-1, keepdims=True)          # [G, Q, E]
   sums = total(jnp.stack([jnp.sum(weight, axis=-1),
-                          jnp.einsum('GSE,GS->G', centred ** 2, weight)], axis=-1))  # [G, 2]
+                          jnp.einsum('GQE,GQ->G', centred ** 2, weight)], axis=-1))  # [G, 2]
   even = jnp.maximum(sums[:, :1], 1.0) / e                             # [G, 1] tokens/expert
   spread = jnp.sqrt(sums[:, 1:] / (even * e * e)) + 1e-6               # [G, 1] score std
 
   def step(i, offset):
     tau = spread * ANNEAL ** (i / max(iters - 1, 1))                   # [G, 1]
-    p = jax.nn.softmax((scores + offset[:, None, :]) / tau[:, :, None], axis=-1)  # [G, S, E]
-    column = total(jnp.einsum('GSE,GS->GE', p, weight))                # [G, E]
+    p = jax.nn.softmax((scores + offset[:, None, :]) / tau[:, :, None], axis=-1)  # [G, Q, E]
+    column = total(jnp.einsum('GQE,GQ->GE', p, weight))                # [G, E]
     return offset - tau * jnp.log(jnp.maximum(column, 1e-30) / even)
   return jax.lax.fori_loop(0, iters, step, jnp.zeros((g, e), jnp.float32))
 
 
 def _statistics(onehot: jax.Array, preferred: jax.Array, probs: jax.Array, logits: jax.Array,
                 valid: jax.Array | None) -> jax.Array:
-  """Sums over a group's (valid) tokens [G, K*E + 2E + 2]: claims per rank and expert,
+  """Sums over a group's (valid) tokens [G, P*E + 2E + 2]: claims per rank and expert,
   preferred choices [G, E] per expert, router probabilities per expert, the token count, and
   the squared log-partition (z) sum."""
   g, k, s, e = onehot.shape
   weight = jnp.ones((g, s), jnp.float32) if valid is None else valid.astype(jnp.float32)
-  lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, S]
+  lse2 = jax.nn.logsumexp(logits, axis=-1) ** 2                        # [G, Q]
   return jnp.concatenate([jnp.sum(onehot, axis=2).reshape(g, k * e).astype(jnp.float32),
                           preferred.astype(jnp.float32),
                           jnp.sum(probs * weight[..., None], axis=1),

@@ -3,8 +3,9 @@
 Parameters (moejax.model.params): {'embed': Embedder, 'blocks': stage-stacked Block params
 [S, R, L, ...], 'head': Head}. The same code runs on every mesh; the mesh only changes where
 things live.
-Legend: M micro-batches, B micro-batch size, T seq, D d_model, V padded vocab, E experts,
-NB blocks, S stages, R repeats, L layers per stage.
+Legend: M micro-batches, B batch (a micro-batch's sequences), T sequence, D d_model,
+V vocabulary (Vp padded), E experts, NB blocks, S pipeline stages, R circular repeats,
+L layers per stage.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
 
 def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, lay: Layout, train: bool,
                   packed: Any) -> jax.Array:
-  """x [M, B, T, D] through the dense blocks (params [K, ...], replicated over pp) before the
+  """x [M, B, T, D] through the dense blocks (params [dense_blocks, ...], replicated over pp) before the
   pipeline, on each micro-batch."""
   block = Block(cfg, train, dense=True)
 

@@ -27,17 +27,17 @@ def expert_axes() -> tuple[str, ...]:
 
 
 def to_experts(buf_: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """Rows for every expert buf_ [E, R_, D] -> each shard's experts get theirs from every shard,
-  by source [E/ep, ep*R_, D]."""
+  """Rows for every expert buf_ [E, Y_, D] -> each shard's experts get theirs from every shard,
+  by source [E/ep, ep*Y_, D]."""
   with jax.named_scope('moe_all_to_all_dispatch'):
-    buf_ = jax.lax.all_to_all(buf_, axes, 0, 1, tiled=True)           # [E/ep, ep*R_, D]
+    buf_ = jax.lax.all_to_all(buf_, axes, 0, 1, tiled=True)           # [E/ep, ep*Y_, D]
   return checkpoint_name(buf_, remat.MOE_DISPATCHED)
 
 
 def from_experts(out_: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """to_experts' inverse: the experts' results [E/ep, ep*R_, D] go home [E, R_, D]."""
+  """to_experts' inverse: the experts' results [E/ep, ep*Y_, D] go home [E, Y_, D]."""
   with jax.named_scope('moe_all_to_all_combine'):
-    out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)           # [E, R_, D]
+    out_ = jax.lax.all_to_all(out_, axes, 1, 0, tiled=True)           # [E, Y_, D]
   return checkpoint_name(out_, remat.MOE_RETURNED)
 
 

@@ -7,7 +7,8 @@ pp). Stage 0 reads micro-batch m from `buf`, which holds the embedded inputs and
 came back around the ring from the last stage. M + ... ticks: R*M + S - 1; bubble (S-1)/(R*M+S-1).
 Micro-batches arrive split over pp and reach stage 0, and outputs leave the last stage, by
 point-to-point permutes.
-Legend: S stages, R repeats, L layers per stage, M micro-batches, B batch, T seq, D d_model.
+Legend: S pipeline stages, R circular repeats, L layers per stage, M micro-batches, B batch,
+T sequence, D d_model.
 """
 from __future__ import annotations
 

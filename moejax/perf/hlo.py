@@ -239,8 +239,8 @@ class GroupedMatmul(NamedTuple):
 
 def grouped_matmul(module: Module, i: Instr) -> GroupedMatmul | None:
   """The grouped matmul a custom call runs (tokamax's ragged dot: Pallas Triton or Mosaic GPU),
-  or None. lhs [M, K] x rhs [G, K, N] -> [M, N], its input gradient [M, N] x [G, K, N] -> [M, K],
-  its weight gradient [M, K] x [M, N] -> [G, K, N]: each is 2*K*N per row computed."""
+  or None. lhs [m, k] x rhs [G, k, n] -> [m, n], its input gradient [m, n] x [G, k, n] -> [m, k],
+  its weight gradient [m, k] x [m, n] -> [G, k, n]: each is 2*k*n per row computed."""
   if (i.op != 'custom-call' or not ('triton' in i.attrs or 'mosaic' in i.attrs)
       or 'RaggedDot' not in i.attrs):
     return None
@@ -295,7 +295,7 @@ def instr_flops(module: Module, i: Instr, row_share: float = 1.0) -> int:
       contracting = _json_dims('lhs_contracting_dimensions', i.attrs)
       return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting)
     if 'fmha' in target:
-      # q [B, T, N, H], k [B, S, N, H]: q k^T and p v, each 2*B*N*T*S*H, half of it under a
+      # q [B, T, N, H], k [B, W, N, H]: q k^T and p v, each 2*B*N*T*W*H, half of it under a
       # causal mask (the flash kernel skips the masked tiles); backward twice the forward.
       q, k = module.shape(i.operands[0]), module.shape(i.operands[1])
       if len(q) == 4 and len(k) == 4:

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from moejax import config as config_lib
 from moejax import targets
 from moejax.errors import ConfigError
 
@@ -28,7 +29,7 @@ def _divisors(n: int) -> list[int]:
 
 def candidates(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
   """Overrides of the mesh and pipeline keys, one per candidate layout (same device count)."""
-  devices = config.mesh.dp * config.mesh.tp * config.mesh.pp
+  devices = config_lib.mesh_shape(config).devices
   blocks = config.model.num_blocks
   for tp in _divisors(devices):
     if tp > targets.GPUS_PER_HOST:
