@@ -44,7 +44,8 @@ def detect(coordinator_address: str, num_processes: int, process_id: int,
 
 def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster()) -> None:
   """Joins the cluster (if any); on CPU-only hosts simulates this process's share of devices."""
-  need = config_lib.mesh_shape(config).devices
+  m = config_lib.mesh_shape(config)
+  need = m.devices
   if need % cluster.num_processes:
     raise ConfigError(
         f'mesh.dp * mesh.tp * mesh.pp = {need} devices cannot be split evenly over '

@@ -278,3 +278,39 @@ def test_every_legend_uses_the_one_table_of_shape_letters():
   assert seen >= 10 and not bad, bad
   # the check can fail: a legend that reuses K for top-k
   assert _legend_mismatches('"""x.\n\nLegend: G routing groups, K top-k.\n"""', table) == ['K top-k']
+
+
+def _undefined_names(paths: list[str]) -> list[str]:
+  """pyflakes' undefined-name findings (a NameError waiting for the line to run) in `paths`."""
+  from pyflakes import api, messages, reporter
+
+  class Found(reporter.Reporter):
+    def __init__(self):
+      super().__init__(None, None)
+      self.found = []
+
+    def flake(self, message):
+      if isinstance(message, (messages.UndefinedName, messages.UndefinedLocal,
+                              messages.UndefinedExport)):
+        self.found.append(str(message))
+
+    def syntaxError(self, filename, msg, lineno, offset, text):
+      self.found.append(f'{filename}:{lineno}: {msg}')
+
+  found = Found()
+  for path in paths:
+    api.checkPath(path, found)
+  return found.found
+
+
+def test_no_name_is_used_before_it_exists():
+  """No module of the package, the entry point, the config files, the scripts or the tests uses
+  a name it never defines (a NameError only the line's first run would show)."""
+  top = os.path.dirname(ROOT)
+  paths = [os.path.join(top, f) for f in _tracked_files() if f.endswith('.py')]
+  assert len(paths) > 50 and not _undefined_names(paths), _undefined_names(paths)
+  import tempfile
+  with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
+    f.write('def setup(config):\n  need = config.devices\n  return m.dp * need\n')
+  assert len(_undefined_names([f.name])) == 1        # the check can fail
+  os.unlink(f.name)
