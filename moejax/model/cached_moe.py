@@ -7,8 +7,8 @@ fewer than C earlier tokens of its routing group claimed it (the history remembe
 position's choices). With top_k > 1 the windowed forward lets a later token's first choice
 displace an earlier token's second choice; here earlier positions' claims are counted only.
 
-Legend: B batch, W key/value positions (the cache length), T sequence (the new tokens), D d_model, E experts,
-P top-k picks per token.
+Legend: B batch, W key/value positions (the cache length), T sequence (the new tokens),
+D d_model, E experts, P top-k picks per token.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Generation with a key/value cache: a prompt fills the cache in one pass, then every new token
 is one step over the cache (no re-run of the context).
 
-`extend` appends T sequence (the new tokens) at position `start`: T = the prompt length for the prefill, 1 per
+`extend` appends T new tokens at position `start`: T = the prompt length for the prefill, 1 per
 decode step; the same code for both. It computes what the windowed forward
 (transformer.loss_fn on the whole context) computes for those positions, on meshes without
 pipeline stages (pp=1; tp and dp any), with the training model's own blocks (layers.Block
@@ -10,9 +10,9 @@ router and keeps a routing history, moejax.model.cached_moe; the embedding and t
 same too): the caches are split over tp by key/value heads like attention's weights, experts
 stay split over tp.
 
-Legend: NB blocks, B batch, W key/value positions (the cache length), T sequence (the new tokens), D d_model,
-K key/value heads, H head_dim (Hr rotary), Z latent rank, E experts, P top-k picks per token,
-V vocabulary (Vp padded).
+Legend: NB blocks, B batch, W key/value positions (the cache length), T sequence (the new
+tokens), D d_model, K key/value heads, H head_dim (Hr rotary), Z latent rank, E experts, P top-k
+picks per token, V vocabulary (Vp padded).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How one shard's routed tokens reach their experts and come back: two dispatchers with one
 interface, chosen in one place (`dispatcher`).
 
-  rows, back = d.dispatch(tokens_, r)   # tokens_ [G_, Q, D] + routing -> rows at this shard's experts
+  rows, back = d.dispatch(tokens_, r)   # tokens_ [G_, Q, D] + routing -> rows at its experts
   y_ = d.combine(out, back)             # the experts' results for those rows -> [G_, Q, D], gated
 
 Buffers (capacity dispatch, each routing group in one part): every expert gets C slots per part,

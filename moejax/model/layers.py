@@ -2,8 +2,9 @@
 
 Legend: B batch, T sequence, W key/value positions (the cache length), D d_model, N heads,
 K key/value heads, H head_dim (Hr rotary, Hv value), Z latent rank (Zq the query's),
-V vocabulary (Vp padded), E experts, F expert hidden, P top-k picks per token. Every parameter is declared once here with its shape, logical axes and
-initializer; shardings are derived from those axes (moejax.parallel.mesh.RULES).
+V vocabulary (Vp padded), E experts, F expert hidden, P top-k picks per token. Every parameter
+is declared once here with its shape, logical axes and initializer; shardings are derived from
+those axes (moejax.parallel.mesh.RULES).
 The residual stream [B, T, D] is split over tp along T (sequence parallelism).
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Top-k routing with per-group capacity: which experts each token chooses, its place in their
 queues and its gates (moving the tokens is moejax.model.dispatch's, the FFNs moejax.model.ffn's).
 
-Legend: G routing groups, Q tokens per group (or part), D d_model, E experts, P top-k picks per token,
-C capacity (rows per expert), X statistics per group.
+Legend: G routing groups, Q tokens per group (or part), D d_model, E experts, P top-k picks per
+token, C capacity (rows per expert), X statistics per group.
 Priority at capacity: every token's first choice before any second choice (GShard); within one
 choice rank, earlier tokens first. Dropped assignments contribute zero (the residual carries them).
 Nothing here scales as tokens x experts x capacity.

@@ -55,8 +55,8 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
 
 def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, lay: Layout, train: bool,
                   packed: Any) -> jax.Array:
-  """x [M, B, T, D] through the dense blocks (params [dense_blocks, ...], replicated over pp) before the
-  pipeline, on each micro-batch."""
+  """x [M, B, T, D] through the dense blocks (params [dense_blocks, ...], replicated over pp)
+  before the pipeline, on each micro-batch."""
   block = Block(cfg, train, dense=True)
 
   def one(params, xs):                                          # x [B, T, D], packed [B, T]
