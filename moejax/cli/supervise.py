@@ -27,7 +27,11 @@ CHILD_ENV = 'MOEJAX_SUPERVISED_CHILD'
 _FATAL = re.compile(r'^(?:F\d{4} \d\d:\d\d:\d\d|E\d{4} .*coordination|terminate called|'
                     r'Fatal Python error|\*\*\* (?:SIG|Check failure)|'
                     r'Traceback \(most recent call last\))')
-_TASK = re.compile(r'/task:(\d+)|Task (\d+) heartbeat timeout')   # the process that went away
+# The processes that went away, as XLA names them: `/job:jax_worker/replica:0/task:1` (jaxlib
+# 0.10), a bare id on the lines after the heartbeat message (jaxlib 0.11+), `Task 1 heartbeat
+# timeout` (both).
+_TASK = re.compile(r'/task:(\d+)|Task (\d+) heartbeat timeout|'
+                   r'stopped sending heartbeats\):\n((?:[ \t]*\d+[ \t]*\n)+)')
 
 
 def wanted(coordinator_address: str, num_processes: int) -> bool:
@@ -71,7 +75,7 @@ def _report(signum: int, held: list[str], workdir: str, process_id: int, num_pro
   from moejax.train import workdir as workdir_lib
   workdir_lib.release_dead_owner(workdir, pid)
   text = ''.join(held)
-  tasks = sorted({int(a or b) for a, b in _TASK.findall(text)} - {process_id})
+  tasks = sorted(lost_processes(text) - {process_id})
   if 'coordination' in text or 'distributed service' in text:
     who = (f'process {tasks[0]} of {num_processes}' if tasks else
            f'process 0 of {num_processes} (the coordinator)' if process_id else 'a peer process')
@@ -91,6 +95,11 @@ def _report(signum: int, held: list[str], workdir: str, process_id: int, num_pro
   print(f'error: {why}; stopping this process too. The newest complete checkpoint is '
         f'{_newest(workdir)}: restart every process with the same command to resume from '
         f'it{details}.', file=sys.stderr, flush=True)
+
+
+def lost_processes(text: str) -> set[int]:
+  """The process ids XLA's fatal log names as gone."""
+  return {int(i) for match in _TASK.findall(text) for i in ' '.join(match).split()}
 
 
 def _reason(text: str) -> str:
