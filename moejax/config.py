@@ -304,6 +304,11 @@ class MeshShape:
     """Devices the mesh needs."""
     return self.dp * self.tp * self.pp
 
+  @classmethod
+  def of(cls, tp: int, pp: int = 1, dp: int = 1) -> MeshShape:
+    """A mesh of these sizes with nothing folded or sharded over dp."""
+    return cls(tp=tp, pp=pp, dp=dp, experts_over_dp=False, shard_optimizer=False)
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.config import MeshShape
 from moejax.model import ffn as ffn_lib, moe as moe_lib, routing
 from moejax.parallel import mesh as mesh_lib
 from moejax.train.plan import bare
@@ -75,7 +76,7 @@ def _inputs(seed=0, b=2, t=32):
 
 
 def run_moe(x, w, tp, top_k, capacity, **kwargs):
-  mesh = mesh_lib.make_mesh(tp, 1)
+  mesh = mesh_lib.make_mesh(MeshShape.of(tp))
   with bare(mesh):
     settings = moe_lib.MoESettings(**{'group_size': GROUP, 'top_k': top_k,
                                       'capacity': capacity, **kwargs})
@@ -166,7 +167,7 @@ def test_router_gets_gradient_through_the_gate():
     y, _ = moe_lib.moe(w._replace(router=router), x, jax.random.key(0),
                        moe_lib.MoESettings(group_size=GROUP, top_k=1, capacity=4))
     return jnp.sum(y ** 2)
-  with bare(mesh_lib.make_mesh(1, 1)):
+  with bare(mesh_lib.make_mesh(MeshShape.of(1))):
     g = jax.jit(jax.grad(loss))(w.router)
   assert float(jnp.abs(g).max()) > 1e-4
 

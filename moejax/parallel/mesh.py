@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import Layout
+from moejax.config import Layout, MeshShape
 from moejax.errors import ConfigError
 from moejax.errors import MoejaxError
 
@@ -80,17 +80,15 @@ def rules_for(lay: Layout | None, kv_heads: int = 0, shared_d_ff: int = 0,
   return tuple(place.items())
 
 
-def make_mesh(tp: int, pp: int, dp: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A Mesh with axes ('dp', 'pp', 'tp'); tp neighbours are adjacent devices, dp outermost."""
   devices = list(jax.devices() if devices is None else devices)
-  need = dp * tp * pp
-  if need > len(devices):
+  if shape.devices > len(devices):
     raise ConfigError(
-        f'mesh.dp * mesh.tp * mesh.pp = {dp}*{tp}*{pp} = {need} devices, but only '
-        f'{len(devices)} are available ({devices[0].platform}); shrink the mesh or run on more '
-        f'devices.')
-  grid = np.array(devices[:need]).reshape(dp, pp, tp)                    # [dp, pp, tp]
+        f'mesh.dp * mesh.tp * mesh.pp = {shape.dp}*{shape.tp}*{shape.pp} = {shape.devices} '
+        f'devices, but only {len(devices)} are available ({devices[0].platform}); shrink the '
+        f'mesh or run on more devices.')
+  grid = np.array(devices[:shape.devices]).reshape(shape.dp, shape.pp, shape.tp)   # [dp, pp, tp]
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

@@ -46,7 +46,7 @@ class Plan:
     self.optim = config_lib.optim_config(config)
     self.run = config_lib.run_config(config)
     lay = self.layout
-    self.mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
+    self.mesh = mesh_lib.make_mesh(lay.mesh, devices)
     self.rules = mesh_lib.rules_for(lay, self.model.kv_heads, self.model.shared_d_ff,
                                     self.model.dense_d_ff)
     self.tx = optimizer.make(self.optim, params_lib.decayed(self.model, lay))
@@ -91,7 +91,7 @@ class Plan:
     """The same plan on other devices of the same count (e.g. abstract GPUs for ahead-of-time
     compilation): every sharding keeps its spec on the new mesh; nothing is re-derived."""
     lay = self.layout
-    mesh = mesh_lib.make_mesh(lay.tp, lay.pp, lay.dp, devices)
+    mesh = mesh_lib.make_mesh(lay.mesh, devices)
     move = lambda s: NamedSharding(mesh, s.spec)
     move_abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=move(a.sharding))
     return self._with(

@@ -61,10 +61,11 @@ def collectives_program() -> str:
 
 
 def dropless_moe_program() -> str:
+  from moejax import config as config_lib
   from moejax.model import moe as moe_lib
   from moejax.parallel import mesh as mesh_lib
   from moejax.train import plan as plan_lib
-  mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
+  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(4), targets.devices('h100', 4))
   e, d, f = 8, 32, 64
   shapes = moe_lib.ExpertWeights(router=(d, e), w1=(e, d, f), b1=(e, f), w2=(e, f, d), b2=(e, d))
   with plan_lib.bare(mesh):
@@ -89,7 +90,7 @@ def cudnn_attention_program() -> str:
   c.model.update(dtype='bfloat16', num_heads=8, head_dim=64, d_model=512)
   kernel, _ = kernels.attention(config_lib.model_config(c), 'cuda', packed=False)
   assert kernel == 'cudnn', kernel
-  mesh = mesh_lib.make_mesh(4, 1, 1, targets.devices('h100', 4))
+  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(4), targets.devices('h100', 4))
   with plan_lib.bare(mesh):
     qkv = jax.ShapeDtypeStruct((2, 512, 8, 64), jnp.bfloat16, sharding=mesh_lib.sharding(
         mesh, ('act_batch', None, 'act_heads', None)))
