@@ -10,6 +10,7 @@ F expert hidden.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.convert import mxfp4
 from moejax.convert.families import Family
+from moejax.model import params as params_lib
 
 Path = tuple[str, ...]
 Arrays = tuple[np.ndarray, ...]
@@ -27,12 +29,14 @@ class Rule:
   """moejax params `paths` <-> HF tensors `names`. scope: 'model' (whole arrays), 'block'
   (the [b] slice of each path), 'expert' (the [b, e] slice). rows: the HF tensors hold every
   expert of a block along their first axis (fused experts), applied one expert (row) at a
-  time, so no application holds more than one expert's slice."""
+  time, so no application holds more than one expert's slice. Hooks left None are derived from
+  the parameter's declaration (`derive`); a rule names its own only where the layouts differ
+  by more than the declaration says (vocabulary rows, rotary order, fused or quantized tensors)."""
   paths: tuple[Path, ...]
   names: tuple[str, ...]
   scope: str
-  to_moejax: Callable[[Arrays], Arrays]     # HF tensors -> moejax slices (vocabulary: real rows)
-  to_hf: Callable[[Arrays], Arrays]         # moejax slices -> HF tensors
+  to_moejax: Callable[[Arrays], Arrays] | None = None  # HF tensors -> moejax slices
+  to_hf: Callable[[Arrays], Arrays] | None = None      # moejax slices -> HF tensors
   rows: bool = False
   vocab_axis: int | None = None             # the moejax axis the HF tensor's rows lie along
 
@@ -67,16 +71,6 @@ def _t(a: np.ndarray) -> np.ndarray:
   return a.T   # a view: the import copies it into its parameter once
 
 
-def _heads_in(n: int, h: int):
-  """[N*H, D] (a q/k/v projection) -> [D, N, H]."""
-  return lambda a: _t(a).reshape(a.shape[1], n, h)
-
-
-def _heads_out(a: np.ndarray) -> np.ndarray:
-  """[D, N, H] -> [N*H, D]."""
-  return _t(a.reshape(a.shape[0], -1))
-
-
 def _one(fn):
   return lambda arrays: (fn(arrays[0]),)
 
@@ -87,7 +81,6 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   `experts.gate_up_proj` [E, 2F, D] and `experts.down_proj` [E, D, F] (import only);
   quantized: a GPT-OSS checkpoint's experts as MXFP4 `*_blocks` and `*_scales` (import: export
   writes them unquantized)."""
-  n, h, d = m.num_heads, m.head_dim, m.d_model
   # Vocabulary rows: the import writes the real ones (padded rows stay zero), export drops them.
   layer = 'model.layers.{b}.'
   attn = layer + 'self_attn.'
@@ -96,14 +89,10 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
            _one(lambda a: a), _one(lambda a: a[:m.vocab_size]), vocab_axis=0),
       Rule((('head', 'w'),), ('lm_head.weight',), 'model',
            _one(_t), _one(lambda a: _t(a[:, :m.vocab_size])), vocab_axis=1),
-      Rule((('head', 'ln_f', 'scale'),), ('model.norm.weight',), 'model',
-           _one(lambda a: a), _one(lambda a: a)),
-      Rule((('blocks', 'ln1', 'scale'),), (layer + 'input_layernorm.weight',), 'block',
-           _one(lambda a: a), _one(lambda a: a)),
-      Rule((('blocks', 'ln2', 'scale'),), (layer + 'post_attention_layernorm.weight',), 'block',
-           _one(lambda a: a), _one(lambda a: a)),
-      Rule((('blocks', 'attn', 'wo'),), (attn + 'o_proj.weight',), 'block',
-           _one(lambda a: _t(a).reshape(n, h, d)), _one(lambda a: _t(a.reshape(n * h, d)))),
+      Rule((('head', 'ln_f', 'scale'),), ('model.norm.weight',), 'model'),
+      Rule((('blocks', 'ln1', 'scale'),), (layer + 'input_layernorm.weight',), 'block'),
+      Rule((('blocks', 'ln2', 'scale'),), (layer + 'post_attention_layernorm.weight',), 'block'),
+      Rule((('blocks', 'attn', 'wo'),), (attn + 'o_proj.weight',), 'block'),
   ]
   out = _attention_rules(m, out, attn)
   block_rules = [r for r in out if r.scope == 'block']
@@ -116,35 +105,69 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
   out += moe
   if m.mtp_depth:      # the layers after the model's: a block each, and what joins it
     out += _mtp_rules(m, block_rules + moe, layer)
+  return derive(out, m)
+
+
+def _split_at(axes: tuple) -> int:
+  """Where a projection's input axes end: a projection to the model width (its last axis
+  'embed': o_proj, down_proj) reads every axis before it; any other reads its first axis."""
+  return len(axes) - 1 if axes[-1] == 'embed' and len(axes) > 2 else 1
+
+
+def _declared_hooks(axes: tuple, shape: tuple[int, ...]):
+  """(to_moejax, to_hf) of one HF tensor <-> one slice, from the parameter's declaration: a
+  matrix is an HF Linear weight [out, in] with its input and output axes flattened; anything
+  else (norm scales, biases, sinks, selection biases) is the same values flattened."""
+  if params_lib.role(axes) != 'matrix':
+    return (lambda a: a.reshape(shape)), (lambda a: a.reshape(-1))
+  inputs = math.prod(shape[:_split_at(axes)])
+  return (lambda a: _t(a).reshape(shape)), (lambda a: _t(a.reshape(inputs, -1)))
+
+
+_SCOPE_AXES = {'model': 0, 'block': 1, 'expert': 2}   # leading axes a rule's slice drops
+
+
+def derive(table: list[Rule], m: ModelConfig) -> list[Rule]:
+  """The table with each rule's missing hooks derived from its parameter's declared logical axes
+  and shape; a rule naming several HF tensors for one parameter stacks them on its first axis
+  (q, k, v projections into wqkv)."""
+  declared = params_lib.declared(m)
+  out = []
+  for rule in table:
+    if rule.to_moejax is not None:
+      out.append(rule)
+      continue
+    (path,) = rule.paths
+    axes, shape = declared[path]
+    skip = _SCOPE_AXES[rule.scope] + (len(rule.names) > 1)
+    to_moejax, to_hf = _declared_hooks(axes[skip:], shape[skip:])
+    if len(rule.names) > 1:
+      rule = dataclasses.replace(rule, to_moejax=lambda arrays, f=to_moejax: (
+          np.stack([f(a) for a in arrays]),), to_hf=lambda arrays, f=to_hf: tuple(
+              f(a) for a in arrays[0]))
+    else:
+      rule = dataclasses.replace(rule, to_moejax=_one(to_moejax), to_hf=_one(to_hf))
+    out.append(rule)
   return out
 
 
 def _attention_rules(m: ModelConfig, out: list[Rule], attn: str) -> list[Rule]:
   """`out` with the attention's projections, biases, sinks and QK-norm scales."""
-  n, kv, h = m.num_heads, m.kv_heads, m.head_dim
   qkv = [attn + f'{p}_proj.weight' for p in 'qkv']
   if m.latent:
     out = [r for r in out if r.paths[0] != ('blocks', 'attn', 'wo')] + _latent_rules(m, attn)
-  elif kv == n:
-    out.append(Rule((('blocks', 'attn', 'wqkv'),), tuple(qkv), 'block',
-                    lambda arrays: (np.stack([_heads_in(n, h)(a) for a in arrays]),),
-                    lambda arrays: tuple(_heads_out(a) for a in arrays[0])))
+  elif m.kv_heads == m.num_heads:
+    out.append(Rule((('blocks', 'attn', 'wqkv'),), tuple(qkv), 'block'))
   else:
-    out += [Rule((('blocks', 'attn', 'wq'),), (qkv[0],), 'block',
-                 _one(_heads_in(n, h)), _one(_heads_out)),
-            Rule((('blocks', 'attn', 'wkv'),), tuple(qkv[1:]), 'block',
-                 lambda arrays: (np.stack([_heads_in(kv, h)(a) for a in arrays]),),
-                 lambda arrays: tuple(_heads_out(a) for a in arrays[0]))]
+    out += [Rule((('blocks', 'attn', 'wq'),), (qkv[0],), 'block'),
+            Rule((('blocks', 'attn', 'wkv'),), tuple(qkv[1:]), 'block')]
   if m.attn_bias:
     out += _bias_rules(m, attn)
   if m.attn_sinks:
-    out.append(Rule((('blocks', 'attn', 'sinks'),), (attn + 'sinks',), 'block',
-                    _one(lambda a: a), _one(lambda a: a)))
+    out.append(Rule((('blocks', 'attn', 'sinks'),), (attn + 'sinks',), 'block'))
   if m.qk_norm != 'none':
-    shape = {'q': (n, h), 'k': (kv, h)} if m.qk_norm == 'full' else {'q': (h,), 'k': (h,)}
-    for p in 'qk':
-      out.append(Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block',
-                      _one(lambda a, s=shape[p]: a.reshape(s)), _one(lambda a: a.reshape(-1))))
+    out += [Rule((('blocks', 'attn', f'{p}_norm'),), (attn + f'{p}_norm.weight',), 'block')
+            for p in 'qk']
   return out
 
 
@@ -156,14 +179,12 @@ def _moe_rules(m: ModelConfig, family: Family, layer: str, fused_experts: bool,
   if m.shared_d_ff:
     out += _shared_rules(m, moe + family.shared_expert)
   router = moe + family.router
-  out.append(Rule((('blocks', 'moe', 'router'),), (router + '.weight',), 'block',
-                  _one(_t), _one(_t)))
+  out.append(Rule((('blocks', 'moe', 'router'),), (router + '.weight',), 'block'))
   if m.selection_bias:                       # DeepSeek-V3's e_score_correction_bias
     out.append(Rule((('blocks', 'moe', 'select_bias'),), (router + '.e_score_correction_bias',),
-                    'block', _one(lambda a: a), _one(lambda a: a)))
+                    'block'))
   if m.router_bias:
-    out.append(Rule((('blocks', 'moe', 'router_bias'),), (router + '.bias',), 'block',
-                    _one(lambda a: a), _one(lambda a: a)))
+    out.append(Rule((('blocks', 'moe', 'router_bias'),), (router + '.bias',), 'block'))
   ffn = [('blocks', 'moe', w) for w in ('w1', 'w3', 'w2')]
   if family.interleaved:
     out += _interleaved_rules(moe + 'experts.', quantized)
@@ -171,10 +192,9 @@ def _moe_rules(m: ModelConfig, family: Family, layer: str, fused_experts: bool,
     out += [Rule((ffn[0], ffn[1]), (moe + 'experts.gate_up_proj',), 'expert',
                  lambda arrays: tuple(_t(p) for p in np.split(arrays[0], [f], axis=0)),
                  lambda arrays: (np.concatenate([_t(a) for a in arrays], 0),), rows=True),
-            Rule((ffn[2],), (moe + 'experts.down_proj',), 'expert', _one(_t), _one(_t),
-                 rows=True)]
+            Rule((ffn[2],), (moe + 'experts.down_proj',), 'expert', rows=True)]
   else:
-    out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert', _one(_t), _one(_t))
+    out += [Rule((path,), (moe + 'experts.{e}.' + name + '.weight',), 'expert')
             for path, name in zip(ffn, family.expert_names)]
   return out
 
@@ -193,9 +213,7 @@ def _latent_rules(m: ModelConfig, attn: str) -> list[Rule]:
   o_proj [D, N*Hv]; the rotary features of queries and of the shared key reordered from
   DeepSeek's interleaved pairs to moejax's half split (and back)."""
   n, h, hr, hv, r = m.num_heads, m.head_dim, m.rope_head_dim, m.value_head_dim, m.kv_lora_rank
-  d = m.d_model
   blocks = lambda name: ('blocks', 'attn', name)
-  same = _one(lambda a: a)
   order = _rope_order(h + hr, hr)                      # per head, within H + Hr
   back = np.argsort(order)
   heads_in = lambda a: _t(a).reshape(a.shape[1], n, h + hr)[..., order]   # [in, N, H + Hr]
@@ -203,16 +221,13 @@ def _latent_rules(m: ModelConfig, attn: str) -> list[Rule]:
   kv_order = _rope_order(r + hr, hr)
   out = [Rule((blocks('wkv_a'),), (attn + 'kv_a_proj_with_mqa.weight',), 'block',
               _one(lambda a: _t(a)[:, kv_order]), _one(lambda a: _t(a[:, np.argsort(kv_order)]))),
-         Rule((blocks('kv_a_norm'),), (attn + 'kv_a_layernorm.weight',), 'block', same, same),
-         Rule((blocks('wkv_b'),), (attn + 'kv_b_proj.weight',), 'block',
-              _one(lambda a: _t(a).reshape(r, n, h + hv)),
-              _one(lambda a: _t(a.reshape(r, -1)))),
-         Rule((blocks('wo'),), (attn + 'o_proj.weight',), 'block',
-              _one(lambda a: _t(a).reshape(n, hv, d)), _one(lambda a: _t(a.reshape(n * hv, d))))]
+         Rule((blocks('kv_a_norm'),), (attn + 'kv_a_layernorm.weight',), 'block'),
+         Rule((blocks('wkv_b'),), (attn + 'kv_b_proj.weight',), 'block'),
+         Rule((blocks('wo'),), (attn + 'o_proj.weight',), 'block')]
   if m.q_lora_rank:
     return out + [
-        Rule((blocks('wq_a'),), (attn + 'q_a_proj.weight',), 'block', _one(_t), _one(_t)),
-        Rule((blocks('q_a_norm'),), (attn + 'q_a_layernorm.weight',), 'block', same, same),
+        Rule((blocks('wq_a'),), (attn + 'q_a_proj.weight',), 'block'),
+        Rule((blocks('q_a_norm'),), (attn + 'q_a_layernorm.weight',), 'block'),
         Rule((blocks('wq_b'),), (attn + 'q_b_proj.weight',), 'block', _one(heads_in),
              _one(heads_out))]
   return out + [Rule((blocks('wq'),), (attn + 'q_proj.weight',), 'block', _one(heads_in),
@@ -235,8 +250,8 @@ def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
   [E, out, in] transpose)."""
   w = lambda name: ('blocks', 'moe', name)
   same = _one(lambda a: a)
-  row = lambda paths, names, to_moejax, to_hf: Rule(paths, names, 'expert', to_moejax, to_hf,
-                                                     rows=True)
+  row = lambda paths, names, to_moejax=None, to_hf=None: Rule(paths, names, 'expert', to_moejax,
+                                                               to_hf, rows=True)
   if quantized:
     dequantized = lambda arrays: _t(mxfp4.dequantize(*arrays))                # [in, out]
     requantized = lambda a: mxfp4.quantize(_t(a))
@@ -250,11 +265,11 @@ def _interleaved_rules(experts: str, quantized: bool) -> list[Rule]:
     matrices = [row((w('w1'), w('w3')), (experts + 'gate_up_proj',),
                     lambda arrays: _split_columns(arrays[0]),
                     lambda arrays: (_interleave(*arrays),)),
-                row((w('w2'),), (experts + 'down_proj',), same, same)]
+                row((w('w2'),), (experts + 'down_proj',), same, same)]   # [in, out] as ours
   return matrices + [
       row((w('b1'), w('b3')), (experts + 'gate_up_proj_bias',),
           lambda arrays: _split_columns(arrays[0]), lambda arrays: (_interleave(*arrays),)),
-      row((w('b2'),), (experts + 'down_proj_bias',), same, same)]
+      row((w('b2'),), (experts + 'down_proj_bias',))]
 
 
 def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str, prefix: Path
@@ -267,8 +282,8 @@ def _dense_rules(m: ModelConfig, block_rules: list[Rule], mlp: str, prefix: Path
   names = {'w1': 'gate_proj', 'w3': 'up_proj', 'w2': 'down_proj'}
   if m.ffn == 'gelu':
     del names['w3']
-  return out + [Rule((prefix + ('mlp', path),), (f'{mlp}{name}.weight',), 'block',
-                     _one(_t), _one(_t)) for path, name in names.items()]
+  return out + [Rule((prefix + ('mlp', path),), (f'{mlp}{name}.weight',), 'block')
+                for path, name in names.items()]
 
 
 def _mtp_rules(m: ModelConfig, block_rules: list[Rule], layer: str) -> list[Rule]:
@@ -281,8 +296,8 @@ def _mtp_rules(m: ModelConfig, block_rules: list[Rule], layer: str) -> list[Rule
   mtp = lambda path: ('mtp', 'block') + path[1:]
   out = [dataclasses.replace(r, paths=tuple(mtp(p) for p in r.paths)) for r in block_rules]
   norms = {'enorm': 'enorm', 'hnorm': 'hnorm', 'ln_f': 'shared_head.norm'}
-  out += [Rule((('mtp', name, 'scale'),), (f'{layer}{hf}.weight',), 'block', _one(lambda a: a),
-               _one(lambda a: a)) for name, hf in norms.items()]
+  out += [Rule((('mtp', name, 'scale'),), (f'{layer}{hf}.weight',), 'block')
+          for name, hf in norms.items()]
   return out + [Rule((('mtp', 'proj'),), (f'{layer}eh_proj.weight',), 'block',
                      _one(lambda a: np.stack([a[:, :d].T, a[:, d:].T])),
                      _one(lambda a: np.concatenate([a[0].T, a[1].T], axis=1)))]
@@ -293,30 +308,21 @@ def _shared_rules(m: ModelConfig, shared: str) -> list[Rule]:
   names = {'shared_w1': 'gate_proj', 'shared_w3': 'up_proj', 'shared_w2': 'down_proj'}
   if m.ffn == 'gelu':
     del names['shared_w3']
-  out = [Rule((('blocks', 'moe', path),), (f'{shared}.{name}.weight',), 'block', _one(_t),
-              _one(_t)) for path, name in names.items()]
+  out = [Rule((('blocks', 'moe', path),), (f'{shared}.{name}.weight',), 'block')
+         for path, name in names.items()]
   if m.shared_gate:
-    out.append(Rule((('blocks', 'moe', 'shared_gate'),), (f'{shared}_gate.weight',), 'block',
-                    _one(_t), _one(_t)))
+    out.append(Rule((('blocks', 'moe', 'shared_gate'),), (f'{shared}_gate.weight',), 'block'))
   return out
 
 
 def _bias_rules(m: ModelConfig, attn: str) -> list[Rule]:
-  n, kv, h = m.num_heads, m.kv_heads, m.head_dim
   names = tuple(attn + f'{p}_proj.bias' for p in 'qkv')
-  out = []
-  if m.attn_out_bias:
-    out.append(Rule((('blocks', 'attn', 'bo'),), (attn + 'o_proj.bias',), 'block',
-                    _one(lambda a: a), _one(lambda a: a)))
-  if kv == n:
-    return out + [Rule((('blocks', 'attn', 'bqkv'),), names, 'block',
-                       lambda arrays: (np.stack([a.reshape(n, h) for a in arrays]),),
-                       lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
-  return out + [Rule((('blocks', 'attn', 'bq'),), names[:1], 'block',
-                     _one(lambda a: a.reshape(n, h)), _one(lambda a: a.reshape(-1))),
-                Rule((('blocks', 'attn', 'bkv'),), names[1:], 'block',
-                     lambda arrays: (np.stack([a.reshape(kv, h) for a in arrays]),),
-                     lambda arrays: tuple(a.reshape(-1) for a in arrays[0]))]
+  out = [Rule((('blocks', 'attn', 'bo'),), (attn + 'o_proj.bias',), 'block')
+         ] if m.attn_out_bias else []
+  if m.kv_heads == m.num_heads:
+    return out + [Rule((('blocks', 'attn', 'bqkv'),), names, 'block')]
+  return out + [Rule((('blocks', 'attn', 'bq'),), names[:1], 'block'),
+                Rule((('blocks', 'attn', 'bkv'),), names[1:], 'block')]
 
 
 def _layers(path: Path, m: ModelConfig) -> tuple[int, int, int]:
