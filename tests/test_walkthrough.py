@@ -71,8 +71,9 @@ def test_the_experts_balance_as_the_readme_says(walkthrough):
   train = [json.loads(l) for l in open(f'{tmp}/moejax_text/metrics.jsonl')]
   last = [r for r in train if 'dropped_frac' in r][-1]
   assert last['step'] == 300
-  # balance at step 300 was above 0.75 at 3b93700 (CI) and 0.726 at d61fe50 (after the dispatcher
-  # and kernel refactors; the cause is not yet found): 0.7 holds both.
+  # Balance at step 300 depends on the machine's floating point, not on the code: run here, 3b93700
+  # and 26e7f75 log identical metrics at every step (balance 0.73, dropped 4.22%), where CI's
+  # machine gave above 0.75 at 3b93700. 0.7 holds both.
   assert last['dropped_frac'] < 0.05 and last['balance'] > 0.7, last
 
 
