@@ -21,7 +21,7 @@ from moejax import config as config_lib, validation
 from moejax.errors import ConfigError
 from moejax.convert import families, hf as hf_lib, mapping
 from moejax.convert.safetensors_io import Reader
-from moejax.model import decode
+from moejax.model import decode, params as params_lib
 from moejax.train.plan import Plan
 from tests.helpers import model_forward
 
@@ -369,7 +369,7 @@ def _restored(workdir):
   item, prefix = checkpoint_dir.params_item(os.path.join(workdir, 'checkpoints', '0'))
   m = config_lib.model_config(checkpoint_dir.read_config(os.path.join(workdir, 'checkpoints', '0')))
   return hf_lib._nest({p: hf_lib.restore_array(item, prefix + p)
-                       for p in hf_lib.canonical_shapes(m)})
+                       for p in params_lib.canonical_shapes(m)})
 
 
 def test_conversion_in_small_chunks_gives_the_same_arrays(tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -46,12 +45,6 @@ QUANTIZED = ('_blocks', '_scales')
 MOEJAX_ONLY = {('blocks', 'moe', 'select_bias'), ('mtp', 'block', 'moe', 'select_bias')}
 
 
-def canonical_shapes(m: ModelConfig) -> dict[Path, tuple[int, ...]]:
-  tree = jax.eval_shape(lambda k: params_lib.init_canonical(m, k), jax.random.key(0))
-  return {tuple(k.key for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for path, value in flat.items():
@@ -70,7 +63,7 @@ def _listing(names: list[str], limit: int = 8) -> str:
 def hf_shapes(table: list[mapping.Rule], m: ModelConfig) -> dict[str, tuple[int, ...]]:
   """The shape of every Hugging Face tensor of model m, from the table itself (each rule's hook
   applied to one application's worth of zeros)."""
-  shapes = canonical_shapes(dataclasses.replace(m, num_blocks=1))
+  shapes = params_lib.canonical_shapes(dataclasses.replace(m, num_blocks=1))
   out = {}
   for rule in table:
     skip = {'model': 0, 'block': 1, 'expert': 2}[rule.scope]
@@ -176,7 +169,7 @@ def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
   quantized = any(n.endswith(QUANTIZED) for n in reader.names())
   table = mapping.rules(m, family, fused_experts=fused, quantized=quantized)
-  problems = _check(reader, table, m, canonical_shapes(m), mtp_tensors(reader, m, family))
+  problems = _check(reader, table, m, params_lib.canonical_shapes(m), mtp_tensors(reader, m, family))
   if problems:
     raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
                       f'({m.num_blocks} layers, {m.num_experts} experts): ' +
@@ -204,7 +197,7 @@ def stream_slices(reader: Reader, table: list[mapping.Rule], m: ModelConfig
 
 def load_params(hf_dir: str, m: ModelConfig, family: families.Family) -> dict[str, Any]:
   """Canonical params (numpy float32, blocks [NB, ...]) from a checkpoint directory, whole."""
-  shapes = canonical_shapes(m)
+  shapes = params_lib.canonical_shapes(m)
   arrays = {p: np.zeros(s, np.float32) for p, s in shapes.items()}   # MOEJAX_ONLY: zeros
   for path, use, value in stream_slices(*checked_table(hf_dir, m, family), m):
     arrays[path][use.region(value.shape)] = value
@@ -286,7 +279,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> str:
   if checkpoint_dir.complete_steps(directory):
     raise ConfigError(f'{directory} already holds checkpoints; import into a new --workdir.')
   reader, table = checked_table(hf_dir, m, family)
-  shapes = canonical_shapes(m)
+  shapes = params_lib.canonical_shapes(m)
   chunks = {p: chunk_shape(shapes[p], {'model': 0, 'block': 1, 'expert': 2}[rule.scope],
                           vocab=(None if rule.vocab_axis is None
                                  else (rule.vocab_axis, vocab_rows(m))))

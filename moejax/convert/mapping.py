@@ -111,7 +111,7 @@ def rules(m: ModelConfig, family: Family, fused_experts: bool = False,
 def _split_at(axes: tuple) -> int:
   """Where a projection's input axes end: a projection to the model width (its last axis
   'embed': o_proj, down_proj) reads every axis before it; any other reads its first axis."""
-  return len(axes) - 1 if axes[-1] == 'embed' and len(axes) > 2 else 1
+  return len(axes) - 1 if axes[-1] == 'embed' else 1
 
 
 def _declared_hooks(axes: tuple, shape: tuple[int, ...]):
@@ -212,7 +212,7 @@ def _latent_rules(m: ModelConfig, attn: str) -> list[Rule]:
   [N*(H+Hr), D]), kv_a_proj_with_mqa [R+Hr, D], kv_a_layernorm, kv_b_proj [N*(H+Hv), R],
   o_proj [D, N*Hv]; the rotary features of queries and of the shared key reordered from
   DeepSeek's interleaved pairs to moejax's half split (and back)."""
-  n, h, hr, hv, r = m.num_heads, m.head_dim, m.rope_head_dim, m.value_head_dim, m.kv_lora_rank
+  n, h, hr, r = m.num_heads, m.head_dim, m.rope_head_dim, m.kv_lora_rank
   blocks = lambda name: ('blocks', 'attn', name)
   order = _rope_order(h + hr, hr)                      # per head, within H + Hr
   back = np.argsort(order)

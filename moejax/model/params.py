@@ -103,14 +103,18 @@ def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   return out
 
 
+def canonical_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Each parameter's canonical shape (blocks [NB, ...]), by its path of names."""
+  tree = jax.eval_shape(lambda k: init_canonical(cfg, k), jax.random.key(0))
+  return {tuple(k.key for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def declared(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple, tuple[int, ...]]]:
   """Each parameter's canonical (logical axes, shape), by its path of names."""
-  axes = param_axes(cfg)
-  shapes = jax.eval_shape(lambda k: init_canonical(cfg, k), jax.random.key(0))
-  names = lambda path: tuple(k.key for k in path)
-  flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda s: isinstance(s, P))[0]
-  shape_of = {names(p): s.shape for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-  return {names(p): (tuple(s), shape_of[names(p)]) for p, s in flat_axes}
+  shapes = canonical_shapes(cfg)
+  axes = jax.tree_util.tree_leaves_with_path(param_axes(cfg), is_leaf=lambda s: isinstance(s, P))
+  return {(path := tuple(k.key for k in p)): (tuple(s), shapes[path]) for p, s in axes}
 
 
 def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
