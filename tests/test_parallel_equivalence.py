@@ -277,16 +277,17 @@ def test_new_family_blocks_match_1x1(family):
   assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
-@pytest.mark.parametrize('tp,pp', [(1, 1), (4, 4)])
-def test_experts_cast_once_per_step_change_no_number(tp, pp, monkeypatch):
+@pytest.mark.parametrize('tp,pp,unroll', [(1, 1, False), (4, 4, False), (2, 2, True)])
+def test_experts_cast_once_per_step_change_no_number(tp, pp, unroll, monkeypatch):
   """bfloat16: the pipeline hands its stages the experts' matrices cast once per step
   (transformer.cast_once) with the same loss and gradients, bit for bit, as casting them at
-  every tick; the lowered step converts each expert matrix once, as the whole stage stack."""
+  every tick; the lowered step converts each expert matrix once, as the whole stage stack, or
+  with unrolled layers as one array per layer (no tick slices a layer out of the stack)."""
   import re
   import jax
   from moejax.model import transformer
   from moejax.train.plan import Plan
-  config = small_config(tp, pp, **{'model.dtype': 'bfloat16'})
+  config = small_config(tp, pp, **{'model.dtype': 'bfloat16', 'pipeline.unroll_layers': unroll})
   plan = Plan(config)
   assert transformer.cast_once(plan.model, plan.layout)['moe']['w1'] == 'bfloat16'
   converts = lambda: re.findall(   # f32 -> bf16 converts of expert matrices ([.., 32, 48])
@@ -295,8 +296,11 @@ def test_experts_cast_once_per_step_change_no_number(tp, pp, monkeypatch):
   once, (loss, _, grads) = converts(), loss_and_grads(config)
   monkeypatch.setattr(transformer, 'cast_once', lambda cfg, lay: None)
   per_tick, (loss_tick, _, grads_tick) = converts(), loss_and_grads(config)
-  assert sorted(once) == [f'{pp}x1x{8 // pp}x8'] * 2                # [S, R, L, E] once each
-  assert len(per_tick) == 4 and all(s == f'{8 // tp}' for s in per_tick)  # fwd + recompute
+  layers = 8 // pp
+  assert sorted(once) == ([f'{pp}x1x8'] * 2 * layers if unroll   # [S, R, E] once per layer
+                          else [f'{pp}x1x{layers}x8'] * 2)          # [S, R, L, E] once each
+  per_layer = layers if unroll else 1                              # fwd + recompute
+  assert len(per_tick) == 4 * per_layer and all(s == f'{8 // tp}' for s in per_tick)
   assert loss == loss_tick
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_tick)):
     np.testing.assert_array_equal(a, b)

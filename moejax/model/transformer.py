@@ -40,7 +40,8 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
   per_stage = layers_per_stage(cfg, lay)
   block = Block(cfg, train)
 
-  def stage_fn(params, x, micro, repeat, stage, rng, packed):  # params [L, ...], x [B, T, D]
+  def stage_fn(params, x, micro, repeat, stage, rng, packed):  # x [B, T, D]
+    """params: [L, ...] (scanned), or unrolled a tuple of L per-layer trees."""
     first = (repeat * lay.pp + stage) * per_stage   # global index of this stage's first block
     positions, segments = (None, None) if packed is None else packed   # [B, T] each
     def layer(x, inputs):
@@ -49,7 +50,13 @@ def _stage_fn(cfg: ModelConfig, lay: Layout, train: bool):
                              rngs={'dropout': rng_lib.dropout_block(rng, micro, first + l)})
       return y, _layer_stats(stats)
 
-    return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)), unroll=lay.unroll_layers)
+    if not lay.unroll_layers:
+      return jax.lax.scan(layer, x, (params, jnp.arange(per_stage)))
+    stats = []
+    for l, p in enumerate(params):
+      x, s = layer(x, (p, l))
+      stats.append(s)
+    return x, jax.tree.map(lambda *s: jnp.stack(s), *stats)           # stats [L, ...]
   return stage_fn
 
 
@@ -170,7 +177,7 @@ def hidden_states(params: dict[str, Any], inputs: jax.Array, rng: jax.Array, *,
   hidden, stats = pipeline_lib.pipeline(
       _stage_fn(cfg, lay, train), params['blocks'], x, rng, stages=lay.pp,
       repeats=lay.repeats, remat_policy=lay.remat_policy, side=packed,
-      cast_once=cast_once(cfg, lay))
+      cast_once=cast_once(cfg, lay), split_layers=lay.unroll_layers)
   return hidden, params_lib.from_stages(stats)
 
 

@@ -122,41 +122,60 @@ def _cast_once_bwd(dtype, _, ct):
 _cast_once.defvjp(_cast_once_fwd, _cast_once_bwd)
 
 
+def _layer(tree: Any, l: int) -> Any:
+  return jax.tree.map(lambda a: a[l], tree)
+
+
 def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array, *,
              stages: int, repeats: int, remat_policy: str, side: Any = None,
-             cast_once: Any = None) -> tuple[jax.Array, Any]:
+             cast_once: Any = None, split_layers: bool = False) -> tuple[jax.Array, Any]:
   """Runs all micro-batches through all stages.
 
-  stage_fn(params [L, ...], x [B, T, D], micro, repeat, stage, rng, side) -> (y [B, T, D],
-  stats) with per-layer stats of leading axis L. xs: [M, B, T, D]. side: None or a tree of
+  stage_fn(params, x [B, T, D], micro, repeat, stage, rng, side) -> (y [B, T, D], stats) with
+  per-layer stats of leading axis L; params is one tree of [L, ...] leaves, or with
+  split_layers a tuple of L per-layer trees. xs: [M, B, T, D]. side: None or a tree of
   [M, ...] arrays (e.g. packed rows' positions); stage_fn gets micro-batch m's. cast_once: None,
   or a tree like stage_params of dtype names ('' for as they are): those leaves reach stage_fn
   in that dtype, cast once per call instead of at every tick (and again in the backward's
-  recomputation); their gradients still accumulate over the ticks in the params' dtype. Returns
-  outputs [M, B, T, D] (M split over pp) and the stats summed over micro-batches, stacked
-  [S, R, L, ...].
+  recomputation), with split_layers one array per layer, so no tick copies a layer's slice out
+  of the stacked cast weights; their gradients still accumulate over the ticks in the params'
+  dtype. Returns outputs [M, B, T, D] (M split over pp) and the stats summed over
+  micro-batches, stacked [S, R, L, ...].
   """
   policy = remat.policy(remat_policy)
+  per_stage = jax.tree.leaves(stage_params)[0].shape[2]
   if cast_once is None:
-    low = join = None
+    low = None
+  elif split_layers:                  # leaves [S, R, ...] per layer: a tuple of L of them
+    low = jax.tree.map(
+        lambda a, dt: tuple(jax.lax.stop_gradient(a[:, :, l].astype(dt))
+                            for l in range(per_stage)) if dt else None,
+        stage_params, cast_once)
   else:
-    low = jax.tree.map(lambda a, dt: jax.lax.stop_gradient(a.astype(dt) if dt else a),
+    low = jax.tree.map(lambda a, dt: jax.lax.stop_gradient(a.astype(dt)) if dt else None,
                        stage_params, cast_once)
-    join = lambda p, p_low: jax.tree.map(
-        lambda a, a_low, dt: _cast_once(a, a_low, a.dtype.name) if dt else a,
-        p, p_low, cast_once)
+  join = lambda a, a_low: a if a_low is None else _cast_once(a, a_low, a.dtype.name)
+
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).
   def run_stage(p, x, m, r, s, k, d):
     p, p_low = p
-    p = _index(p, r) if join is None else join(_index(p, r), _index(p_low, r))
+    p = _index(p, r)                                                    # [L, ...]
+    p_low = None if p_low is None else _index(p_low, r)
+    if split_layers:
+      p = tuple(_layer(p, l) if p_low is None else
+                jax.tree.map(lambda a, a_low: join(a[l], None if a_low is None else a_low[l]),
+                             p, p_low, is_leaf=lambda x: x is None)
+                for l in range(per_stage))
+    elif p_low is not None:
+      p = jax.tree.map(join, p, p_low, is_leaf=lambda x: x is None)
     return stage_fn(p, x, m, r, s, k, d)
   fn = jax.checkpoint(run_stage, policy=policy)
-  stats_like = jax.eval_shape(
-      lambda p, x, d: stage_fn(p, x, 0, 0, 0, rng, d)[1],
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), stage_params), xs[0],
-      jax.tree.map(lambda a: a[0], side))
+  stats_like = jax.eval_shape(                                   # one stage's params [R, L, ...]
+      lambda p, x, d: run_stage(p, x, 0, 0, 0, rng, d)[1],
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (stage_params, low)),
+      xs[0], jax.tree.map(lambda a: a[0], side))
   params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), (stage_params, low))
   local = lambda p, x, k, d: _pipeline_local(p, x, k, d, stage_fn=fn, stats_like=stats_like,
                                             stages=stages, repeats=repeats)
