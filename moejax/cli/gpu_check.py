@@ -52,6 +52,8 @@ def stage_mfu(config, device, peak: float, steps: int) -> dict:
     return jnp.sum(y.astype(jnp.float32))
 
   params = jax.tree.map(lambda a: a[0, 0], plan.init_params(0)['blocks'])   # [L, ...]
+  if lay.unroll_layers:            # one tree per layer, as the pipeline hands unrolled stages
+    params = tuple(jax.tree.map(lambda a: a[l], params) for l in range(stage.model.num_blocks))
   x = jax.device_put(jax.random.normal(
       jax.random.key(1), (lay.micro_batch_size, lay.seq_len, cfg.d_model), cfg.dtype), device)
   seconds = timed(plan.jit(jax.grad(loss, argnums=(0, 1))), params, x, steps=steps)
