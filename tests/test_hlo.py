@@ -110,6 +110,21 @@ def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
   assert {c.bytes for c in ragged} == {64 * 32 * 4, 64 * 4}
 
 
+def test_pipeline_ticks_on_h100_copy_no_whole_buffer():
+  """The gradient of the pipeline (2 stages, 2 repeats, 4 micro-batches) compiled for 2 H100s:
+  every tick writes its slot of the [M (+1 scratch), B, T, D] output and ring buffers (and of
+  their cotangents) in place; no tick copies a whole buffer (it did: 4 per tick, while a slot
+  was rewritten with "y or its old value")."""
+  module = hlo.parse(open(os.path.join(os.path.dirname(__file__), 'data',
+                                       'h100_pipeline.hlo')).read())
+  per_tick = [i for i in module.instrs if module.count(i) == 9]    # 2 x 4 + 2 - 1 ticks
+  assert len([i for i in per_tick if i.op == 'fusion']) > 20        # the ticks' work is here
+  buffers = {(4, 2, 64, 128), (5, 2, 64, 128)}                       # [M (+1), B, T, D]
+  whole = [i.result for i in per_tick if i.op == 'copy'
+           for _, shape in hlo.arrays(i.result) if shape in buffers]
+  assert not whole, whole
+
+
 def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():
   """The same program: the 2 local experts' matmuls are tokamax's Pallas-Triton grouped matmuls
   (w1 and w2 forward, their input and weight gradients: 6) over the [4*64]-row receive buffer,

@@ -82,9 +82,11 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
         lambda a, v: jax.lax.dynamic_update_index_in_dim(
             a, jax.lax.dynamic_index_in_dim(a, r, 0, False) + jnp.where(valid, v, 0), r, 0),
         acc, stats)
+    # Writes go to slot M (scratch) when nothing finishes or comes back, never "y or the
+    # old value" into slot m: reading the slot a write replaces makes XLA copy the whole
+    # buffer's cotangent at every tick of the backward pass.
     done = valid & (stage == stages - 1) & (r == repeats - 1)
-    outs = jax.lax.dynamic_update_index_in_dim(
-        outs, jnp.where(done, y, jax.lax.dynamic_index_in_dim(outs, m, 0, False)), m, 0)
+    outs = jax.lax.dynamic_update_index_in_dim(outs, y, jnp.where(done, m, m_count), 0)
     with jax.named_scope('pipeline_shift'):
       nxt = jax.lax.ppermute(y, mesh_lib.PP, ring) if stages > 1 else y  # stage s -> s+1
     if repeats > 1:
@@ -93,13 +95,15 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
       j = t - (stages - 1)
       back = (stage == 0) & (j >= 0) & (j // m_count < repeats - 1)
       jm = jnp.clip(j, 0, total - 1) % m_count
-      buf = jax.lax.dynamic_update_index_in_dim(
-          buf, jnp.where(back, nxt, jax.lax.dynamic_index_in_dim(buf, jm, 0, False)), jm, 0)
+      buf = jax.lax.dynamic_update_index_in_dim(buf, nxt, jnp.where(back, jm, m_count), 0)
     return (nxt, buf, outs, acc), None
 
   acc0 = jax.tree.map(lambda s: jnp.zeros((repeats,) + s.shape, s.dtype), stats_like)
-  carry0 = (jnp.zeros_like(xs[0]), xs, jnp.zeros_like(xs), acc0)
+  scratch = jnp.zeros_like(xs[:1])                                      # slot M
+  buf0 = jnp.concatenate([xs, scratch]) if repeats > 1 else xs         # [M (+1), B, T, D]
+  carry0 = (jnp.zeros_like(xs[0]), buf0, jnp.zeros_like(buf0[:1]).repeat(m_count + 1, 0), acc0)
   (_, _, outs, acc), _ = jax.lax.scan(tick, carry0, jnp.arange(total + stages - 1))
+  outs = outs[:m_count]                                                 # [M, B, T, D]
   if stages > 1:
     outs = _scatter_from_last(outs, stages)                             # [M/S, B, T, D]
   return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]

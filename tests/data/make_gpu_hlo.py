@@ -11,6 +11,9 @@ the collective bytes and the matmul FLOPs read from it against numbers worked ou
 h100_dropless_moe.hlo, 4 H100s (tp=4): the gradient of one dropless MoE layer
 (moejax.model.moe, 8 experts, x [2, 64, 32] f32).
 
+h100_pipeline.hlo, 2 H100s (pp=2): the gradient of moejax.parallel.pipeline (2 circular
+repeats, 4 micro-batches x [2, 64, 128] bf16, each stage 2 layers of tanh(x @ w)).
+
 h100_cudnn_attention.hlo, 4 H100s (tp=4, heads split): the gradient of causal attention
 (moejax.model.layers._attend with the kernel moejax.kernels.attention picks for a bfloat16 model on
 NVIDIA GPUs) of q, k, v [2, 512, 8, 64] bf16.
@@ -99,7 +102,29 @@ def cudnn_attention_program() -> str:
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile().as_text()
 
 
+def pipeline_program() -> str:
+  from moejax import config as config_lib
+  from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
+  from moejax.train import plan as plan_lib
+  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(1, pp=2), targets.devices('h100', 2))
+
+  def stage_fn(params, x, *_):                              # params [L, D, D], x [B, T, D]
+    y, _ = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, params['w'])
+    return y, {'n': jnp.zeros((params['w'].shape[0],))}
+
+  with plan_lib.bare(mesh):
+    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 128, 128), jnp.bfloat16,   # [S, R, L, D, D]
+                                        sharding=mesh_lib.sharding(mesh, ('stage',)))}
+    xs = jax.ShapeDtypeStruct((4, 2, 64, 128), jnp.bfloat16,                 # [M, B, T, D]
+                              sharding=mesh_lib.sharding(mesh, ('act_micro',)))
+    loss = lambda p, xs: jnp.sum(pipeline_lib.pipeline(
+        stage_fn, p, xs, jax.random.key(0), stages=2, repeats=2,
+        remat_policy='nothing_saveable')[0].astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
+
+
 PROGRAMS = {'h100_collectives.hlo': collectives_program,
+            'h100_pipeline.hlo': pipeline_program,
             'h100_dropless_moe.hlo': dropless_moe_program,
             'h100_cudnn_attention.hlo': cudnn_attention_program}
 
