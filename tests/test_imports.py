@@ -36,7 +36,7 @@ def test_parallel_imports_nothing_from_model():
 
 
 FLOORS = [   # lowest first; a package imports from its own floor or below
-    {'config', 'errors', 'kernels', 'rng', 'runtime', 'checkpoint_dir', 'targets'},
+    {'config', 'errors', 'kernels', 'precision', 'rng', 'runtime', 'checkpoint_dir', 'targets'},
     {'model', 'parallel', 'data', 'convert', 'generate', 'validation'},
     {'train'},
     {'perf'},

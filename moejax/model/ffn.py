@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from moejax import precision
 from moejax.model import grouped_matmul
 from moejax.parallel import remat
 
@@ -25,7 +26,12 @@ class FFNWeights(NamedTuple):
   b3: jax.Array | None = None  # [E, F]
 
   def cast(self, dtype) -> 'FFNWeights':
+    """In the compute dtype (a moejax.precision.Cast in it stays one)."""
     return FFNWeights(*(None if a is None else a.astype(dtype) for a in self))
+
+  def arrays(self) -> 'FFNWeights':
+    """Each weight one array (a Cast's copy)."""
+    return FFNWeights(*(None if a is None else precision.array(a) for a in self))
 
 
 def _bias(h: jax.Array, b: jax.Array | None) -> jax.Array:
@@ -106,7 +112,8 @@ def expert_ffn(x: jax.Array, w: FFNWeights, *, act: Activation = Activation(),
   act: the activation. dropout_keep [E, C, F] bool: hidden units kept.
   """
   bias = lambda b: None if b is None else b[:, None, :]
-  matmul = lambda spec, a, m: _scoped(jnp.einsum, spec, a, m)
+  matmul = lambda spec, a, m: checkpoint_name(                        # dW in f32 to a Cast
+      _scoped(precision.einsum, spec, a, m), remat.CUSTOM_MATMUL)
   first = _bias(matmul('ECD,EDF->ECF', x, w.w1), bias(w.b1))            # [E, C, F]
   up = None if w.w3 is None else _bias(matmul('ECD,EDF->ECF', x, w.w3), bias(w.b3))
   h = _drop(activation(first, up, act), dropout_keep, dropout_rate)       # [E, C, F]
@@ -130,12 +137,13 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *,
   are 0. With dropout, row i's hidden-unit
   mask is dropout_keep(dropout_rng, row_ids[i]).
   """
+  w = w.arrays()
   num_experts = w.w1.shape[0]
   order = jnp.argsort(key, stable=True)                                # [Y] grouped by expert
   sizes = jnp.bincount(key, length=num_experts)                        # [E] padding not counted
   expert = jnp.minimum(key[order], num_experts - 1)                    # [Y]
   grouped = lambda a, m: checkpoint_name(_scoped(grouped_matmul.ragged_dot, a, m, sizes),
-                                        remat.GROUPED_MATMUL)
+                                        remat.CUSTOM_MATMUL)
   # Each row's bias as a one-hot matmul [Y, E] x [E, F|D]: its gradient is a matmul too (the
   # transpose of a gather, a scatter-add of R rows into E, ran at 20-40 ms per call on an H200).
   onehot = jax.nn.one_hot(expert, num_experts, dtype=x.dtype)          # [Y, E]

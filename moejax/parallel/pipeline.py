@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax import precision
 from moejax.parallel import mesh as mesh_lib, remat
 
 StageFn = Callable[..., tuple[jax.Array, Any]]
@@ -60,7 +61,7 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
   [M, ...] (every stage holds all micro-batches' side inputs)."""
   if stages > 1:
     xs = _gather_to_first(xs, stages)                                   # [M, B, T, D] on stage 0
-  params_ = jax.tree.map(lambda a: a[0], params_)                       # ([R, L, ...], low)
+  params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
   m_count = xs.shape[0]
   total = repeats * m_count
   # With one stage there is no pp axis to be manual over (XLA rejects collectives over a
@@ -109,27 +110,6 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
   return outs, jax.tree.map(lambda a: a[None], acc)                     # acc [1, R, L, ...]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _cast_once(w: jax.Array, w_low: jax.Array, dtype: str) -> jax.Array:
-  """w_low (w cast to a lower dtype once per step); w's cotangent is the result's, in dtype."""
-  return w_low
-
-
-def _cast_once_fwd(w, w_low, dtype):
-  return w_low, None
-
-
-def _cast_once_bwd(dtype, _, ct):
-  return ct.astype(dtype), None
-
-
-_cast_once.defvjp(_cast_once_fwd, _cast_once_bwd)
-
-
-def _layer(tree: Any, l: int) -> Any:
-  return jax.tree.map(lambda a: a[l], tree)
-
-
 def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array, *,
              stages: int, repeats: int, remat_policy: str, side: Any = None,
              cast_once: Any = None, split_layers: bool = False) -> tuple[jax.Array, Any]:
@@ -140,55 +120,45 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   split_layers a tuple of L per-layer trees. xs: [M, B, T, D]. side: None or a tree of
   [M, ...] arrays (e.g. packed rows' positions); stage_fn gets micro-batch m's. cast_once: None,
   or a tree like stage_params of dtype names ('' for as they are): those leaves reach stage_fn
-  in that dtype, cast once per call instead of at every tick (and again in the backward's
-  recomputation), with split_layers one array per layer, so no tick copies a layer's slice out
-  of the stacked cast weights; their gradients still accumulate over the ticks in the params'
-  dtype. Returns outputs [M, B, T, D] (M split over pp) and the stats summed over
-  micro-batches, stacked [S, R, L, ...].
+  as moejax.precision.Cast (the param and its copy in that dtype), cast once per call instead
+  of at every tick (and again in the backward's recomputation); their gradients accumulate
+  over the ticks in the params' dtype. With split_layers each layer's leaf is an array of its
+  own, so no tick copies a layer's slice out of a stack (nor adds its gradient into one).
+  Returns outputs [M, B, T, D] (M split over pp) and the stats summed over micro-batches,
+  stacked [S, R, L, ...].
   """
   policy = remat.policy(remat_policy)
   per_stage = jax.tree.leaves(stage_params)[0].shape[2]
-  if cast_once is None:
-    low = None
-  elif split_layers:                  # leaves [S, R, ...] per layer: a tuple of L of them
-    low = jax.tree.map(
-        lambda a, dt: tuple(jax.lax.stop_gradient(a[:, :, l].astype(dt))
-                            for l in range(per_stage)) if dt else None,
+  if cast_once is not None:
+    cast = lambda a, dt: precision.Cast(a, jax.lax.stop_gradient(a.astype(dt)))
+    stage_params = jax.tree.map(                     # Cast [S, R, L, ...] or L x [S, R, ...]
+        lambda a, dt: a if not dt else (tuple(cast(a[:, :, l], dt) for l in range(per_stage))
+                                        if split_layers else cast(a, dt)),
         stage_params, cast_once)
-  else:
-    low = jax.tree.map(lambda a, dt: jax.lax.stop_gradient(a.astype(dt)) if dt else None,
-                       stage_params, cast_once)
-  join = lambda a, a_low: a if a_low is None else _cast_once(a, a_low, a.dtype.name)
+  per_layer = lambda x: isinstance(x, tuple)
 
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
   # [R, L, ...] params (hoisted out of the scan) rather than a per-tick slice the scan would
   # stack for the backward pass (a copy of the stage's weights per tick).
   def run_stage(p, x, m, r, s, k, d):
-    p, p_low = p
-    p = _index(p, r)                                                    # [L, ...]
-    p_low = None if p_low is None else _index(p_low, r)
+    p = _index(p, r)                                        # [L, ...] (or L x [...]) leaves
     if split_layers:
-      p = tuple(_layer(p, l) if p_low is None else
-                jax.tree.map(lambda a, a_low: join(a[l], None if a_low is None else a_low[l]),
-                             p, p_low, is_leaf=lambda x: x is None)
-                for l in range(per_stage))
-    elif p_low is not None:
-      p = jax.tree.map(join, p, p_low, is_leaf=lambda x: x is None)
+      p = tuple(jax.tree.map(lambda a: a[l], p, is_leaf=per_layer) for l in range(per_stage))
     return stage_fn(p, x, m, r, s, k, d)
   fn = jax.checkpoint(run_stage, policy=policy)
   stats_like = jax.eval_shape(                                   # one stage's params [R, L, ...]
       lambda p, x, d: run_stage(p, x, 0, 0, 0, rng, d)[1],
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (stage_params, low)),
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stage_params),
       xs[0], jax.tree.map(lambda a: a[0], side))
-  params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), (stage_params, low))
+  params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
   local = lambda p, x, k, d: _pipeline_local(p, x, k, d, stage_fn=fn, stats_like=stats_like,
                                             stages=stages, repeats=repeats)
   if stages == 1:
-    return local((stage_params, low), xs, rng, side)
+    return local(stage_params, xs, rng, side)
   run = jax.shard_map(
       local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side)),
       out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
-  return run((stage_params, low), xs, rng, side)
+  return run(stage_params, xs, rng, side)
 
 
 def each_micro_batch(fn: Callable[[Any, Any], Any], params: Any, xs: Any, stages: int) -> Any:

@@ -11,7 +11,9 @@ ATTN_REDUCED = 'attn_reduced'      # the output projection reduce-scattered over
 MOE_DISPATCHED = 'moe_dispatched'  # rows after the dispatch all_to_all
 MOE_RETURNED = 'moe_returned'      # rows after the return all_to_all
 COLLECTIVE_OUTPUTS = (ATTN_GATHERED, ATTN_REDUCED, MOE_DISPATCHED, MOE_RETURNED)
-GROUPED_MATMUL = 'grouped_matmul'  # a ragged_dot output (not a dot_general for dots_saveable)
+# A matmul output that is no dot_general, so dots_saveable cannot see it: a ragged_dot, or an
+# einsum under a custom VJP (moejax.precision.einsum).
+CUSTOM_MATMUL = 'custom_matmul'
 # cuDNN's fused attention forward (output and softmax statistics): a custom call, not a
 # dot_general, so dots_saveable alone would recompute it in the backward pass.
 FUSED_ATTENTION_PRIMITIVES = ('dot_product_attention_fwd_wrapper',)
@@ -25,12 +27,13 @@ def policy(name: str) -> Callable:
   """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
   the backward pass recomputes the stage without repeating its all-gathers and all-to-alls;
   'save_dots_and_collectives' keeps those and every matmul output, so it recomputes only
-  elementwise work (grouped matmuls and cuDNN's fused attention count as matmuls)."""
+  elementwise work (grouped matmuls, custom-VJP matmuls and cuDNN's fused attention count as
+  matmuls)."""
   policies = jax.checkpoint_policies
   if name == 'save_collectives':
     return policies.save_only_these_names(*COLLECTIVE_OUTPUTS)
   if name == 'save_dots_and_collectives':
     return policies.save_from_both_policies(
         policies.save_from_both_policies(policies.dots_saveable, _fused_attention),
-        policies.save_only_these_names(*COLLECTIVE_OUTPUTS, GROUPED_MATMUL))
+        policies.save_only_these_names(*COLLECTIVE_OUTPUTS, CUSTOM_MATMUL))
   return getattr(policies, name)
