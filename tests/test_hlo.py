@@ -8,7 +8,7 @@ import pytest
 
 from configs import tp4pp4
 from moejax import config as config_lib
-from moejax.perf import hlo
+from moejax.perf import hlo, opclass
 from moejax.train.plan import Plan
 
 
@@ -110,19 +110,28 @@ def test_dropless_moe_on_h100_exchanges_ragged_rows_and_gathers_no_weights():
   assert {c.bytes for c in ragged} == {64 * 32 * 4, 64 * 4}
 
 
-def test_pipeline_ticks_on_h100_copy_no_whole_buffer():
-  """The gradient of the pipeline (2 stages, 2 repeats, 4 micro-batches) compiled for 2 H100s:
-  every tick writes its slot of the [M (+1 scratch), B, T, D] output and ring buffers (and of
-  their cotangents) in place; no tick copies a whole buffer (it did: 4 per tick, while a slot
-  was rewritten with "y or its old value")."""
+def test_pipeline_ticks_on_h100_copy_no_whole_buffer_and_make_f32_weight_gradients():
+  """The gradient of the pipeline (2 stages, 2 repeats, 4 micro-batches, weights cast once per
+  step as precision.Cast) compiled for 2 H100s: every tick writes its slot of the
+  [M (+1 scratch), B, T, D] output and ring buffers (and of their cotangents) in place; no tick
+  copies a whole buffer (it did: 4 per tick, while a slot was rewritten with "y or its old
+  value"); and no tick rounds a weight gradient to bf16 on its way into the f32 accumulator
+  (casting the copy at the matmul did: a convert to bf16 inside each accumulating kernel)."""
   module = hlo.parse(open(os.path.join(os.path.dirname(__file__), 'data',
                                        'h100_pipeline.hlo')).read())
   per_tick = [i for i in module.instrs if module.count(i) == 9]    # 2 x 4 + 2 - 1 ticks
   assert len([i for i in per_tick if i.op == 'fusion']) > 20        # the ticks' work is here
-  buffers = {(4, 2, 64, 128), (5, 2, 64, 128)}                       # [M (+1), B, T, D]
+  buffers = {(4, 2, 128, 384), (5, 2, 128, 384)}                     # [M (+1), B, T, D]
   whole = [i.result for i in per_tick if i.op == 'copy'
            for _, shape in hlo.arrays(i.result) if shape in buffers]
   assert not whole, whole
+  weight = lambda i, dtype: any(d == dtype and s[-2:] == (384, 384)          # [.., D, D]
+                                for d, s in hlo.arrays(i.result))
+  accumulating = [i for i in per_tick if i.op == 'fusion' and weight(i, 'f32')]
+  assert len(accumulating) >= 4                      # 2 GEMMs and 2 accumulations per tick
+  rounded = [i.name for i in accumulating
+             if any(j.op == 'convert' and weight(j, 'bf16') for j in opclass._inner(module, i))]
+  assert not rounded, rounded
 
 
 def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():

@@ -12,7 +12,8 @@ h100_dropless_moe.hlo, 4 H100s (tp=4): the gradient of one dropless MoE layer
 (moejax.model.moe, 8 experts, x [2, 64, 32] f32).
 
 h100_pipeline.hlo, 2 H100s (pp=2): the gradient of moejax.parallel.pipeline (2 circular
-repeats, 4 micro-batches x [2, 64, 128] bf16, each stage 2 layers of tanh(x @ w)).
+repeats, 4 micro-batches x [2, 128, 384] bf16, each stage 2 unrolled layers of tanh(x @ w), the
+f32 w [384, 384] cast to bf16 once per step: precision.Cast, precision.einsum).
 
 h100_cudnn_attention.hlo, 4 H100s (tp=4, heads split): the gradient of causal attention
 (moejax.model.layers._attend with the kernel moejax.kernels.attention picks for a bfloat16 model on
@@ -103,23 +104,25 @@ def cudnn_attention_program() -> str:
 
 
 def pipeline_program() -> str:
-  from moejax import config as config_lib
+  from moejax import config as config_lib, precision
   from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
   from moejax.train import plan as plan_lib
   mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(1, pp=2), targets.devices('h100', 2))
 
-  def stage_fn(params, x, *_):                              # params [L, D, D], x [B, T, D]
-    y, _ = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, params['w'])
-    return y, {'n': jnp.zeros((params['w'].shape[0],))}
+  def stage_fn(layers, x, *_):                # L per-layer {'w': Cast [D, D]}, x [B, T, D]
+    for p in layers:
+      x = jnp.tanh(precision.einsum('BTD,DF->BTF', x, p['w']))
+    return x, {'n': jnp.zeros((len(layers),))}
 
   with plan_lib.bare(mesh):
-    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 128, 128), jnp.bfloat16,   # [S, R, L, D, D]
+    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 384, 384), jnp.float32,    # [S, R, L, D, D]
                                         sharding=mesh_lib.sharding(mesh, ('stage',)))}
-    xs = jax.ShapeDtypeStruct((4, 2, 64, 128), jnp.bfloat16,                 # [M, B, T, D]
+    xs = jax.ShapeDtypeStruct((4, 2, 128, 384), jnp.bfloat16,                # [M, B, T, D]
                               sharding=mesh_lib.sharding(mesh, ('act_micro',)))
     loss = lambda p, xs: jnp.sum(pipeline_lib.pipeline(
         stage_fn, p, xs, jax.random.key(0), stages=2, repeats=2,
-        remat_policy='nothing_saveable')[0].astype(jnp.float32) ** 2)
+        remat_policy='nothing_saveable', cast_once={'w': 'bfloat16'},
+        split_layers=True)[0].astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
 
 
