@@ -1,5 +1,5 @@
-"""A two-process 4x4 run under 12 faults drawn from a seed (tests/chaos.py; at least 10 strike
-before it ends) ends in the state of an undisturbed run, bit for bit, with every step logged
+"""A two-process 4x4 run of 28 steps under 12 faults drawn from a seed (tests/chaos.py; at least
+10 strike before it ends) ends in the state of an undisturbed run, bit for bit, with every step logged
 once and no checkpoint lost."""
 import collections
 
@@ -11,7 +11,10 @@ from tests.test_multiprocess import run_two
 
 pytestmark = pytest.mark.e2e
 
-STEPS, FAULTS = 16, 12
+# Room for every fault: each can let the run advance up to 3 steps (a 'step' fault waits for
+# 1-3 steps, a SIGTERM saves the step it stops at), so 12 faults need up to 36; with 16 steps
+# a loaded machine once finished the run before the last 3 struck (9 < 10); 28 leaves room.
+STEPS, FAULTS = 28, 12
 EXTRA = ['--config.checkpoint_every=2']
 
 
