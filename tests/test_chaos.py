@@ -1,6 +1,6 @@
 """A two-process 4x4 run of 28 steps under 12 faults drawn from a seed (tests/chaos.py; at least
-10 strike before it ends) ends in the state of an undisturbed run, bit for bit, with every step logged
-once and no checkpoint lost."""
+10 strike before it ends) ends in the state of an undisturbed run, bit for bit, with every step
+logged once and no checkpoint lost."""
 import collections
 
 import pytest
