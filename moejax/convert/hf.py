@@ -169,7 +169,8 @@ def checked_table(hf_dir: str, m: ModelConfig, family: families.Family
   fused = any(n.endswith('experts.gate_up_proj') for n in reader.names())
   quantized = any(n.endswith(QUANTIZED) for n in reader.names())
   table = mapping.rules(m, family, fused_experts=fused, quantized=quantized)
-  problems = _check(reader, table, m, params_lib.canonical_shapes(m), mtp_tensors(reader, m, family))
+  problems = _check(reader, table, m, params_lib.canonical_shapes(m),
+                    mtp_tensors(reader, m, family))
   if problems:
     raise ConfigError(f'{hf_dir} does not hold a {family.name} model matching its config.json '
                       f'({m.num_blocks} layers, {m.num_experts} experts): ' +

@@ -12,7 +12,6 @@ T sequence, D d_model.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -100,9 +99,9 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
     return (nxt, buf, outs, acc), None
 
   acc0 = jax.tree.map(lambda s: jnp.zeros((repeats,) + s.shape, s.dtype), stats_like)
-  scratch = jnp.zeros_like(xs[:1])                                      # slot M
-  buf0 = jnp.concatenate([xs, scratch]) if repeats > 1 else xs         # [M (+1), B, T, D]
-  carry0 = (jnp.zeros_like(xs[0]), buf0, jnp.zeros_like(buf0[:1]).repeat(m_count + 1, 0), acc0)
+  slots = jnp.zeros((m_count + 1,) + xs.shape[1:], xs.dtype)           # [M + 1, B, T, D]
+  buf0 = slots.at[:m_count].set(xs) if repeats > 1 else xs             # slot M: scratch
+  carry0 = (jnp.zeros_like(xs[0]), buf0, slots, acc0)
   (_, _, outs, acc), _ = jax.lax.scan(tick, carry0, jnp.arange(total + stages - 1))
   outs = outs[:m_count]                                                 # [M, B, T, D]
   if stages > 1:
