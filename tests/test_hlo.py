@@ -182,6 +182,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   %a = f32[8,16]{1,0} parameter(0)
   %b = f32[16,4]{1,0} parameter(1)
   %g = (f32[8,4]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %h = f32[8,4]{1,0} dot(f32[8,16]{1,0} %a, f32[16,4]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/transpose(jvp(head_loss))/rematted_computation/Head/dot_general"}
   %w = (s32[], f32[64,128]) while((s32[], f32[64,128]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %q = bf16[2,128,4,64]{3,2,1,0} parameter(2)
   %k = bf16[2,256,4,64]{3,2,1,0} parameter(3)
@@ -192,7 +193,8 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   assert parts['remat'] == 3 * 2 * 64 * 32 * 128
   assert parts['blocks'] == 2 * 8 * 4 * 16
   assert parts['head'] == 2 * 2 * (2 * 4 * 128 * 256 * 64)     # q k^T and p v
-  assert parts['total'] == parts['remat'] + parts['blocks'] + parts['head']
+  assert parts['head_remat'] == 2 * 8 * 4 * 16                   # the logits recomputed
+  assert parts['total'] == parts['remat'] + parts['blocks'] + parts['head'] + parts['head_remat']
 
 
 def test_cudnn_causal_attention_on_h100_is_fused_and_counted_at_half_the_square():

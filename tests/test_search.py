@@ -19,6 +19,10 @@ def test_collective_groups_in_every_form():
       (0, 1), (2, 3), (4, 5), (6, 7))
   assert hlo.groups('source_target_pairs={{0,1},{1,0}}') == ((0, 1), (1, 0))
   assert hlo.groups('replica_groups={}, to_apply=%add') == ()
+  # Over named mesh axes (jax 0.12's shard_map collectives): a group per value of the others.
+  mesh = "replica_groups=mesh['dp'=1,'pp'=2,'tp'=4] {%s}, dimensions={1}"
+  assert hlo.groups(mesh % "'tp'") == ((0, 1, 2, 3), (4, 5, 6, 7))
+  assert hlo.groups(mesh % "'dp','pp'") == ((0, 4), (1, 5), (2, 6), (3, 7))
 
 
 RATES = targets.Rates(bf16_flops_per_s=1e12, nvlink_bytes_per_s=1e9, network_bytes_per_s=1e8,

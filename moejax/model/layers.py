@@ -9,6 +9,7 @@ The residual stream [B, T, D] is split over tp along T (sequence parallelism).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax import kernels
 from moejax.config import ModelConfig
-from moejax.model import cached_moe, ffn as ffn_lib, routing
+from moejax.model import cached_moe, cross_entropy, ffn as ffn_lib, routing
 from moejax.model import moe as moe_lib
 from moejax.model.positions import Yarn, rope
 from moejax.parallel import mesh as mesh_lib, remat, vocab
@@ -556,10 +557,15 @@ class Head(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # [..., T, D] -> [..., T, V] float32
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None,
+               logits_axes: Sequence[str | None] = ()) -> jax.Array:
+    """x [..., T, D] -> logits [..., T, V] float32; given labels [..., T] (-1: not predicted),
+    their cross-entropy summed over tokens instead, the logits laid out as `logits_axes` and
+    not kept for the backward pass (moejax.model.cross_entropy)."""
     c = self.cfg
     x = norm(c, 'ln_f')(x)
     w = _param(self, 'w', (c.d_model, c.padded_vocab), ('embed', 'vocab'), _normal(c.init_std))
-    logits = jnp.einsum('...D,DV->...V', x, w.astype(c.dtype)).astype(jnp.float32)
-    vocab_ids = jnp.arange(c.padded_vocab)
-    return jnp.where(vocab_ids < c.vocab_size, logits, -1e30)
+    if labels is None:
+      return cross_entropy.logits(x, w, c.vocab_size, c.dtype)
+    return cross_entropy.cross_entropy_sum(x, w, labels, vocab_size=c.vocab_size, dtype=c.dtype,
+                                           logits_axes=logits_axes)

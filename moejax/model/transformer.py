@@ -20,8 +20,7 @@ from moejax.config import Layout, ModelConfig, layers_per_stage
 from moejax.model import params as params_lib
 from moejax.model import layers
 from moejax.model.layers import Block, Embedder, Head
-from moejax.parallel import pipeline as pipeline_lib, remat
-from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import pipeline as pipeline_lib
 from moejax.parallel.mesh import constrain
 
 def _layer_stats(stats) -> dict[str, jax.Array]:
@@ -82,30 +81,22 @@ def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
                        cfg: ModelConfig) -> jax.Array:
   """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T] (-1: skip)."""
   hidden = constrain(hidden, ('act_micro', 'act_batch', None, 'act_embed'))
-  logits = Head(cfg).apply({'params': head_params}, hidden)             # [S, B, T, V]
-  logits = constrain(logits, ('act_micro', 'act_batch', None, 'act_vocab'))
-  lse = jax.nn.logsumexp(logits, axis=-1)                               # [S, B, T]
-  label_logit = jnp.sum(logits * jax.nn.one_hot(labels, cfg.padded_vocab, dtype=logits.dtype),
-                        axis=-1)                                        # [S, B, T]
-  return jnp.sum(jnp.where(labels >= 0, lse - label_logit, 0.0))     # labels -1: not predicted
+  return Head(cfg).apply({'params': head_params}, hidden, labels,
+                         ('act_micro', 'act_batch', None, 'act_vocab'))
 
 
-def _chunking(m: int, stages: int):
-  """[M, ...] <-> [M/S, S, ...]: one micro-batch per stage in each chunk."""
-  chunks = lambda a: jnp.swapaxes(a.reshape((stages, m // stages) + a.shape[1:]), 0, 1)
-  unchunk = lambda a: jnp.swapaxes(a, 0, 1).reshape((m,) + a.shape[2:])
-  return chunks, unchunk
+def _chunks(a: jax.Array, stages: int) -> jax.Array:
+  """[M, ...] -> [M/S, S, ...]: one micro-batch per stage in each chunk."""
+  return jnp.swapaxes(a.reshape((stages, a.shape[0] // stages) + a.shape[1:]), 0, 1)
 
 
 def _chunked_cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
                                cfg: ModelConfig, lay: Layout) -> jax.Array:
   """_cross_entropy_sum of hidden [M, B, T, D] in chunks of one micro-batch per stage, so the
-  vocab-sized logits exist for one chunk at a time; the pipeline's remat policy decides what
-  the backward pass recomputes."""
-  chunks, _ = _chunking(hidden.shape[0], lay.pp)
-  ce_chunk = jax.checkpoint(lambda h, l: _cross_entropy_sum(head_params, h, l, cfg),
-                            policy=remat.policy(lay.remat_policy))
-  return jnp.sum(jax.lax.map(lambda hl: ce_chunk(*hl), (chunks(hidden), chunks(labels))))
+  vocab-sized logits exist for one chunk at a time, in the forward pass and in the backward
+  pass that recomputes them."""
+  ce_chunk = lambda hl: _cross_entropy_sum(head_params, *hl, cfg)
+  return jnp.sum(jax.lax.map(ce_chunk, (_chunks(hidden, lay.pp), _chunks(labels, lay.pp))))
 
 
 def _shift(a: jax.Array, d: int, fill: int) -> jax.Array:

@@ -78,7 +78,7 @@ def executed_flops(config, hlo_text: str) -> dict:
   bubble = pipeline_lib.bubble_fraction(lay.pp, lay.repeats, lay.num_micro_batches)
   excess = parts['total'] - model
   ticks = bubble * (parts['blocks'] + parts['remat'])   # idle ticks run the blocks too
-  remat = (1 - bubble) * parts['remat']
+  remat = (1 - bubble) * parts['remat'] + parts['head_remat']
   expert = model_flops.expert_flops(cfg) * cfg.num_blocks * (
       lay.tokens_per_step / lay.devices)                # expert FLOPs the model needs
   grouped = hlo.grouped_matmuls(hlo_text)

@@ -175,14 +175,25 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 _IOTA = re.compile(r'replica_groups=\[(?P<shape>[\d,]+)\]<=\[(?P<dims>[\d,]+)\]'
                    r'(?:T\((?P<perm>[\d,]+)\))?')
+_MESH = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
 _LISTED = re.compile(r'(?:replica_groups|source_target_pairs)=\{(?P<body>(?:\{[\d,]*\},?)*)\}')
 
 
 def groups(attrs: str) -> tuple[tuple[int, ...], ...]:
   """The partition groups of a collective's attributes: listed (`{{0,1},{2,3}}`), in XLA's iota
-  form (`[2,2]<=[4]`, `[2,2]<=[2,2]T(1,0)`), or a permute's source-target pairs; () when the
-  collective spans every partition (`{}`)."""
+  form (`[2,2]<=[4]`, `[2,2]<=[2,2]T(1,0)`), over named mesh axes (`mesh['pp'=2,'tp'=2]
+  {'tp'}`: partitions numbered row-major over the axes, a group per value of the others), or a
+  permute's source-target pairs; () when the collective spans every partition (`{}`)."""
   import numpy as np
+  mesh = _MESH.search(attrs)
+  if mesh:
+    axes = re.findall(r"'([^']+)'=(\d+)", mesh.group('axes'))
+    over = re.findall(r"'([^']+)'", mesh.group('over'))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    ids = np.moveaxis(ids, [names.index(a) for a in over], range(-len(over), 0))
+    return tuple(tuple(int(x) for x in g)
+                 for g in ids.reshape(-1, math.prod(sizes[names.index(a)] for a in over)))
   iota = _IOTA.search(attrs)
   if iota:
     ints = lambda text: [int(d) for d in text.split(',')]
@@ -308,18 +319,20 @@ def instr_flops(module: Module, i: Instr, row_share: float = 1.0) -> int:
 
 
 def flops(hlo_text: str, row_share: float = 1.0) -> dict[str, int]:
-  """Executed matmul FLOPs per device per run, by part: 'remat' (recomputed in the backward
-  pass), 'head' (LM head and loss), 'embed', 'blocks' (the rest), and 'total'. Grouped matmuls
-  count `row_share` of their buffer rows (instr_flops)."""
+  """Executed matmul FLOPs per device per run, by part: 'remat' (the blocks' recomputed in the
+  backward pass), 'head' (LM head and loss), 'head_remat' (its logits recomputed), 'embed',
+  'blocks' (the rest), and 'total'. Grouped matmuls count `row_share` of their buffer rows
+  (instr_flops)."""
   module = parse(hlo_text)
-  parts = collections.Counter({'blocks': 0, 'head': 0, 'embed': 0, 'remat': 0})
+  parts = collections.Counter({'blocks': 0, 'head': 0, 'head_remat': 0, 'embed': 0, 'remat': 0})
   for i in module.instrs:
     f = instr_flops(module, i, row_share)
     if not f:
       continue
     name = re.search(r'op_name="([^"]*)"', i.attrs)
     name = name.group(1) if name else ''
-    part = ('remat' if 'rematted_computation' in name else 'head' if 'head_loss' in name
+    remat = 'rematted_computation' in name
+    part = (('head_remat' if remat else 'head') if 'head_loss' in name else 'remat' if remat
             else 'embed' if '/embed' in name or '(embed)' in name else 'blocks')
     parts[part] += f * module.count(i)
   parts['total'] = sum(parts.values())
