@@ -9,6 +9,7 @@ The residual stream [B, T, D] is split over tp along T (sequence parallelism).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from moejax import kernels
 from moejax.config import ModelConfig
@@ -367,14 +369,17 @@ def _latent_attend(q: jax.Array, cache: KVCache, wkv_b: jax.Array, h: int,
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
   """cuDNN's fused attention of q, k, v [B, T, N, H] on each shard's sequences and heads (a
   shard_map manual over every mesh axis not manual yet): jax 0.10's partitioner of the cuDNN call
-  fails where any mesh axis is automatic, and nothing here needs partitioning."""
+  fails where any mesh axis is automatic, and nothing here needs partitioning. A dimension its
+  mesh axes do not divide (a one-sequence template batch under dp) stays whole on each shard."""
   attend = lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, is_causal=causal,
                                                            implementation='cudnn')
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
   if not axes:
     return attend(q, k, v)
-  spec = mesh_lib.restrict(mesh_lib.spec(HEADS), axes)
+  split = lambda entry: math.prod(mesh.shape[a] for a in mesh_lib.axes_of(entry))
+  spec = P(*(entry if all(a.shape[i] % split(entry) == 0 for a in (q, k, v)) else None
+             for i, entry in enumerate(mesh_lib.restrict(mesh_lib.spec(HEADS), axes))))
   return jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, axis_names=set(axes),
                        check_vma=False)(q, k, v)
 
