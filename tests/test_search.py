@@ -79,16 +79,23 @@ def test_every_card_has_its_rates_with_sources():
 
 def test_candidates_of_the_full_config():
   """16 devices, 8 blocks: tp inside a host (at most 8), pp dividing the blocks, repeats 2 where
-  a stage holds 2 or more blocks, experts split over dp x tp whenever dp > 1."""
+  a stage holds 2 or more blocks, experts split over dp x tp whenever dp > 1, the step's 128
+  sequences in 16 micro-batches or in pp or 2 x pp (fewer, larger) ones."""
   config = tp4pp4.get_config()
   found = [search.name(o) for o in search.candidates(config)]
-  assert '1x1x16 r1' not in found and '1x4x4 r1' in found and '1x4x4 r2' in found
-  assert '16x1x1 r1' in found and '1x8x2 r2' in found and '1x2x8 r2' not in found
+  layouts = {n.rsplit(' ', 1)[0] for n in found}
+  assert '1x1x16 r1' not in layouts and '1x4x4 r1' in layouts and '1x4x4 r2' in layouts
+  assert '16x1x1 r1' in layouts and '1x8x2 r2' in layouts and '1x2x8 r2' not in layouts
   assert not [n for n in found if n.split('x')[1] == '16']
-  assert len(found) == len(set(found)) == 20
+  assert len(layouts) == 20 and len(found) == len(set(found))
+  assert {n for n in found if n.startswith('1x4x4 r1')} == {'1x4x4 r1 M16', '1x4x4 r1 M8',
+                                                           '1x4x4 r1 M4'}
+  assert {n for n in found if n.startswith('16x1x1 r1')} == {'16x1x1 r1 M16',
+                                                            '16x1x1 r1 M2', '16x1x1 r1 M1'}
   for o in search.candidates(config):
     assert o['mesh.experts_over_dp'] == (o['mesh.dp'] > 1)
     assert o['mesh.dp'] * o['mesh.tp'] * o['mesh.pp'] == 16
+    assert o['data.num_micro_batches'] * o['data.micro_batch_size'] == 128
 
 
 def test_search_needs_a_gpu_card():

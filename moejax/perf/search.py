@@ -4,8 +4,11 @@ estimated step time (perf/estimate), with the memory check against the card.
 The candidate set is pruned: every dp x tp x pp split of the devices with tp inside one host
 (tensor parallelism is all-reduce- and all-to-all-bound), circular repeats 1 and 2 where the
 stages hold 2 or more blocks, experts split over dp x tp whenever dp > 1 (replicating every
-expert over dp only adds memory and a gradient all-reduce of the experts across dp), and the
-config's remat policy, with 'nothing_saveable' tried for a layout where that does not fit.
+expert over dp only adds memory and a gradient all-reduce of the experts across dp), the step's
+sequences cut into the config's micro-batches or into as few as pp or 2 x pp larger ones (the
+global batch, and so the training, unchanged: fewer pipeline ticks launch fewer kernels, for a
+larger bubble), and the config's remat policy, with 'nothing_saveable' tried for a layout where
+that does not fit.
 Splits the config cannot take (heads, experts, micro-batch rows) are skipped by validation,
 before compiling.
 """
@@ -27,10 +30,20 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _micro_batches(config: ml_collections.ConfigDict, pp: int) -> list[int]:
+  """Micro-batches per step to try with pp stages: the config's, pp and 2 x pp where fewer
+  and where they cut the step's sequences evenly."""
+  m = config.data.num_micro_batches
+  rows = m * config.data.micro_batch_size
+  return sorted({n for n in (m, pp, 2 * pp) if n <= m and rows % n == 0}, reverse=True)
+
+
 def candidates(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
-  """Overrides of the mesh and pipeline keys, one per candidate layout (same device count)."""
+  """Overrides of the mesh, pipeline and micro-batch keys, one per candidate layout (same
+  device count, same sequences per step)."""
   devices = config_lib.mesh_shape(config).devices
   blocks = config.model.num_blocks
+  rows = config.data.num_micro_batches * config.data.micro_batch_size
   for tp in _divisors(devices):
     if tp > targets.GPUS_PER_HOST:
       continue
@@ -39,8 +52,10 @@ def candidates(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
         continue
       for repeats in (1, 2) if pp > 1 and blocks % (2 * pp) == 0 else (1,):
         dp = devices // (tp * pp)
-        yield {'mesh.dp': dp, 'mesh.tp': tp, 'mesh.pp': pp, 'mesh.experts_over_dp': dp > 1,
-               'pipeline.repeats': repeats}
+        for m in _micro_batches(config, pp):
+          yield {'mesh.dp': dp, 'mesh.tp': tp, 'mesh.pp': pp, 'mesh.experts_over_dp': dp > 1,
+                 'pipeline.repeats': repeats, 'data.num_micro_batches': m,
+                 'data.micro_batch_size': rows // m}
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
@@ -53,9 +68,11 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 
 def name(overrides: dict[str, Any]) -> str:
-  """A layout as `dp x tp x pp r<repeats>`, with its remat policy if overridden."""
+  """A layout as `dp x tp x pp r<repeats> M<micro-batches>`, with its remat policy if
+  overridden."""
   o = overrides
-  text = f"{o['mesh.dp']}x{o['mesh.tp']}x{o['mesh.pp']} r{o['pipeline.repeats']}"
+  text = (f"{o['mesh.dp']}x{o['mesh.tp']}x{o['mesh.pp']} r{o['pipeline.repeats']} "
+          f"M{o['data.num_micro_batches']}")
   return text + (f" {o['pipeline.remat_policy']}" if 'pipeline.remat_policy' in o else '')
 
 
