@@ -55,6 +55,8 @@ def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster(
   if cluster.num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     _initialize(cluster)
+    if jax.default_backend() == 'cpu':
+      _compile_in_every_process()
   if jax.default_backend() == 'cpu' and need > 1 and jax.process_index() == 0:
     print(f'No accelerator found: simulating {need} CPU devices ({local} per process) for the '
           f'{m.dp}x{m.tp}x{m.pp} (dp x tp x pp) mesh (numbers are real, speed is not).',
@@ -66,6 +68,20 @@ def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster(
 # multi-process save's barrier) then ends the others within a minute, through the supervisor's
 # one error line (moejax/cli/supervise.py).
 HEARTBEAT_TIMEOUT_S = 40
+
+
+def _compile_in_every_process() -> None:
+  """Turns JAX's persistent compilation cache off (multi-process CPU runs). JAX keys a CPU
+  program by the process's own devices and only process 0 writes entries, so with a warm cache
+  process 0 loads its programs while the others compile theirs, and the first step deadlocked
+  in Gloo (process 0 in an all-reduce inside the pipeline's loop, process 1 in an all-gather
+  outside it; tests/test_multiprocess.py). Every process compiling its own programs works."""
+  if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+    if jax.process_index() == 0:
+      print('note: JAX\'s persistent compilation cache is off for this multi-process CPU run '
+            '(a cached program in one process beside fresh compiles in the others '
+            'deadlocks its collectives).', flush=True)
+  jax.config.update('jax_enable_compilation_cache', False)
 
 
 def _initialize(cluster: Cluster) -> None:

@@ -3,6 +3,7 @@ compiled by the test process or its subprocesses goes through one persistent com
 per test run (a temporary directory), so an end-to-end run recompiles nothing a test compiled."""
 import faulthandler
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -63,15 +64,42 @@ TIME_LIMIT_S = float(os.environ.get('MOEJAX_TEST_TIME_LIMIT_S', '600'))
 TIMED_OUT_EXIT = 3
 
 
+def _descendants(pid: int) -> list[int]:
+  """The processes below `pid` (Linux's /proc; none elsewhere), children first."""
+  children: dict[int, list[int]] = {}
+  for name in os.listdir('/proc') if os.path.isdir('/proc') else []:
+    if not name.isdigit():
+      continue
+    try:
+      with open(f'/proc/{name}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+      continue
+    children.setdefault(ppid, []).append(int(name))
+  found, todo = [], list(children.get(pid, []))
+  while todo:
+    found.append(todo.pop(0))
+    todo += children.get(found[-1], [])
+  return found
+
+
 def _time_out(item, limit: float) -> None:
-  """Runs on a timer thread: the stacks to the real stderr (pytest's capture suspended), exit."""
+  """Runs on a timer thread: the stacks to the real stderr (pytest's capture suspended), the
+  test's subprocesses killed (a hung main.py would outlive the worker), exit."""
   capman = item.config.pluginmanager.getplugin('capturemanager')
   if capman is not None:
     capman.suspend()
   os.write(2, (f'\nerror: {item.nodeid} ran past its {limit:.0f} s limit '
                f'(MOEJAX_TEST_TIME_LIMIT_S); every thread\'s stack:\n').encode())
   faulthandler.dump_traceback(file=2, all_threads=True)
-  os._exit(TIMED_OUT_EXIT)
+  try:
+    for pid in _descendants(os.getpid()):
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except OSError:
+        pass
+  finally:
+    os._exit(TIMED_OUT_EXIT)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -34,17 +34,25 @@ def start_two(workdir, *extra, env: dict | None = None):
       env=env or subprocess_env()) for i in range(2)]
 
 
+# A two-process run of a few steps takes well under a minute here; past this it is hung (a
+# test fails in minutes instead of at the suite's per-test limit, and its processes go with it).
+RUN_TWO_LIMIT_S = 300
+
+
 def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None):
   """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
   procs = start_two(workdir, *extra, env=env)
+  deadline = time.monotonic() + RUN_TWO_LIMIT_S
   outs = []
   for p in procs:
     try:
-      out, err = p.communicate(timeout=900)
+      out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
     except subprocess.TimeoutExpired:
       for q in procs:
-        q.kill()
-      raise
+        q.kill()                   # the supervised trainer dies with its parent
+      tails = [q.communicate()[0][-1500:] for q in procs]
+      raise AssertionError(f'two-process run hung past {RUN_TWO_LIMIT_S} s; stdout tails: '
+                           f'{tails}') from None
     outs.append((p.returncode, out, err))
   if expect_ok:
     for rc, out, err in outs:
@@ -75,6 +83,10 @@ def two_processes(tmp_path_factory):
   outs = run_two(workdir, '--config.num_steps=5')
   assert 'step      5/5 | loss' in outs[0][1]         # process 0 prints and writes metrics
   assert 'step      5/5 | loss' not in outs[1][1]
+  # The suite's persistent compilation cache (conftest.py) is off in multi-process CPU runs:
+  # process 0 on cached programs beside process 1's fresh compiles deadlocked the next runs.
+  assert os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  assert 'persistent compilation cache is off' in outs[0][1], outs[0][1][-2000:]
   return workdir
 
 

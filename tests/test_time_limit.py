@@ -1,5 +1,6 @@
 """A test that hangs fails within the suite's time limit, naming itself, with every thread's
-stack (tests/conftest.py), under pytest-xdist as in CI; a test marked time_limit gets longer."""
+stack (tests/conftest.py), its subprocesses killed, under pytest-xdist as in CI; a test marked
+time_limit gets longer."""
 import os
 import shutil
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import time
 
 _HANGS = '''
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +19,8 @@ def waits_for_a_peer(event):
   event.wait()
 
 def test_hangs_like_a_rendezvous():
+  child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+  open('child.pid', 'w').write(str(child.pid))   # like a hung main.py: killed with the worker
   event = threading.Event()
   threading.Thread(target=waits_for_a_peer, args=(event,), daemon=True).start()
   event.wait()
@@ -46,3 +51,5 @@ def test_a_hanging_test_fails_in_its_limit_with_every_threads_stack(tmp_path):
   assert 'waits_for_a_peer' in text and 'test_hangs_like_a_rendezvous' in text, text
   assert "crashed while running 'test_hang.py::test_hangs_like_a_rendezvous'" in text, text
   assert '2 passed' in text, text          # the others run; a time_limit mark gives more
+  pid = int((tmp_path / 'child.pid').read_text())
+  assert not os.path.exists(f'/proc/{pid}') or 'Z' in open(f'/proc/{pid}/stat').read().split()[2]
