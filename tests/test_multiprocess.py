@@ -39,10 +39,11 @@ def start_two(workdir, *extra, env: dict | None = None):
 RUN_TWO_LIMIT_S = 300
 
 
-def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None):
+def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None,
+            limit_s: float = RUN_TWO_LIMIT_S):
   """main.py as 2 processes of one run; returns their (returncode, stdout, stderr)."""
   procs = start_two(workdir, *extra, env=env)
-  deadline = time.monotonic() + RUN_TWO_LIMIT_S
+  deadline = time.monotonic() + limit_s
   outs = []
   for p in procs:
     try:
@@ -51,7 +52,7 @@ def run_two(workdir, *extra, expect_ok: bool = True, env: dict | None = None):
       for q in procs:
         q.kill()                   # the supervised trainer dies with its parent
       tails = [q.communicate()[0][-1500:] for q in procs]
-      raise AssertionError(f'two-process run hung past {RUN_TWO_LIMIT_S} s; stdout tails: '
+      raise AssertionError(f'two-process run hung past {limit_s:.0f} s; stdout tails: '
                            f'{tails}') from None
     outs.append((p.returncode, out, err))
   if expect_ok:
