@@ -444,6 +444,9 @@ class RunConfig:
   # Steps to trace with jax.profiler, e.g. '10-12' (written to WORKDIR/profile).
   profile_steps: range = key('profile_steps', default=range(0), parse=_profile_steps)
   hf_dir: str = key('hf_dir', default='', parse=lambda v: str(v or ''))  # config from here
+  # Seconds with no step finishing and the loop not moving on before the run ends as stalled
+  # (every thread's stack in WORKDIR/process_<i>.stall.log); 0: never.
+  stall_timeout_s: float = key('stall_timeout_s', NON_NEGATIVE, default=1800.0, parse=float)
 
 
 def views() -> tuple[type, ...]:

@@ -20,6 +20,7 @@ def run_keys(config: ml_collections.ConfigDict, *, num_steps: int, log_every: in
   config.eval_batches = 2                   # fixed evaluation batches (steps -1, -2, ... of the source)
   config.init_from = ''                     # checkpoint dir to load params from (fine-tuning)
   config.profile_steps = ''                 # 'N' or 'FIRST-LAST': jax.profiler trace of those steps
+  config.stall_timeout_s = 1800.0           # no step finished this long: end with every thread's stack
 
 
 def adamw(lr: float, *, warmup_steps: int, decay_steps: int) -> ml_collections.ConfigDict:

@@ -193,3 +193,39 @@ def test_config_file_errors_are_one_line(tmp_path, config, extra, message):
                        text=True, timeout=120)
   assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+
+
+# main.py whose data read for step 4 never returns (a stuck filesystem, say): the run stalls.
+_STUCK_AT_STEP_4 = '''
+import runpy, sys, threading
+from moejax.train import loop
+read = loop.global_batch
+def stuck_read(source, step, sharding):
+  if step == 3:
+    threading.Event().wait()
+  return read(source, step, sharding)
+loop.global_batch = stuck_read
+sys.argv[0] = 'main.py'
+runpy.run_path('main.py', run_name='__main__')
+'''
+
+
+def test_a_stalled_run_ends_with_one_line_its_stacks_and_its_checkpoints(tmp_path):
+  workdir = tmp_path / 'run'
+  args = [f'--workdir={workdir}', '--config=configs/tp4pp4.py:tiny', '--config.mesh.tp=1',
+          '--config.mesh.pp=1', '--config.data.num_micro_batches=2', '--config.num_steps=5',
+          '--config.checkpoint_every=1', '--config.log_every=1']
+  out = subprocess.run([sys.executable, '-c', _STUCK_AT_STEP_4, *args,
+                        '--config.stall_timeout_s=3'], cwd=ROOT, capture_output=True, text=True,
+                       env=subprocess_env(), timeout=300)
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  line = out.stderr.strip().splitlines()[-1]
+  stacks = workdir / 'process_0.stall.log'
+  assert line.startswith('error: no progress for ') and 'has not moved on' in line, line
+  assert f'{stacks}' in line and f'{workdir.resolve()}/checkpoints/3' in line, line
+  assert 'stuck_read' in stacks.read_text()       # where the loop waits
+  assert complete_steps(workdir)[-1] == 3
+  resumed = _main(workdir, '--config.num_steps=5', '--config.log_every=1')
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  assert [r['step'] for r in records(workdir) if 'loss' in r] == [1, 2, 3, 4, 5]

@@ -19,7 +19,7 @@ from moejax.data.synthetic import SyntheticSource
 from moejax.data.tokens import TokenSource
 from moejax.model import dispatch
 from moejax.model.moe import group_parts
-from moejax.train import evaluation, metrics as metrics_lib, peers, resume, signals
+from moejax.train import ending, evaluation, metrics as metrics_lib, peers, resume, signals, stall
 from moejax.train import workdir as workdir_lib
 from moejax.checkpoint_dir import saved_config
 from moejax.train.checkpoint import Checkpointer
@@ -52,6 +52,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
   lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
   lost = lambda why: peers.exit_lost(why, newest_checkpoint(workdir), lambda: lock.__exit__())
+  stalled = lambda why: ending.end_run(why, newest_checkpoint(workdir), lambda: lock.__exit__())
   with lock, peers.PeerWatch(lost) as watch:
     if jax.process_count() > 1:
       workdir_lib.check_shared(lock)
@@ -62,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
             f'--config.num_steps to continue.', flush=True)
       return {}
     try:
-      return _train(config, workdir, allow_other_data)
+      return _train(config, workdir, allow_other_data, stalled)
     except jax.errors.JaxRuntimeError as e:
       watch.failed_collective(e)   # a peer died inside a collective: one line, never returns
       raise
@@ -92,7 +93,8 @@ def _finished_step(workdir: str, num_steps: int) -> int | None:
   return step if step >= num_steps else None
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bool) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bool,
+           on_stall) -> dict:
   plan = Plan(config, validated=True)   # validated once, in train()
   source = make_source(plan)             # checks the data before anything is compiled
   resume.check_same_data(workdir, plan, allow_other_data)
@@ -112,12 +114,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
   profile = run.profile_steps
   record: dict = {}
   clock = _Clock(start, run.num_steps, lay.tokens_per_step)
+  stalls = stall.StallWatch(run.stall_timeout_s, start, on_stall, workdir)
   try:
+    stalls.start()
     for step in range(start, run.num_steps):
       done = step + 1
       _profile(profile, done, workdir, None)
       b = buckets_lib.choose(run.seed, step, len(buckets))
       state, metrics = train_steps[b](state, global_batch(sources[b], step, data_sharding))
+      stalls.step_dispatched(done, metrics['loss'])
       guard.confirm(metrics, done)
       _profile(profile, done, workdir, state)
       if run.checkpoint_every and done % run.checkpoint_every == 0:
@@ -138,16 +143,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: bo
         return record
       if run.eval_every and done % run.eval_every == 0:
         _evaluate(evaluate, state.params, done, writer)
+      stalls.moved_on()
     guard.save(state, metrics, run.num_steps)
     ckpt.close()
-    loss = f'loss {record["loss"]:.4f}; ' if 'loss' in record else ''
-    _say(f'Finished at step {run.num_steps}: {loss}checkpoint {ckpt.directory}/'
-         f'{run.num_steps}; metrics {writer.path}; TensorBoard: tensorboard '
-         f'--logdir={os.path.join(workdir, "tensorboard")}')
+    _say_finished(record, run.num_steps, ckpt.directory, writer.path, workdir)
   finally:
+    stalls.stop()
     writer.close()
     stop.restore()
   return record
+
+
+def _say_finished(record: dict, step: int, checkpoints: str, metrics: str, workdir: str) -> None:
+  loss = f'loss {record["loss"]:.4f}; ' if 'loss' in record else ''
+  _say(f'Finished at step {step}: {loss}checkpoint {checkpoints}/{step}; metrics {metrics}; '
+       f'TensorBoard: tensorboard --logdir={os.path.join(workdir, "tensorboard")}')
 
 
 def _profile(steps: range, done: int, workdir: str, state) -> None:

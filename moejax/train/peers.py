@@ -7,13 +7,13 @@ the other processes at once from its own thread, with a native stack trace: jaxl
 Python no hook for it.)"""
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from typing import Callable
 
 import jax
+
+from moejax.train import ending
 
 BEAT_S = 2.0         # each process beats this often
 LOST_S = 20.0        # a peer silent this long is gone
@@ -98,13 +98,5 @@ class PeerWatch:
 
 
 def exit_lost(why: str, newest: str, cleanup: Callable[[], None]) -> None:
-  """Ends this process after a lost peer: one error line, the run lock released, no teardown of
-  JAX (its collectives would wait for the lost peer)."""
-  try:
-    cleanup()
-  finally:
-    print(f'error: {why}; stopping this process too. The newest complete checkpoint is '
-          f'{newest}: restart every process with the same command to resume from it.',
-          file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+  """Ends this process after a lost peer (ending.end_run)."""
+  ending.end_run(f'{why}; stopping this process too', newest, cleanup)
