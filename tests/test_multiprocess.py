@@ -200,12 +200,14 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(one_p
   same_5_digits(a, {s: b[s] for s in a})                   # resumed = never stopped
 
 
-@pytest.mark.parametrize('victim', [1, 0])
-def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path, victim):
+@pytest.mark.parametrize('victim,phase', [(1, 'step'), (0, 'step'), (1, 'evaluation')])
+def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path, victim, phase):
   """Process 1 killed: process 0's peer watch ends it. Process 0 (the coordinator) killed: XLA's
-  coordination client aborts process 1's trainer, and its supervisor says so in one line."""
+  coordination client aborts process 1's trainer, and its supervisor says so in one line. The
+  survivor is training, or evaluating (the evaluation that follows step 2's line)."""
   workdir = str(tmp_path)
-  procs = start_two(workdir, '--config.num_steps=1000')
+  evaluate = ['--config.eval_every=2', '--config.eval_batches=16'] if phase == 'evaluation' else []
+  procs = start_two(workdir, '--config.num_steps=1000', *evaluate)
   _until_training(procs[0], step=2)
   procs[victim].kill()
   killed = time.time()
@@ -219,5 +221,7 @@ def test_a_killed_process_ends_the_other_with_one_line_in_time(tmp_path, victim)
   assert last.startswith(f'error: {who}'), last
   assert 'newest complete checkpoint is none' in last, last
   assert not [l for l in err.splitlines() if l.startswith(('F1', 'E1', 'terminate'))], err[-3000:]
+  if phase == 'evaluation':     # it never finished the evaluation it was in
+    assert not [l for l in out.splitlines() if l.startswith(('eval ', 'step      3'))], out
   if victim:
     assert not os.path.exists(os.path.join(workdir, 'run.lock'))
