@@ -21,10 +21,10 @@ import jax
 
 
 class StallWatch:
-  """Between `start` and `stop`, `limit_s` seconds without progress calls
-  `on_stall(message)` (which must end the process) after writing every thread's stack to
-  `process_<i>.stall.log` in `workdir`. Progress: `step_dispatched` arrays becoming ready, and `moved_on` calls; `start`
-  is the step the run resumed at. Off when limit_s is 0."""
+  """Between `start` and `stop`, `limit_s` seconds without progress calls `on_stall(message)`
+  (which must end the process) after writing every thread's stack to `process_<i>.stall.log` in
+  `workdir`. Progress: `step_dispatched` arrays becoming ready, and `moved_on` calls. `start`:
+  the step the run resumed at. Off when limit_s is 0."""
 
   def __init__(self, limit_s: float, start: int, on_stall: Callable[[str], None], workdir: str):
     self.limit_s, self.on_stall = limit_s, on_stall
