@@ -14,8 +14,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # XLA:CPU's LLVM at -O0: test programs run on tiny shapes, where the slower code costs less than
 # the compile saves; the numbers are the same to float32 rounding. (Under jax 0.10 a second flag,
 # the classic loop emitters instead of the MLIR fusion emitters, made compiles 2.5x faster still;
-# jax 0.12's XLA:CPU no longer has it.) Subprocesses get the same flags (tests.helpers.subprocess_env) without the
-# device count: main.py simulates its own devices.
+# jax 0.12's XLA:CPU no longer has it.) Subprocesses get the same flags
+# (tests.helpers.subprocess_env) without the device count: main.py simulates its own devices.
 # Eigen single-threaded inside each device's thunks (the tests' shapes are tiny): tried against a
 # 16-device main.py run that deadlocked in XLA:CPU's collective rendezvous under load (as
 # PyAutoLabs/PyAutoFit#1530 reports of the Eigen pool); it did not stop it, and that test's run

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Callable
 
+import jax
+
 
 def end_run(why: str, newest: str, cleanup: Callable[[], None]) -> None:
   """Ends this process: `cleanup`, then `error: <why>.` and where to resume from; never
@@ -22,7 +24,6 @@ def end_run(why: str, newest: str, cleanup: Callable[[], None]) -> None:
 
 
 def _several() -> bool:
-  import jax
   try:
     return jax.process_count() > 1
   except Exception:   # JAX itself is what broke

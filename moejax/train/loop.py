@@ -51,8 +51,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
   except OSError as e:
     raise ConfigError(f'Cannot create --workdir={workdir}: {e.strerror}.') from e
   lock = workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0)
-  lost = lambda why: peers.exit_lost(why, newest_checkpoint(workdir), lambda: lock.__exit__())
-  stalled = lambda why: ending.end_run(why, newest_checkpoint(workdir), lambda: lock.__exit__())
+  end = lambda why: ending.end_run(why, newest_checkpoint(workdir), lambda: lock.__exit__())
+  lost = lambda why: end(f'{why}; stopping this process too')
   with lock, peers.PeerWatch(lost) as watch:
     if jax.process_count() > 1:
       workdir_lib.check_shared(lock)
@@ -63,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_other_data: boo
             f'--config.num_steps to continue.', flush=True)
       return {}
     try:
-      return _train(config, workdir, allow_other_data, stalled)
+      return _train(config, workdir, allow_other_data, end)
     except jax.errors.JaxRuntimeError as e:
       watch.failed_collective(e)   # a peer died inside a collective: one line, never returns
       raise

@@ -13,8 +13,6 @@ from typing import Callable
 
 import jax
 
-from moejax.train import ending
-
 BEAT_S = 2.0         # each process beats this often
 LOST_S = 20.0        # a peer silent this long is gone
 FIRST_BEAT_S = 90.0  # ... or, before its first beat, this long (processes start at different times)
@@ -96,7 +94,3 @@ class PeerWatch:
     if not self._stop.is_set():
       self.on_lost(why)
 
-
-def exit_lost(why: str, newest: str, cleanup: Callable[[], None]) -> None:
-  """Ends this process after a lost peer (ending.end_run)."""
-  ending.end_run(f'{why}; stopping this process too', newest, cleanup)
