@@ -33,6 +33,9 @@ flags.DEFINE_integer('budget_s', 300, 'Stop starting programs after this many se
 flags.DEFINE_bool('kernels', True, 'Also time each grouped-matmul implementation on the '
                   'shapes\' expert matrices (NVIDIA cards).')
 flags.DEFINE_bool('equivalence', True, 'Also the tiny 4x4-vs-1x1 check on 16 host devices.')
+flags.DEFINE_enum('predict', None, ['h100', 'h200', 'a100'], 'Measure nothing: compile each '
+                  'shape here for this card (jax[cuda12], no GPU) and print the calibrated time '
+                  'model\'s step, MFU and op classes.')
 
 FLAGS = flags.FLAGS
 
@@ -92,6 +95,8 @@ def main(argv):
   del argv
   from moejax.cli import console
   console.quiet_logs()
+  if FLAGS.predict:
+    return _predict(FLAGS.predict)
   import jax
   jax.config.update('jax_num_cpu_devices', 16)
   from moejax.perf.timing import matmul_rate
@@ -135,6 +140,48 @@ def main(argv):
   if FLAGS.equivalence:
     result['equivalence'] = _equivalence()
     print(f"tiny 4x4 vs 1x1: {result['equivalence']}", flush=True)
+  result['wall_s'] = time.perf_counter() - start
+  _table(result)
+  console.write_json(FLAGS.out, result)
+
+
+def _predict(card: str) -> None:
+  """Each shape's program compiled here for `card`: the calibrated time model's step, MFU and
+  op classes (moejax.perf.estimate), the figures part 5's targets apply to without a card."""
+  import sys
+  from moejax import targets
+  from moejax.cli import console
+  from moejax.errors import MoejaxError
+  try:
+    targets.prepare(card)
+  except MoejaxError as e:
+    sys.exit(f'error: {e}')
+  from moejax import kernels
+  from moejax.perf import aot, estimate, shapes
+  start = time.perf_counter()
+  result = {'predicted_for': targets.card_name(card), 'programs': {}}
+  matmul, why = kernels.grouped_matmul('cuda')
+  for name in FLAGS.shapes or list(shapes.SHAPES):
+    for dispatch in FLAGS.dispatch:
+      key = f'{name}/{dispatch}'
+      if dispatch == 'dropless' and matmul != 'mosaic':   # not what the card would run
+        result['programs'][key] = {'skipped': f'the grouped matmul here is {why}'}
+        print(f"{key:28s} skipped: {result['programs'][key]['skipped']}", flush=True)
+        continue
+      config = shapes.config(name, dispatch, tiny=FLAGS.tiny)
+      analysis = aot.compiled_analysis(config, card)
+      text = analysis.pop('compiled').as_text()
+      model = estimate.time_model(text, analysis['mesh_hosts'], card,
+                                  analysis['flops_model_per_device'])
+      peak = analysis['memory_per_device_bytes']['peak']
+      r = result['programs'][key] = dict(
+          model, peak_bytes=peak, fits=peak <= targets.rates(card).memory_bytes,
+          compile_s=analysis['compile_s'],
+          flops_executed_over_model=analysis['flops_executed_over_model'])
+      print(f"{key:28s} predicted {r['predicted_step_s'] * 1e3:8.2f} ms, MFU "
+            f"{r['predicted_mfu']:6.1%}, {r['kernel_launches']:,} kernels, peak "
+            f"{peak / 2**30:.1f} GiB{'' if r['fits'] else ' (DOES NOT FIT)'}", flush=True)
+      console.write_json(FLAGS.out, result)
   result['wall_s'] = time.perf_counter() - start
   _table(result)
   console.write_json(FLAGS.out, result)

@@ -563,14 +563,15 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None = None,
-               logits_axes: Sequence[str | None] = ()) -> jax.Array:
+               logits_axes: Sequence[str | None] = (), keep: bool = True) -> jax.Array:
     """x [..., T, D] -> logits [..., T, V] float32; given labels [..., T] (-1: not predicted),
-    their cross-entropy summed over tokens instead, the logits laid out as `logits_axes` and
-    not kept for the backward pass (moejax.model.cross_entropy)."""
+    their cross-entropy summed over tokens instead, the logits laid out as `logits_axes`, the
+    backward pass reading the gradient the forward pass kept (keep) or recomputing the logits
+    (moejax.model.cross_entropy)."""
     c = self.cfg
     x = norm(c, 'ln_f')(x)
     w = _param(self, 'w', (c.d_model, c.padded_vocab), ('embed', 'vocab'), _normal(c.init_std))
     if labels is None:
       return cross_entropy.logits(x, w, c.vocab_size, c.dtype)
     return cross_entropy.cross_entropy_sum(x, w, labels, vocab_size=c.vocab_size, dtype=c.dtype,
-                                           logits_axes=logits_axes)
+                                           logits_axes=logits_axes, keep=keep)

@@ -21,6 +21,7 @@ from moejax.model import params as params_lib
 from moejax.model import layers
 from moejax.model.layers import Block, Embedder, Head
 from moejax.parallel import pipeline as pipeline_lib
+from moejax.parallel import remat
 from moejax.parallel.mesh import constrain
 
 def _layer_stats(stats) -> dict[str, jax.Array]:
@@ -78,11 +79,14 @@ def _dense_blocks(params, x: jax.Array, cfg: ModelConfig, lay: Layout, train: bo
 
 
 def _cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
-                       cfg: ModelConfig) -> jax.Array:
-  """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T] (-1: skip)."""
+                       cfg: ModelConfig, lay: Layout) -> jax.Array:
+  """Vocab-parallel CE summed over tokens. hidden [S, B, T, D], labels [S, B, T] (-1: skip).
+  The logits' gradient is kept for the backward pass where the remat policy keeps matmul
+  outputs, else the logits are recomputed."""
   hidden = constrain(hidden, ('act_micro', 'act_batch', None, 'act_embed'))
   return Head(cfg).apply({'params': head_params}, hidden, labels,
-                         ('act_micro', 'act_batch', None, 'act_vocab'))
+                         ('act_micro', 'act_batch', None, 'act_vocab'),
+                         remat.keeps_matmul_outputs(lay.remat_policy))
 
 
 def _chunks(a: jax.Array, stages: int) -> jax.Array:
@@ -93,9 +97,8 @@ def _chunks(a: jax.Array, stages: int) -> jax.Array:
 def _chunked_cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
                                cfg: ModelConfig, lay: Layout) -> jax.Array:
   """_cross_entropy_sum of hidden [M, B, T, D] in chunks of one micro-batch per stage, so the
-  vocab-sized logits exist for one chunk at a time, in the forward pass and in the backward
-  pass that recomputes them."""
-  ce_chunk = lambda hl: _cross_entropy_sum(head_params, *hl, cfg)
+  vocab-sized logits exist for one chunk at a time."""
+  ce_chunk = lambda hl: _cross_entropy_sum(head_params, *hl, cfg, lay)
   return jnp.sum(jax.lax.map(ce_chunk, (_chunks(hidden, lay.pp), _chunks(labels, lay.pp))))
 
 

@@ -23,6 +23,17 @@ def _fused_attention(prim, *_, **__) -> bool:
   return prim.name in FUSED_ATTENTION_PRIMITIVES
 
 
+# The policies that keep matmul outputs for the backward pass (the rest recompute them).
+KEEP_MATMUL_OUTPUTS = ('save_dots_and_collectives', 'dots_saveable',
+                       'dots_with_no_batch_dims_saveable', 'everything_saveable')
+
+
+def keeps_matmul_outputs(name: str) -> bool:
+  """Whether policy `name` keeps matmul outputs: also what the LM head keeps outside the
+  pipeline's checkpoint (its logits' gradient, or nothing and a recomputed matmul)."""
+  return name in KEEP_MATMUL_OUTPUTS
+
+
 def policy(name: str) -> Callable:
   """A jax.checkpoint_policies policy by name; 'save_collectives' keeps COLLECTIVE_OUTPUTS, so
   the backward pass recomputes the stage without repeating its all-gathers and all-to-alls;
