@@ -218,3 +218,37 @@ def test_sinkhorn_offset_is_scale_free():
   np.testing.assert_array_equal(choose(scores), choose(scores * 10.0))
   counts = np.stack([np.bincount(np.asarray(c), minlength=8) for c in choose(scores)])
   assert counts.max() <= 1.2 * counts.mean()
+
+
+def test_buffer_dispatch_gradients_equal_autodiff_of_the_scatter_formulation():
+  """Fixed buffers are filled and read by gathers whose gradients are gathers too
+  (dispatch.take); value and gradients equal autodiff of the plain formulation: a scatter-add
+  of the tokens into zeroed [E, G, C, D] buffers, and a gather from them weighted by the gates."""
+  from moejax.model import dispatch as dispatch_lib
+  x, w = _inputs(t=64)
+  xg = x.reshape(-1, GROUP, D)                                          # [G, Q, D]
+  r, _ = routing.route(xg, w.router, top_k=2, capacity=2)
+  assert 0 < int(jnp.sum(r.keep)) < r.keep.size                         # some dropped
+  g = xg.shape[0]
+
+  def plain_pack(x):
+    slot = jnp.where(r.keep, r.slot, 2)
+    tokens = jnp.broadcast_to(x[:, None], r.expert.shape + (D,))       # [G, P, Q, D]
+    return jnp.zeros((E, g, 2, D)).at[r.expert, jnp.arange(g)[:, None, None], slot].add(
+        tokens, mode='drop')
+
+  def plain_unpack(y):
+    out = y[r.expert, jnp.arange(g)[:, None, None], jnp.where(r.keep, r.slot, 0)]
+    return jnp.einsum('GPQD,GPQ->GQD', out, jnp.where(r.keep, r.gate, 0.0))
+
+  pack = lambda x: dispatch_lib._pack(x, r, E, 2)
+  unpack = lambda y: dispatch_lib._unpack(y, r)
+  y = jax.random.normal(jax.random.key(7), (E, g, 2, D))
+  for mine, plain, arg, out_shape in ((pack, plain_pack, xg, y.shape),
+                                      (unpack, plain_unpack, y, xg.shape)):
+    cot = jax.random.normal(jax.random.key(8), out_shape)
+    value, vjp = jax.vjp(mine, arg)
+    value_ref, vjp_ref = jax.vjp(plain, arg)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vjp(cot)[0], vjp_ref(cot)[0], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(vjp(cot)[0]).max()) > 0

@@ -62,7 +62,7 @@ class Buffers:
     """tokens_ [G_, Q, D] -> this shard's experts' buffers from every shard [E_, ep*G_*C, D]."""
     d = tokens_.shape[-1]
     buf_ = _pack(tokens_.astype(self.compute_dtype), r, self.num_experts, self.capacity)
-    buf_ = buf_.transpose(1, 0, 2, 3).reshape(self.num_experts, -1, d)  # [E, G_*C, D]
+    buf_ = buf_.reshape(self.num_experts, -1, d)                        # [E, G_*C, D]
     ids = None if self.gid is None else _buffer_row_ids(self.gid, self.num_experts,
                                                         self.capacity, self.axes)
     return ffn_lib.ExpertRows(ep_lib.to_experts(buf_, self.axes), ids=ids), r
@@ -71,7 +71,7 @@ class Buffers:
     """The experts' results [E_, ep*G_*C, D] -> tokens [G_, Q, D], weighted by their gates."""
     g_, d = r.expert.shape[0], out.shape[-1]
     out_ = ep_lib.from_experts(out, self.axes)                          # [E, G_*C, D]
-    return _unpack(out_.reshape(self.num_experts, g_, self.capacity, d).transpose(1, 0, 2, 3), r)
+    return _unpack(out_.reshape(self.num_experts, g_, self.capacity, d), r)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,22 +139,64 @@ def _buffer_row_ids(gid: jax.Array, num_experts: int, capacity: int,
   return ids.reshape(local, -1)                                         # [E_, ep*G_*C]
 
 
+def take(src: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """Rows src [N, D] -> [M, D]: row i the sum over r of src[index[i, r]] (an index of N or more:
+  zero). inverse [N, R'] must list, for each source row j, every i that takes it (M or more
+  where fewer): the gradient is then take(d_out, inverse, index), a gather, not a scatter-add
+  into a zeroed buffer (and no copy of that buffer per use)."""
+  return _take(src, index, inverse)
+
+
+def _gather_sum(src, index):
+  rows = jnp.take(src, index, axis=0, mode='fill', fill_value=0)       # [M, R, D]
+  return rows[:, 0] if index.shape[1] == 1 else jnp.sum(rows, axis=1)
+
+
+@jax.custom_vjp
+def _take(src, index, inverse):
+  return _gather_sum(src, index)
+
+
+def _take_fwd(src, index, inverse):
+  return _gather_sum(src, index), (index, inverse)
+
+
+def _take_bwd(res, g):
+  index, inverse = res
+  return _gather_sum(g, inverse), None, None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+def _slots(r: Routing, num_experts: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(each assignment's slot [A] in the buffers [E, G, C] flattened, E*G*C where dropped;
+  each slot's assignment [E*G*C] in [G, P, Q] flattened, A where empty)."""
+  g, k, s = r.expert.shape
+  groups = jnp.arange(g)[:, None, None]                                 # [G, 1, 1]
+  size = num_experts * g * capacity
+  slot = jnp.where(r.keep, (r.expert * g + groups) * capacity + r.slot, size).reshape(-1)
+  owner = jnp.full((size,), slot.shape[0], jnp.int32).at[slot].set(
+      jnp.arange(slot.shape[0], dtype=jnp.int32), mode='drop')
+  return slot, owner
+
+
 def _pack(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Array:
-  """Tokens x [G, Q, D] into expert buffers [G, E, C, D]; empty slots are zero."""
+  """Tokens x [G, Q, D] into expert buffers [E, G, C, D]; empty slots are zero."""
   g, s, d = x.shape
   k = r.expert.shape[1]
-  groups = jnp.arange(g)[:, None, None]                                 # [G, 1, 1]
-  slot = jnp.where(r.keep, r.slot, capacity)                            # dropped -> out of range
-  tokens = jnp.broadcast_to(x[:, None], (g, k, s, d))                   # [G, P, Q, D]
-  buf = jnp.zeros((g, num_experts, capacity, d), x.dtype)
-  return buf.at[groups, r.expert, slot].add(tokens, mode='drop')        # [G, E, C, D]
+  slot, owner = _slots(r, num_experts, capacity)                        # [A], [E*G*C]
+  token = jnp.where(owner < slot.shape[0], owner // (k * s) * s + owner % s, g * s)
+  by_token = slot.reshape(g, k, s).transpose(0, 2, 1).reshape(g * s, k)  # [G*Q, P]
+  buf = take(x.reshape(g * s, d), token[:, None], by_token)             # [E*G*C, D]
+  return buf.reshape(num_experts, g, capacity, d)
 
 
 def _unpack(y: jax.Array, r: Routing) -> jax.Array:
-  """Expert outputs y [G, E, C, D] back to tokens [G, Q, D], weighted by their gates."""
-  g = y.shape[0]
-  groups = jnp.arange(g)[:, None, None]                                 # [G, 1, 1]
-  slot = jnp.where(r.keep, r.slot, 0)
-  out = y[groups, r.expert, slot]                                       # [G, P, Q, D]
+  """Expert outputs y [E, G, C, D] back to tokens [G, Q, D], weighted by their gates."""
+  e, g, c, d = y.shape
+  slot, owner = _slots(r, e, c)                                         # [A], [E*G*C]
+  out = take(y.reshape(-1, d), slot[:, None], owner[:, None])           # [A, D]
+  out = out.reshape(r.expert.shape + (d,))                              # [G, P, Q, D]
   weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)               # [G, P, Q]
   return jnp.einsum('GPQD,GPQ->GQD', out, weight)

@@ -97,9 +97,11 @@ def _chunks(a: jax.Array, stages: int) -> jax.Array:
 def _chunked_cross_entropy_sum(head_params, hidden: jax.Array, labels: jax.Array,
                                cfg: ModelConfig, lay: Layout) -> jax.Array:
   """_cross_entropy_sum of hidden [M, B, T, D] in chunks of one micro-batch per stage, so the
-  vocab-sized logits exist for one chunk at a time."""
-  ce_chunk = lambda hl: _cross_entropy_sum(head_params, *hl, cfg, lay)
-  return jnp.sum(jax.lax.map(ce_chunk, (_chunks(hidden, lay.pp), _chunks(labels, lay.pp))))
+  vocab-sized logits exist for one chunk at a time. The M/pp chunks are unrolled: in a loop, the
+  gradients each chunk keeps would be stacked, copied in and out of the stack and zeroed first."""
+  hidden, labels = _chunks(hidden, lay.pp), _chunks(labels, lay.pp)  # [M/S, S, B, T, ...]
+  return sum(_cross_entropy_sum(head_params, hidden[i], labels[i], cfg, lay)
+             for i in range(hidden.shape[0]))
 
 
 def _shift(a: jax.Array, d: int, fill: int) -> jax.Array:
