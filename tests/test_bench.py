@@ -99,3 +99,31 @@ def test_gpu_bench_tiny_runs_the_cards_code_on_cpu(tmp_path):
     assert sum(r['measured_s_by_class'].values()) > 0
     assert r['measured_s_by_class'].get('expert_gemm', 0) > 0, key
   assert (tmp_path / 'hlo.tar.gz').exists() and (tmp_path / 'traces.tar.gz').exists()
+
+
+def _gpu_bench(*args):
+  cmd = [sys.executable, '-m', 'moejax.cli.gpu_bench', *args]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=subprocess_env())
+
+
+@pytest.mark.skipif(_cuda_plugin(), reason='jax[cuda12] is installed here')
+def test_gpu_bench_predict_without_the_cuda_plugin_says_what_to_install():
+  out = _gpu_bench('--predict=h200', '--tiny', '--shapes=seed_stage')
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'pip install -r requirements.txt -r requirements-cuda12.txt' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason='needs jax[cuda12] (requirements-cuda12.txt)')
+def test_gpu_bench_predict_compiles_each_shape_for_the_card(tmp_path):
+  out_file = tmp_path / 'predict.json'
+  out = _gpu_bench('--predict=h200', '--tiny', '--shapes=seed_stage', f'--out={out_file}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out_file.read_text())
+  assert result['predicted_for'] == 'NVIDIA H200'
+  r = result['programs']['seed_stage/capacity']
+  assert r['predicted_step_s'] > 0 and 0 < r['predicted_mfu'] < 1 and r['fits']
+  assert r['predicted_s_by_class']['expert_gemm'] > 0
+  assert 'skipped' in result['programs']['seed_stage/dropless']   # not the card's kernel

@@ -75,10 +75,13 @@ def _ce_bwd(static, res, g):
     with jax.named_scope('rematted_computation'):   # JAX's name for recomputed work (perf.hlo)
       z = constrain(logits(x, w, vocab_size, dtype), axes)              # [..., Vp]
     dz = _dlogits(z, kept, labels, static)
-  # g (a scalar) scales the f32 results, not the vocab-sized dz: no pass over it
-  dx = jnp.einsum('...V,DV->...D', dz, w.astype(dtype), preferred_element_type=jnp.float32)
-  dw = jnp.einsum('...D,...V->DV', x, dz, preferred_element_type=jnp.float32)   # [D, Vp]
-  return (g * dx).astype(x.dtype), (g * dw).astype(w.dtype), None
+  # g (a scalar) scales the matmuls' small operands, not the vocab-sized dz (no pass over
+  # it); dx comes out in the compute dtype its reduction over the vocab shards moves, and the
+  # chunks' dw are plain matmul outputs, so XLA sums them before reducing them over the mesh
+  dx = jnp.einsum('...V,DV->...D', dz, (g * w).astype(dtype))          # [..., D]
+  dw = jnp.einsum('...D,...V->DV', (g * x).astype(x.dtype), dz,
+                  preferred_element_type=jnp.float32)                   # [D, Vp]
+  return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
 _ce.defvjp(_ce_fwd, _ce_bwd)
