@@ -222,8 +222,9 @@ def test_sinkhorn_offset_is_scale_free():
 
 def test_buffer_dispatch_gradients_equal_autodiff_of_the_scatter_formulation():
   """Fixed buffers are filled and read by gathers whose gradients are gathers too
-  (dispatch.take); value and gradients equal autodiff of the plain formulation: a scatter-add
-  of the tokens into zeroed [E, G, C, D] buffers, and a gather from them weighted by the gates."""
+  (moejax.model.gather.take); value and gradients equal autodiff of the plain formulation: a
+  scatter-add of the tokens into zeroed [E, G, C, D] buffers, and a gather from them weighted
+  by the gates."""
   from moejax.model import dispatch as dispatch_lib
   x, w = _inputs(t=64)
   xg = x.reshape(-1, GROUP, D)                                          # [G, Q, D]
@@ -252,3 +253,35 @@ def test_buffer_dispatch_gradients_equal_autodiff_of_the_scatter_formulation():
     np.testing.assert_allclose(value, value_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(vjp(cot)[0], vjp_ref(cot)[0], rtol=1e-6, atol=1e-6)
     assert float(jnp.abs(vjp(cot)[0]).max()) > 0
+
+
+def test_grouped_expert_ffn_gradients_equal_autodiff_of_sorting_by_index():
+  """Rows sorted by expert and back by gathers (moejax.model.gather) give the value and
+  gradients (rows, weights, biases) of plain indexing (x[order], then a scatter back), padding
+  rows (keys >= E) zero and without gradient."""
+  x, w = _inputs()
+  rows = x.reshape(-1, D)[:40]                                          # [Y, D]
+  key = jax.random.randint(jax.random.key(3), (40,), 0, E + 2)          # E, E+1: padding
+  weights = ffn_lib.FFNWeights(w.w1, w.b1, w.w2, w.b2)
+  assert 0 < int(jnp.sum(key >= E)) < 40
+
+  def plain(x, w):
+    order = jnp.argsort(key, stable=True)
+    e = jnp.minimum(key[order], E - 1)
+    h = _gelu_jax(jnp.einsum('YD,YDF->YF', x[order], w.w1[e]) + w.b1[e])
+    y = jnp.einsum('YF,YFD->YD', h, w.w2[e]) + w.b2[e]
+    y = jnp.where((key[order] < E)[:, None], y, 0)
+    return jnp.zeros_like(y).at[order].set(y)
+
+  mine = lambda x, w: ffn_lib.grouped_expert_ffn(x, key, w)
+  cot = jax.random.normal(jax.random.key(4), rows.shape)
+  value, vjp = jax.vjp(mine, rows, weights)
+  value_ref, vjp_ref = jax.vjp(plain, rows, weights)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(vjp(cot)), jax.tree.leaves(vjp_ref(cot))):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(value[key >= E]).max()) == 0.0
+
+
+def _gelu_jax(x):
+  return jax.nn.gelu(x, approximate=False)

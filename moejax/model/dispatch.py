@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model import ffn as ffn_lib
+from moejax.model import gather
 from moejax.model.routing import Routing
 from moejax.parallel import experts as ep_lib
 
@@ -94,22 +95,25 @@ class Rows:
     # [A_] (g, k, s) order; a dropped assignment gets expert E: sorted last and never sent
     expert = (jnp.where(r.keep, r.expert, e) if self.capacity else r.expert).reshape(-1)
     order = jnp.argsort(expert, stable=True)                            # by expert = by shard
+    place = gather.inverse(order)                                       # [A_] its sorted row
     token = (jnp.arange(g_)[:, None, None] * s + jnp.arange(s)) * jnp.ones((1, k, 1), jnp.int32)
-    rows_ = tokens_.reshape(-1, d).astype(self.compute_dtype)[token.reshape(-1)[order]]  # [A_, D]
+    by_token = place.reshape(g_, k, s).transpose(0, 2, 1).reshape(g_ * s, k)  # [G_*Q, P]
+    rows_ = gather.take(tokens_.reshape(-1, d).astype(self.compute_dtype),
+                        token.reshape(-1)[order][:, None], by_token)    # [A_, D] sorted
     send = jnp.bincount(expert // local, length=e // local)             # [ep] rows per shard
     keys = (expert[order] % local)[:, None]                             # [A_, 1] local expert
     if self.names is not None:   # a unit's mask follows its (token, choice) or slot
       keys = jnp.concatenate([keys, self._row_ids(r, s)[order][:, None]], axis=1)  # [A_, 2]
     got, got_keys, trip = ep_lib.ragged_to_experts(rows_, keys, send, self.axes, pad_key=local)
     ids = None if self.names is None else got_keys[:, 1]
-    return ffn_lib.ExpertRows(got, got_keys[:, 0], ids), (trip, order, r)
+    return ffn_lib.ExpertRows(got, got_keys[:, 0], ids), (trip, order, place, r)
 
   def combine(self, out: jax.Array, back: tuple) -> jax.Array:
     """The experts' results [ep*A_, D] -> tokens [G_, Q, D], weighted by their gates."""
-    trip, order, r = back
+    trip, order, place, r = back
     g_, k, s = r.expert.shape
     out_ = ep_lib.ragged_from_experts(out, trip, self.axes)             # [A_, D] sorted
-    out_ = jnp.zeros_like(out_).at[order].set(out_, unique_indices=True)  # [A_, D] (g, k, s)
+    out_ = gather.take(out_, place[:, None], order[:, None])            # [A_, D] (g, k, s)
     weight = jnp.where(r.keep, r.gate, 0.0).astype(out_.dtype)          # [G_, P, Q]
     return jnp.einsum('GPQD,GPQ->GQD', out_.reshape(g_, k, s, -1), weight)  # [G_, Q, D]
 
@@ -139,36 +143,6 @@ def _buffer_row_ids(gid: jax.Array, num_experts: int, capacity: int,
   return ids.reshape(local, -1)                                         # [E_, ep*G_*C]
 
 
-def take(src: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
-  """Rows src [N, D] -> [M, D]: row i the sum over r of src[index[i, r]] (an index of N or more:
-  zero). inverse [N, R'] must list, for each source row j, every i that takes it (M or more
-  where fewer): the gradient is then take(d_out, inverse, index), a gather, not a scatter-add
-  into a zeroed buffer (and no copy of that buffer per use)."""
-  return _take(src, index, inverse)
-
-
-def _gather_sum(src, index):
-  rows = jnp.take(src, index, axis=0, mode='fill', fill_value=0)       # [M, R, D]
-  return rows[:, 0] if index.shape[1] == 1 else jnp.sum(rows, axis=1)
-
-
-@jax.custom_vjp
-def _take(src, index, inverse):
-  return _gather_sum(src, index)
-
-
-def _take_fwd(src, index, inverse):
-  return _gather_sum(src, index), (index, inverse)
-
-
-def _take_bwd(res, g):
-  index, inverse = res
-  return _gather_sum(g, inverse), None, None
-
-
-_take.defvjp(_take_fwd, _take_bwd)
-
-
 def _slots(r: Routing, num_experts: int, capacity: int) -> tuple[jax.Array, jax.Array]:
   """(each assignment's slot [A] in the buffers [E, G, C] flattened, E*G*C where dropped;
   each slot's assignment [E*G*C] in [G, P, Q] flattened, A where empty)."""
@@ -188,7 +162,7 @@ def _pack(x: jax.Array, r: Routing, num_experts: int, capacity: int) -> jax.Arra
   slot, owner = _slots(r, num_experts, capacity)                        # [A], [E*G*C]
   token = jnp.where(owner < slot.shape[0], owner // (k * s) * s + owner % s, g * s)
   by_token = slot.reshape(g, k, s).transpose(0, 2, 1).reshape(g * s, k)  # [G*Q, P]
-  buf = take(x.reshape(g * s, d), token[:, None], by_token)             # [E*G*C, D]
+  buf = gather.take(x.reshape(g * s, d), token[:, None], by_token)     # [E*G*C, D]
   return buf.reshape(num_experts, g, capacity, d)
 
 
@@ -196,7 +170,7 @@ def _unpack(y: jax.Array, r: Routing) -> jax.Array:
   """Expert outputs y [E, G, C, D] back to tokens [G, Q, D], weighted by their gates."""
   e, g, c, d = y.shape
   slot, owner = _slots(r, e, c)                                         # [A], [E*G*C]
-  out = take(y.reshape(-1, d), slot[:, None], owner[:, None])           # [A, D]
+  out = gather.take(y.reshape(-1, d), slot[:, None], owner[:, None])   # [A, D]
   out = out.reshape(r.expert.shape + (d,))                              # [G, P, Q, D]
   weight = jnp.where(r.keep, r.gate, 0.0).astype(y.dtype)               # [G, P, Q]
   return jnp.einsum('GPQD,GPQ->GQD', out, weight)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax import precision
-from moejax.model import grouped_matmul
+from moejax.model import gather, grouped_matmul
 from moejax.parallel import remat
 
 
@@ -149,7 +149,8 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *,
   onehot = jax.nn.one_hot(expert, num_experts, dtype=x.dtype)          # [Y, E]
   bias = lambda b: None if b is None else jnp.einsum(                  # [Y, F] or [Y, D]
       'RE,EF->RF', onehot, b, preferred_element_type=jnp.float32).astype(x.dtype)
-  rows = x[order]                                                      # [Y, D]
+  place = gather.inverse(order)                                        # [Y] its sorted row
+  rows = gather.take(x, order[:, None], place[:, None])                # [Y, D] sorted
   first = _bias(grouped(rows, w.w1), bias(w.b1))                       # [Y, F]
   up = None if w.w3 is None else _bias(grouped(rows, w.w3), bias(w.b3))
   h = activation(first, up, act)
@@ -157,8 +158,10 @@ def grouped_expert_ffn(x: jax.Array, key: jax.Array, w: FFNWeights, *,
     h = _drop(h, dropout_keep(dropout_rng, row_ids[order], h.shape[-1], dropout_rate),
               dropout_rate)
   y = _bias(grouped(h, w.w2), bias(w.b2))                              # [Y, D]
-  y = jnp.where((key[order] < num_experts)[:, None], y, 0)
-  return jnp.zeros_like(y).at[order].set(y, unique_indices=True)       # [Y, D] input order
+  n = key.shape[0]                                                     # padding rows: 0
+  back = jnp.where(key < num_experts, place, n)                        # [Y] input -> sorted
+  home = jnp.where(key[order] < num_experts, order, n)                 # [Y] sorted -> input
+  return gather.take(y, back[:, None], home[:, None])                  # [Y, D] input order
 
 
 def dropout_keep(rng: jax.Array, row_ids: jax.Array, width: int, rate: float) -> jax.Array:
