@@ -315,7 +315,8 @@ class Schedule:
   """The pipeline schedule: micro-batches, circular repeats, what the backward recomputes."""
   repeats: int = key('pipeline.repeats', POSITIVE)                   # circular repeats (r)
   num_micro_batches: int = key('data.num_micro_batches', POSITIVE)   # M
-  # What the backward pass keeps instead of recomputing (jax.checkpoint policies).
+  # What the backward pass keeps instead of recomputing (jax.checkpoint policies; the LM head
+  # keeps its logits' gradient where the policy keeps matmul outputs).
   remat_policy: str = key('pipeline.remat_policy', one_of(*REMAT_POLICIES))
   # A stage's layers as straight-line code (True) or a lax.scan over them (False: one layer's
   # program, compiles about 2x faster for 8 layers on CPU; XLA copies the stacked weight
