@@ -24,15 +24,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = 'tokens'
   c.data.path = arg or '/tmp/moejax_data'
   c.model.max_len = 128
-  c.data.update(seq_len=128, micro_batch_size=16, num_micro_batches=4)  # 8,192 tokens per step
-  # Routing groups of a whole micro-batch (16 sequences, 2,048 tokens: 141 slots per expert at
-  # capacity factor 1.1) and selection-bias balancing on top of the aux loss: on the
-  # walkthrough text about 3% of assignments drop at step 300 (16-token groups: about 18%).
-  c.moe.update(group_size=2048, bias_update_rate=0.03, bias_update_rule='relative')
-  c.optim.update(lr=3e-3, warmup_steps=30, decay_steps=300)
-  c.num_steps = 300                   # about five minutes on 2 CPU cores
-  c.log_every = 20
-  c.eval_every = 100                  # validation loss and perplexity
+  c.data.update(seq_len=128, micro_batch_size=8, num_micro_batches=4)  # 4,096 tokens per step
+  # Routing groups of a whole micro-batch (8 sequences, 1,024 tokens: 71 slots per expert at
+  # capacity factor 1.1), each group's choices balanced in-group (Sinkhorn) on top of the
+  # selection bias and the aux loss: on the walkthrough text about 2% of assignments drop at
+  # step 150 (16-token groups with the aux loss alone: about 18%; BENCHMARKS.md).
+  c.moe.update(group_size=1024, bias_update_rate=0.03, bias_update_rule='relative',
+               sinkhorn_iters=20)
+  c.optim.update(lr=3e-3, warmup_steps=15, decay_steps=150)
+  c.num_steps = 150                   # about two minutes on 2 CPU cores
+  c.log_every = 10
+  c.eval_every = 50                   # validation loss and perplexity
   c.eval_batches = 4
-  c.checkpoint_every = 100
+  c.checkpoint_every = 50
   return c

@@ -33,7 +33,7 @@ def test_config_files_load_and_validate(path, tmp_path):
   else:
     tiny = load(path, 'tiny')
   validation.validate(full, num_devices=full.mesh.tp * full.mesh.pp)
-  # text.py's 4 micro-batches of 16 sequences (one routing group each) fill up to 4 stages.
+  # text.py's 4 micro-batches of 8 sequences (one routing group each) fill up to 4 stages.
   layouts = ((4, 4), (1, 1)) if full.data.source == 'tokens' else ((4, 4), (2, 8), (1, 1))
   for tp, pp in layouts:
     tiny.mesh.tp, tiny.mesh.pp = tp, pp
