@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 # 1-3 steps, a SIGTERM saves the step it stops at), so 12 faults need up to 36; with 16 steps
 # a loaded machine once finished the run before the last 3 struck (9 < 10); 28 leaves room.
 STEPS, FAULTS = 28, 12
-EXTRA = ['--config.checkpoint_every=2']
+EXTRA = ['--config.checkpoint_every=2']      # on test_multiprocess's model (SMALL)
 
 
 @pytest.mark.time_limit(1500)

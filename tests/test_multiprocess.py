@@ -11,7 +11,7 @@ import pytest
 
 from moejax import checkpoint_dir
 from tests.helpers import subprocess_env
-from tests.test_checkpoint import command, losses, run
+from tests.test_checkpoint import command, losses, run as run_one_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.one_worker]
 
@@ -24,11 +24,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# One block per stage and 4 micro-batches: the 4x4 pipeline whole (every collective, every
+# phase a peer can die in) at about half test_checkpoint's compile and step time.
+SMALL = ('--config.model.num_blocks=4', '--config.data.num_micro_batches=4')
+
+
+def run(workdir, *extra):
+  """main.py as one process, on the model of start_two's runs."""
+  return run_one_process(workdir, *SMALL, *extra)
+
+
 def start_two(workdir, *extra, env: dict | None = None):
-  """main.py as 2 processes of one run, started (env: subprocess_env()'s by default)."""
+  """main.py as 2 processes of one run, started (env: subprocess_env()'s by default), on the
+  tiny tp4pp4 model with SMALL's sizes."""
   address = f'127.0.0.1:{free_port()}'
   return [subprocess.Popen(
-      command(workdir, *extra, f'--coordinator_address={address}', '--num_processes=2',
+      command(workdir, *SMALL, *extra, f'--coordinator_address={address}', '--num_processes=2',
               f'--process_id={i}', '--coordinator_timeout=60'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=env or subprocess_env()) for i in range(2)]
