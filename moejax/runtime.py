@@ -24,21 +24,40 @@ class Cluster:
   process_id: int = 0
   timeout_s: int = 120
   auto: bool = False          # let jax.distributed detect SLURM / Open MPI
+  # A peer silent this long is lost (moejax's peer watch, moejax/train/peers.py); XLA's
+  # coordination service, which also sees peers lost where the watch cannot (inside a
+  # multi-process save's barrier), is given twice as long.
+  peer_timeout_s: int = 20
+
+
+MIN_PEER_TIMEOUT_S = 5        # beats come every 2 s: a shorter limit would take a slow beat for a loss
+_joined = Cluster()
+
+
+def joined() -> Cluster:
+  """The cluster this process joined in setup_devices (a single process before that)."""
+  return _joined
 
 
 def detect(coordinator_address: str, num_processes: int, process_id: int,
-           timeout_s: int) -> Cluster:
+           timeout_s: int, peer_timeout_s: int = Cluster.peer_timeout_s) -> Cluster:
   """The cluster from flags, else from a SLURM or Open MPI launch of several tasks."""
+  if peer_timeout_s < MIN_PEER_TIMEOUT_S:
+    raise ConfigError(f'--peer_timeout={peer_timeout_s}: a peer is declared lost after this many '
+                      f'silent seconds, and peers beat every 2 s; use at least '
+                      f'{MIN_PEER_TIMEOUT_S}.')
   if coordinator_address or num_processes > 1:
     if not coordinator_address or num_processes < 2 or not 0 <= process_id < num_processes:
       raise ConfigError(
           f'--coordinator_address={coordinator_address!r} --num_processes={num_processes} '
           f'--process_id={process_id}: a multi-process run needs all three, with '
           f'num_processes >= 2 and 0 <= process_id < num_processes.')
-    return Cluster(coordinator_address, num_processes, process_id, timeout_s)
+    return Cluster(coordinator_address, num_processes, process_id, timeout_s,
+                   peer_timeout_s=peer_timeout_s)
   for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
     if int(os.environ.get(var, '1')) > 1:
-      return Cluster(num_processes=int(os.environ[var]), timeout_s=timeout_s, auto=True)
+      return Cluster(num_processes=int(os.environ[var]), timeout_s=timeout_s, auto=True,
+                     peer_timeout_s=peer_timeout_s)
   return Cluster()
 
 
@@ -54,6 +73,8 @@ def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster(
   jax.config.update('jax_num_cpu_devices', local)     # affects the CPU backend only
   if cluster.num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    global _joined
+    _joined = cluster
     _initialize(cluster)
     if jax.default_backend() == 'cpu':
       _compile_in_every_process()
@@ -63,11 +84,12 @@ def setup_devices(config: ml_collections.ConfigDict, cluster: Cluster = Cluster(
           flush=True)
 
 
-# XLA's coordination service ends every process when one misses heartbeats this long (JAX's
-# default is 100 s): a peer lost where moejax's own peer watch cannot see it (inside a
-# multi-process save's barrier) then ends the others within a minute, through the supervisor's
-# one error line (moejax/cli/supervise.py).
-HEARTBEAT_TIMEOUT_S = 40
+def _heartbeat_timeout_s(cluster: Cluster) -> int:
+  """How long XLA's coordination service waits for a process's heartbeats before it ends every
+  process (JAX's default is 100 s): a peer lost where moejax's own peer watch cannot see it
+  (inside a multi-process save's barrier) then ends the others soon after, through the
+  supervisor's one error line (moejax/cli/supervise.py)."""
+  return 2 * cluster.peer_timeout_s
 
 
 def _compile_in_every_process() -> None:
@@ -87,7 +109,7 @@ def _compile_in_every_process() -> None:
 def _initialize(cluster: Cluster) -> None:
   if cluster.auto:
     jax.distributed.initialize(initialization_timeout=cluster.timeout_s,
-                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+                               heartbeat_timeout_seconds=_heartbeat_timeout_s(cluster))
     return
   if cluster.process_id != 0:
     _wait_for_coordinator(cluster.coordinator_address, cluster.timeout_s)
@@ -96,7 +118,7 @@ def _initialize(cluster: Cluster) -> None:
         f'processes)', flush=True)
   jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes,
                              cluster.process_id, initialization_timeout=cluster.timeout_s,
-                             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+                             heartbeat_timeout_seconds=_heartbeat_timeout_s(cluster))
 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:

@@ -51,14 +51,17 @@ def loss_and_grads(config, seed: int = 0):
 
 
 def train_steps(config, steps: int):
-  """(state, last loss) after `steps` train steps of a config on its mesh, from its seed."""
+  """(state, [loss of each step]) after `steps` train steps of a config on its mesh, from its
+  seed."""
   from moejax.data.source import global_batch
   from moejax.train import loop
   plan = Plan(config)
   state, fn, source = plan.create_state(), plan.train_step(), loop.make_source(plan)
+  losses = []
   for step in range(steps):
     state, metrics = fn(state, global_batch(source, step, plan.batch_sharding))
-  return state, float(metrics['loss'])
+    losses.append(metrics['loss'])
+  return state, [float(loss) for loss in losses]
 
 
 def without_key_bias(tree):

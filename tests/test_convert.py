@@ -290,9 +290,8 @@ def test_tiny_family_configs_train(family):
   config.data.update(num_micro_batches=4, seq_len=32)
   config.moe.group_size = 32
   config.optim.warmup_steps = 1
-  _, first = train_steps(config, 1)
-  _, later = train_steps(config, 6)
-  assert np.isfinite(later) and later < first
+  _, losses = train_steps(config, 6)
+  assert np.isfinite(losses[-1]) and losses[-1] < losses[0]
 
 
 def test_sample_and_evaluate_open_an_import(tmp_path):

@@ -34,13 +34,18 @@ def run(workdir, *extra):
   return run_one_process(workdir, *SMALL, *extra)
 
 
+# A lost peer is taken for lost after 10 s of silence (XLA's heartbeat: 20 s), not the default
+# 20 s (40 s): the kill tests and the chaos run wait that long once per fault.
+PEER_TIMEOUT = '--peer_timeout=10'
+
+
 def start_two(workdir, *extra, env: dict | None = None):
   """main.py as 2 processes of one run, started (env: subprocess_env()'s by default), on the
-  tiny tp4pp4 model with SMALL's sizes."""
+  tiny tp4pp4 model with SMALL's sizes and PEER_TIMEOUT."""
   address = f'127.0.0.1:{free_port()}'
   return [subprocess.Popen(
       command(workdir, *SMALL, *extra, f'--coordinator_address={address}', '--num_processes=2',
-              f'--process_id={i}', '--coordinator_timeout=60'),
+              f'--process_id={i}', '--coordinator_timeout=60', PEER_TIMEOUT),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=env or subprocess_env()) for i in range(2)]
 

@@ -101,8 +101,8 @@ BIAS_CASES = {'sign': {},   # the relative rule with routing groups of a whole m
 
 
 def _bias_after_3_steps(config):
-  state, loss = train_steps(config, 3)
-  return np.asarray(from_stages(state.params['blocks'])['moe']['select_bias']), loss
+  state, losses = train_steps(config, 3)
+  return np.asarray(from_stages(state.params['blocks'])['moe']['select_bias']), losses
 
 
 @functools.lru_cache(maxsize=None)

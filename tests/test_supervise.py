@@ -1,4 +1,6 @@
 """The supervisor of a multi-process run names the process that went away from XLA's own words."""
+import pytest
+
 from moejax.cli import supervise
 
 # What XLA's coordination service logs when process 1 stops beating, as jaxlib 0.12 words it
@@ -27,3 +29,14 @@ def test_the_error_line_names_the_lost_process(tmp_path, capsys):
   line = capsys.readouterr().err.strip().splitlines()[-1]
   assert line.startswith('error: process 1 of 2 went away (XLA\'s coordination service'), line
   assert 'The following tasks are unhealthy' in line and 'newest complete checkpoint is none' in line
+
+
+def test_the_peer_timeout_is_carried_and_checked():
+  """--peer_timeout reaches the cluster (the peer watch's limit; XLA's heartbeat twice it); one
+  shorter than a few beats is one error naming the flag."""
+  from moejax import runtime
+  from moejax.errors import ConfigError
+  cluster = runtime.detect('127.0.0.1:1234', 2, 1, 120, 7)
+  assert cluster.peer_timeout_s == 7 and runtime._heartbeat_timeout_s(cluster) == 14
+  with pytest.raises(ConfigError, match='--peer_timeout=3: .* use at least 5'):
+    runtime.detect('', 1, 0, 120, 3)

@@ -23,6 +23,8 @@ flags.DEFINE_string('coordinator_address', '', 'HOST:PORT of process 0 (multi-pr
 flags.DEFINE_integer('num_processes', 1, 'Processes in the run (multi-process runs).')
 flags.DEFINE_integer('process_id', 0, 'This process, 0 .. num_processes-1.')
 flags.DEFINE_integer('coordinator_timeout', 120, 'Seconds to wait for the coordinator and peers.')
+flags.DEFINE_integer('peer_timeout', 20, 'Seconds a peer process may go silent before the run '
+                     'takes it for lost and ends (XLA\'s coordination service: twice that).')
 flags.DEFINE_bool('allow_other_data', False, 'Resume on token files other than those the '
                   'checkpoint was trained on (refused otherwise).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -62,7 +64,7 @@ def main(argv):
   from moejax.errors import MoejaxError
   try:
     cluster = runtime.detect(f.coordinator_address, f.num_processes, f.process_id,
-                             f.coordinator_timeout)
+                             f.coordinator_timeout, f.peer_timeout)
     runtime.setup_devices(f.config, cluster)
     runtime.check_same_config(f.config)
     from moejax.train import loop

@@ -26,7 +26,7 @@ def to_stages(blocks: Any, stages: int, repeats: int) -> Any:
   """Canonical [NB, ...] block params -> stage-stacked [S, R, L, ...]."""
   def one(a):
     a = a.reshape((repeats, stages, -1) + a.shape[1:])                  # [NB] -> [R, S, L]
-    return jnp.swapaxes(a, 0, 1)                                        # [S, R, L, ...]
+    return a.swapaxes(0, 1)                      # [S, R, L, ...] (numpy or jax arrays alike)
   return jax.tree.map(one, blocks)
 
 

@@ -17,13 +17,22 @@ from moejax.model import params as params_lib, transformer
 from moejax.train.plan import Plan
 
 
+@functools.lru_cache(maxsize=4)
+def _canonical_params(cfg, seed: int) -> Any:
+  """The model's params from `seed` (canonical layout, numpy): computed once per model and seed,
+  then placed on each mesh compared (the values are those of Plan.init_params on any mesh)."""
+  return jax.device_get(jax.jit(params_lib.init_canonical, static_argnums=0)(
+      cfg, jax.random.key(seed)))
+
+
 def loss_and_grads(config, seed: int = 0, devices: Sequence[jax.Device] | None = None
                    ) -> tuple[float, dict[str, Any], Any]:
   """(loss, metrics, canonical grads [NB, ...]) as numpy, on the config's mesh over `devices`
   (default: jax.devices())."""
   plan = Plan(config, devices)
   cfg, lay = plan.model, plan.layout
-  params = plan.init_params(seed)
+  params = jax.device_put(params_lib.tree_to_stages(_canonical_params(cfg, seed), lay),
+                          plan.param_sharding)
   tokens = SyntheticSource('random', cfg.vocab_size, lay.num_micro_batches,
                            lay.micro_batch_size, lay.seq_len, seed).batch(0)
   tokens = jax.device_put(tokens, plan.batch_sharding)

@@ -1,6 +1,7 @@
 """The peers of a multi-process run: every process beats in the coordinator's key-value store
 from a background thread; a peer whose beats stop (killed, host lost) or a coordinator that
-stops answering ends this process within LOST_S seconds with one error line, rather than a hang
+stops answering ends this process within the cluster's peer timeout (`--peer_timeout`, 20 s by
+default; moejax.runtime.Cluster) with one error line, rather than a hang
 or an abort inside a collective. A process that finishes says so first, so its silence after
 that is not a loss. (When the coordinator, process 0, dies, XLA's coordination client aborts
 the other processes at once from its own thread, with a native stack trace: jaxlib 0.10 gives
@@ -13,8 +14,9 @@ from typing import Callable
 
 import jax
 
+from moejax import runtime
+
 BEAT_S = 2.0         # each process beats this often
-LOST_S = 20.0        # a peer silent this long is gone
 FIRST_BEAT_S = 90.0  # ... or, before its first beat, this long (processes start at different times)
 # What a collective raises when its peer is gone (Gloo on CPU; NCCL and the coordination service
 # on GPUs).
@@ -37,6 +39,7 @@ class PeerWatch:
       from jax._src import distributed
       self._client = distributed.global_state.client
       self._me, self._count = jax.process_index(), jax.process_count()
+      self._lost_s = float(runtime.joined().peer_timeout_s)   # a peer silent this long is gone
       self._thread = threading.Thread(target=self._watch, name='peer-watch', daemon=True)
       self._thread.start()
     return self
@@ -59,7 +62,7 @@ class PeerWatch:
     text = str(error)
     if self._thread is None or not any(s in text for s in _PEER_ERRORS):
       return
-    self._thread.join(timeout=LOST_S + 3 * BEAT_S)    # on_lost ends the process from there
+    self._thread.join(timeout=self._lost_s + 3 * BEAT_S)    # on_lost ends the process from there
     self.on_lost(f'a peer process went away (a collective failed: {text.splitlines()[0][:160]})')
 
   def _watch(self) -> None:
@@ -85,7 +88,7 @@ class PeerWatch:
         if beat is not None and (peer not in seen or seen[peer][0] != beat):
           seen[peer] = (beat, now)
         quiet = now - (seen[peer][1] if peer in seen else started)
-        if quiet > (LOST_S if peer in seen else FIRST_BEAT_S):
+        if quiet > (self._lost_s if peer in seen else FIRST_BEAT_S):
           self._lost(f'process {peer} of {self._count} went away (no heartbeat for '
                      f'{quiet:.0f}s)')
           return
