@@ -30,7 +30,9 @@ class Cluster:
   peer_timeout_s: int = 20
 
 
-MIN_PEER_TIMEOUT_S = 5        # beats come every 2 s: a shorter limit would take a slow beat for a loss
+# A few of the peer watch's beats (moejax/train/peers.py, BEAT_S): a shorter limit would take
+# one slow beat for a loss.
+MIN_PEER_TIMEOUT_S = 5
 _joined = Cluster()
 
 
@@ -44,7 +46,7 @@ def detect(coordinator_address: str, num_processes: int, process_id: int,
   """The cluster from flags, else from a SLURM or Open MPI launch of several tasks."""
   if peer_timeout_s < MIN_PEER_TIMEOUT_S:
     raise ConfigError(f'--peer_timeout={peer_timeout_s}: a peer is declared lost after this many '
-                      f'silent seconds, and peers beat every 2 s; use at least '
+                      f'silent seconds, which must span a few of its heartbeats; use at least '
                       f'{MIN_PEER_TIMEOUT_S}.')
   if coordinator_address or num_processes > 1:
     if not coordinator_address or num_processes < 2 or not 0 <= process_id < num_processes:
