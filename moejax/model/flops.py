@@ -29,7 +29,7 @@ def _matmul_macs(cfg: ModelConfig) -> dict[str, float]:
   alone, of the head's, of a dense block's and of a multi-token-prediction depth's."""
   import flax.linen as nn
   from moejax.model import params as params_lib
-  boxed = jax.eval_shape(lambda k: params_lib._boxed(cfg, k), jax.random.key(0))
+  boxed = params_lib.template(cfg)
   specs = nn.get_partition_spec(boxed)
   shapes = nn.unbox(boxed)
   out = {'experts': 0.0, 'dense_block': 0.0, 'mtp': 0.0}

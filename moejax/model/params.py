@@ -8,6 +8,7 @@ Legend: NB blocks, S pipeline stages, R circular repeats, L layers per stage.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -67,21 +68,38 @@ def _examples(cfg: ModelConfig):
   return ids, x
 
 
-def _boxed(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
-  """One block's (one dense block's, with model.dense_blocks), the embedder's and the head's
-  params, boxed with logical axes."""
+def parts(cfg: ModelConfig) -> tuple[str, ...]:
+  """The model's parts, each initialised by one module: the embedder, one block, the head, one
+  dense block (model.dense_blocks), one multi-token-prediction depth (model.mtp_depth)."""
+  return (('embed', 'block', 'head') + (('dense_block',) if cfg.dense_blocks else ()) +
+          (('mtp',) if cfg.mtp_depth else ()))
+
+
+def _boxed(cfg: ModelConfig, key: jax.Array, part: str) -> dict[str, Any]:
+  """One part's params (see `parts`), boxed with logical axes; each part's values depend on
+  `key` and cfg only, not on which other parts are initialised."""
   ids, x = _examples(cfg)
-  out = {
-      'embed': Embedder(cfg).init(rng_lib.embed_init(key), ids)['params'],
-      'block': Block(cfg, train=False).init(rng_lib.block_template_init(key), x)['params'],
-      'head': Head(cfg).init(rng_lib.head_init(key), x)['params'],
-  }
-  if cfg.dense_blocks:
-    out['dense_block'] = Block(cfg, train=False, dense=True).init(
-        rng_lib.block_template_init(key), x)['params']
-  if cfg.mtp_depth:
-    out['mtp'] = MtpDepth(cfg, train=False).init(rng_lib.block_template_init(key), x, x)['params']
-  return out
+  if part == 'embed':
+    return Embedder(cfg).init(rng_lib.embed_init(key), ids)['params']
+  if part == 'head':
+    return Head(cfg).init(rng_lib.head_init(key), x)['params']
+  if part == 'mtp':
+    return MtpDepth(cfg, train=False).init(rng_lib.block_template_init(key), x, x)['params']
+  return Block(cfg, train=False, dense=part == 'dense_block').init(
+      rng_lib.block_template_init(key), x)['params']
+
+
+@functools.lru_cache(maxsize=32)
+def template(cfg: ModelConfig) -> dict[str, Any]:
+  """Every part's params as boxed ShapeDtypeStructs (logical axes and shapes; nothing
+  computed), traced once per model."""
+  return {part: jax.eval_shape(lambda k, part=part: _boxed(cfg, k, part), jax.random.key(0))
+          for part in parts(cfg)}
+
+
+# Where each part sits in the params tree, and the count it is stacked by (None: not stacked).
+_PLACES = {'embed': ('embed', None), 'block': ('blocks', 'num_blocks'), 'head': ('head', None),
+           'dense_block': ('dense_blocks', 'dense_blocks'), 'mtp': ('mtp', 'mtp_depth')}
 
 
 def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
@@ -90,24 +108,42 @@ def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
   axis split over pp in contiguous chunks (the training layout's placement when repeats=1).
   Dense blocks [dense_blocks, ...] and MTP depths [mtp_depth, ...] lead with ('layers',) in both
   (replicated over pp)."""
-  boxed = jax.eval_shape(lambda k: _boxed(cfg, k), jax.random.key(0))
-  specs = nn.get_partition_spec(boxed)
-  lead = STAGE_AXES if lay is not None else ('stage',)
-  stack = lambda tree, axes: jax.tree.map(lambda s: P(*axes, *s), tree,
-                                          is_leaf=lambda s: isinstance(s, P))
-  out = {'embed': specs['embed'], 'blocks': stack(specs['block'], lead), 'head': specs['head']}
-  if cfg.dense_blocks:
-    out['dense_blocks'] = stack(specs['dense_block'], ('layers',))
-  if cfg.mtp_depth:
-    out['mtp'] = stack(specs['mtp'], ('layers',))
+  lead = {'blocks': STAGE_AXES if lay is not None else ('stage',),
+          'dense_blocks': ('layers',), 'mtp': ('layers',)}
+  out = {}
+  for part, boxed in template(cfg).items():
+    name = _PLACES[part][0]
+    out[name] = jax.tree.map(lambda s, axes=lead.get(name, ()): P(*axes, *s),
+                             nn.get_partition_spec(boxed), is_leaf=lambda s: isinstance(s, P))
   return out
+
+
+def unboxed(tree: Any) -> Any:
+  """The values of a boxed tree, with no sharding constraint (whatever mesh is current)."""
+  plain = lambda b: b.unbox(apply_constraint=False) if isinstance(b, nn.Partitioned) else b
+  return jax.tree.map(plain, tree, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+
+
+def abstract_canonical(cfg: ModelConfig) -> dict[str, Any]:
+  """The canonical params as ShapeDtypeStructs (what init_canonical returns; nothing computed)."""
+  out = {}
+  for part, boxed in template(cfg).items():
+    name, count = _PLACES[part]
+    lead = (getattr(cfg, count),) if count else ()
+    out[name] = jax.tree.map(lambda a, lead=lead: jax.ShapeDtypeStruct(lead + a.shape, a.dtype),
+                             unboxed(boxed))
+  return out
+
+
+def abstract(cfg: ModelConfig, lay: Layout) -> dict[str, Any]:
+  """The params in the training layout as ShapeDtypeStructs (what init returns)."""
+  return jax.eval_shape(lambda p: tree_to_stages(p, lay), abstract_canonical(cfg))
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Each parameter's canonical shape (blocks [NB, ...]), by its path of names."""
-  tree = jax.eval_shape(lambda k: init_canonical(cfg, k), jax.random.key(0))
   return {tuple(k.key for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+          for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_canonical(cfg))}
 
 
 def declared(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple, tuple[int, ...]]]:
@@ -119,16 +155,14 @@ def declared(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple, tuple[int, 
 
 def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
   """Params with blocks stacked [NB, ...] in block order; a function of `key` and cfg only."""
-  block_keys = rng_lib.block_inits(key, cfg.num_blocks)
-  one = lambda k: nn.unbox(_boxed(cfg, k))
-  blocks = jax.vmap(lambda k: one(k)['block'])(block_keys)
-  rest = one(key)
-  out = {'embed': rest['embed'], 'blocks': blocks, 'head': rest['head']}
-  if cfg.dense_blocks:
-    dense_keys = rng_lib.dense_block_inits(key, cfg.dense_blocks)
-    out['dense_blocks'] = jax.vmap(lambda k: one(k)['dense_block'])(dense_keys)
-  if cfg.mtp_depth:
-    out['mtp'] = jax.vmap(lambda k: one(k)['mtp'])(rng_lib.mtp_inits(key, cfg.mtp_depth))
+  one = lambda part: lambda k: nn.unbox(_boxed(cfg, k, part))
+  keys = {'block': rng_lib.block_inits, 'dense_block': rng_lib.dense_block_inits,
+          'mtp': rng_lib.mtp_inits}                     # the stacked parts' keys [count]
+  out = {}
+  for part in parts(cfg):
+    name, count = _PLACES[part]
+    out[name] = (jax.vmap(one(part))(keys[part](key, getattr(cfg, count))) if count
+                 else one(part)(key))
   return out
 
 

@@ -25,7 +25,7 @@ def shardings(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
               mesh: Mesh) -> TrainState:
   """NamedShardings of every leaf of the train state (under an active plan's rules)."""
   param_sh = mesh_lib.tree_shardings(mesh, params_lib.param_axes(cfg, lay))
-  abstract_params = jax.eval_shape(lambda k: params_lib.init(cfg, lay, k), jax.random.key(0))
+  abstract_params = params_lib.abstract(cfg, lay)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   return TrainState(step=NamedSharding(mesh, P()), params=param_sh,
                     opt_state=opt_shardings(lay, tx, param_sh, abstract_params, abstract_opt))
@@ -83,6 +83,8 @@ def init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
 def abstract(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
              state_sharding: TrainState) -> TrainState:
   """The train state as ShapeDtypeStructs with shardings (nothing allocated)."""
-  shapes = jax.eval_shape(init_fn(cfg, lay, tx), jax.random.key(0))
+  params = params_lib.abstract(cfg, lay)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                       state_sharding)
