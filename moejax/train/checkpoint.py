@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 
+import jax
 import orbax.checkpoint as ocp
 
 from typing import Any
@@ -27,6 +28,19 @@ from moejax.errors import ConfigError
 from moejax.errors import CheckpointError
 from moejax.train.plan import Plan
 from moejax.train.state import TrainState
+
+# A replicated array is written by its replicas in parallel slices only where each slice is at
+# least this large: every slice shape costs a compiled slicing program at a run's first save,
+# and a small array gains no write bandwidth from being split.
+REPLICA_SLICE_MIN_BYTES = 16 << 20
+
+
+def _use_array_handler() -> None:
+  """Orbax's handler of jax.Arrays with REPLICA_SLICE_MIN_BYTES (its registry is global)."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=REPLICA_SLICE_MIN_BYTES), override=True)
+
 
 # Config sections that change parameter shapes or meaning; a checkpoint must match them, except
 # the keys that change how the same parameters are trained or run (listed at resume).
@@ -48,6 +62,7 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.plan, self.config = plan, plan.config
     self._data_identity: dict[str, str] | None = None
+    _use_array_handler()
     try:
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'config', 'data'),
