@@ -18,12 +18,17 @@ def quiet_logs() -> None:
   absl_logging.set_verbosity(absl_logging.FATAL)
   for name in ('jax', 'orbax', 'absl', 'asyncio'):
     logging.getLogger(name).setLevel(logging.CRITICAL)
-  # Orbax's writer threads report a failed write from a closed event loop through
-  # sys.excepthook, hundreds of times; the save's own error is raised to the loop.
+  # Orbax's writer threads, and TensorStore's callbacks into a closed event loop after a failed
+  # read (a corrupt checkpoint, set aside), report it through sys.excepthook or as an
+  # unraisable exception, dozens of times; the failure itself reaches the loop.
+  closed_loop = lambda kind, value: kind is RuntimeError and str(value) == 'Event loop is closed'
   def excepthook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+    if not closed_loop(kind, value):
       sys.__excepthook__(kind, value, tb)
-  sys.excepthook = excepthook
+  def unraisablehook(unraisable):
+    if not closed_loop(unraisable.exc_type, unraisable.exc_value):
+      sys.__unraisablehook__(unraisable)
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def write_json(path: str | None, result) -> None:
