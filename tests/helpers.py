@@ -45,9 +45,17 @@ def small_config(tp: int = 1, pp: int = 1, repeats: int = 1, dp: int = 1, **over
   return c
 
 
+_RESULTS: dict[tuple[str, int], tuple] = {}
+
+
 def loss_and_grads(config, seed: int = 0):
-  """(loss, metrics, canonical grads) as numpy for a config's mesh, same params and batch."""
-  return check.loss_and_grads(config, seed)
+  """(loss, metrics, canonical grads) as numpy for a config's mesh, same params and batch;
+  computed once per test process for each config and seed (several tests compare with the same
+  1x1 reference), each caller given its own copies."""
+  key = (config.to_json_best_effort(sort_keys=True), seed)
+  if key not in _RESULTS:
+    _RESULTS[key] = check.loss_and_grads(config, seed)
+  return jax.tree.map(lambda a: a.copy() if isinstance(a, np.ndarray) else a, _RESULTS[key])
 
 
 def train_steps(config, steps: int):

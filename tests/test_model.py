@@ -138,14 +138,18 @@ def test_one_choice_of_kernels_says_the_compile_line():
 
 
 def test_cudnn_attention_keeps_whole_a_dimension_its_mesh_axes_do_not_divide(monkeypatch):
-  """The parameter template traces one sequence through a block under a dp=2 mesh: cuDNN's
+  """Init traces one sequence through each block under the run's mesh (dp=2 here): cuDNN's
   shard_map keeps that batch whole on each shard (it once failed every dp > 1 GPU layout)."""
+  called = []
   monkeypatch.setattr(layers.mesh_lib, 'platform', lambda: 'cuda')
-  monkeypatch.setattr(layers.jax.nn, 'dot_product_attention', lambda q, k, v, **_: q)
+  monkeypatch.setattr(layers.jax.nn, 'dot_product_attention',
+                      lambda q, k, v, **_: called.append(q.shape) or q)
   c = tp4pp4.get_config('tiny')
   c.model.dtype = 'bfloat16'
   c.mesh.update(dp=2, tp=2, pp=4, experts_over_dp=True)
   plan = Plan(c)
   with plan.active():
-    axes = params_lib.param_axes(plan.model, plan.layout)
-  assert axes['blocks']['attn']['wqkv'] is not None
+    params = jax.eval_shape(lambda k: params_lib.init(plan.model, plan.layout, k),
+                            jax.random.key(0))
+  assert called and all(shape[0] == 1 for shape in called), called   # the one sequence, whole
+  assert params['blocks']['attn']['wqkv'].shape[:3] == (4, 1, 2)

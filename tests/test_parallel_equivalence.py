@@ -290,6 +290,7 @@ def test_experts_cast_once_per_step_accumulate_their_gradients_in_float32(tp, pp
   import re
   import jax
   from moejax.model import transformer
+  from moejax.train import check, step as step_lib
   from moejax.train.plan import Plan
   config = small_config(tp, pp, **{'model.dtype': 'bfloat16', 'pipeline.unroll_layers': unroll})
   plan = Plan(config)
@@ -303,11 +304,12 @@ def test_experts_cast_once_per_step_accumulate_their_gradients_in_float32(tp, pp
       r'stablehlo.dot_general[^\n]*\(tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> '
       r'tensor<\d+x(?:32x48|48x32)xf32>', text)
   text = lowered()
-  once, dw, (loss, _, grads) = converts(text), f32_grads(text), loss_and_grads(config)
+  once, dw, (loss, _, grads) = converts(text), f32_grads(text), check.loss_and_grads(config)
   monkeypatch.setattr(transformer, 'cast_once', lambda cfg, lay: None)
+  step_lib.train_step_fn.cache_clear()        # a step function traced afresh, with the patch
   text = lowered()
   per_tick, dw_tick, (loss_tick, _, grads_tick) = (converts(text), f32_grads(text),
-                                                   loss_and_grads(config))
+                                                   check.loss_and_grads(config))  # not memoised
   layers = 8 // pp
   assert sorted(once) == ([f'{pp}x1x8'] * 2 * layers if unroll   # [S, R, E] once per layer
                           else [f'{pp}x1x{layers}x8'] * 2)          # [S, R, L, E] once each

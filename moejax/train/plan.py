@@ -49,8 +49,7 @@ class Plan:
     self.mesh = mesh_lib.make_mesh(lay.mesh, devices)
     self.rules = mesh_lib.rules_for(lay, self.model.kv_heads, self.model.shared_d_ff,
                                     self.model.dense_d_ff)
-    self.tx = optimizer.make(self.optim, params_lib.decayed(self.model, lay))
-    self.schedule = optimizer.schedule(self.optim)
+    self.tx, self.schedule = _optimizer(self.optim, self.model, lay)
     with self.active():
       self.state_sharding = state_lib.shardings(self.model, lay, self.tx, self.mesh)
       self.abstract_state = state_lib.abstract(self.model, lay, self.tx, self.state_sharding)
@@ -169,6 +168,14 @@ class Plan:
     """Whether every element of a tree is finite (one scalar; run at save time only)."""
     return self.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a))
                                                     for a in jax.tree.leaves(tree)])))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(optim: config_lib.OptimConfig, cfg: config_lib.ModelConfig,
+               lay: config_lib.Layout) -> tuple[Any, Any]:
+  """(optimizer, learning-rate schedule), one pair per distinct (optim, model, layout): equal
+  plans share them, and through them their step functions (moejax.train.step caches those)."""
+  return optimizer.make(optim, params_lib.decayed(cfg, lay)), optimizer.schedule(optim)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 them with the run's shardings; the train state is donated)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, mesh_lib.spec(('act_micro', 'act_batch', None)))
 
 
+# The step functions are cached by their arguments (all hashable: frozen configs, the plan's
+# optimizer and schedule objects): plans of equal configs get the same function, so JAX reuses
+# its trace and compiled program instead of tracing it again (a resumed run in one process).
+@functools.lru_cache(maxsize=16)
 def train_step_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation,
                   schedule: optax.Schedule, seed: int) -> Callable:
   """train_step(state, tokens [M, B, T+1]) -> (state, metrics)."""
@@ -38,6 +43,7 @@ def train_step_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformatio
   return train_step
 
 
+@functools.lru_cache(maxsize=16)
 def eval_step_fn(cfg: ModelConfig, lay: Layout) -> Callable:
   """eval_step(params, tokens) -> metrics, with the eval capacity factor and no dropout."""
   def eval_step(params, tokens):
