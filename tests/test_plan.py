@@ -62,3 +62,27 @@ def test_plans_made_from_parts_name_every_part():
   assert (short.layout.seq_len, full.layout.seq_len) == (16, 32)
   assert short.mesh is plan.mesh and short.state_sharding is plan.state_sharding
   assert set(vars(short)) == set(Plan.PARTS)
+
+
+def test_plans_of_equal_configs_compile_their_train_step_once():
+  """A second plan of an equal config (a resume in the same process) shares the first one's
+  optimizer and step function, so JAX reuses the step's traced program and its executable (no
+  second XLA compile, not even a persistent-cache read); another config compiles its own."""
+  compiled = []                      # XLA compiles (or persistent-cache reads) of the train step
+  def listen(event, duration, **kwargs):
+    if (event == '/jax/core/compile/backend_compile_duration'
+        and kwargs.get('fun_name') == 'jit(train_step)'):
+      compiled.append(1)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    def compile_step(**overrides):   # an optimizer setting no other test uses: a fresh program
+      plan = Plan(small_config(2, 2, **{'data.num_micro_batches': 2, 'optim.b2': 0.987},
+                               **overrides))
+      plan.train_step().lower(plan.abstract_state, plan.batch_abstract()).compile()
+      return plan
+    first, again = compile_step(), compile_step()
+    assert first.tx is again.tx and len(compiled) == 1
+    compile_step(**{'optim.lr': 1e-4})
+    assert len(compiled) == 2
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
