@@ -166,8 +166,13 @@ class Plan:
   @functools.cached_property
   def all_finite(self) -> Active:
     """Whether every element of a tree is finite (one scalar; run at save time only)."""
-    return self.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a))
-                                                    for a in jax.tree.leaves(tree)])))
+    return self.jit(_all_finite)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """One boolean scalar: every element of every leaf finite (a module-level function, so equal
+  plans share its trace and program)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,6 +1,7 @@
 """The train state and its shardings (moejax.train.plan builds them once per run)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -72,8 +73,10 @@ def over_dp(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
   return sharding
 
 
+@functools.lru_cache(maxsize=16)
 def init_fn(cfg: ModelConfig, lay: Layout, tx: optax.GradientTransformation):
-  """key -> a fresh TrainState (params in the training layout, zero moments)."""
+  """key -> a fresh TrainState (params in the training layout, zero moments); one function per
+  (model, layout, optimizer), so equal plans share its trace and program."""
   def init(key):
     params = params_lib.init(cfg, lay, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
