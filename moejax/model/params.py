@@ -68,11 +68,19 @@ def _examples(cfg: ModelConfig):
   return ids, x
 
 
+# Each part of the model, initialised by one module (the embedder, one block, the head, one dense
+# block, one multi-token-prediction depth): where it sits in the params tree, and for a stacked
+# part the config count it is stacked by and its per-copy init keys [count].
+_PLACES = {'embed': ('embed', None, None),
+           'block': ('blocks', 'num_blocks', rng_lib.block_inits),
+           'head': ('head', None, None),
+           'dense_block': ('dense_blocks', 'dense_blocks', rng_lib.dense_block_inits),
+           'mtp': ('mtp', 'mtp_depth', rng_lib.mtp_inits)}
+
+
 def parts(cfg: ModelConfig) -> tuple[str, ...]:
-  """The model's parts, each initialised by one module: the embedder, one block, the head, one
-  dense block (model.dense_blocks), one multi-token-prediction depth (model.mtp_depth)."""
-  return (('embed', 'block', 'head') + (('dense_block',) if cfg.dense_blocks else ()) +
-          (('mtp',) if cfg.mtp_depth else ()))
+  """The model's parts (_PLACES): every unstacked one, and each stacked one cfg has copies of."""
+  return tuple(p for p, (_, count, _) in _PLACES.items() if count is None or getattr(cfg, count))
 
 
 def _boxed(cfg: ModelConfig, key: jax.Array, part: str) -> dict[str, Any]:
@@ -95,11 +103,6 @@ def template(cfg: ModelConfig) -> dict[str, Any]:
   computed), traced once per model."""
   return {part: jax.eval_shape(lambda k, part=part: _boxed(cfg, k, part), jax.random.key(0))
           for part in parts(cfg)}
-
-
-# Where each part sits in the params tree, and the count it is stacked by (None: not stacked).
-_PLACES = {'embed': ('embed', None), 'block': ('blocks', 'num_blocks'), 'head': ('head', None),
-           'dense_block': ('dense_blocks', 'dense_blocks'), 'mtp': ('mtp', 'mtp_depth')}
 
 
 def param_axes(cfg: ModelConfig, lay: Layout | None = None) -> dict[str, Any]:
@@ -128,7 +131,7 @@ def abstract_canonical(cfg: ModelConfig) -> dict[str, Any]:
   """The canonical params as ShapeDtypeStructs (what init_canonical returns; nothing computed)."""
   out = {}
   for part, boxed in template(cfg).items():
-    name, count = _PLACES[part]
+    name, count, _ = _PLACES[part]
     lead = (getattr(cfg, count),) if count else ()
     out[name] = jax.tree.map(lambda a, lead=lead: jax.ShapeDtypeStruct(lead + a.shape, a.dtype),
                              unboxed(boxed))
@@ -156,13 +159,10 @@ def declared(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[tuple, tuple[int, 
 def init_canonical(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
   """Params with blocks stacked [NB, ...] in block order; a function of `key` and cfg only."""
   one = lambda part: lambda k: nn.unbox(_boxed(cfg, k, part))
-  keys = {'block': rng_lib.block_inits, 'dense_block': rng_lib.dense_block_inits,
-          'mtp': rng_lib.mtp_inits}                     # the stacked parts' keys [count]
   out = {}
   for part in parts(cfg):
-    name, count = _PLACES[part]
-    out[name] = (jax.vmap(one(part))(keys[part](key, getattr(cfg, count))) if count
-                 else one(part)(key))
+    name, count, keys = _PLACES[part]
+    out[name] = jax.vmap(one(part))(keys(key, getattr(cfg, count))) if count else one(part)(key)
   return out
 
 
