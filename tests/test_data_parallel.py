@@ -22,10 +22,12 @@ def reference():
   return loss_and_grads(small_config(1, 1, **BATCH))
 
 
-@pytest.mark.parametrize('dp,tp,pp,folded', [
-    (2, 2, 4, False), (4, 4, 1, False), (2, 2, 4, True), (4, 2, 2, True)])
-def test_data_parallel_meshes_match_1x1(dp, tp, pp, folded):
-  config = small_config(tp, pp, dp=dp, **BATCH, **{'mesh.experts_over_dp': folded})
+@pytest.mark.parametrize('dp,tp,pp,folded,unroll', [
+    (2, 2, 4, False, False), (4, 4, 1, False, False), (2, 2, 4, True, False),
+    (4, 2, 2, True, False), (2, 2, 2, False, True)])
+def test_data_parallel_meshes_match_1x1(dp, tp, pp, folded, unroll):
+  config = small_config(tp, pp, dp=dp, **BATCH, **{'mesh.experts_over_dp': folded,
+                                                   'pipeline.unroll_layers': unroll})
   loss, metrics, grads = loss_and_grads(config)
   ref_loss, ref_metrics, ref_grads = reference()
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)

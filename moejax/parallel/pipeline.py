@@ -122,18 +122,27 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   as moejax.precision.Cast (the param and its copy in that dtype), cast once per call instead
   of at every tick (and again in the backward's recomputation); their gradients accumulate
   over the ticks in the params' dtype. With split_layers each layer's leaf is an array of its
-  own, so no tick copies a layer's slice out of a stack (nor adds its gradient into one).
+  own, so no tick copies a layer's slice out of a stack (nor pads its gradient into one): the
+  cast leaves always, every leaf where the batch is split over dp (the gradient of a weight
+  replicated over dp is then a plain sum over the ticks, which XLA all-reduces once after the
+  loop instead of at every tick; with one repeat only: a repeat picked by the tick's index
+  keeps the reduction in the loop).
   Returns outputs [M, B, T, D] (M split over pp) and the stats summed over micro-batches,
   stacked [S, R, L, ...].
   """
   policy = remat.policy(remat_policy)
   per_stage = jax.tree.leaves(stage_params)[0].shape[2]
-  if cast_once is not None:
-    cast = lambda a, dt: precision.Cast(a, jax.lax.stop_gradient(a.astype(dt)))
-    stage_params = jax.tree.map(                     # Cast [S, R, L, ...] or L x [S, R, ...]
-        lambda a, dt: a if not dt else (tuple(cast(a[:, :, l], dt) for l in range(per_stage))
-                                        if split_layers else cast(a, dt)),
-        stage_params, cast_once)
+  cast = lambda a, dt: precision.Cast(a, jax.lax.stop_gradient(a.astype(dt))) if dt else a
+  if cast_once is None:
+    cast_once = jax.tree.map(lambda _: '', stage_params)
+  mesh = jax.sharding.get_abstract_mesh()
+  dp_split = not mesh.empty and dict(mesh.shape).get(mesh_lib.DP, 1) > 1
+  # Each leaf: [S, R, L, ...], Cast of it, or L x [S, R, ...] (or Casts of them): with
+  # split_layers the cast leaves, and where the batch is split over dp every leaf.
+  stage_params = jax.tree.map(
+      lambda a, dt: (tuple(cast(a[:, :, l], dt) for l in range(per_stage))
+                     if split_layers and (dt or dp_split) else cast(a, dt)),
+      stage_params, cast_once)
   per_layer = lambda x: isinstance(x, tuple)
 
   # The repeat is picked inside the checkpoint: its inputs are then the loop-invariant
