@@ -135,18 +135,20 @@ def test_pipeline_ticks_on_h100_copy_no_whole_buffer_and_make_f32_weight_gradien
 
 
 def test_dp_pipeline_on_h100_reduces_replicated_weight_gradients_once_after_the_ticks():
-  """The gradient of the pipeline with the batch split over dp (dp=2 x pp=2, 5 ticks, 2 unrolled
-  layers per stage, weights replicated over dp) compiled for 4 H100s: each weight's gradient is
-  all-reduced over dp once, after the ticks, both layers' together: w's [2, 384, 384] (cast
-  once, f32 gradients) and g's [2, 384] (cast at every tick). It was reduced at every tick
-  while a layer's gradient was padded into its [L, ...] stack (XLA moves an all-reduce out of a
-  loop only when the loop just adds it to an accumulator)."""
+  """The gradient of the pipeline with the batch split over dp (dp=2 x pp=2, 2 repeats, 9 ticks,
+  2 unrolled layers per stage, weights replicated over dp) compiled for 4 H100s: each weight's
+  gradient is all-reduced over dp once, after the ticks, all its repeats and layers together:
+  w's [2, 2, 384, 384] (cast once, f32 gradients) and g's [2, 2, 384] (cast at every tick).
+  Each was reduced at every tick while a layer's gradient was padded into its [L, ...] stack,
+  or while the stage's index (which picks the tick's repeat) came from jax.lax.axis_index: XLA
+  moves an all-reduce out of a loop only into a plain accumulator, at an index it can prove
+  equal on every device that takes part."""
   module = hlo.parse(open(os.path.join(os.path.dirname(__file__), 'data',
                                        'h100_dp_pipeline.hlo')).read())
   reduces = [i for i in module.instrs if i.op in ('all-reduce', 'all-reduce-start')]
   assert sorted((hlo.arrays(i.result)[-1][1], module.count(i)) for i in reduces) == [
-      ((2 * 384,), 1), ((2 * 384 * 384,), 1)]
-  assert 5 in {module.count(i) for i in module.instrs}              # the ticks are in this program
+      ((2 * 2 * 384,), 1), ((2 * 2 * 384 * 384,), 1)]
+  assert 9 in {module.count(i) for i in module.instrs}              # the ticks are in this program
 
 
 def test_dropless_experts_on_h100_are_triton_grouped_matmuls_counted_by_rows_routed():

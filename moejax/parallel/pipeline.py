@@ -54,10 +54,11 @@ def _scatter_from_last(outs: jax.Array, stages: int) -> jax.Array:
   return mine
 
 
-def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: Any, stages: int,
-                    repeats: int):
+def _pipeline_local(params_, xs, rng, side, stage_, *, stage_fn: StageFn, stats_like: Any,
+                    stages: int, repeats: int):
   """Per-stage program. params_ [1, R, L, ...], xs [M/S, B, T, D] (this stage's share), side
-  [M, ...] (every stage holds all micro-batches' side inputs)."""
+  [M, ...] (every stage holds all micro-batches' side inputs), stage_ [1]: this stage's index
+  (None with one stage)."""
   if stages > 1:
     xs = _gather_to_first(xs, stages)                                   # [M, B, T, D] on stage 0
   params_ = jax.tree.map(lambda a: a[0], params_)                       # [R, L, ...]
@@ -65,7 +66,10 @@ def _pipeline_local(params_, xs, rng, side, *, stage_fn: StageFn, stats_like: An
   total = repeats * m_count
   # With one stage there is no pp axis to be manual over (XLA rejects collectives over a
   # size-1 manual axis in the backward pass): the same schedule runs unpartitioned.
-  stage = jax.lax.axis_index(mesh_lib.PP) if stages > 1 else 0
+  # The stage's index arrives as its slice of [S] (not jax.lax.axis_index): XLA then sees that
+  # the repeat a tick picks is the same on all devices of a stage, and moves the dp all-reduce
+  # of a replicated weight's gradient out of the loop (it stays per tick after axis_index).
+  stage = stage_[0] if stages > 1 else 0
   ring = [(s, (s + 1) % stages) for s in range(stages)]
 
   def tick(carry, t):
@@ -124,9 +128,8 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   over the ticks in the params' dtype. With split_layers each layer's leaf is an array of its
   own, so no tick copies a layer's slice out of a stack (nor pads its gradient into one): the
   cast leaves always, every leaf where the batch is split over dp (the gradient of a weight
-  replicated over dp is then a plain sum over the ticks, which XLA all-reduces once after the
-  loop instead of at every tick; with one repeat only: a repeat picked by the tick's index
-  keeps the reduction in the loop).
+  replicated over dp is then a sum over the ticks, which XLA all-reduces once after the loop
+  instead of at every tick).
   Returns outputs [M, B, T, D] (M split over pp) and the stats summed over micro-batches,
   stacked [S, R, L, ...].
   """
@@ -159,14 +162,15 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), stage_params),
       xs[0], jax.tree.map(lambda a: a[0], side))
   params_spec = jax.tree.map(lambda _: P(mesh_lib.PP), stage_params)
-  local = lambda p, x, k, d: _pipeline_local(p, x, k, d, stage_fn=fn, stats_like=stats_like,
-                                            stages=stages, repeats=repeats)
+  local = lambda p, x, k, d, s: _pipeline_local(p, x, k, d, s, stage_fn=fn, stats_like=stats_like,
+                                                stages=stages, repeats=repeats)
   if stages == 1:
-    return local(stage_params, xs, rng, side)
+    return local(stage_params, xs, rng, side, None)
   run = jax.shard_map(
-      local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side)),
+      local, in_specs=(params_spec, P(mesh_lib.PP), P(), jax.tree.map(lambda _: P(), side),
+                       P(mesh_lib.PP)),
       out_specs=(P(mesh_lib.PP), P(mesh_lib.PP)), axis_names={mesh_lib.PP}, check_vma=False)
-  return run(stage_params, xs, rng, side)
+  return run(stage_params, xs, rng, side, jnp.arange(stages, dtype=jnp.int32))   # [S]
 
 
 def each_micro_batch(fn: Callable[[Any, Any], Any], params: Any, xs: Any, stages: int) -> Any:

@@ -15,8 +15,8 @@ h100_pipeline.hlo, 2 H100s (pp=2): the gradient of moejax.parallel.pipeline (2 c
 repeats, 4 micro-batches x [2, 128, 384] bf16, each stage 2 unrolled layers of tanh(x @ w), the
 f32 w [384, 384] cast to bf16 once per step: precision.Cast, precision.einsum).
 
-h100_dp_pipeline.hlo, 4 H100s (dp=2 x pp=2): the gradient of moejax.parallel.pipeline (1
-repeat, 4 micro-batches x [4, 128, 384] bf16, the batch split over dp; each stage 2 unrolled
+h100_dp_pipeline.hlo, 4 H100s (dp=2 x pp=2): the gradient of moejax.parallel.pipeline (2
+circular repeats, 4 micro-batches x [4, 128, 384] bf16, the batch split over dp; each stage 2 unrolled
 layers of tanh((x * g) @ w): the f32 w [384, 384] cast to bf16 once per step, the f32 g [384]
 cast at every tick), both weights replicated over dp.
 
@@ -145,12 +145,12 @@ def dp_pipeline_program() -> str:
 
   with plan_lib.bare(mesh):
     stage = mesh_lib.sharding(mesh, ('stage',))
-    params = {'w': jax.ShapeDtypeStruct((2, 1, 2, 384, 384), jnp.float32, sharding=stage),
-              'g': jax.ShapeDtypeStruct((2, 1, 2, 384), jnp.float32, sharding=stage)}
+    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 384, 384), jnp.float32, sharding=stage),
+              'g': jax.ShapeDtypeStruct((2, 2, 2, 384), jnp.float32, sharding=stage)}
     xs = jax.ShapeDtypeStruct((4, 4, 128, 384), jnp.bfloat16,                # [M, B, T, D]
                               sharding=mesh_lib.sharding(mesh, ('act_micro', 'act_batch')))
     loss = lambda p, xs: jnp.sum(pipeline_lib.pipeline(
-        stage_fn, p, xs, jax.random.key(0), stages=2, repeats=1,
+        stage_fn, p, xs, jax.random.key(0), stages=2, repeats=2,
         remat_policy='nothing_saveable', cast_once={'w': 'bfloat16', 'g': ''},
         split_layers=True)[0].astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
