@@ -141,7 +141,8 @@ def pipeline(stage_fn: StageFn, stage_params: Any, xs: jax.Array, rng: jax.Array
   mesh = jax.sharding.get_abstract_mesh()
   dp_split = not mesh.empty and dict(mesh.shape).get(mesh_lib.DP, 1) > 1
   # Each leaf: [S, R, L, ...], Cast of it, or L x [S, R, ...] (or Casts of them): with
-  # split_layers the cast leaves, and where the batch is split over dp every leaf.
+  # split_layers the cast leaves, and where the batch is split over dp every leaf (only there:
+  # on the shipped dp=1 layout splitting every leaf moved no reduction and cost 0.8 ms of copies).
   stage_params = jax.tree.map(
       lambda a, dt: (tuple(cast(a[:, :, l], dt) for l in range(per_stage))
                      if split_layers and (dt or dp_split) else cast(a, dt)),

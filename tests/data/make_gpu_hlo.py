@@ -15,10 +15,9 @@ h100_pipeline.hlo, 2 H100s (pp=2): the gradient of moejax.parallel.pipeline (2 c
 repeats, 4 micro-batches x [2, 128, 384] bf16, each stage 2 unrolled layers of tanh(x @ w), the
 f32 w [384, 384] cast to bf16 once per step: precision.Cast, precision.einsum).
 
-h100_dp_pipeline.hlo, 4 H100s (dp=2 x pp=2): the gradient of moejax.parallel.pipeline (2
-circular repeats, 4 micro-batches x [4, 128, 384] bf16, the batch split over dp; each stage 2 unrolled
-layers of tanh((x * g) @ w): the f32 w [384, 384] cast to bf16 once per step, the f32 g [384]
-cast at every tick), both weights replicated over dp.
+h100_dp_pipeline.hlo, 4 H100s (dp=2 x pp=2): the same pipeline with 4 micro-batches x
+[4, 128, 384] bf16, the batch split over dp, and layers of tanh((x * g) @ w), the f32 g [384]
+cast at every tick; both weights replicated over dp.
 
 h100_cudnn_attention.hlo, 4 H100s (tp=4, heads split): the gradient of causal attention
 (moejax.model.layers._attend with the kernel moejax.kernels.attention picks for a bfloat16 model on
@@ -108,57 +107,42 @@ def cudnn_attention_program() -> str:
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv).compile().as_text()
 
 
-def pipeline_program() -> str:
+def _pipeline_gradient(dp: int) -> str:
+  """h100_pipeline.hlo (dp=1: w only) or h100_dp_pipeline.hlo (dp=2: w and g, the batch split
+  over dp): the gradient of the pipeline, 2 stages x 2 repeats x 2 unrolled layers."""
   from moejax import config as config_lib, precision
   from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
   from moejax.train import plan as plan_lib
-  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(1, pp=2), targets.devices('h100', 2))
+  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(1, pp=2, dp=dp),
+                            targets.devices('h100', 2 * dp))
 
-  def stage_fn(layers, x, *_):                # L per-layer {'w': Cast [D, D]}, x [B, T, D]
+  def stage_fn(layers, x, *_):        # L per-layer {'w': Cast [D, D], ('g': [D])}, x [B, T, D]
     for p in layers:
-      x = jnp.tanh(precision.einsum('BTD,DF->BTF', x, p['w']))
-    return x, {'n': jnp.zeros((len(layers),))}
-
-  with plan_lib.bare(mesh):
-    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 384, 384), jnp.float32,    # [S, R, L, D, D]
-                                        sharding=mesh_lib.sharding(mesh, ('stage',)))}
-    xs = jax.ShapeDtypeStruct((4, 2, 128, 384), jnp.bfloat16,                # [M, B, T, D]
-                              sharding=mesh_lib.sharding(mesh, ('act_micro',)))
-    loss = lambda p, xs: jnp.sum(pipeline_lib.pipeline(
-        stage_fn, p, xs, jax.random.key(0), stages=2, repeats=2,
-        remat_policy='nothing_saveable', cast_once={'w': 'bfloat16'},
-        split_layers=True)[0].astype(jnp.float32) ** 2)
-    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
-
-
-def dp_pipeline_program() -> str:
-  from moejax import config as config_lib, precision
-  from moejax.parallel import mesh as mesh_lib, pipeline as pipeline_lib
-  from moejax.train import plan as plan_lib
-  mesh = mesh_lib.make_mesh(config_lib.MeshShape.of(1, pp=2, dp=2), targets.devices('h100', 4))
-
-  def stage_fn(layers, x, *_):           # L per-layer {'w': Cast [D, D], 'g': [D]}, x [B, T, D]
-    for p in layers:
-      x = x * p['g'].astype(x.dtype)
+      if 'g' in p:
+        x = x * p['g'].astype(x.dtype)
       x = jnp.tanh(precision.einsum('BTD,DF->BTF', x, p['w']))
     return x, {'n': jnp.zeros((len(layers),))}
 
   with plan_lib.bare(mesh):
     stage = mesh_lib.sharding(mesh, ('stage',))
-    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 384, 384), jnp.float32, sharding=stage),
-              'g': jax.ShapeDtypeStruct((2, 2, 2, 384), jnp.float32, sharding=stage)}
-    xs = jax.ShapeDtypeStruct((4, 4, 128, 384), jnp.bfloat16,                # [M, B, T, D]
+    params = {'w': jax.ShapeDtypeStruct((2, 2, 2, 384, 384), jnp.float32,    # [S, R, L, D, D]
+                                        sharding=stage)}
+    cast_once = {'w': 'bfloat16'}
+    if dp > 1:
+      params['g'] = jax.ShapeDtypeStruct((2, 2, 2, 384), jnp.float32, sharding=stage)
+      cast_once['g'] = ''                                            # cast at every tick
+    xs = jax.ShapeDtypeStruct((4, 2 * dp, 128, 384), jnp.bfloat16,          # [M, B, T, D]
                               sharding=mesh_lib.sharding(mesh, ('act_micro', 'act_batch')))
     loss = lambda p, xs: jnp.sum(pipeline_lib.pipeline(
         stage_fn, p, xs, jax.random.key(0), stages=2, repeats=2,
-        remat_policy='nothing_saveable', cast_once={'w': 'bfloat16', 'g': ''},
+        remat_policy='nothing_saveable', cast_once=cast_once,
         split_layers=True)[0].astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
 
 
 PROGRAMS = {'h100_collectives.hlo': collectives_program,
-            'h100_pipeline.hlo': pipeline_program,
-            'h100_dp_pipeline.hlo': dp_pipeline_program,
+            'h100_pipeline.hlo': lambda: _pipeline_gradient(1),
+            'h100_dp_pipeline.hlo': lambda: _pipeline_gradient(2),
             'h100_dropless_moe.hlo': dropless_moe_program,
             'h100_cudnn_attention.hlo': cudnn_attention_program}
 
