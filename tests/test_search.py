@@ -79,8 +79,8 @@ def test_every_card_has_its_rates_with_sources():
 
 def test_candidates_of_the_full_config():
   """16 devices, 8 blocks: tp inside a host (at most 8), pp dividing the blocks, repeats 2 where
-  a stage holds 2 or more blocks, experts split over dp x tp whenever dp > 1, the step's 128
-  sequences in 16 micro-batches or in pp or 2 x pp (fewer, larger) ones."""
+  a stage holds 2 or more blocks, experts and Adam moments split over dp whenever dp > 1, the
+  step's 128 sequences in 16 micro-batches or in pp or 2 x pp (fewer, larger) ones."""
   config = tp4pp4.get_config()
   found = [search.name(o) for o in search.candidates(config)]
   layouts = {n.rsplit(' ', 1)[0] for n in found}
@@ -93,7 +93,7 @@ def test_candidates_of_the_full_config():
   assert {n for n in found if n.startswith('16x1x1 r1')} == {'16x1x1 r1 M16',
                                                             '16x1x1 r1 M2', '16x1x1 r1 M1'}
   for o in search.candidates(config):
-    assert o['mesh.experts_over_dp'] == (o['mesh.dp'] > 1)
+    assert o['mesh.experts_over_dp'] == o['mesh.shard_optimizer'] == (o['mesh.dp'] > 1)
     assert o['mesh.dp'] * o['mesh.tp'] * o['mesh.pp'] == 16
     assert o['data.num_micro_batches'] * o['data.micro_batch_size'] == 128
 
