@@ -104,7 +104,8 @@ def evaluate(config, overrides: dict[str, Any], target: str) -> dict[str, Any]:
 def search(config, target: str, report: Callable[[dict], None] = lambda r: None
            ) -> list[dict[str, Any]]:
   """Every candidate layout compiled for `target`, ranked: those that fit the card first, by
-  the time model's predicted step (moejax.perf.estimate.time_model). `report` sees each result as it is made (or each skipped layout)."""
+  the time model's predicted step (moejax.perf.estimate.time_model). `report` sees each
+  result as it is made (or each skipped layout)."""
   from moejax import validation
   if target not in targets.GPUS:
     raise ConfigError(f'--search ranks layouts by a GPU card\'s rates; add --target=one of '
