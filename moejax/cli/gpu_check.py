@@ -5,8 +5,9 @@
 On the first device: its measured bf16 matmul rate; the MFU of one full-size pipeline stage
 (the config's blocks per stage with all experts local, forward + backward, the config's dtype
 and remat policy); the forward latency of one micro-batch through the whole model on one device;
-causal attention of 8,192 tokens with XLA's and cuDNN's kernels (times, agreement); the Triton
-grouped matmul of a full-size expert shard against a dense matmul of the same rows.
+causal attention of 8,192 tokens with XLA's and cuDNN's kernels (times, agreement); the grouped
+matmul the model runs (moejax.kernels.grouped_matmul's choice) on a full-size expert shard
+against a dense matmul of the same rows.
 Then the tiny config's 4x4 mesh against its 1x1 mesh (float32, matmuls at full precision): on
 the accelerators when there are 16, else 1x1 on the accelerator against 4x4 on 16 simulated CPU
 devices. Runs anywhere (on CPU it checks itself, with CPU-sized matmuls).
@@ -122,26 +123,28 @@ def attention_kernels(device, steps: int) -> dict:
 
 
 def grouped_matmul_speed(device, steps: int) -> dict:
-  """tokamax's Triton grouped matmul of a full-size shard's receive buffer (8,192 rows of
-  d_model 1,024 over 16 local experts of d_ff 2,048, bf16) against one dense matmul of the same
-  rows, and its largest relative difference from jax.lax.ragged_dot. NVIDIA GPUs with tokamax
-  only (requirements-cuda12.txt); {} elsewhere."""
-  import importlib.util
-  from moejax.kernels import NVIDIA_PLATFORMS
-  if device.platform not in NVIDIA_PLATFORMS or importlib.util.find_spec('tokamax') is None:
+  """The grouped matmul the model runs on `device` (moejax.model.grouped_matmul: tokamax's
+  where moejax.kernels picks it) on a full-size shard's receive buffer (8,192 rows of d_model
+  1,024 over 16 local experts of d_ff 2,048, bf16) against one dense matmul of the same rows,
+  and its largest relative difference from jax.lax.ragged_dot. NVIDIA GPUs with tokamax only
+  (requirements-cuda12.txt); {} elsewhere."""
+  from moejax import kernels
+  from moejax.model import grouped_matmul
+  kernel, name = kernels.grouped_matmul(device.platform)
+  if kernel == 'xla':
     return {}
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import tokamax
   rows, k, n, groups = 8192, 1024, 2048, 16
   lhs = jax.device_put(jax.random.normal(jax.random.key(0), (rows, k), jnp.bfloat16), device)
   rhs = jax.device_put(jax.random.normal(jax.random.key(1), (groups, k, n), jnp.bfloat16) /
                        k ** 0.5, device)
   sizes = jax.device_put(jnp.full((groups,), rows // groups, jnp.int32), device)
-  grouped = jax.jit(lambda a, b, g: tokamax.ragged_dot(a, b, g, implementation='triton'))
+  grouped = jax.jit(grouped_matmul.ragged_dot)
   dense = jax.jit(lambda a, b: a @ b[0])
-  out = {'grouped_matmul_shape': f'[{rows}, {k}] x [{groups}, {k}, {n}]',
+  out = {'grouped_matmul_kernel': name,
+         'grouped_matmul_shape': f'[{rows}, {k}] x [{groups}, {k}, {n}]',
          'grouped_matmul_s': timed(grouped, lhs, rhs, sizes, steps=steps),
          'dense_matmul_same_rows_s': timed(dense, lhs, rhs, steps=steps)}
   out['grouped_over_dense'] = out['grouped_matmul_s'] / out['dense_matmul_same_rows_s']
@@ -185,7 +188,7 @@ def main(argv):
           f"{result['attention_xla_s'] * 1e3:.2f} ms (cuDNN needs an NVIDIA GPU)", flush=True)
   result.update(grouped_matmul_speed(device, f.steps))
   if 'grouped_matmul_s' in result:
-    print(f"grouped matmul {result['grouped_matmul_shape']} (Triton): "
+    print(f"grouped matmul {result['grouped_matmul_shape']} ({result['grouped_matmul_kernel']}): "
           f"{result['grouped_matmul_s'] * 1e3:.2f} ms, a dense matmul of the same rows "
           f"{result['dense_matmul_same_rows_s'] * 1e3:.2f} ms "
           f"({result['grouped_over_dense']:.2f}x); vs jax.lax.ragged_dot max rel diff "
